@@ -1,0 +1,58 @@
+//! The `imstate` binary: runs a node (`serve`) and talks to one (`seq ...`).
+//!
+//! Every client command exits 0 on success and otherwise prints one line `error: ...` on stderr
+//! and exits 1 (usage errors exit 2, as clap does).
+
+mod seq;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// imstate: the state plane of an instant-messaging backend.
+///
+/// Strictly monotonic per-id sequence numbers (seqsvr), made durable by a write-ahead log.
+#[derive(Parser)]
+#[command(name = "imstate", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs a node on a data directory (embedded mode: no etcd, no Redis).
+    Serve(serve::ServeArgs),
+    /// Sequence numbers: next, current, namespaces.
+    #[command(subcommand)]
+    Seq(seq::SeqCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Seq(command) => client_runtime().and_then(|rt| rt.block_on(seq::run(command))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", one_line(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A small runtime for client commands: one call, no need for many threads.
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Joins an error chain on one line, as the CLI contract promises.
+fn one_line(error: &anyhow::Error) -> String {
+    let text = format!("{error:#}");
+    text.replace('\n', " ")
+}

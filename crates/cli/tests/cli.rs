@@ -1,0 +1,212 @@
+//! The binary as a user runs it: `serve`, `seq next|current|namespaces|create-namespace`, exit
+//! codes, one-line errors, and start-up failures on bad data directories.
+
+mod support;
+
+use std::process::{Command, Stdio};
+
+use support::{Server, binary};
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn seq_next_prints_one_value_per_id_in_order_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), None);
+    let output = server.cli(&["seq", "next", "5", "6", "5"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "1\n1\n2\n");
+    let output = server.cli(&["seq", "current", "5", "6", "7"]);
+    assert_eq!(stdout(&output), "2\n1\n0\n");
+
+    // A clean stop exits 0; after the restart, values continue above the persisted ceiling.
+    assert!(server.terminate().success());
+    server.restart();
+    let output = server.cli(&["seq", "next", "5"]);
+    let value: u64 = stdout(&output).trim().parse().unwrap();
+    assert!(value > 2, "restart must not roll back: got {value}");
+    assert_eq!(value, 10_001, "restart resumes at the section ceiling + 1");
+}
+
+#[test]
+fn bad_input_gets_a_one_line_error_and_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None);
+    let cases: [(&[&str], &str); 3] = [
+        (&["seq", "next", "4294967296"], "[0, 4294967296)"),
+        (&["seq", "next", "--ns", "nope", "1"], "unknown namespace"),
+        (&["seq", "current", "--ns", "nope", "1"], "NotFound"),
+    ];
+    for (args, expected) in cases {
+        let output = server.cli(args);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let message = stderr(&output);
+        assert!(message.starts_with("error: "), "{message}");
+        assert_eq!(message.trim_end().lines().count(), 1, "one line: {message}");
+        assert!(message.contains(expected), "{args:?}: {message}");
+        assert!(stdout(&output).is_empty());
+    }
+}
+
+#[test]
+fn oversized_batch_names_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None);
+    let ids: Vec<String> = (0..10_001).map(|i| i.to_string()).collect();
+    let mut args = vec!["seq", "next"];
+    args.extend(ids.iter().map(String::as_str));
+    let output = server.cli(&args);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("10000"), "{}", stderr(&output));
+    // Nothing was allocated.
+    assert_eq!(stdout(&server.cli(&["seq", "current", "0"])), "0\n");
+}
+
+#[test]
+fn namespaces_can_be_created_listed_and_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None);
+    let output = server.cli(&[
+        "seq",
+        "create-namespace",
+        "conv",
+        "--id-lo",
+        "100",
+        "--id-hi",
+        "200",
+        "--section-size",
+        "10",
+        "--step",
+        "3",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let listing = stdout(&server.cli(&["seq", "namespaces"]));
+    assert!(
+        listing.contains("default\tids=[0, 4294967296)"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("conv\tids=[100, 200)\tsection_size=10\tstep=3"),
+        "{listing}"
+    );
+    assert_eq!(
+        stdout(&server.cli(&["seq", "next", "--ns", "conv", "150", "150"])),
+        "1\n2\n"
+    );
+    let output = server.cli(&["seq", "next", "--ns", "conv", "99"]);
+    assert!(
+        stderr(&output).contains("[100, 200)"),
+        "{}",
+        stderr(&output)
+    );
+    let again = server.cli(&["seq", "create-namespace", "conv", "--id-hi", "5"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        stderr(&again).contains("AlreadyExists"),
+        "{}",
+        stderr(&again)
+    );
+}
+
+#[test]
+fn no_server_is_a_clear_connect_error() {
+    let port = support::free_port();
+    let output = Command::new(binary())
+        .args(["seq", "next", "--addr", &format!("127.0.0.1:{port}"), "1"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("cannot connect"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+fn serve_fails(data_dir: &std::path::Path) -> String {
+    let output = Command::new(binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    stderr(&output)
+}
+
+#[test]
+fn a_locked_data_directory_names_the_holder_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let _server = Server::start(dir.path(), None);
+    let message = serve_fails(dir.path());
+    assert!(
+        message.contains("locked by another imstate process (pid "),
+        "{message}"
+    );
+}
+
+#[test]
+fn an_unusable_data_directory_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let message = serve_fails(&file.join("data"));
+    assert!(
+        message.contains("data directory") && message.contains("cannot create"),
+        "{message}"
+    );
+}
+
+#[test]
+fn mid_log_corruption_refuses_to_start_naming_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), None);
+    // Many sections => many raise records in the log.
+    let ids: Vec<String> = (0..50).map(|i| (i * 100_000).to_string()).collect();
+    let mut args = vec!["seq", "next"];
+    args.extend(ids.iter().map(String::as_str));
+    assert!(server.cli(&args).status.success());
+    assert!(server.terminate().success());
+    drop(server);
+
+    let seq_dir = dir.path().join("seq");
+    let mut segments: Vec<_> = std::fs::read_dir(&seq_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log") && p.metadata().unwrap().len() > 0)
+        .collect();
+    segments.sort();
+    let segment = segments.first().expect("a non-empty segment");
+    let mut bytes = std::fs::read(segment).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(segment, &bytes).unwrap();
+
+    let message = serve_fails(dir.path());
+    let name = segment.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(message.contains(&name), "names the file: {message}");
+    assert!(message.contains("offset"), "names the offset: {message}");
+}
+
+#[test]
+fn help_lists_the_commands_the_readme_documents() {
+    let output = Command::new(binary()).arg("--help").output().unwrap();
+    let help = stdout(&output);
+    for command in ["serve", "seq"] {
+        assert!(help.contains(command), "{help}");
+    }
+    let output = Command::new(binary())
+        .args(["seq", "--help"])
+        .output()
+        .unwrap();
+    let help = stdout(&output);
+    for command in ["next", "current", "namespaces", "create-namespace"] {
+        assert!(help.contains(command), "{help}");
+    }
+}

@@ -1,0 +1,113 @@
+//! Harness for tests against the real `imstate` binary: start, kill -9, restart, request.
+//!
+//! Every server runs on a temporary data directory and a free loopback port, and is killed when
+//! the harness is dropped, so a failing test leaves nothing running.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_imstate")
+}
+
+/// A free loopback port (bound, then released; the server binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A server process on a data directory, restartable on the same port.
+pub struct Server {
+    pub data_dir: PathBuf,
+    pub addr: String,
+    pub config: Option<PathBuf>,
+    child: Option<Child>,
+    /// Total time spent waiting for restarts to become ready.
+    pub restart_wait: Duration,
+}
+
+impl Server {
+    /// Starts a server on `data_dir` with an optional config file.
+    pub fn start(data_dir: &Path, config: Option<&Path>) -> Self {
+        let mut server = Self {
+            data_dir: data_dir.to_path_buf(),
+            addr: format!("127.0.0.1:{}", free_port()),
+            config: config.map(Path::to_path_buf),
+            child: None,
+            restart_wait: Duration::ZERO,
+        };
+        server.restart();
+        server
+    }
+
+    /// Spawns the process and waits until it prints that it listens (recovery done).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "server still running");
+        let started = Instant::now();
+        let mut command = Command::new(binary());
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg(&self.addr)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
+        let mut child = command.spawn().expect("spawn imstate");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        assert!(
+            line.starts_with("imstate listening on"),
+            "unexpected first line: {line:?}"
+        );
+        self.child = Some(child);
+        self.restart_wait += started.elapsed();
+    }
+
+    /// kill -9, and reap the process.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    }
+
+    /// Runs the CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut command = Command::new(binary());
+        command.args(args).env("IMSTATE_ADDR", &self.addr);
+        command.output().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Nanoseconds since a fixed origin on CLOCK_MONOTONIC (what `Instant` uses on Linux).
+pub fn monotonic_ns(origin: Instant) -> u64 {
+    origin.elapsed().as_nanos() as u64
+}

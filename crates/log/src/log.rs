@@ -1,0 +1,861 @@
+//! [`Log`]: appends, the group-commit flusher, durability waits and checkpoints.
+//!
+//! ```text
+//!  appenders ──(queue lock: assign LSN, push)──► Queue ──(drain ≤ BATCH_BYTES_MAX)──► flusher
+//!                                                                                    │
+//!     wait_durable ◄── progress Mutex+Condvar ◄── publish(written, synced) ◄── write+fsync
+//!     durable().await ◄── watch channel ◄──────────┘
+//!  checkpoint ──(own lock, caller's thread)──► temp file ─► fsync ─► rename ─► sync_dir
+//!             ──(brief segments lock)──► delete covered segments and older checkpoints
+//! ```
+//!
+//! Invariants: LSNs are assigned and queued under one lock, so the queue order is the LSN order
+//! and the flusher writes in that order; `synced <= written <= last_lsn` (checked on every
+//! publish); once poisoned, nothing is written or fsynced again and every waiter and appender
+//! gets [`LogError::Poisoned`]. Only the flusher writes to segments; the checkpoint only
+//! deletes segments that are no longer the active one.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::watch;
+
+use crate::checkpoint::CheckpointWriter;
+use crate::error::LogError;
+use crate::options::{FsyncPolicy, LogOptions};
+use crate::record::{self, HEADER_BYTES};
+use crate::recovery::{self, RecoveryStats, Replay, SegmentInfo};
+use crate::storage::{Storage, StorageFile};
+use crate::{Lsn, ReplayError};
+
+/// The flusher writes at most this many bytes per batch (at least one record), which bounds
+/// its buffer; the rest of the queue goes into the next batch.
+const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Segments smaller than this are not useful; smaller settings are raised to it.
+const SEGMENT_BYTES_MIN: u64 = 64;
+
+/// What `checkpoint` did.
+#[derive(Debug, Clone)]
+pub struct CheckpointStats {
+    /// Every record up to this LSN is reflected in the checkpoint.
+    pub covered_lsn: Lsn,
+    /// Bytes of data the caller wrote.
+    pub bytes: u64,
+    /// Wall time of the whole checkpoint, deletion included.
+    pub elapsed: Duration,
+    /// Segment files deleted because the checkpoint covers all their records.
+    pub segments_removed: usize,
+}
+
+/// Counters and gauges of a running log.
+#[derive(Debug, Clone, Default)]
+pub struct LogStats {
+    /// Records appended by this process.
+    pub appends: u64,
+    /// Bytes (framed) written to segments by this process.
+    pub bytes_written: u64,
+    /// Successful fsyncs of segment files.
+    pub fsyncs: u64,
+    /// Batches written by the flusher.
+    pub batches: u64,
+    /// Records in the most recent batch.
+    pub last_batch_records: u64,
+    /// Highest LSN assigned.
+    pub last_lsn: Lsn,
+    /// Highest LSN durable under the policy.
+    pub durable_lsn: Lsn,
+    /// Highest LSN fsynced.
+    pub synced_lsn: Lsn,
+    /// LSN covered by the newest checkpoint (recovered or written), if any.
+    pub last_checkpoint_lsn: Option<Lsn>,
+    /// Data bytes of the last checkpoint written by this process.
+    pub last_checkpoint_bytes: u64,
+    /// Duration of the last checkpoint written by this process.
+    pub last_checkpoint_duration: Duration,
+    /// Segment files in the log, the active one included.
+    pub segments: usize,
+    /// Whether the log is poisoned.
+    pub poisoned: bool,
+}
+
+/// A record waiting for the flusher. The header (with its checksum) is built by the appender
+/// so the flusher, the bottleneck, only copies bytes.
+struct Pending {
+    header: [u8; HEADER_BYTES],
+    payload: Vec<u8>,
+}
+
+impl Pending {
+    fn lsn(&self) -> Lsn {
+        let mut lsn = [0u8; 8];
+        lsn.copy_from_slice(&self.header[8..16]);
+        u64::from_le_bytes(lsn)
+    }
+
+    fn frame_bytes(&self) -> usize {
+        HEADER_BYTES + self.payload.len()
+    }
+}
+
+/// State shared by appenders and the flusher, under one lock so LSN order is queue order.
+struct Queue {
+    next_lsn: Lsn,
+    pending: VecDeque<Pending>,
+    closing: bool,
+    poison: Option<String>,
+}
+
+/// What waiters observe. Cloned into the watch channel on every change.
+#[derive(Clone, Debug, Default)]
+struct Progress {
+    written: Lsn,
+    synced: Lsn,
+    durable: Lsn,
+    poison: Option<String>,
+    closed: bool,
+}
+
+impl Progress {
+    /// `Some(result)` once a waiter for `lsn` can stop waiting.
+    fn outcome(&self, lsn: Lsn) -> Option<Result<(), LogError>> {
+        if self.durable >= lsn {
+            Some(Ok(()))
+        } else if let Some(message) = &self.poison {
+            Some(Err(LogError::Poisoned(message.clone())))
+        } else if self.closed {
+            Some(Err(LogError::Closed))
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Default)]
+struct CheckpointInfo {
+    last_lsn: Option<Lsn>,
+    last_bytes: u64,
+    last_duration: Duration,
+    /// Log bytes since the checkpoint that are not in `bytes_written` (replayed at open).
+    carried_bytes: u64,
+    /// `bytes_written` when the last checkpoint started.
+    written_base: u64,
+}
+
+struct Shared {
+    storage: Arc<dyn Storage>,
+    options: LogOptions,
+    /// Why a `parking_lot` mutex: no poisoning to unwrap, and it is held only for pushes/pops.
+    queue: Mutex<Queue>,
+    /// The flusher waits here for records (or a timed wait under `Batch`).
+    queue_has_work: Condvar,
+    /// Appenders wait here while the queue is full (backpressure).
+    queue_has_room: Condvar,
+    progress: Mutex<Progress>,
+    progress_changed: Condvar,
+    /// For async waiters; needs no runtime, only `tokio::sync`.
+    progress_watch: watch::Sender<Progress>,
+    last_lsn: AtomicU64,
+    durable_lsn: AtomicU64,
+    synced_lsn: AtomicU64,
+    poisoned: AtomicBool,
+    /// Segment files in LSN order; the last is the active one. Shared between the flusher
+    /// (pushes on roll, updates the active segment's last LSN) and checkpoints (delete).
+    segments: Mutex<Vec<SegmentInfo>>,
+    appends: AtomicU64,
+    bytes_written: AtomicU64,
+    fsyncs: AtomicU64,
+    batches: AtomicU64,
+    last_batch_records: AtomicU64,
+    checkpoint_info: Mutex<CheckpointInfo>,
+}
+
+impl Shared {
+    fn durable_of(&self, written: Lsn, synced: Lsn) -> Lsn {
+        match self.options.fsync {
+            FsyncPolicy::Always => synced,
+            FsyncPolicy::Batch(_) | FsyncPolicy::Never => written,
+        }
+    }
+
+    fn update_progress(&self, change: impl FnOnce(&mut Progress)) {
+        let snapshot = {
+            let mut progress = self.progress.lock();
+            change(&mut progress);
+            debug_assert!(progress.synced <= progress.written);
+            debug_assert!(progress.written <= self.last_lsn.load(Ordering::Acquire));
+            self.durable_lsn.store(progress.durable, Ordering::Release);
+            self.synced_lsn.store(progress.synced, Ordering::Release);
+            progress.clone()
+        };
+        self.progress_changed.notify_all();
+        self.progress_watch.send_replace(snapshot);
+    }
+
+    fn publish(&self, written: Lsn, synced: Lsn) {
+        let durable = self.durable_of(written, synced);
+        self.update_progress(|progress| {
+            progress.written = progress.written.max(written);
+            progress.synced = progress.synced.max(synced);
+            progress.durable = progress.durable.max(durable);
+        });
+    }
+
+    /// Poisons the log forever: queued records are dropped, waiters and appenders fail.
+    fn poison(&self, message: String) {
+        {
+            let mut queue = self.queue.lock();
+            if queue.poison.is_none() {
+                queue.poison = Some(message.clone());
+            }
+            queue.pending.clear();
+        }
+        self.poisoned.store(true, Ordering::Release);
+        self.queue_has_room.notify_all();
+        self.queue_has_work.notify_all();
+        self.update_progress(|progress| {
+            if progress.poison.is_none() {
+                progress.poison = Some(message);
+            }
+        });
+    }
+
+    fn poison_message(&self) -> Option<String> {
+        self.progress.lock().poison.clone()
+    }
+}
+
+/// The write-ahead log. `Send + Sync`; share it through `Arc<Log>`.
+pub struct Log {
+    shared: Arc<Shared>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+    /// Serializes checkpoints; appenders and the flusher never take it.
+    checkpoint_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("last_lsn", &self.last_lsn())
+            .field("durable_lsn", &self.durable_lsn())
+            .field("synced_lsn", &self.synced_lsn())
+            .field("poisoned", &self.is_poisoned())
+            .finish()
+    }
+}
+
+impl Log {
+    /// Recovers: newest valid checkpoint (delivered via `replay`), then every record with
+    /// lsn > covered_lsn in order. A torn tail (invalid last record(s) with nothing valid
+    /// after) is truncated, and the truncation fsynced, before any new append. An invalid
+    /// record followed by any valid record (in the same or a later segment) is corruption:
+    /// returns [`LogError::Corrupt`] naming file and offset; mid-log damage is never repaired.
+    /// Leftover temp files from an interrupted checkpoint are removed. Then starts a new
+    /// segment and the flusher thread.
+    ///
+    /// Records are delivered while they are read, so if `open` fails the caller must discard
+    /// whatever it built from them.
+    pub fn open<S: Storage>(
+        storage: S,
+        options: LogOptions,
+        mut replay: impl FnMut(Replay<'_>) -> Result<(), ReplayError>,
+    ) -> Result<(Log, RecoveryStats), LogError> {
+        let mut options = options;
+        options.queue_records_max = options.queue_records_max.max(1);
+        options.segment_bytes_max = options.segment_bytes_max.max(SEGMENT_BYTES_MIN);
+        let storage: Arc<dyn Storage> = Arc::new(storage);
+
+        let recovered = recovery::recover(storage.as_ref(), &mut replay)?;
+        let stats = recovered.stats;
+        let last_lsn = stats.last_lsn;
+
+        let active = SegmentWriter::create(storage.as_ref(), last_lsn + 1)?;
+        let mut segments = recovered.segments;
+        segments.push(SegmentInfo {
+            name: active.name.clone(),
+            first_lsn: active.first_lsn,
+            last_lsn: None,
+        });
+
+        let progress = Progress {
+            written: last_lsn,
+            synced: last_lsn,
+            durable: last_lsn,
+            poison: None,
+            closed: false,
+        };
+        let (progress_watch, _) = watch::channel(progress.clone());
+        let shared = Arc::new(Shared {
+            storage,
+            options,
+            queue: Mutex::new(Queue {
+                next_lsn: last_lsn + 1,
+                pending: VecDeque::new(),
+                closing: false,
+                poison: None,
+            }),
+            queue_has_work: Condvar::new(),
+            queue_has_room: Condvar::new(),
+            progress: Mutex::new(progress),
+            progress_changed: Condvar::new(),
+            progress_watch,
+            last_lsn: AtomicU64::new(last_lsn),
+            durable_lsn: AtomicU64::new(last_lsn),
+            synced_lsn: AtomicU64::new(last_lsn),
+            poisoned: AtomicBool::new(false),
+            segments: Mutex::new(segments),
+            appends: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            last_batch_records: AtomicU64::new(0),
+            checkpoint_info: Mutex::new(CheckpointInfo {
+                last_lsn: stats.checkpoint_lsn,
+                carried_bytes: stats.bytes_replayed,
+                ..CheckpointInfo::default()
+            }),
+        });
+
+        let flusher_shared = Arc::clone(&shared);
+        let handle = std::thread::Builder::new()
+            .name("imstate-log-flusher".to_string())
+            .spawn(move || {
+                let shared = Arc::clone(&flusher_shared);
+                let outcome = catch_unwind(AssertUnwindSafe(move || {
+                    Flusher::new(flusher_shared, active, last_lsn).run();
+                }));
+                if outcome.is_err() {
+                    shared.poison("the log flusher thread panicked".to_string());
+                }
+            })
+            .map_err(|source| LogError::io("spawning the log flusher thread", source))?;
+
+        let log = Log {
+            shared,
+            flusher: Mutex::new(Some(handle)),
+            checkpoint_lock: Mutex::new(()),
+        };
+        Ok((log, stats))
+    }
+
+    /// Assigns the next LSN and queues the record for the flusher. Does not wait for I/O
+    /// (blocks only while the queue is full). Returns the assigned LSN. Fails if the log is
+    /// poisoned or closed, or the payload is larger than `record_bytes_max`. LSN assignment
+    /// order is on-disk order.
+    pub fn append(&self, payload: Vec<u8>) -> Result<Lsn, LogError> {
+        let max = self.shared.options.record_bytes_max;
+        if payload.len() > max as usize {
+            return Err(LogError::RecordTooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        // The expensive part of the checksum runs outside the lock.
+        let payload_crc = crc32c::crc32c(&payload);
+        let len = payload.len() as u32;
+        let mut queue = self.shared.queue.lock();
+        loop {
+            if let Some(message) = &queue.poison {
+                return Err(LogError::Poisoned(message.clone()));
+            }
+            if queue.closing {
+                return Err(LogError::Closed);
+            }
+            if queue.pending.len() < self.shared.options.queue_records_max {
+                break;
+            }
+            self.shared.queue_has_room.wait(&mut queue);
+        }
+        let lsn = queue.next_lsn;
+        queue.next_lsn += 1;
+        let header = record::header_from_payload_crc(lsn, len, payload_crc);
+        queue.pending.push_back(Pending { header, payload });
+        self.shared.last_lsn.store(lsn, Ordering::Release);
+        let was_idle = queue.pending.len() == 1;
+        drop(queue);
+        self.shared.appends.fetch_add(1, Ordering::Relaxed);
+        if was_idle {
+            // The flusher only sleeps on an empty queue.
+            self.shared.queue_has_work.notify_one();
+        }
+        Ok(lsn)
+    }
+
+    /// Highest LSN assigned so far (0 if none).
+    pub fn last_lsn(&self) -> Lsn {
+        self.shared.last_lsn.load(Ordering::Acquire)
+    }
+
+    /// Highest LSN that is durable under the policy: under `Always` fsynced; under `Batch` and
+    /// `Never` written to the file (OS page cache); under `Batch(T)` the flusher fsyncs at
+    /// least every `T`.
+    pub fn durable_lsn(&self) -> Lsn {
+        self.shared.durable_lsn.load(Ordering::Acquire)
+    }
+
+    /// Highest LSN fsynced.
+    pub fn synced_lsn(&self) -> Lsn {
+        self.shared.synced_lsn.load(Ordering::Acquire)
+    }
+
+    /// Blocks until `durable_lsn() >= lsn`, or returns the poison or closed error.
+    pub fn wait_durable(&self, lsn: Lsn) -> Result<(), LogError> {
+        if self.durable_lsn() >= lsn {
+            return Ok(());
+        }
+        let mut progress = self.shared.progress.lock();
+        loop {
+            if let Some(outcome) = progress.outcome(lsn) {
+                return outcome;
+            }
+            self.shared.progress_changed.wait(&mut progress);
+        }
+    }
+
+    /// Resolves once `durable_lsn() >= lsn`, or with the poison or closed error. Built on
+    /// `tokio::sync::watch`: works on any executor, no runtime inside the log.
+    pub async fn durable(&self, lsn: Lsn) -> Result<(), LogError> {
+        if self.durable_lsn() >= lsn {
+            return Ok(());
+        }
+        let mut receiver = self.shared.progress_watch.subscribe();
+        match receiver
+            .wait_for(|progress| progress.outcome(lsn).is_some())
+            .await
+        {
+            Ok(progress) => progress.outcome(lsn).unwrap_or(Err(LogError::Closed)),
+            Err(_) => Err(LogError::Closed),
+        }
+    }
+
+    /// Writes a checkpoint whose data contains the effects of every record with
+    /// `lsn <= covered_lsn` (it may contain later ones too: callers' records are idempotent).
+    /// `write` streams the snapshot. Temp file, fsync, rename to the final name, fsync of the
+    /// directory; then deletes older checkpoints and every segment whose records are all
+    /// `<= covered_lsn` (never the active segment). Runs on the caller's thread; appenders and
+    /// the flusher are never blocked by it (only a brief lock on the segment list for the
+    /// deletion). Concurrent checkpoint calls are serialized.
+    ///
+    /// `covered_lsn` must not exceed `last_lsn()` (a checkpoint past the log would make
+    /// recovery skip LSNs) nor be below the newest checkpoint's; otherwise the call fails with
+    /// an `InvalidInput` I/O error. A failure before the rename
+    /// leaves the log unaffected; a failed directory fsync poisons it.
+    pub fn checkpoint(
+        &self,
+        covered_lsn: Lsn,
+        write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<CheckpointStats, LogError> {
+        let _serialized = self.checkpoint_lock.lock();
+        let start = Instant::now();
+        if let Some(message) = self.shared.poison_message() {
+            return Err(LogError::Poisoned(message));
+        }
+        if self.shared.progress.lock().closed {
+            return Err(LogError::Closed);
+        }
+        let last_lsn = self.last_lsn();
+        if covered_lsn > last_lsn {
+            return Err(LogError::io(
+                format!("checkpoint at lsn {covered_lsn}"),
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("covered lsn is beyond the last assigned lsn {last_lsn}"),
+                ),
+            ));
+        }
+        let newest = self.shared.checkpoint_info.lock().last_lsn;
+        if let Some(newest) = newest.filter(|&newest| covered_lsn < newest) {
+            // Segments up to `newest` may already be gone: an older checkpoint would leave a
+            // hole that recovery reports as corruption.
+            return Err(LogError::io(
+                format!("checkpoint at lsn {covered_lsn}"),
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("a newer checkpoint already covers lsn {newest}"),
+                ),
+            ));
+        }
+        let written_at_start = self.shared.bytes_written.load(Ordering::Acquire);
+        let storage = self.shared.storage.as_ref();
+        let final_name = record::checkpoint_name(covered_lsn);
+        let temp_name = format!("{final_name}{}", record::TEMP_SUFFIX);
+
+        let bytes = match write_checkpoint_file(storage, &temp_name, covered_lsn, write) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                // Best effort: recovery removes leftovers anyway.
+                let _ = storage.remove(&temp_name);
+                return Err(error);
+            }
+        };
+        storage
+            .rename(&temp_name, &final_name)
+            .map_err(|source| LogError::io(format!("renaming {temp_name}"), source))?;
+        self.sync_dir_or_poison(&format!("after renaming {final_name}"))?;
+
+        let removable: Vec<String> = {
+            let mut segments = self.shared.segments.lock();
+            let active = segments.len().saturating_sub(1);
+            let mut removable = Vec::new();
+            let mut index = 0;
+            segments.retain(|segment| {
+                let remove =
+                    index < active && segment.last_lsn.is_none_or(|last| last <= covered_lsn);
+                index += 1;
+                if remove {
+                    removable.push(segment.name.clone());
+                }
+                !remove
+            });
+            removable
+        };
+        let mut removed_any = !removable.is_empty();
+        for name in &removable {
+            storage
+                .remove(name)
+                .map_err(|source| LogError::io(format!("removing segment {name}"), source))?;
+        }
+        let names = storage
+            .list()
+            .map_err(|source| LogError::io("listing the log directory", source))?;
+        for name in names {
+            if record::parse_checkpoint_name(&name).is_some() && name != final_name {
+                storage.remove(&name).map_err(|source| {
+                    LogError::io(format!("removing old checkpoint {name}"), source)
+                })?;
+                removed_any = true;
+            }
+        }
+        if removed_any {
+            self.sync_dir_or_poison("after deleting covered files")?;
+        }
+
+        let elapsed = start.elapsed();
+        {
+            let mut info = self.shared.checkpoint_info.lock();
+            info.last_lsn = Some(covered_lsn);
+            info.last_bytes = bytes;
+            info.last_duration = elapsed;
+            info.carried_bytes = 0;
+            info.written_base = written_at_start;
+        }
+        Ok(CheckpointStats {
+            covered_lsn,
+            bytes,
+            elapsed,
+            segments_removed: removable.len(),
+        })
+    }
+
+    fn sync_dir_or_poison(&self, what: &str) -> Result<(), LogError> {
+        self.shared.storage.sync_dir().map_err(|source| {
+            let message = format!("fsync of the log directory {what} failed: {source}");
+            self.shared.poison(message.clone());
+            LogError::Poisoned(message)
+        })
+    }
+
+    /// Bytes of log written since the last checkpoint started (approximately: records
+    /// appended while a checkpoint runs count as after it). Callers use it to decide when to
+    /// checkpoint.
+    pub fn bytes_since_checkpoint(&self) -> u64 {
+        let written = self.shared.bytes_written.load(Ordering::Acquire);
+        let info = self.shared.checkpoint_info.lock();
+        info.carried_bytes + written.saturating_sub(info.written_base)
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> LogStats {
+        let info = self.shared.checkpoint_info.lock();
+        LogStats {
+            appends: self.shared.appends.load(Ordering::Relaxed),
+            bytes_written: self.shared.bytes_written.load(Ordering::Relaxed),
+            fsyncs: self.shared.fsyncs.load(Ordering::Relaxed),
+            batches: self.shared.batches.load(Ordering::Relaxed),
+            last_batch_records: self.shared.last_batch_records.load(Ordering::Relaxed),
+            last_lsn: self.last_lsn(),
+            durable_lsn: self.durable_lsn(),
+            synced_lsn: self.synced_lsn(),
+            last_checkpoint_lsn: info.last_lsn,
+            last_checkpoint_bytes: info.last_bytes,
+            last_checkpoint_duration: info.last_duration,
+            segments: self.shared.segments.lock().len(),
+            poisoned: self.is_poisoned(),
+        }
+    }
+
+    /// Whether a write or fsync failed (the log then refuses all work).
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Flushes and fsyncs everything queued, then stops the flusher thread. Later appends
+    /// fail with [`LogError::Closed`]. Also done on drop (best effort). Idempotent.
+    pub fn shutdown(&self) -> Result<(), LogError> {
+        {
+            let mut queue = self.shared.queue.lock();
+            queue.closing = true;
+        }
+        self.shared.queue_has_work.notify_all();
+        self.shared.queue_has_room.notify_all();
+        let handle = self.flusher.lock().take();
+        if let Some(handle) = handle
+            && handle.join().is_err()
+        {
+            self.shared
+                .poison("the log flusher thread panicked".to_string());
+        }
+        self.shared
+            .update_progress(|progress| progress.closed = true);
+        match self.shared.poison_message() {
+            Some(message) => Err(LogError::Poisoned(message)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+fn write_checkpoint_file(
+    storage: &dyn Storage,
+    temp_name: &str,
+    covered_lsn: Lsn,
+    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<u64, LogError> {
+    let context = |what: &str| format!("{what} {temp_name}");
+    let file = storage
+        .create(temp_name)
+        .map_err(|source| LogError::io(context("creating"), source))?;
+    let mut writer = CheckpointWriter::new(file, covered_lsn)
+        .map_err(|source| LogError::io(context("writing"), source))?;
+    write(&mut writer).map_err(|source| LogError::io(context("writing snapshot into"), source))?;
+    let (mut file, bytes) = writer
+        .finish()
+        .map_err(|source| LogError::io(context("writing"), source))?;
+    file.sync()
+        .map_err(|source| LogError::io(context("fsync of"), source))?;
+    Ok(bytes)
+}
+
+/// The segment the flusher appends to.
+struct SegmentWriter {
+    file: Box<dyn StorageFile>,
+    name: String,
+    first_lsn: Lsn,
+    /// Bytes in the file, including those in the flusher's unwritten buffer.
+    bytes: u64,
+}
+
+impl SegmentWriter {
+    /// Creates the segment for `first_lsn` and makes its directory entry durable, so records
+    /// acknowledged in it cannot vanish with the entry.
+    fn create(storage: &dyn Storage, first_lsn: Lsn) -> Result<Self, LogError> {
+        let name = record::segment_name(first_lsn);
+        let file = storage
+            .create(&name)
+            .map_err(|source| LogError::io(format!("creating segment {name}"), source))?;
+        storage.sync_dir().map_err(|source| {
+            LogError::io(
+                format!("fsync of the log directory after creating {name}"),
+                source,
+            )
+        })?;
+        Ok(SegmentWriter {
+            file,
+            name,
+            first_lsn,
+            bytes: 0,
+        })
+    }
+}
+
+/// The group-commit loop; owns the active segment.
+struct Flusher {
+    shared: Arc<Shared>,
+    segment: SegmentWriter,
+    batch: Vec<Pending>,
+    buffer: Vec<u8>,
+    written: Lsn,
+    synced: Lsn,
+    last_sync: Instant,
+}
+
+impl Flusher {
+    /// `last` is the LSN recovered at open: everything up to it is on disk and synced.
+    fn new(shared: Arc<Shared>, segment: SegmentWriter, last: Lsn) -> Self {
+        Flusher {
+            shared,
+            segment,
+            batch: Vec::new(),
+            buffer: Vec::new(),
+            written: last,
+            synced: last,
+            last_sync: Instant::now(),
+        }
+    }
+
+    fn run(mut self) {
+        let policy = self.shared.options.fsync;
+        loop {
+            let closing = match self.next_batch(policy) {
+                Some(closing) => closing,
+                None => return,
+            };
+            let result = self.write_batch().and_then(|()| {
+                let sync_due = closing
+                    || match policy {
+                        FsyncPolicy::Always => true,
+                        FsyncPolicy::Batch(interval) => self.last_sync.elapsed() >= interval,
+                        FsyncPolicy::Never => false,
+                    };
+                if sync_due { self.sync() } else { Ok(()) }
+            });
+            if let Err(message) = result {
+                self.shared.poison(message);
+                return;
+            }
+            self.shared.publish(self.written, self.synced);
+            if closing {
+                return;
+            }
+        }
+    }
+
+    /// Waits for work and moves a batch out of the queue. Returns `Some(closing)`, where
+    /// `closing` means the queue is drained for shutdown, or `None` if poisoned.
+    fn next_batch(&mut self, policy: FsyncPolicy) -> Option<bool> {
+        let mut queue = self.shared.queue.lock();
+        loop {
+            if queue.poison.is_some() {
+                return None;
+            }
+            if !queue.pending.is_empty() || queue.closing {
+                break;
+            }
+            match policy {
+                FsyncPolicy::Batch(interval) if self.synced < self.written => {
+                    let deadline = self.last_sync + interval;
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    self.shared.queue_has_work.wait_until(&mut queue, deadline);
+                }
+                _ => self.shared.queue_has_work.wait(&mut queue),
+            }
+        }
+        let mut bytes = 0;
+        while let Some(next) = queue.pending.front() {
+            if !self.batch.is_empty() && bytes + next.frame_bytes() > BATCH_BYTES_MAX {
+                break;
+            }
+            bytes += next.frame_bytes();
+            if let Some(next) = queue.pending.pop_front() {
+                self.batch.push(next);
+            }
+        }
+        let closing = queue.closing && queue.pending.is_empty();
+        drop(queue);
+        if !self.batch.is_empty() {
+            self.shared.queue_has_room.notify_all();
+        }
+        Some(closing)
+    }
+
+    /// Writes the batch with one write per segment touched, rolling segments as needed.
+    fn write_batch(&mut self) -> Result<(), String> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let segment_bytes_max = self.shared.options.segment_bytes_max;
+        let batch = std::mem::take(&mut self.batch);
+        let records = batch.len() as u64;
+        let mut buffered_last = self.written;
+        for pending in &batch {
+            debug_assert!(record::header_matches(&pending.header, &pending.payload));
+            debug_assert_eq!(pending.lsn(), buffered_last + 1);
+            let frame = pending.frame_bytes() as u64;
+            if self.segment.bytes > 0 && self.segment.bytes + frame > segment_bytes_max {
+                self.flush_buffer(buffered_last)?;
+                self.roll()?;
+            }
+            self.buffer.extend_from_slice(&pending.header);
+            self.buffer.extend_from_slice(&pending.payload);
+            self.segment.bytes += frame;
+            buffered_last = pending.lsn();
+        }
+        self.flush_buffer(buffered_last)?;
+        self.batch = batch;
+        self.batch.clear();
+        self.shared.batches.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .last_batch_records
+            .store(records, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes the buffered records (the last of which is `last_lsn`) to the active segment.
+    fn flush_buffer(&mut self, last_lsn: Lsn) -> Result<(), String> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        self.segment
+            .file
+            .write_all(&self.buffer)
+            .map_err(|error| format!("write to {} failed: {error}", self.segment.name))?;
+        self.shared
+            .bytes_written
+            .fetch_add(self.buffer.len() as u64, Ordering::Relaxed);
+        self.buffer.clear();
+        self.written = last_lsn;
+        let mut segments = self.shared.segments.lock();
+        if let Some(active) = segments.last_mut() {
+            debug_assert_eq!(active.name, self.segment.name);
+            active.last_lsn = Some(last_lsn);
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), String> {
+        if self.synced == self.written {
+            return Ok(());
+        }
+        self.segment
+            .file
+            .sync()
+            .map_err(|error| format!("fsync of {} failed: {error}", self.segment.name))?;
+        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.synced = self.written;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// Seals the active segment (fsynced, whatever the policy, so a crash cannot leave a hole
+    /// before records of the next segment) and starts the next one.
+    fn roll(&mut self) -> Result<(), String> {
+        self.sync()?;
+        let next = SegmentWriter::create(self.shared.storage.as_ref(), self.written + 1)
+            .map_err(|error| error.to_string())?;
+        let mut segments = self.shared.segments.lock();
+        debug_assert!(
+            segments
+                .last()
+                .is_none_or(|last| last.first_lsn < next.first_lsn)
+        );
+        segments.push(SegmentInfo {
+            name: next.name.clone(),
+            first_lsn: next.first_lsn,
+            last_lsn: None,
+        });
+        drop(segments);
+        self.segment = next;
+        Ok(())
+    }
+}

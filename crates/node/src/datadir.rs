@@ -1,0 +1,119 @@
+//! The data directory: created if missing, locked so that two processes never share it.
+//!
+//! The lock is an advisory `flock` on `LOCK`, held for the life of the process and released by
+//! the kernel when the process dies (even by kill -9). The holder writes its pid into the file so
+//! that a second process can name it in its error.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::NodeError;
+
+/// Name of the lock file inside the data directory.
+pub const LOCK_FILE: &str = "LOCK";
+/// Subdirectory of the sequence service's log and checkpoints.
+pub const SEQ_DIR: &str = "seq";
+
+/// A locked data directory. Dropping it releases the lock.
+#[derive(Debug)]
+pub struct DataDir {
+    root: PathBuf,
+    /// Kept open: closing the file would release the lock.
+    _lock: File,
+}
+
+impl DataDir {
+    /// Creates (if needed) and locks the directory, failing with the holder's pid when another
+    /// process has it, or with the reason when it is not a writable directory.
+    pub fn open(root: &Path) -> Result<Self, NodeError> {
+        let fail = |reason: String| NodeError::DataDir {
+            dir: root.to_path_buf(),
+            reason,
+        };
+        std::fs::create_dir_all(root).map_err(|error| fail(format!("cannot create: {error}")))?;
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(root.join(LOCK_FILE))
+            .map_err(|error| fail(format!("cannot open {LOCK_FILE}: {error}")))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = lock.read_to_string(&mut pid);
+                let pid = pid.trim();
+                let pid = if pid.is_empty() {
+                    "unknown".to_string()
+                } else {
+                    pid.to_string()
+                };
+                return Err(NodeError::Locked {
+                    dir: root.to_path_buf(),
+                    pid,
+                });
+            }
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(fail(format!("cannot lock {LOCK_FILE}: {error}")));
+            }
+        }
+        let write_pid = |lock: &mut File| -> std::io::Result<()> {
+            lock.set_len(0)?;
+            lock.seek(SeekFrom::Start(0))?;
+            writeln!(lock, "{}", std::process::id())?;
+            lock.sync_all()
+        };
+        write_pid(&mut lock).map_err(|error| fail(format!("not writable: {error}")))?;
+        let dir = Self {
+            root: root.to_path_buf(),
+            _lock: lock,
+        };
+        std::fs::create_dir_all(dir.seq_dir())
+            .map_err(|error| fail(format!("cannot create {SEQ_DIR}/: {error}")))?;
+        Ok(dir)
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the sequence log and its checkpoints live.
+    pub fn seq_dir(&self) -> PathBuf {
+        self.root.join(SEQ_DIR)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_open_names_the_holder_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = DataDir::open(dir.path()).unwrap();
+        let error = DataDir::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.contains(&format!("pid {}", std::process::id())),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn lock_is_released_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(DataDir::open(dir.path()).unwrap());
+        DataDir::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_path_under_a_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"x").unwrap();
+        let error = DataDir::open(&file.join("data")).unwrap_err().to_string();
+        assert!(error.contains("cannot create"), "{error}");
+    }
+}

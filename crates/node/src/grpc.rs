@@ -1,0 +1,221 @@
+//! The gRPC services: protobuf in, domain calls, protobuf out.
+//!
+//! This is the edge: generated types are converted here, once per message, and
+//! [`status_from`] is the one place where domain errors become `tonic::Status`:
+//!
+//! | error | code |
+//! |---|---|
+//! | bad id, bad namespace definition, empty batch | INVALID_ARGUMENT (message names the range) |
+//! | unknown namespace | NOT_FOUND |
+//! | namespace exists | ALREADY_EXISTS |
+//! | batch over `batch_ids_max` | RESOURCE_EXHAUSTED (message names the limit) |
+//! | a sequence at u64::MAX | OUT_OF_RANGE |
+//! | log failure, raise timeout, node stopping | UNAVAILABLE |
+
+use std::sync::Arc;
+
+use imstate_proto::v1 as pb;
+use imstate_proto::v1::sequence_server::Sequence;
+use imstate_seq::{NamespaceDef, SeqError};
+use tonic::{Request, Response, Status};
+
+use crate::NodeError;
+use crate::seqstore::{DEFAULT_NAMESPACE, SeqStore};
+
+/// The route table version of a node in embedded mode: there is one node and it owns every
+/// section, so the table never changes.
+pub const EMBEDDED_ROUTE_VERSION: u64 = 1;
+
+/// Maps a domain error to a gRPC status.
+pub fn status_from(error: NodeError) -> Status {
+    match error {
+        NodeError::Seq(error) => {
+            let message = error.to_string();
+            match error {
+                SeqError::UnknownNamespace(_) => Status::not_found(message),
+                SeqError::NamespaceExists(_) => Status::already_exists(message),
+                SeqError::BatchTooLarge { .. } => Status::resource_exhausted(message),
+                SeqError::SequenceExhausted { .. } => Status::out_of_range(message),
+                SeqError::IdOutOfRange { .. }
+                | SeqError::EmptyBatch
+                | SeqError::InvalidNamespace(_) => Status::invalid_argument(message),
+            }
+        }
+        NodeError::RaiseTimeout(_) | NodeError::Unavailable(_) | NodeError::Log(_) => {
+            Status::unavailable(error.to_string())
+        }
+        other => Status::internal(other.to_string()),
+    }
+}
+
+/// The sequence service.
+pub struct SequenceService {
+    store: Arc<SeqStore>,
+    /// The address clients reach this node at, for the route table.
+    advertise: String,
+}
+
+impl SequenceService {
+    /// Serves `store`, advertising `advertise` (host:port) in the route table.
+    pub fn new(store: Arc<SeqStore>, advertise: String) -> Self {
+        Self { store, advertise }
+    }
+
+    /// Route information for a reply: the version always, the table when the client is stale.
+    fn route(&self, client_version: u64) -> Option<pb::RouteInfo> {
+        let table = (client_version < EMBEDDED_ROUTE_VERSION).then(|| pb::RouteTable {
+            version: EMBEDDED_ROUTE_VERSION,
+            entries: self
+                .store
+                .namespaces()
+                .into_iter()
+                .map(|def| pb::RouteEntry {
+                    section_lo: 0,
+                    section_hi: def.section_count(),
+                    namespace: def.name,
+                    node: self.advertise.clone(),
+                })
+                .collect(),
+        });
+        Some(pb::RouteInfo {
+            version: EMBEDDED_ROUTE_VERSION,
+            table,
+        })
+    }
+}
+
+fn namespace_name(name: &str) -> &str {
+    if name.is_empty() {
+        DEFAULT_NAMESPACE
+    } else {
+        name
+    }
+}
+
+fn namespace_to_pb(def: NamespaceDef) -> pb::Namespace {
+    pb::Namespace {
+        name: def.name,
+        id_lo: def.id_lo,
+        id_hi: def.id_hi,
+        section_size: def.section_size,
+        step: def.step,
+    }
+}
+
+fn namespace_from_pb(namespace: pb::Namespace) -> NamespaceDef {
+    let defaults = NamespaceDef::default_namespace();
+    NamespaceDef {
+        name: namespace.name,
+        id_lo: namespace.id_lo,
+        id_hi: namespace.id_hi,
+        section_size: if namespace.section_size == 0 {
+            defaults.section_size
+        } else {
+            namespace.section_size
+        },
+        step: if namespace.step == 0 {
+            defaults.step
+        } else {
+            namespace.step
+        },
+    }
+}
+
+#[tonic::async_trait]
+impl Sequence for SequenceService {
+    async fn next(
+        &self,
+        request: Request<pb::NextRequest>,
+    ) -> Result<Response<pb::NextReply>, Status> {
+        let request = request.into_inner();
+        let seq = self
+            .store
+            .next(namespace_name(&request.namespace), request.id)
+            .await
+            .map_err(status_from)?;
+        Ok(Response::new(pb::NextReply {
+            seq,
+            route: self.route(request.route_version),
+        }))
+    }
+
+    async fn next_batch(
+        &self,
+        request: Request<pb::NextBatchRequest>,
+    ) -> Result<Response<pb::SeqBatchReply>, Status> {
+        let request = request.into_inner();
+        let seqs = self
+            .store
+            .next_batch(namespace_name(&request.namespace), &request.ids)
+            .await
+            .map_err(status_from)?;
+        Ok(Response::new(pb::SeqBatchReply {
+            seqs,
+            route: self.route(request.route_version),
+        }))
+    }
+
+    async fn current(
+        &self,
+        request: Request<pb::CurrentRequest>,
+    ) -> Result<Response<pb::CurrentReply>, Status> {
+        let request = request.into_inner();
+        let seq = self
+            .store
+            .current(namespace_name(&request.namespace), request.id)
+            .map_err(status_from)?;
+        Ok(Response::new(pb::CurrentReply {
+            seq,
+            route: self.route(request.route_version),
+        }))
+    }
+
+    async fn current_batch(
+        &self,
+        request: Request<pb::CurrentBatchRequest>,
+    ) -> Result<Response<pb::SeqBatchReply>, Status> {
+        let request = request.into_inner();
+        let seqs = self
+            .store
+            .current_batch(namespace_name(&request.namespace), &request.ids)
+            .map_err(status_from)?;
+        Ok(Response::new(pb::SeqBatchReply {
+            seqs,
+            route: self.route(request.route_version),
+        }))
+    }
+
+    async fn create_namespace(
+        &self,
+        request: Request<pb::CreateNamespaceRequest>,
+    ) -> Result<Response<pb::CreateNamespaceReply>, Status> {
+        let Some(namespace) = request.into_inner().namespace else {
+            return Err(Status::invalid_argument("namespace is required"));
+        };
+        let def = self
+            .store
+            .create_namespace(namespace_from_pb(namespace))
+            .await
+            .map_err(status_from)?;
+        Ok(Response::new(pb::CreateNamespaceReply {
+            namespace: Some(namespace_to_pb(def)),
+            route: self.route(0),
+        }))
+    }
+
+    async fn list_namespaces(
+        &self,
+        _request: Request<pb::ListNamespacesRequest>,
+    ) -> Result<Response<pb::ListNamespacesReply>, Status> {
+        let namespaces = self
+            .store
+            .namespaces()
+            .into_iter()
+            .map(namespace_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListNamespacesReply {
+            namespaces,
+            route: self.route(0),
+        }))
+    }
+}

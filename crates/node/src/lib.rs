@@ -1,0 +1,32 @@
+//! The imstate node: the I/O shell around the pure cores.
+//!
+//! ```text
+//!   gRPC (tonic) ──► grpc::SequenceService ──► seqstore::SeqStore ──► imstate_seq::Allocator
+//!                      errors → Status            │  raise records        (pure core)
+//!                                                 ▼
+//!                                        imstate_log::Log (WAL, group commit, checkpoints)
+//!                                                 │
+//!                                     datadir::DataDir (locked directory, FileStorage)
+//! ```
+//!
+//! Layout:
+//! - [`config`]: the node's configuration (TOML file and flags), with defaults that run.
+//! - [`datadir`]: the data directory, locked against a second process.
+//! - [`seqstore`]: the sequence service's state machine: allocator + log, persist before serve.
+//! - [`records`]: the byte format of the sequence log records and checkpoints.
+//! - [`grpc`]: the gRPC services and the one place where domain errors become `tonic::Status`.
+//! - [`server`]: start-up (recovery), serving, and clean shutdown.
+
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod datadir;
+pub mod error;
+pub mod grpc;
+pub mod records;
+pub mod seqstore;
+pub mod server;
+
+pub use config::NodeConfig;
+pub use error::NodeError;
+pub use server::{Node, run};

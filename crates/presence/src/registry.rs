@@ -1,0 +1,501 @@
+//! The sharded registry: `uid % shards` independent [`Shard`]s, each behind its own mutex.
+//!
+//! ```text
+//!  login / logout / heartbeat / lookup(uid) ──► shard_index(uid) ──► lock that shard only
+//!  heartbeat_batch / lookup_batch ──► group by shard ──► lock each shard once
+//!  gateway_down / tick ──► one shard at a time, short holds (TICK_VISITS_PER_LOCK)
+//!  gateway_register / gateway_heartbeat ──► leases mutex (tiny: gateways are few)
+//! ```
+//!
+//! Why `parking_lot::Mutex` and not a tokio one: every hold is a few microseconds of pure
+//! memory work with no await inside, and parking_lot's uncontended lock is one atomic.
+//!
+//! Ordering for the log: operations on one shard are serialized by its lock, but the changes
+//! they return reach the caller after the lock is released. A node that must log changes in
+//! exactly the order they were applied per shard locks the shard itself ([`Self::shard`]),
+//! calls the [`Shard`] method and appends the change before unlocking. Replay tolerates a
+//! reordered heartbeat (applied as a maximum), not a reordered login and logout of the same
+//! connection.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::gateways::{GatewayId, Gateways};
+use crate::shard::{check_batch, check_gateway_name, check_ttl};
+use crate::snapshot::{self, Item, RestoreStats, SnapshotError};
+use crate::{
+    Change, Event, GatewayDownOutcome, GatewayLease, HeartbeatBatchOutcome, LoginOutcome,
+    LoginRequest, PresenceError, RegistryOptions, Session, Shard, ShardScope, TICK_VISITS_PER_LOCK,
+    TickProgress,
+};
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    ttl_ms: u32,
+    last_heartbeat_ms: u64,
+}
+
+/// The presence registry: sessions sharded by uid, a shared gateway interner, gateway leases.
+#[derive(Debug)]
+pub struct ShardedRegistry {
+    options: RegistryOptions,
+    gateways: Arc<Gateways>,
+    online: Arc<AtomicU64>,
+    shards: Box<[Mutex<Shard>]>,
+    leases: Mutex<HashMap<GatewayId, Lease>>,
+}
+
+impl ShardedRegistry {
+    /// Creates an empty registry after validating `options`.
+    pub fn new(options: RegistryOptions) -> Result<Self, PresenceError> {
+        options.validate()?;
+        let gateways = Arc::new(Gateways::new(options.gateways_max));
+        let online = Arc::new(AtomicU64::new(0));
+        let count = options.shards as u32;
+        let shards = (0..count)
+            .map(|index| {
+                let scope = ShardScope { index, count };
+                Mutex::new(Shard::with_parts(
+                    options,
+                    scope,
+                    gateways.clone(),
+                    online.clone(),
+                ))
+            })
+            .collect();
+        Ok(Self {
+            options,
+            gateways,
+            online,
+            shards,
+            leases: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &RegistryOptions {
+        &self.options
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard that owns `uid`.
+    pub fn shard_index(&self, uid: u64) -> usize {
+        (uid % self.shards.len() as u64) as usize
+    }
+
+    /// Shard `index`, for callers that must log changes under the shard lock.
+    pub fn shard(&self, index: usize) -> Result<&Mutex<Shard>, PresenceError> {
+        self.shards
+            .get(index)
+            .ok_or(PresenceError::ShardOutOfRange {
+                shard: index,
+                shards: self.shards.len(),
+            })
+    }
+
+    fn shard_of(&self, uid: u64) -> &Mutex<Shard> {
+        &self.shards[self.shard_index(uid)]
+    }
+
+    /// The gateway interner.
+    pub fn gateways(&self) -> &Arc<Gateways> {
+        &self.gateways
+    }
+
+    /// See [`Shard::login`].
+    pub fn login(
+        &self,
+        request: &LoginRequest<'_>,
+        now_ms: u64,
+    ) -> Result<LoginOutcome, PresenceError> {
+        self.shard_of(request.uid).lock().login(request, now_ms)
+    }
+
+    /// See [`Shard::logout`]. The log record is `Event::Logout { session }.change()`.
+    pub fn logout(&self, uid: u64, conn: u64) -> Result<Session, PresenceError> {
+        self.shard_of(uid).lock().logout(uid, conn)
+    }
+
+    /// See [`Shard::heartbeat`].
+    pub fn heartbeat(&self, uid: u64, conn: u64, now_ms: u64) -> Result<Change, PresenceError> {
+        self.shard_of(uid).lock().heartbeat(uid, conn, now_ms)
+    }
+
+    /// See [`Shard::heartbeat_batch`]; locks each shard touched once and returns one change
+    /// per shard touched.
+    pub fn heartbeat_batch(
+        &self,
+        gateway: &str,
+        sessions: &[(u64, u64)],
+        now_ms: u64,
+    ) -> Result<HeartbeatBatchOutcome, PresenceError> {
+        check_batch(
+            "heartbeat_batch_max",
+            sessions.len(),
+            self.options.heartbeat_batch_max,
+        )?;
+        let gateway = self.gateways.get(gateway);
+        let mut outcome = HeartbeatBatchOutcome::default();
+        let mut unknown: Vec<usize> = Vec::new();
+        for group in self.group_by_shard(sessions.iter().map(|&(uid, _)| uid)) {
+            let mut shard = self.shards[group.shard].lock();
+            let mut refreshed = Vec::with_capacity(group.positions.len());
+            for &position in &group.positions {
+                let (uid, conn) = sessions[position];
+                if shard.heartbeat_on_gateway(gateway, uid, conn, now_ms) {
+                    refreshed.push((uid, conn));
+                } else {
+                    unknown.push(position);
+                }
+            }
+            drop(shard);
+            if !refreshed.is_empty() {
+                outcome.changes.push(Change::HeartbeatBatch {
+                    at_ms: now_ms,
+                    sessions: refreshed,
+                });
+            }
+        }
+        unknown.sort_unstable();
+        outcome.unknown = unknown
+            .into_iter()
+            .map(|position| sessions[position])
+            .collect();
+        Ok(outcome)
+    }
+
+    /// See [`Shard::lookup`].
+    pub fn lookup(&self, uid: u64) -> Vec<Session> {
+        self.shard_of(uid).lock().lookup(uid)
+    }
+
+    /// The sessions of each uid, in request order; locks each shard touched once.
+    /// Between 1 and `lookup_ids_max` uids.
+    pub fn lookup_batch(&self, uids: &[u64]) -> Result<Vec<Vec<Session>>, PresenceError> {
+        check_batch("lookup_ids_max", uids.len(), self.options.lookup_ids_max)?;
+        let mut results = vec![Vec::new(); uids.len()];
+        for group in self.group_by_shard(uids.iter().copied()) {
+            let shard = self.shards[group.shard].lock();
+            for &position in &group.positions {
+                shard.lookup_into(uids[position], &mut results[position]);
+            }
+        }
+        Ok(results)
+    }
+
+    /// Sessions online in the whole registry, O(1).
+    pub fn online_count(&self) -> u64 {
+        self.online.load(Ordering::Relaxed)
+    }
+
+    /// Drops every session of `gateway`, shard by shard, and ends its lease if it had one.
+    /// An unknown gateway drops nothing. Cost is proportional to the gateway's sessions.
+    pub fn gateway_down(&self, gateway: &str) -> GatewayDownOutcome {
+        let mut outcome = GatewayDownOutcome::default();
+        let Some(id) = self.gateways.get(gateway) else {
+            return outcome;
+        };
+        if self.leases.lock().remove(&id).is_some() {
+            outcome.events.push(Event::GatewayUnregister {
+                gateway: Arc::from(gateway),
+                lapsed: false,
+            });
+        }
+        self.drop_gateway_sessions(gateway, &mut outcome.events);
+        outcome
+    }
+
+    fn drop_gateway_sessions(&self, gateway: &str, events: &mut Vec<Event>) {
+        for shard in self.shards.iter() {
+            if let Some(event) = shard.lock().gateway_down(gateway) {
+                events.push(event);
+            }
+        }
+    }
+
+    /// Registers (or re-registers) a gateway lease: unless heartbeated, the gateway and all
+    /// its sessions are dropped by the first tick at or after `now_ms + ttl_ms`.
+    pub fn gateway_register(
+        &self,
+        gateway: &str,
+        ttl_ms: u32,
+        now_ms: u64,
+    ) -> Result<Change, PresenceError> {
+        check_gateway_name(gateway)?;
+        check_ttl(ttl_ms, &self.options)?;
+        let id = self.gateways.intern(gateway)?;
+        self.leases.lock().insert(
+            id,
+            Lease {
+                ttl_ms,
+                last_heartbeat_ms: now_ms,
+            },
+        );
+        Ok(Change::GatewayRegister {
+            gateway: Arc::from(gateway),
+            ttl_ms,
+            at_ms: now_ms,
+        })
+    }
+
+    /// Renews a registered gateway's lease.
+    pub fn gateway_heartbeat(&self, gateway: &str, now_ms: u64) -> Result<Change, PresenceError> {
+        let not_registered = || PresenceError::GatewayNotRegistered {
+            gateway: gateway.into(),
+        };
+        let id = self.gateways.get(gateway).ok_or_else(not_registered)?;
+        let mut leases = self.leases.lock();
+        let lease = leases.get_mut(&id).ok_or_else(not_registered)?;
+        lease.last_heartbeat_ms = lease.last_heartbeat_ms.max(now_ms);
+        Ok(Change::GatewayHeartbeat {
+            gateway: Arc::from(gateway),
+            at_ms: now_ms,
+        })
+    }
+
+    /// Registered gateways, sorted by name.
+    pub fn gateway_leases(&self) -> Vec<GatewayLease> {
+        let leases: Vec<(GatewayId, Lease)> = self
+            .leases
+            .lock()
+            .iter()
+            .map(|(&id, &lease)| (id, lease))
+            .collect();
+        let mut leases: Vec<GatewayLease> = leases
+            .into_iter()
+            .filter_map(|(id, lease)| {
+                Some(GatewayLease {
+                    gateway: self.gateways.name(id)?,
+                    ttl_ms: lease.ttl_ms,
+                    last_heartbeat_ms: lease.last_heartbeat_ms,
+                })
+            })
+            .collect();
+        leases.sort_by(|a, b| a.gateway.cmp(&b.gateway));
+        leases
+    }
+
+    /// Runs all expiry due at `now_ms`: lapsed gateway leases first ([`Self::tick_gateways`]),
+    /// then every shard in steps of [`TICK_VISITS_PER_LOCK`] visits, releasing the shard lock
+    /// between steps so lookups are never blocked for long.
+    pub fn tick(&self, now_ms: u64) -> Vec<Event> {
+        let mut events = self.tick_gateways(now_ms);
+        for shard in self.shards.iter() {
+            loop {
+                let progress = shard.lock().tick(now_ms, TICK_VISITS_PER_LOCK);
+                events.extend(progress.events);
+                if progress.done {
+                    break;
+                }
+            }
+        }
+        events
+    }
+
+    /// Ends every gateway lease lapsed at `now_ms` and drops that gateway's sessions.
+    pub fn tick_gateways(&self, now_ms: u64) -> Vec<Event> {
+        let lapsed: Vec<GatewayId> = {
+            let mut leases = self.leases.lock();
+            let ids: Vec<GatewayId> = leases
+                .iter()
+                .filter(|(_, lease)| {
+                    lease
+                        .last_heartbeat_ms
+                        .saturating_add(u64::from(lease.ttl_ms))
+                        <= now_ms
+                })
+                .map(|(&id, _)| id)
+                .collect();
+            for id in &ids {
+                leases.remove(id);
+            }
+            ids
+        };
+        let mut names: Vec<Arc<str>> = lapsed
+            .into_iter()
+            .filter_map(|id| self.gateways.name(id))
+            .collect();
+        names.sort();
+        let mut events = Vec::new();
+        for gateway in names {
+            events.push(Event::GatewayUnregister {
+                gateway: gateway.clone(),
+                lapsed: true,
+            });
+            self.drop_gateway_sessions(&gateway, &mut events);
+        }
+        events
+    }
+
+    /// One bounded expiry step of one shard (see [`Shard::tick`]): the node can spread a mass
+    /// expiry over many short lock holds and interleave it with other work.
+    pub fn tick_shard(
+        &self,
+        shard: usize,
+        now_ms: u64,
+        visits_max: usize,
+    ) -> Result<TickProgress, PresenceError> {
+        Ok(self.shard(shard)?.lock().tick(now_ms, visits_max))
+    }
+
+    /// Applies a log record without enforcing limits (see [`Change`]).
+    pub fn apply_change(&self, change: &Change) -> Result<(), PresenceError> {
+        match change {
+            Change::Login(session) => self.shard_of(session.uid).lock().apply_login(session),
+            Change::Heartbeat { uid, .. }
+            | Change::Logout { uid, .. }
+            | Change::Expire { uid, .. } => self.shard_of(*uid).lock().apply_change(change),
+            Change::HeartbeatBatch { at_ms, sessions } => {
+                for group in self.group_by_shard(sessions.iter().map(|&(uid, _)| uid)) {
+                    let part = Change::HeartbeatBatch {
+                        at_ms: *at_ms,
+                        sessions: group.positions.iter().map(|&p| sessions[p]).collect(),
+                    };
+                    self.shards[group.shard].lock().apply_change(&part)?;
+                }
+                Ok(())
+            }
+            Change::GatewayDown { scope, .. } => {
+                let own = scope.count as usize == self.shards.len();
+                for (index, shard) in self.shards.iter().enumerate() {
+                    // With the same shard count only the recorded shard is concerned.
+                    if !own || index == scope.index as usize {
+                        shard.lock().apply_change(change)?;
+                    }
+                }
+                Ok(())
+            }
+            Change::GatewayRegister {
+                gateway,
+                ttl_ms,
+                at_ms,
+            } => {
+                let id = self.gateways.intern_unbounded(gateway)?;
+                let lease = Lease {
+                    ttl_ms: *ttl_ms,
+                    last_heartbeat_ms: *at_ms,
+                };
+                self.leases.lock().insert(id, lease);
+                Ok(())
+            }
+            Change::GatewayHeartbeat { gateway, at_ms } => {
+                if let Some(id) = self.gateways.get(gateway)
+                    && let Some(lease) = self.leases.lock().get_mut(&id)
+                {
+                    lease.last_heartbeat_ms = lease.last_heartbeat_ms.max(*at_ms);
+                }
+                Ok(())
+            }
+            Change::GatewayUnregister { gateway } => {
+                if let Some(id) = self.gateways.get(gateway) {
+                    self.leases.lock().remove(&id);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes a snapshot section of shard `index`. The shard is serialized into memory under
+    /// its lock (a memory copy, no I/O) and written after the lock is released.
+    pub fn snapshot_shard(
+        &self,
+        index: usize,
+        writer: &mut impl Write,
+    ) -> Result<(), SnapshotError> {
+        let mut bytes = Vec::new();
+        self.shard(index)?.lock().snapshot(&mut bytes);
+        snapshot::write_all(writer, &bytes)
+    }
+
+    /// Writes a snapshot section of the gateway leases.
+    pub fn snapshot_gateways(&self, writer: &mut impl Write) -> Result<(), SnapshotError> {
+        let mut bytes = Vec::new();
+        snapshot::encode_gateway_section(&self.gateway_leases(), &mut bytes);
+        snapshot::write_all(writer, &bytes)
+    }
+
+    /// Restores every section in `reader` (any shard count; sessions are routed by uid).
+    pub fn restore(&self, reader: &mut impl Read) -> Result<RestoreStats, SnapshotError> {
+        snapshot::read_sections(reader, |item| match item {
+            Item::Session(session) => self.shard_of(session.uid).lock().apply_login(&session),
+            Item::Lease(lease) => self.apply_change(&Change::GatewayRegister {
+                gateway: lease.gateway,
+                ttl_ms: lease.ttl_ms,
+                at_ms: lease.last_heartbeat_ms,
+            }),
+            Item::Shard => Ok(()),
+        })
+    }
+
+    /// Every session, sorted by (uid, conn). O(n), one shard lock at a time.
+    pub fn sessions(&self) -> Vec<Session> {
+        let mut sessions = Vec::with_capacity(self.online_count() as usize);
+        for shard in self.shards.iter() {
+            shard
+                .lock()
+                .for_each_session(|session| sessions.push(session));
+        }
+        sessions.sort_by_key(|session| (session.uid, session.conn));
+        sessions
+    }
+
+    /// Checks every shard's invariants and the online count (O(n); for tests).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut total = 0u64;
+        for (index, shard) in self.shards.iter().enumerate() {
+            let shard = shard.lock();
+            shard
+                .check_invariants()
+                .map_err(|error| format!("shard {index}: {error}"))?;
+            total += shard.len() as u64;
+        }
+        if total != self.online_count() {
+            return Err(format!(
+                "online_count {} but shards hold {total}",
+                self.online_count()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Bytes held by the shards' own structures (see [`Shard::approx_memory_bytes`]).
+    pub fn approx_memory_bytes(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| shard.lock().approx_memory_bytes())
+            .sum()
+    }
+
+    fn group_by_shard(&self, uids: impl Iterator<Item = u64>) -> Vec<ShardGroup> {
+        let mut keyed: Vec<(usize, usize)> = uids
+            .enumerate()
+            .map(|(position, uid)| (self.shard_index(uid), position))
+            .collect();
+        keyed.sort_unstable();
+        let mut groups: Vec<ShardGroup> = Vec::new();
+        for (shard, position) in keyed {
+            match groups.last_mut() {
+                Some(group) if group.shard == shard => group.positions.push(position),
+                _ => groups.push(ShardGroup {
+                    shard,
+                    positions: vec![position],
+                }),
+            }
+        }
+        groups
+    }
+}
+
+/// Positions of a batch that fall in one shard.
+struct ShardGroup {
+    shard: usize,
+    positions: Vec<usize>,
+}

@@ -1,0 +1,454 @@
+//! Unit tests of the allocator rules, one scenario per test, asserting on the outputs (values,
+//! raises, errors) and on `check_invariants` after every step.
+
+use super::*;
+
+const NS: &str = "inbox";
+
+/// Namespace `inbox`: ids [100, 200), sections of 10 ids, step 10 (headroom_min 5).
+fn small_def() -> NamespaceDef {
+    NamespaceDef {
+        name: NS.to_owned(),
+        id_lo: 100,
+        id_hi: 200,
+        section_size: 10,
+        step: 10,
+    }
+}
+
+fn allocator() -> (Allocator, NsId) {
+    let mut allocator = Allocator::new(AllocatorOptions::default());
+    let ns = allocator.add_namespace(small_def()).unwrap();
+    (allocator, ns)
+}
+
+fn raise(ns: NsId, section: u64, max_seq: u64) -> Raise {
+    Raise {
+        ns,
+        section,
+        max_seq,
+    }
+}
+
+/// Allocates one id, completing every raise requested on the way; returns the value.
+fn next_settled(allocator: &mut Allocator, id: u64) -> u64 {
+    for _ in 0..4 {
+        match allocator.next(NS, id).unwrap() {
+            Alloc::Served { seqs, raises } => {
+                raises.into_iter().for_each(|r| allocator.raise_durable(r));
+                allocator.check_invariants().unwrap();
+                return seqs[0];
+            }
+            Alloc::Wait { raises } => raises.into_iter().for_each(|r| allocator.raise_durable(r)),
+        }
+    }
+    panic!("id {id} never served");
+}
+
+#[test]
+fn first_next_of_a_new_section_waits_for_a_raise_to_step() {
+    let (mut allocator, ns) = allocator();
+    let alloc = allocator.next(NS, 123).unwrap();
+    assert_eq!(
+        alloc,
+        Alloc::Wait {
+            raises: vec![raise(ns, 2, 10)]
+        }
+    );
+    assert_eq!(allocator.current(NS, 123).unwrap(), 0);
+    assert_eq!(allocator.durable_max(ns, 2), 0);
+    allocator.check_invariants().unwrap();
+}
+
+#[cfg(not(feature = "planted-serve-before-durable"))]
+#[test]
+fn waits_until_the_raise_is_durable_then_values_start_at_1() {
+    let (mut allocator, ns) = allocator();
+    let alloc = allocator.next(NS, 100).unwrap();
+    assert!(matches!(alloc, Alloc::Wait { .. }));
+    // The raise is pending, not durable: the retry still waits and asks for nothing new.
+    assert_eq!(
+        allocator.next(NS, 100).unwrap(),
+        Alloc::Wait { raises: vec![] }
+    );
+    allocator.raise_durable(raise(ns, 0, 10));
+    assert_eq!(
+        allocator.next(NS, 100).unwrap(),
+        Alloc::Served {
+            seqs: vec![1],
+            raises: vec![]
+        }
+    );
+    assert_eq!(next_settled(&mut allocator, 100), 2);
+    assert_eq!(next_settled(&mut allocator, 101), 1);
+    assert_eq!(allocator.current(NS, 100).unwrap(), 2);
+    assert_eq!(allocator.current(NS, 102).unwrap(), 0);
+}
+
+#[test]
+fn repeated_ids_in_a_batch_get_increasing_values() {
+    let (mut allocator, ns) = allocator();
+    allocator.load_section(ns, 0, 0);
+    allocator.raise_durable(raise(ns, 0, 100));
+    let alloc = allocator
+        .next_batch(NS, &[100, 101, 100, 100, 109])
+        .unwrap();
+    let Alloc::Served { seqs, .. } = alloc else {
+        panic!("expected Served, got {alloc:?}");
+    };
+    assert_eq!(seqs, vec![1, 1, 2, 3, 1]);
+    assert_eq!(allocator.current(NS, 100).unwrap(), 3);
+    allocator.check_invariants().unwrap();
+}
+
+#[cfg(not(feature = "planted-serve-before-durable"))]
+#[test]
+fn batch_that_outruns_a_ceiling_allocates_nothing() {
+    let (mut allocator, ns) = allocator();
+    allocator.raise_durable(raise(ns, 0, 10));
+    allocator.raise_durable(raise(ns, 1, 10));
+    next_settled(&mut allocator, 110);
+    let before = allocator.current_batch(NS, &[100, 110, 111]).unwrap();
+    // Section 0 fits; section 1 needs 12 values for id 111 (ceiling 10): nothing is served.
+    let ids: Vec<u64> = [100, 110].into_iter().chain([111; 12]).collect();
+    let alloc = allocator.next_batch(NS, &ids).unwrap();
+    // Rounded up to a multiple of step above durable (12 -> 20).
+    assert_eq!(
+        alloc,
+        Alloc::Wait {
+            raises: vec![raise(ns, 1, 20)]
+        }
+    );
+    assert_eq!(
+        allocator.current_batch(NS, &[100, 110, 111]).unwrap(),
+        before
+    );
+    allocator.check_invariants().unwrap();
+    allocator.raise_durable(raise(ns, 1, 20));
+    let Alloc::Served { seqs, .. } = allocator.next_batch(NS, &ids).unwrap() else {
+        panic!("expected Served after the raise");
+    };
+    assert_eq!(seqs[..3], [1, 2, 1]);
+    assert_eq!(seqs[13], 12);
+}
+
+#[cfg(not(feature = "planted-serve-before-durable"))]
+#[test]
+fn wait_on_a_never_touched_section_allocates_no_array_and_sizes_the_raise() {
+    let (mut allocator, ns) = allocator();
+    let alloc = allocator.next_batch(NS, &[150; 25]).unwrap();
+    assert_eq!(
+        alloc,
+        Alloc::Wait {
+            raises: vec![raise(ns, 5, 30)]
+        }
+    );
+    let section = &allocator.namespaces[0].sections[0];
+    assert!(section.cur.is_empty());
+    // A pending raise too small for a bigger need is replaced by a bigger one.
+    let alloc = allocator.next_batch(NS, &[150; 45]).unwrap();
+    assert_eq!(
+        alloc,
+        Alloc::Wait {
+            raises: vec![raise(ns, 5, 50)]
+        }
+    );
+    allocator.check_invariants().unwrap();
+}
+
+#[test]
+fn pre_raise_is_emitted_once_when_headroom_falls_under_half_a_step() {
+    let (mut allocator, ns) = allocator();
+    allocator.raise_durable(raise(ns, 0, 10));
+    let mut raises_seen = Vec::new();
+    for expected in 1..=8 {
+        let alloc = allocator.next(NS, 100).unwrap();
+        let Alloc::Served { seqs, raises } = alloc else {
+            panic!("expected Served at {expected}");
+        };
+        assert_eq!(seqs, vec![expected]);
+        raises_seen.push((expected, raises));
+        allocator.check_invariants().unwrap();
+    }
+    // headroom = 10 - high < 5 first at high = 6; the raise is not repeated while pending.
+    for (value, raises) in &raises_seen {
+        let expected = if *value == 6 {
+            vec![raise(ns, 0, 20)]
+        } else {
+            vec![]
+        };
+        assert_eq!(raises, &expected, "after value {value}");
+    }
+    allocator.raise_durable(raise(ns, 0, 20));
+    // Headroom is 12 again: serving continues without a wait and without a new raise.
+    assert_eq!(
+        allocator.next(NS, 100).unwrap(),
+        Alloc::Served {
+            seqs: vec![9],
+            raises: vec![]
+        }
+    );
+}
+
+#[test]
+fn failed_raise_is_requested_again_by_the_next_call() {
+    let (mut allocator, ns) = allocator();
+    let Alloc::Wait { raises } = allocator.next(NS, 100).unwrap() else {
+        panic!("expected Wait");
+    };
+    assert_eq!(raises, vec![raise(ns, 0, 10)]);
+    allocator.raise_failed(raises[0]);
+    assert_eq!(
+        allocator.next(NS, 100).unwrap(),
+        Alloc::Wait {
+            raises: vec![raise(ns, 0, 10)]
+        }
+    );
+    allocator.check_invariants().unwrap();
+}
+
+#[test]
+fn stale_durable_report_of_a_smaller_raise_keeps_the_bigger_pending() {
+    let (mut allocator, ns) = allocator();
+    let _ = allocator.next_batch(NS, &[100; 5]).unwrap();
+    let _ = allocator.next_batch(NS, &[100; 25]).unwrap();
+    assert_eq!(allocator.ceilings(), vec![(ns, 0, 30)]);
+    allocator.raise_durable(raise(ns, 0, 10));
+    assert_eq!(allocator.durable_max(ns, 0), 10);
+    // The bigger raise is still pending: a failure of the smaller one does not clear it.
+    allocator.raise_failed(raise(ns, 0, 10));
+    assert_eq!(allocator.ceilings(), vec![(ns, 0, 30)]);
+    allocator.raise_durable(raise(ns, 0, 30));
+    allocator.raise_durable(raise(ns, 0, 10));
+    assert_eq!(allocator.durable_max(ns, 0), 30);
+    allocator.check_invariants().unwrap();
+}
+
+#[test]
+fn load_section_makes_next_return_max_seq_plus_one() {
+    let (mut allocator, ns) = allocator();
+    allocator.load_section(ns, 3, 40);
+    assert_eq!(allocator.current(NS, 135).unwrap(), 40);
+    assert_eq!(
+        allocator.current_batch(NS, &[130, 139]).unwrap(),
+        vec![40, 40]
+    );
+    // Loaded ceiling 40 has no headroom: the first next waits for 50, then serves 41.
+    assert_eq!(
+        allocator.next(NS, 135).unwrap(),
+        Alloc::Wait {
+            raises: vec![raise(ns, 3, 50)]
+        }
+    );
+    allocator.raise_durable(raise(ns, 3, 50));
+    assert_eq!(next_settled(&mut allocator, 135), 41);
+    assert_eq!(allocator.current(NS, 136).unwrap(), 40);
+    assert_eq!(allocator.sections_loaded(), 1);
+}
+
+#[test]
+fn load_section_after_use_skips_every_id_and_is_idempotent() {
+    let (mut allocator, ns) = allocator();
+    allocator.raise_durable(raise(ns, 0, 100));
+    assert_eq!(next_settled(&mut allocator, 100), 1);
+    assert_eq!(next_settled(&mut allocator, 100), 2);
+    allocator.load_section(ns, 0, 60);
+    allocator.load_section(ns, 0, 60);
+    // A smaller report never lowers the ceiling.
+    allocator.load_section(ns, 0, 7);
+    assert_eq!(allocator.durable_max(ns, 0), 100);
+    assert_eq!(allocator.current(NS, 100).unwrap(), 100);
+    allocator.check_invariants().unwrap();
+}
+
+#[test]
+fn ceilings_include_pending_targets_in_ns_section_order() {
+    let mut allocator = Allocator::new(AllocatorOptions::default());
+    let ns_a = allocator.add_namespace(small_def()).unwrap();
+    let ns_b = allocator
+        .add_namespace(NamespaceDef {
+            name: "conv".into(),
+            ..small_def()
+        })
+        .unwrap();
+    allocator.load_section(ns_b, 1, 5);
+    allocator.raise_durable(raise(ns_a, 7, 10));
+    let _ = allocator.next(NS, 120).unwrap();
+    assert_eq!(
+        allocator.ceilings(),
+        vec![(ns_a, 2, 10), (ns_a, 7, 10), (ns_b, 1, 5)]
+    );
+}
+
+#[test]
+fn reports_for_unknown_namespaces_or_sections_are_ignored() {
+    let (mut allocator, ns) = allocator();
+    allocator.raise_durable(raise(ns + 1, 0, 10));
+    allocator.raise_durable(raise(ns, 10, 10));
+    allocator.load_section(ns, 99, 10);
+    allocator.raise_failed(raise(ns, 0, 10));
+    assert_eq!(allocator.sections_loaded(), 1);
+    assert_eq!(allocator.ceilings(), vec![]);
+}
+
+#[test]
+fn errors_name_the_range_and_the_limit() {
+    let mut allocator = Allocator::new(AllocatorOptions { batch_ids_max: 3 });
+    allocator.add_namespace(small_def()).unwrap();
+    let error = allocator.next(NS, 200).unwrap_err();
+    assert_eq!(
+        error,
+        SeqError::IdOutOfRange {
+            ns: NS.into(),
+            id: 200,
+            lo: 100,
+            hi: 200
+        }
+    );
+    assert_eq!(
+        error.to_string(),
+        "id 200 is out of range [100, 200) of namespace `inbox`"
+    );
+    let error = allocator.next_batch(NS, &[100, 101, 102, 103]).unwrap_err();
+    assert_eq!(error, SeqError::BatchTooLarge { len: 4, max: 3 });
+    assert!(error.to_string().contains("batch_ids_max = 3"), "{error}");
+    assert_eq!(
+        allocator.current_batch(NS, &[1; 4]).unwrap_err(),
+        SeqError::BatchTooLarge { len: 4, max: 3 }
+    );
+    assert_eq!(
+        allocator.next_batch(NS, &[]).unwrap_err(),
+        SeqError::EmptyBatch
+    );
+    assert_eq!(
+        allocator.current_batch(NS, &[]).unwrap_err(),
+        SeqError::EmptyBatch
+    );
+    let error = allocator.current("nope", 1).unwrap_err();
+    assert_eq!(error.to_string(), "unknown namespace `nope`");
+    // A bad id anywhere in a batch rejects it before anything is touched.
+    assert!(matches!(
+        allocator.next_batch(NS, &[100, 99]),
+        Err(SeqError::IdOutOfRange { id: 99, .. })
+    ));
+    assert_eq!(allocator.sections_loaded(), 0);
+    assert_eq!(
+        allocator
+            .add_namespace(small_def())
+            .unwrap_err()
+            .to_string(),
+        "namespace `inbox` already exists"
+    );
+    let bad = NamespaceDef {
+        step: 0,
+        ..NamespaceDef::default_namespace()
+    };
+    assert!(matches!(
+        allocator.add_namespace(bad),
+        Err(SeqError::InvalidNamespace(_))
+    ));
+}
+
+#[test]
+fn namespaces_are_listed_in_id_order() {
+    let mut allocator = Allocator::new(AllocatorOptions::default());
+    let names = ["default", "inbox", "conv"];
+    for name in names {
+        let def = NamespaceDef {
+            name: name.into(),
+            ..NamespaceDef::default_namespace()
+        };
+        allocator.add_namespace(def).unwrap();
+    }
+    let listed: Vec<(NsId, &str)> = allocator
+        .namespaces()
+        .map(|(ns, def)| (ns, def.name.as_str()))
+        .collect();
+    assert_eq!(listed, vec![(0, "default"), (1, "inbox"), (2, "conv")]);
+    assert_eq!(allocator.namespace("conv").map(|(ns, _)| ns), Some(2));
+    assert_eq!(allocator.namespace_by_id(1).unwrap().name, "inbox");
+    assert!(allocator.namespace("missing").is_none());
+    assert!(allocator.namespace_by_id(3).is_none());
+}
+
+#[test]
+fn partial_last_section_allocates_only_its_ids() {
+    let mut allocator = Allocator::new(AllocatorOptions::default());
+    let def = NamespaceDef {
+        id_hi: 203,
+        ..small_def()
+    };
+    let ns = allocator.add_namespace(def).unwrap();
+    allocator.raise_durable(raise(ns, 10, 10));
+    assert_eq!(next_settled(&mut allocator, 202), 1);
+    assert_eq!(allocator.namespaces[0].sections[0].cur.len(), 3);
+}
+
+#[test]
+fn exhausted_sequence_is_an_error_not_a_wrap() {
+    let (mut allocator, ns) = allocator();
+    allocator.load_section(ns, 0, u64::MAX);
+    let error = allocator.next(NS, 100).unwrap_err();
+    assert_eq!(
+        error,
+        SeqError::SequenceExhausted {
+            ns: NS.into(),
+            id: 100
+        }
+    );
+    assert!(allocator.next_batch(NS, &[100]).is_err());
+    allocator.check_invariants().unwrap();
+}
+
+#[test]
+fn headroom_min_is_half_a_step_and_at_least_one() {
+    assert_eq!(headroom_min(10_000), 5_000);
+    assert_eq!(headroom_min(3), 1);
+    assert_eq!(headroom_min(1), 1);
+}
+
+#[cfg(not(feature = "planted-serve-before-durable"))]
+#[test]
+fn step_of_one_raises_ahead_after_every_value() {
+    let mut allocator = Allocator::new(AllocatorOptions::default());
+    let ns = allocator
+        .add_namespace(NamespaceDef {
+            step: 1,
+            ..small_def()
+        })
+        .unwrap();
+    for expected in 1..=5 {
+        let Alloc::Wait { raises } = allocator.next(NS, 100).unwrap() else {
+            panic!("expected Wait");
+        };
+        assert_eq!(raises, vec![raise(ns, 0, expected)]);
+        allocator.raise_durable(raises[0]);
+        let Alloc::Served { seqs, raises } = allocator.next(NS, 100).unwrap() else {
+            panic!("expected Served");
+        };
+        assert_eq!(seqs, vec![expected]);
+        assert_eq!(raises, vec![raise(ns, 0, expected + 1)]);
+        allocator.raise_failed(raises[0]);
+    }
+}
+
+/// Negative control: with the planted bug, a value above the durable ceiling is served and
+/// `check_invariants` reports the S2 violation.
+#[cfg(feature = "planted-serve-before-durable")]
+#[test]
+fn planted_bug_serves_before_durable_and_check_invariants_reports_s2() {
+    let (mut allocator, ns) = allocator();
+    let alloc = allocator.next(NS, 100).unwrap();
+    assert_eq!(
+        alloc,
+        Alloc::Wait {
+            raises: vec![raise(ns, 0, 10)]
+        }
+    );
+    // The raise was never reported durable, yet the planted bug serves from it.
+    let alloc = allocator.next(NS, 100).unwrap();
+    assert!(matches!(alloc, Alloc::Served { .. }), "{alloc:?}");
+    assert_eq!(allocator.durable_max(ns, 0), 0);
+    let error = allocator.check_invariants().unwrap_err();
+    assert!(error.contains("S2"), "{error}");
+}

@@ -1,0 +1,52 @@
+//! Errors of the sequence allocator.
+//!
+//! Every error is detected before any state changes: a call that returns an error has allocated
+//! nothing and requested no raise. Messages name the offending value and the limit or range, so
+//! an API layer can pass them on verbatim as the reason of an INVALID_ARGUMENT or
+//! RESOURCE_EXHAUSTED status.
+
+/// Errors returned by [`crate::Allocator`] and [`crate::NamespaceDef::validate`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SeqError {
+    /// The request named a namespace that was never added.
+    #[error("unknown namespace `{0}`")]
+    UnknownNamespace(String),
+    /// An id lies outside the namespace's half-open id range `[lo, hi)`.
+    #[error("id {id} is out of range [{lo}, {hi}) of namespace `{ns}`")]
+    IdOutOfRange {
+        /// Name of the namespace.
+        ns: String,
+        /// The offending id.
+        id: u64,
+        /// First id of the namespace (inclusive).
+        lo: u64,
+        /// End of the namespace's id range (exclusive).
+        hi: u64,
+    },
+    /// A batch call was made with no ids.
+    #[error("empty batch: at least one id is required")]
+    EmptyBatch,
+    /// A batch call was made with more ids than `batch_ids_max` allows.
+    #[error("batch of {len} ids exceeds batch_ids_max = {max}")]
+    BatchTooLarge {
+        /// Number of ids in the rejected batch.
+        len: usize,
+        /// The configured `batch_ids_max`.
+        max: usize,
+    },
+    /// `add_namespace` was called with a name that already exists.
+    #[error("namespace `{0}` already exists")]
+    NamespaceExists(String),
+    /// A namespace definition failed validation; the string says why.
+    #[error("invalid namespace: {0}")]
+    InvalidNamespace(String),
+    /// The id's sequence reached `u64::MAX`: no larger value exists to hand out. Unreachable by
+    /// allocation alone (2^64 values); only a corrupt loaded `max_seq` can get here.
+    #[error("sequence space exhausted for id {id} of namespace `{ns}`")]
+    SequenceExhausted {
+        /// Name of the namespace.
+        ns: String,
+        /// The id whose sequence is exhausted.
+        id: u64,
+    },
+}

@@ -1,0 +1,44 @@
+//! Pure sequence allocator core of imstate: the WeChat seqsvr algorithm as a plain data
+//! structure, with no I/O, no clock, no runtime and no threads.
+//!
+//! # Layout
+//!
+//! ```text
+//!   next / next_batch(ns, ids) ──► Allocator ──► Alloc::Served { seqs, raises }
+//!                                      │      └─► Alloc::Wait { raises }
+//!                                      │
+//!   caller persists each Raise ────────┘  raise_durable(raise) / raise_failed(raise)
+//!   recovery: load_section(ns, section, max_seq); checkpoint: ceilings()
+//! ```
+//!
+//! - [`NamespaceDef`] describes an independent sequence space: an id range cut into sections of
+//!   `section_size` ids that share one persisted `max_seq`, raised `step` at a time.
+//! - [`Allocator`] keeps `cur_seq` per id (a dense array per touched section) and the durable
+//!   `max_seq` per section. It never touches storage: it returns [`Raise`] commands that the
+//!   caller persists before reporting them back.
+//!
+//! # Invariants
+//!
+//! - **S1 monotonic**: for any id, every value handed out is greater than every value handed out
+//!   before, including across restarts (loading a section skips every id to its `max_seq`).
+//! - **S2 persist before serve**: no value above a section's durable `max_seq` is ever returned.
+//! - **B1 bounded**: batches are limited by `batch_ids_max`, section sizes by
+//!   [`SECTION_SIZE_MAX`], namespaces by [`NAMESPACES_MAX`]; exceeding a limit is an error.
+//!
+//! The feature `planted-serve-before-durable` plants an S2 bug for negative-control tests; it
+//! compiles away entirely when off.
+#![deny(missing_docs)]
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
+mod allocator;
+mod error;
+mod namespace;
+
+pub use allocator::{
+    Alloc, Allocator, AllocatorOptions, BATCH_IDS_MAX_DEFAULT, Raise, headroom_min,
+};
+pub use error::SeqError;
+pub use namespace::{
+    NAME_BYTES_MAX, NAMESPACES_MAX, NamespaceDef, NsId, SECTION_SIZE_DEFAULT, SECTION_SIZE_MAX,
+    STEP_DEFAULT,
+};
