@@ -34,7 +34,7 @@ run_tests -p imstate-seq --features planted-serve-before-durable
 run_tests -p imstate-node --features planted-serve-before-durable --test seq_crash
 
 step "negative control: acknowledge before fsync"
-run_tests -p imstate-log --features planted-ack-before-fsync
+run_tests -p imstate-log --features planted-ack-before-fsync --test crash_points
 run_tests -p imstate-node --features planted-ack-before-fsync --test seq_crash
 
 step "all green"

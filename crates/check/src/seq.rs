@@ -129,7 +129,7 @@ pub fn check(calls: &[SeqCall]) -> Vec<Violation> {
     ids.sort_unstable();
     for id in ids {
         let observations = by_id.get_mut(&id).expect("id from keys");
-        observations.sort_unstable_by(|a, b| b.value.cmp(&a.value));
+        observations.sort_unstable_by_key(|o| std::cmp::Reverse(o.value));
         for pair in observations.windows(2) {
             if pair[0].value == pair[1].value {
                 violations.push(Violation::Duplicate {

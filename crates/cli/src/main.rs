@@ -3,6 +3,7 @@
 //! Every client command exits 0 on success and otherwise prints one line `error: ...` on stderr
 //! and exits 1 (usage errors exit 2, as clap does).
 
+mod bench;
 mod seq;
 mod serve;
 
@@ -27,6 +28,8 @@ enum Command {
     /// Sequence numbers: next, current, namespaces.
     #[command(subcommand)]
     Seq(seq::SeqCommand),
+    /// Load generator: throughput and latency of a workload against a node.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Seq(command) => client_runtime().and_then(|rt| rt.block_on(seq::run(command))),
+        Command::Bench(args) => bench::command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

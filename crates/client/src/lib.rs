@@ -116,20 +116,20 @@ mod route_cache {
             else {
                 return;
             };
-            if let Ok(mut guard) = self.inner.lock() {
-                if table.version > guard.0 {
-                    let routes = table
-                        .entries
-                        .into_iter()
-                        .map(|entry| Route {
-                            namespace: entry.namespace,
-                            section_lo: entry.section_lo,
-                            section_hi: entry.section_hi,
-                            node: entry.node,
-                        })
-                        .collect();
-                    *guard = (table.version, routes);
-                }
+            if let Ok(mut guard) = self.inner.lock()
+                && table.version > guard.0
+            {
+                let routes = table
+                    .entries
+                    .into_iter()
+                    .map(|entry| Route {
+                        namespace: entry.namespace,
+                        section_lo: entry.section_lo,
+                        section_hi: entry.section_hi,
+                        node: entry.node,
+                    })
+                    .collect();
+                *guard = (table.version, routes);
             }
         }
     }

@@ -33,6 +33,12 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+// Planted bugs exist only to prove that the tests catch them; they must never ship.
+#[cfg(all(feature = "planted-ack-before-fsync", not(debug_assertions)))]
+compile_error!(
+    "the `planted-ack-before-fsync` feature is a negative control for test builds only"
+);
+
 mod checkpoint;
 mod error;
 mod faulty;

@@ -709,6 +709,12 @@ impl Flusher {
                 Some(closing) => closing,
                 None => return,
             };
+            // Negative control (test builds only): acknowledge the batch before it is written or
+            // fsynced. The crash-point tests must report the acknowledged records it loses.
+            #[cfg(feature = "planted-ack-before-fsync")]
+            if let Some(last) = self.batch.last() {
+                self.shared.publish(last.lsn(), last.lsn());
+            }
             let result = self.write_batch().and_then(|()| {
                 let sync_due = closing
                     || match policy {

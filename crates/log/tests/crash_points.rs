@@ -159,6 +159,7 @@ fn check_image(image: FaultyStorage, outcome: &Outcome, context: &str) -> u64 {
     length
 }
 
+#[cfg(not(feature = "planted-ack-before-fsync"))]
 #[test]
 fn crash_at_every_storage_operation_recovers_a_prefix_with_every_acknowledged_record() {
     let dry_run = FaultyStorage::new();
@@ -207,4 +208,39 @@ fn crash_at_every_storage_operation_recovers_a_prefix_with_every_acknowledged_re
         lengths.len()
     );
     assert!(lengths.len() > 20, "too few distinct outcomes: {lengths:?}");
+}
+
+/// Negative control: with acknowledgements published before the write and the fsync, crashing
+/// at the storage operations of the workload must lose acknowledged records, and the same
+/// recovery check as above must see it.
+#[cfg(feature = "planted-ack-before-fsync")]
+#[test]
+fn planted_ack_before_fsync_is_caught_by_the_recovery_check() {
+    let total_ops = run_workload_ops();
+    let mut lost = 0;
+    for crash_op in 0..total_ops {
+        let storage = FaultyStorage::new();
+        storage.fail_from_op(Some(crash_op));
+        let outcome = run_workload(&storage);
+        let image = storage.crash_image(CrashMode::DropUnsynced);
+        let (_log, _replayed, stats) = open(image, options()).expect("recovers");
+        if outcome
+            .acknowledged
+            .last()
+            .is_some_and(|&acked| acked > stats.last_lsn)
+        {
+            lost += 1;
+        }
+    }
+    eprintln!(
+        "planted ack-before-fsync: {lost} of {total_ops} crash points lost acknowledged records"
+    );
+    assert!(lost > 0, "the recovery check never saw the planted bug");
+}
+
+#[cfg(feature = "planted-ack-before-fsync")]
+fn run_workload_ops() -> u64 {
+    let dry_run = FaultyStorage::new();
+    run_workload(&dry_run);
+    dry_run.ops()
 }

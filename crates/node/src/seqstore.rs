@@ -51,7 +51,9 @@ impl Default for SeqStoreOptions {
     fn default() -> Self {
         Self {
             batch_ids_max: crate::config::BATCH_IDS_MAX_DEFAULT,
-            raise_wait_timeout: Duration::from_millis(crate::config::RAISE_WAIT_TIMEOUT_MS_DEFAULT),
+            raise_wait_timeout: Duration::from_millis(
+                crate::config::RAISE_WAIT_TIMEOUT_MS_DEFAULT,
+            ),
             checkpoint_log_bytes: crate::config::CHECKPOINT_LOG_BYTES_DEFAULT,
         }
     }
@@ -122,6 +124,8 @@ impl SeqStore {
                 }
             }
         }
+        // A long replay means a long next start-up: compact right away when the log is big.
+        store.maybe_checkpoint();
         Ok((store, stats))
     }
 
@@ -156,7 +160,8 @@ impl SeqStore {
                 let outcome = attempt(&mut allocator)?;
                 // Subscribing under the mutex: a raise that completes after this point bumps
                 // the version this receiver has not seen, so no wake-up is lost.
-                let raised = matches!(outcome, Alloc::Wait { .. }).then(|| self.raised.subscribe());
+                let raised =
+                    matches!(outcome, Alloc::Wait { .. }).then(|| self.raised.subscribe());
                 (outcome, raised)
             };
             match outcome {
@@ -396,7 +401,12 @@ fn add_or_match(allocator: &mut Allocator, def: NamespaceDef) -> Result<(), Deco
     }
 }
 
-fn load(allocator: &mut Allocator, ns: u32, section: u64, max_seq: u64) -> Result<(), DecodeError> {
+fn load(
+    allocator: &mut Allocator,
+    ns: u32,
+    section: u64,
+    max_seq: u64,
+) -> Result<(), DecodeError> {
     let Some(def) = allocator.namespace_by_id(ns) else {
         return Err(DecodeError(format!("raise for unknown namespace id {ns}")));
     };

@@ -37,10 +37,11 @@ impl Node {
         config.validate()?;
         let data_dir = DataDir::open(&config.data_dir)?;
         let started = Instant::now();
-        let storage = FileStorage::new(data_dir.seq_dir()).map_err(|error| NodeError::DataDir {
-            dir: data_dir.seq_dir(),
-            reason: error.to_string(),
-        })?;
+        let storage =
+            FileStorage::new(data_dir.seq_dir()).map_err(|error| NodeError::DataDir {
+                dir: data_dir.seq_dir(),
+                reason: error.to_string(),
+            })?;
         let options = SeqStoreOptions {
             batch_ids_max: config.seq.batch_ids_max,
             raise_wait_timeout: config.seq.raise_wait_timeout(),

@@ -38,6 +38,26 @@
 //!   yields the live state: changes carry absolute values (full session on login, absolute
 //!   heartbeat time applied as a maximum, removals by key).
 
+//!
+//! # Choices
+//!
+//! - A login on a connection the uid already uses on *another* device is refused
+//!   ([`PresenceError::ConnectionInUse`]): a connection has one device for life, so this is a
+//!   gateway bug, and refusing keeps "one session per (uid, conn)" without dropping a second
+//!   session behind the caller's back. Same device and same connection is a plain re-login.
+//! - Lookups do not hide sessions that are due but not yet ticked; the node ticks every
+//!   100-1000 ms, so a session is gone within `ttl + tick` (P2).
+//! - Login time is kept at second precision (`login_ms` is a multiple of 1000); heartbeat
+//!   times and deadlines are exact milliseconds.
+//!
+//! # Memory
+//!
+//! Measured with a counting allocator (`cargo run --release -p imstate-presence --example
+//! memory_per_session -- 10000000`), 64 shards, device kinds, 200 gateways, no metadata:
+//! 91 B per session at 1 M sessions, 82 B at 10 M (one session per uid); 77 B and 71 B with
+//! 1.5 sessions per uid. The record is 60 B; the rest is the uid map at its load factor.
+//! Chunks and map capacity are kept after sessions leave (reused, not returned).
+
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -51,12 +71,12 @@ mod slab;
 mod snapshot;
 mod types;
 
-pub use codec::DecodeError;
+pub use codec::{CHANGE_FORMAT_VERSION, DecodeError};
 pub use error::PresenceError;
 pub use gateways::{GatewayId, Gateways};
 pub use registry::ShardedRegistry;
-pub use shard::{Shard, TickProgress};
-pub use snapshot::{RestoreStats, SnapshotError};
+pub use shard::{Shard, TickProgress, WHEEL_SLOT_MS, WHEEL_SLOTS};
+pub use snapshot::{RestoreStats, SNAPSHOT_FORMAT_VERSION, SnapshotError};
 pub use types::{
     Change, Event, GatewayDownOutcome, GatewayLease, HeartbeatBatchOutcome, LoginOutcome,
     LoginRequest, Session, ShardScope,

@@ -29,8 +29,8 @@ use crate::shard::{check_batch, check_gateway_name, check_ttl};
 use crate::snapshot::{self, Item, RestoreStats, SnapshotError};
 use crate::{
     Change, Event, GatewayDownOutcome, GatewayLease, HeartbeatBatchOutcome, LoginOutcome,
-    LoginRequest, PresenceError, RegistryOptions, Session, Shard, ShardScope, TICK_VISITS_PER_LOCK,
-    TickProgress,
+    LoginRequest, PresenceError, RegistryOptions, Session, Shard, ShardScope,
+    TICK_VISITS_PER_LOCK, TickProgress,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -404,7 +404,13 @@ impl ShardedRegistry {
     }
 
     /// Writes a snapshot section of shard `index`. The shard is serialized into memory under
-    /// its lock (a memory copy, no I/O) and written after the lock is released.
+    /// its lock (a memory copy, no I/O) and written after the lock is released, so writers of
+    /// other shards never wait and writers of this shard wait only for the copy.
+    ///
+    /// Section format: `"IMPS"`, version u8, kind u8 (1 = shard), scope index u32, scope
+    /// count u32, n u64, then n records of (u16 length, session encoded as in
+    /// [`Change::Login`]). Gateway sections (kind 2) hold (name, ttl_ms u32, last heartbeat
+    /// u64) records. A checkpoint is any concatenation of sections.
     pub fn snapshot_shard(
         &self,
         index: usize,
@@ -423,6 +429,10 @@ impl ShardedRegistry {
     }
 
     /// Restores every section in `reader` (any shard count; sessions are routed by uid).
+    ///
+    /// Sessions keep their persisted last heartbeat, so those already expired go at the next
+    /// tick. A checkpoint is fuzzy (shards taken at different moments): replay the change
+    /// log from at or before the moment its first section was taken.
     pub fn restore(&self, reader: &mut impl Read) -> Result<RestoreStats, SnapshotError> {
         snapshot::read_sections(reader, |item| match item {
             Item::Session(session) => self.shard_of(session.uid).lock().apply_login(&session),

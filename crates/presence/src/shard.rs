@@ -360,7 +360,12 @@ impl Shard {
 
     /// Refreshes (uid, conn): its deadline becomes `now_ms + ttl_ms` (never earlier than it
     /// was). Returns the log record.
-    pub fn heartbeat(&mut self, uid: u64, conn: u64, now_ms: u64) -> Result<Change, PresenceError> {
+    pub fn heartbeat(
+        &mut self,
+        uid: u64,
+        conn: u64,
+        now_ms: u64,
+    ) -> Result<Change, PresenceError> {
         match self.find(uid, conn) {
             Some(index) => {
                 self.refresh(index, now_ms);
@@ -616,8 +621,9 @@ impl Shard {
         );
     }
 
-    /// Restores every session of the snapshot sections in `reader` (see [`crate::snapshot`]
-    /// rules); gateway lease sections are skipped, a standalone shard has no leases.
+    /// Restores every session of the snapshot sections in `reader`, as
+    /// [`crate::ShardedRegistry::restore`] does; gateway lease sections are skipped, a
+    /// standalone shard has no leases.
     pub fn restore(
         &mut self,
         reader: &mut impl std::io::Read,
@@ -927,8 +933,8 @@ impl Shard {
                     return Err(format!("gateway {gateway} list is broken"));
                 }
                 let rec = self.slab.get(index);
-                if !rec.is_live() || rec.gateway as usize != gateway || rec.gateway_prev != previous
-                {
+                let linked = rec.gateway as usize == gateway && rec.gateway_prev == previous;
+                if !rec.is_live() || !linked {
                     return Err(format!("gateway {gateway} list is inconsistent at {index}"));
                 }
                 total += 1;

@@ -21,7 +21,9 @@ use std::io::{self, Read, Write};
 
 use thiserror::Error;
 
-use crate::codec::{DecodeError, Reader, encode_session, put_short_str, put_u16, put_u32, put_u64};
+use crate::codec::{
+    DecodeError, Reader, encode_session, put_short_str, put_u16, put_u32, put_u64,
+};
 use crate::{GatewayLease, PresenceError, Session, ShardScope};
 
 const MAGIC: &[u8; 4] = b"IMPS";

@@ -46,14 +46,9 @@ fn change() -> impl Strategy<Value = Change> {
         session().prop_map(Change::Login),
         (any::<u64>(), any::<u64>(), any::<u64>())
             .prop_map(|(uid, conn, at_ms)| Change::Heartbeat { uid, conn, at_ms }),
-        (
-            any::<u64>(),
-            proptest::collection::vec(uid_conn.clone(), 0..50)
-        )
+        (any::<u64>(), proptest::collection::vec(uid_conn, 0..50))
             .prop_map(|(at_ms, sessions)| Change::HeartbeatBatch { at_ms, sessions }),
-        uid_conn
-            .clone()
-            .prop_map(|(uid, conn)| Change::Logout { uid, conn }),
+        uid_conn.prop_map(|(uid, conn)| Change::Logout { uid, conn }),
         uid_conn.prop_map(|(uid, conn)| Change::Expire { uid, conn }),
         (name(128), 1u32..1_000, any::<u32>()).prop_map(|(gateway, count, index)| {
             Change::GatewayDown {

@@ -151,3 +151,32 @@ fn restore_refuses_damaged_snapshots_without_panicking() {
     target.restore(&mut snapshot.as_slice()).unwrap();
     assert_eq!(state(&target), state(&live));
 }
+
+#[test]
+fn gateway_down_records_stay_scoped_when_logins_interleave_between_shards() {
+    // The node drops a gateway shard by shard; a login through that gateway can land on a
+    // shard already dropped before the next shard is dropped. Replay must keep it.
+    let live = registry(2);
+    let mut log = Vec::new();
+    for uid in 0..4u64 {
+        log.push(
+            live.login(&common::request(uid, "ios", "gw", uid, 60_000), 0)
+                .unwrap()
+                .change(),
+        );
+    }
+    let shard_0 = live.shard(0).unwrap().lock().gateway_down("gw").unwrap();
+    log.push(shard_0.change());
+    let late = live
+        .login(&common::request(10, "ios", "gw", 10, 60_000), 5)
+        .unwrap();
+    log.push(late.change());
+    let shard_1 = live.shard(1).unwrap().lock().gateway_down("gw").unwrap();
+    log.push(shard_1.change());
+    assert_eq!(live.sessions(), vec![late.session.clone()]);
+    for replica_shards in [1, 2, 3] {
+        let replica = registry(replica_shards);
+        replay(&replica, &log);
+        assert_eq!(state(&replica), state(&live), "{replica_shards} shards");
+    }
+}

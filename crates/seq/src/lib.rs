@@ -30,6 +30,12 @@
 #![deny(missing_docs)]
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
+// Planted bugs exist only to prove that the tests catch them; they must never ship.
+#[cfg(all(feature = "planted-serve-before-durable", not(debug_assertions)))]
+compile_error!(
+    "the `planted-serve-before-durable` feature is a negative control for test builds only"
+);
+
 mod allocator;
 mod error;
 mod namespace;
