@@ -19,7 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sections: u64 = sections.parse()?;
     let seq_dir = std::path::Path::new(data_dir).join("seq");
     std::fs::create_dir_all(&seq_dir)?;
-    let options = LogOptions { fsync: FsyncPolicy::Never, ..LogOptions::default() };
+    let options = LogOptions {
+        fsync: FsyncPolicy::Never,
+        ..LogOptions::default()
+    };
     let (log, _) = Log::open(FileStorage::new(&seq_dir)?, options, |_| Ok(()))?;
     let default = NamespaceDef::default_namespace();
     log.append(SeqRecord::NamespaceCreated(default.clone()).encode())?;
@@ -28,12 +31,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for _ in 0..100_000 {
             let section = records % sections;
             let max_seq = default.step * (1 + records / sections);
-            log.append(SeqRecord::Raise(Raise { ns: 0, section, max_seq }).encode())?;
+            log.append(
+                SeqRecord::Raise(Raise {
+                    ns: 0,
+                    section,
+                    max_seq,
+                })
+                .encode(),
+            )?;
             records += 1;
         }
         log.wait_durable(log.last_lsn())?;
     }
     log.shutdown()?;
-    println!("{records} raise records, {} bytes", log.stats().bytes_written);
+    println!(
+        "{records} raise records, {} bytes",
+        log.stats().bytes_written
+    );
     Ok(())
 }

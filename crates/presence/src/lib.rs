@@ -74,7 +74,7 @@ mod types;
 pub use codec::{CHANGE_FORMAT_VERSION, DecodeError};
 pub use error::PresenceError;
 pub use gateways::{GatewayId, Gateways};
-pub use registry::ShardedRegistry;
+pub use registry::{Entry, Journal, NoJournal, ShardedRegistry};
 pub use shard::{Shard, TickProgress, WHEEL_SLOT_MS, WHEEL_SLOTS};
 pub use snapshot::{RestoreStats, SNAPSHOT_FORMAT_VERSION, SnapshotError};
 pub use types::{

@@ -10,12 +10,12 @@
 //! Why `parking_lot::Mutex` and not a tokio one: every hold is a few microseconds of pure
 //! memory work with no await inside, and parking_lot's uncontended lock is one atomic.
 //!
-//! Ordering for the log: operations on one shard are serialized by its lock, but the changes
-//! they return reach the caller after the lock is released. A node that must log changes in
-//! exactly the order they were applied per shard locks the shard itself ([`Self::shard`]),
-//! calls the [`Shard`] method and appends the change before unlocking. Replay tolerates a
-//! reordered heartbeat (applied as a maximum), not a reordered login and logout of the same
-//! connection.
+//! Ordering for the log: operations on one shard are serialized by its lock, and every change
+//! is handed to the [`Journal`] *while that lock is held*, so the journal (the node's WAL and
+//! watch stream) sees each shard's changes in exactly the order they were applied. Replay
+//! tolerates a reordered heartbeat (applied as a maximum), not a reordered login and logout of
+//! the same connection, which is why the hand-off happens under the lock. Replay itself
+//! (`apply_change`, `restore`) is not journaled.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -33,6 +33,47 @@ use crate::{
     TICK_VISITS_PER_LOCK, TickProgress,
 };
 
+/// What a mutation hands to the [`Journal`]: an event (which watchers see and whose
+/// [`Event::change`] is the log record) or a bare change (heartbeats, gateway leases).
+#[derive(Debug, Clone, Copy)]
+pub enum Entry<'a> {
+    /// A login, logout, expiry, gateway drop or gateway unregistration.
+    Event(&'a Event),
+    /// A heartbeat or gateway lease change: logged, not watched.
+    Change(&'a Change),
+}
+
+impl Entry<'_> {
+    /// The log record of this entry.
+    pub fn change(&self) -> Change {
+        match self {
+            Entry::Event(event) => event.change(),
+            Entry::Change(change) => (*change).clone(),
+        }
+    }
+}
+
+/// Receives every mutation of the registry as it is applied.
+///
+/// # Contract
+///
+/// `record` is called under the lock that serializes the mutation (the shard lock, or the
+/// gateway lease lock), in apply order. It must be quick, must not block on I/O for long, and
+/// must never call back into the registry (that would deadlock). It cannot fail the mutation:
+/// the state has already changed; a journal that cannot persist must stop the node.
+pub trait Journal: Send + Sync {
+    /// Records one mutation.
+    fn record(&self, entry: Entry<'_>);
+}
+
+/// A journal that drops everything (a registry without a log).
+#[derive(Debug, Default)]
+pub struct NoJournal;
+
+impl Journal for NoJournal {
+    fn record(&self, _entry: Entry<'_>) {}
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Lease {
     ttl_ms: u32,
@@ -40,18 +81,35 @@ struct Lease {
 }
 
 /// The presence registry: sessions sharded by uid, a shared gateway interner, gateway leases.
-#[derive(Debug)]
 pub struct ShardedRegistry {
     options: RegistryOptions,
     gateways: Arc<Gateways>,
     online: Arc<AtomicU64>,
     shards: Box<[Mutex<Shard>]>,
     leases: Mutex<HashMap<GatewayId, Lease>>,
+    journal: Arc<dyn Journal>,
+}
+
+impl std::fmt::Debug for ShardedRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardedRegistry")
+            .field("options", &self.options)
+            .field("online", &self.online_count())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ShardedRegistry {
     /// Creates an empty registry after validating `options`.
     pub fn new(options: RegistryOptions) -> Result<Self, PresenceError> {
+        Self::with_journal(options, Arc::new(NoJournal))
+    }
+
+    /// Creates an empty registry whose mutations are handed to `journal` (see [`Journal`]).
+    pub fn with_journal(
+        options: RegistryOptions,
+        journal: Arc<dyn Journal>,
+    ) -> Result<Self, PresenceError> {
         options.validate()?;
         let gateways = Arc::new(Gateways::new(options.gateways_max));
         let online = Arc::new(AtomicU64::new(0));
@@ -73,6 +131,7 @@ impl ShardedRegistry {
             online,
             shards,
             leases: Mutex::new(HashMap::new()),
+            journal,
         })
     }
 
@@ -116,17 +175,32 @@ impl ShardedRegistry {
         request: &LoginRequest<'_>,
         now_ms: u64,
     ) -> Result<LoginOutcome, PresenceError> {
-        self.shard_of(request.uid).lock().login(request, now_ms)
+        let mut shard = self.shard_of(request.uid).lock();
+        let outcome = shard.login(request, now_ms)?;
+        self.journal.record(Entry::Event(&outcome.event()));
+        drop(shard);
+        Ok(outcome)
     }
 
     /// See [`Shard::logout`]. The log record is `Event::Logout { session }.change()`.
     pub fn logout(&self, uid: u64, conn: u64) -> Result<Session, PresenceError> {
-        self.shard_of(uid).lock().logout(uid, conn)
+        let mut shard = self.shard_of(uid).lock();
+        let session = shard.logout(uid, conn)?;
+        let event = Event::Logout { session };
+        self.journal.record(Entry::Event(&event));
+        drop(shard);
+        let Event::Logout { session } = event else {
+            unreachable!("built above")
+        };
+        Ok(session)
     }
 
     /// See [`Shard::heartbeat`].
     pub fn heartbeat(&self, uid: u64, conn: u64, now_ms: u64) -> Result<Change, PresenceError> {
-        self.shard_of(uid).lock().heartbeat(uid, conn, now_ms)
+        let mut shard = self.shard_of(uid).lock();
+        let change = shard.heartbeat(uid, conn, now_ms)?;
+        self.journal.record(Entry::Change(&change));
+        Ok(change)
     }
 
     /// See [`Shard::heartbeat_batch`]; locks each shard touched once and returns one change
@@ -156,13 +230,15 @@ impl ShardedRegistry {
                     unknown.push(position);
                 }
             }
-            drop(shard);
             if !refreshed.is_empty() {
-                outcome.changes.push(Change::HeartbeatBatch {
+                let change = Change::HeartbeatBatch {
                     at_ms: now_ms,
                     sessions: refreshed,
-                });
+                };
+                self.journal.record(Entry::Change(&change));
+                outcome.changes.push(change);
             }
+            drop(shard);
         }
         unknown.sort_unstable();
         outcome.unknown = unknown
@@ -203,19 +279,25 @@ impl ShardedRegistry {
         let Some(id) = self.gateways.get(gateway) else {
             return outcome;
         };
-        if self.leases.lock().remove(&id).is_some() {
-            outcome.events.push(Event::GatewayUnregister {
+        let mut leases = self.leases.lock();
+        if leases.remove(&id).is_some() {
+            let event = Event::GatewayUnregister {
                 gateway: Arc::from(gateway),
                 lapsed: false,
-            });
+            };
+            self.journal.record(Entry::Event(&event));
+            outcome.events.push(event);
         }
+        drop(leases);
         self.drop_gateway_sessions(gateway, &mut outcome.events);
         outcome
     }
 
     fn drop_gateway_sessions(&self, gateway: &str, events: &mut Vec<Event>) {
         for shard in self.shards.iter() {
-            if let Some(event) = shard.lock().gateway_down(gateway) {
+            let mut shard = shard.lock();
+            if let Some(event) = shard.gateway_down(gateway) {
+                self.journal.record(Entry::Event(&event));
                 events.push(event);
             }
         }
@@ -232,18 +314,21 @@ impl ShardedRegistry {
         check_gateway_name(gateway)?;
         check_ttl(ttl_ms, &self.options)?;
         let id = self.gateways.intern(gateway)?;
-        self.leases.lock().insert(
+        let mut leases = self.leases.lock();
+        leases.insert(
             id,
             Lease {
                 ttl_ms,
                 last_heartbeat_ms: now_ms,
             },
         );
-        Ok(Change::GatewayRegister {
+        let change = Change::GatewayRegister {
             gateway: Arc::from(gateway),
             ttl_ms,
             at_ms: now_ms,
-        })
+        };
+        self.journal.record(Entry::Change(&change));
+        Ok(change)
     }
 
     /// Renews a registered gateway's lease.
@@ -255,10 +340,12 @@ impl ShardedRegistry {
         let mut leases = self.leases.lock();
         let lease = leases.get_mut(&id).ok_or_else(not_registered)?;
         lease.last_heartbeat_ms = lease.last_heartbeat_ms.max(now_ms);
-        Ok(Change::GatewayHeartbeat {
+        let change = Change::GatewayHeartbeat {
             gateway: Arc::from(gateway),
             at_ms: now_ms,
-        })
+        };
+        self.journal.record(Entry::Change(&change));
+        Ok(change)
     }
 
     /// Registered gateways, sorted by name.
@@ -290,7 +377,7 @@ impl ShardedRegistry {
         let mut events = self.tick_gateways(now_ms);
         for shard in self.shards.iter() {
             loop {
-                let progress = shard.lock().tick(now_ms, TICK_VISITS_PER_LOCK);
+                let progress = self.tick_locked(shard, now_ms, TICK_VISITS_PER_LOCK);
                 events.extend(progress.events);
                 if progress.done {
                     break;
@@ -302,7 +389,7 @@ impl ShardedRegistry {
 
     /// Ends every gateway lease lapsed at `now_ms` and drops that gateway's sessions.
     pub fn tick_gateways(&self, now_ms: u64) -> Vec<Event> {
-        let lapsed: Vec<GatewayId> = {
+        let lapsed: Vec<Arc<str>> = {
             let mut leases = self.leases.lock();
             let ids: Vec<GatewayId> = leases
                 .iter()
@@ -314,18 +401,25 @@ impl ShardedRegistry {
                 })
                 .map(|(&id, _)| id)
                 .collect();
+            let mut names: Vec<Arc<str>> = Vec::with_capacity(ids.len());
             for id in &ids {
                 leases.remove(id);
+                if let Some(name) = self.gateways.name(*id) {
+                    names.push(name);
+                }
             }
-            ids
+            names.sort();
+            for gateway in &names {
+                let event = Event::GatewayUnregister {
+                    gateway: gateway.clone(),
+                    lapsed: true,
+                };
+                self.journal.record(Entry::Event(&event));
+            }
+            names
         };
-        let mut names: Vec<Arc<str>> = lapsed
-            .into_iter()
-            .filter_map(|id| self.gateways.name(id))
-            .collect();
-        names.sort();
         let mut events = Vec::new();
-        for gateway in names {
+        for gateway in lapsed {
             events.push(Event::GatewayUnregister {
                 gateway: gateway.clone(),
                 lapsed: true,
@@ -343,7 +437,17 @@ impl ShardedRegistry {
         now_ms: u64,
         visits_max: usize,
     ) -> Result<TickProgress, PresenceError> {
-        Ok(self.shard(shard)?.lock().tick(now_ms, visits_max))
+        Ok(self.tick_locked(self.shard(shard)?, now_ms, visits_max))
+    }
+
+    /// One bounded expiry step with its events journaled under the shard lock.
+    fn tick_locked(&self, shard: &Mutex<Shard>, now_ms: u64, visits_max: usize) -> TickProgress {
+        let mut shard = shard.lock();
+        let progress = shard.tick(now_ms, visits_max);
+        for event in &progress.events {
+            self.journal.record(Entry::Event(event));
+        }
+        progress
     }
 
     /// Applies a log record without enforcing limits (see [`Change`]).
