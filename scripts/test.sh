@@ -37,4 +37,7 @@ step "negative control: acknowledge before fsync"
 run_tests -p imstate-log --features planted-ack-before-fsync --test crash_points
 run_tests -p imstate-node --features planted-ack-before-fsync --test seq_crash
 
+step "negative control: acknowledge a presence change before its log write"
+run_tests -p imstate --features planted-presence-ack-before-log --test kill9_presence
+
 step "all green"

@@ -1,9 +1,11 @@
-//! The `imstate` binary: runs a node (`serve`) and talks to one (`seq ...`).
+//! The `imstate` binary: runs a node (`serve`) and talks to one (`seq ...`, `presence ...`,
+//! `bench`).
 //!
 //! Every client command exits 0 on success and otherwise prints one line `error: ...` on stderr
 //! and exits 1 (usage errors exit 2, as clap does).
 
 mod bench;
+mod presence;
 mod seq;
 mod serve;
 
@@ -13,7 +15,8 @@ use clap::{Parser, Subcommand};
 
 /// imstate: the state plane of an instant-messaging backend.
 ///
-/// Strictly monotonic per-id sequence numbers (seqsvr), made durable by a write-ahead log.
+/// Strictly monotonic per-id sequence numbers (seqsvr) and an online-session registry,
+/// made durable by a write-ahead log.
 #[derive(Parser)]
 #[command(name = "imstate", version, about, long_about = None)]
 struct Cli {
@@ -28,6 +31,9 @@ enum Command {
     /// Sequence numbers: next, current, namespaces.
     #[command(subcommand)]
     Seq(seq::SeqCommand),
+    /// Online sessions: login, lookup, heartbeat, logout, gateways, watch.
+    #[command(subcommand)]
+    Presence(presence::PresenceCommand),
     /// Load generator: throughput and latency of a workload against a node.
     Bench(bench::BenchArgs),
 }
@@ -37,6 +43,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Seq(command) => client_runtime().and_then(|rt| rt.block_on(seq::run(command))),
+        Command::Presence(command) => {
+            client_runtime().and_then(|rt| rt.block_on(presence::run(command)))
+        }
         Command::Bench(args) => bench::command(args),
     };
     match result {

@@ -14,6 +14,13 @@ pub struct Target {
     addr: String,
 }
 
+impl Target {
+    /// The node address.
+    pub fn address(&self) -> &str {
+        &self.addr
+    }
+}
+
 #[derive(Subcommand)]
 pub enum SeqCommand {
     /// Allocates the next seq of each ID (one NextBatch call); prints one per line.

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use imstate_proto::v1 as pb;
+use imstate_proto::v1::presence_client::PresenceClient;
 use imstate_proto::v1::sequence_client::SequenceClient;
 use route_cache::RouteCache;
 use tonic::transport::{Channel, Endpoint};
@@ -139,8 +140,12 @@ mod route_cache {
 #[derive(Clone)]
 pub struct Client {
     sequence: SequenceClient<Channel>,
+    presence: PresenceClient<Channel>,
     routes: Arc<RouteCache>,
 }
+
+mod presence;
+pub use presence::{LoginArgs, LoginResult, Session, WatchEvent, WatchKind};
 
 /// Timeout for establishing a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -170,7 +175,8 @@ impl Client {
     /// Wraps an existing channel.
     pub fn from_channel(channel: Channel) -> Self {
         Self {
-            sequence: SequenceClient::new(channel),
+            sequence: SequenceClient::new(channel.clone()),
+            presence: PresenceClient::new(channel),
             routes: Arc::default(),
         }
     }

@@ -34,6 +34,101 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// The sequence service.
     pub seq: SeqConfig,
+    /// The presence registry.
+    pub presence: PresenceConfig,
+}
+
+/// Configuration of the presence registry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// When an acknowledged presence change is durable: `always` (fsync before the reply),
+    /// `batch:<ms>` (written before the reply, fsynced at least every <ms>), `never`.
+    pub fsync: String,
+    /// ttl of a login that does not set one.
+    pub ttl_ms_default: u32,
+    /// Largest ttl a login or gateway may ask for.
+    pub ttl_ms_max: u32,
+    /// Sessions one uid may hold (B1).
+    pub sessions_per_uid_max: usize,
+    /// uids in one LookupBatch (B1).
+    pub lookup_ids_max: usize,
+    /// Sessions in one HeartbeatBatch (B1).
+    pub heartbeat_batch_max: usize,
+    /// Distinct gateway names (B1).
+    pub gateways_max: usize,
+    /// Registry shards (uid % shards); more shards, less contention.
+    pub shards: usize,
+    /// How often expiry runs; a session is gone within ttl + tick_ms.
+    pub tick_ms: u64,
+    /// Log bytes since the last checkpoint that trigger one; 0 disables automatic ones.
+    pub checkpoint_log_bytes: u64,
+    /// Events a Watch subscriber may fall behind before it is cut off (B1).
+    pub watch_buffer_events: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        let registry = imstate_presence::RegistryOptions::default();
+        Self {
+            fsync: "batch:10ms".into(),
+            ttl_ms_default: 90_000,
+            ttl_ms_max: registry.ttl_ms_max,
+            sessions_per_uid_max: registry.sessions_per_uid_max,
+            lookup_ids_max: registry.lookup_ids_max,
+            heartbeat_batch_max: registry.heartbeat_batch_max,
+            gateways_max: registry.gateways_max,
+            shards: registry.shards,
+            tick_ms: 250,
+            checkpoint_log_bytes: 128 * 1024 * 1024,
+            watch_buffer_events: 8_192,
+        }
+    }
+}
+
+impl PresenceConfig {
+    /// The store options this section describes, or an error naming the bad key.
+    pub fn to_options(&self) -> Result<crate::presencestore::PresenceStoreOptions, NodeError> {
+        let fsync = self
+            .fsync
+            .parse()
+            .map_err(|error| NodeError::Config(format!("presence.fsync: {error}")))?;
+        let registry = imstate_presence::RegistryOptions {
+            shards: self.shards,
+            sessions_per_uid_max: self.sessions_per_uid_max,
+            heartbeat_batch_max: self.heartbeat_batch_max,
+            lookup_ids_max: self.lookup_ids_max,
+            gateways_max: self.gateways_max,
+            ttl_ms_max: self.ttl_ms_max,
+        };
+        registry
+            .validate()
+            .map_err(|error| NodeError::Config(format!("presence: {error}")))?;
+        if self.ttl_ms_default == 0 || self.ttl_ms_default > self.ttl_ms_max {
+            return Err(NodeError::Config(format!(
+                "presence.ttl_ms_default must be in 1..={} (presence.ttl_ms_max)",
+                self.ttl_ms_max
+            )));
+        }
+        if self.tick_ms == 0 || self.tick_ms > 1_000 {
+            return Err(NodeError::Config(
+                "presence.tick_ms must be in 1..=1000".into(),
+            ));
+        }
+        if self.watch_buffer_events == 0 {
+            return Err(NodeError::Config(
+                "presence.watch_buffer_events must be >= 1".into(),
+            ));
+        }
+        Ok(crate::presencestore::PresenceStoreOptions {
+            registry,
+            fsync,
+            ttl_ms_default: self.ttl_ms_default,
+            tick_ms: self.tick_ms,
+            checkpoint_log_bytes: self.checkpoint_log_bytes,
+            watch_buffer_events: self.watch_buffer_events,
+        })
+    }
 }
 
 /// Configuration of the sequence service.
@@ -96,6 +191,7 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from(DATA_DIR_DEFAULT),
             listen: LISTEN_DEFAULT.parse().expect("valid default address"),
             seq: SeqConfig::default(),
+            presence: PresenceConfig::default(),
         }
     }
 }
@@ -152,6 +248,7 @@ impl NodeConfig {
                 "seq.raise_wait_timeout_ms must be at least 1".into(),
             ));
         }
+        self.presence.to_options()?;
         for namespace in &self.seq.namespaces {
             namespace.to_def().validate().map_err(|error| {
                 NodeError::Config(format!("seq.namespaces `{}`: {error}", namespace.name))
@@ -178,6 +275,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("batch_id_max"), "{error}");
+    }
+
+    #[test]
+    fn presence_values_are_validated_naming_the_key() {
+        let error = NodeConfig::parse("[presence]\nfsync = \"sometimes\"\n").unwrap_err();
+        assert!(error.to_string().contains("presence.fsync"), "{error}");
+        let error = NodeConfig::parse("[presence]\ntick_ms = 0\n").unwrap_err();
+        assert!(error.to_string().contains("presence.tick_ms"), "{error}");
+        let config = NodeConfig::parse("[presence]\nfsync = \"always\"\n").unwrap();
+        assert_eq!(
+            config.presence.to_options().unwrap().fsync,
+            imstate_log::FsyncPolicy::Always
+        );
     }
 
     #[test]

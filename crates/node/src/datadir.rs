@@ -14,6 +14,8 @@ use crate::NodeError;
 pub const LOCK_FILE: &str = "LOCK";
 /// Subdirectory of the sequence service's log and checkpoints.
 pub const SEQ_DIR: &str = "seq";
+/// Subdirectory of the presence registry's log and checkpoints.
+pub const PRESENCE_DIR: &str = "presence";
 
 /// A locked data directory. Dropping it releases the lock.
 #[derive(Debug)]
@@ -70,8 +72,10 @@ impl DataDir {
             root: root.to_path_buf(),
             _lock: lock,
         };
-        std::fs::create_dir_all(dir.seq_dir())
-            .map_err(|error| fail(format!("cannot create {SEQ_DIR}/: {error}")))?;
+        for sub in [SEQ_DIR, PRESENCE_DIR] {
+            std::fs::create_dir_all(root.join(sub))
+                .map_err(|error| fail(format!("cannot create {sub}/: {error}")))?;
+        }
         Ok(dir)
     }
 
@@ -83,6 +87,11 @@ impl DataDir {
     /// Where the sequence log and its checkpoints live.
     pub fn seq_dir(&self) -> PathBuf {
         self.root.join(SEQ_DIR)
+    }
+
+    /// Where the presence log and its checkpoints live.
+    pub fn presence_dir(&self) -> PathBuf {
+        self.root.join(PRESENCE_DIR)
     }
 }
 

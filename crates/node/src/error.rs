@@ -15,6 +15,9 @@ pub enum NodeError {
     /// The request was invalid for the sequence core (bad id, namespace, batch).
     #[error(transparent)]
     Seq(#[from] SeqError),
+    /// The request was invalid for the presence registry (limits, unknown session).
+    #[error(transparent)]
+    Presence(imstate_presence::PresenceError),
     /// The log engine failed: I/O, corruption at start-up, or poisoned after an fsync error.
     #[error("log: {0}")]
     Log(#[from] LogError),

@@ -13,16 +13,24 @@
 //! - [`config`]: the node's configuration (TOML file and flags), with defaults that run.
 //! - [`datadir`]: the data directory, locked against a second process.
 //! - [`seqstore`]: the sequence service's state machine: allocator + log, persist before serve.
+//! - [`presencestore`]: the presence registry + its log, expiry and checkpoint threads.
+//! - [`clock`]: time as an input (wall clock, or a manual one in tests).
 //! - [`records`]: the byte format of the sequence log records and checkpoints.
 //! - [`grpc`]: the gRPC services and the one place where domain errors become `tonic::Status`.
 //! - [`server`]: start-up (recovery), serving, and clean shutdown.
 
 #![deny(missing_docs)]
 
+// Planted bugs exist only to prove that the tests catch them; they must never ship.
+#[cfg(all(feature = "planted-presence-ack-before-log", not(debug_assertions)))]
+compile_error!("the `planted-presence-ack-before-log` feature is for test builds only");
+
+pub mod clock;
 pub mod config;
 pub mod datadir;
 pub mod error;
 pub mod grpc;
+pub mod presencestore;
 pub mod records;
 pub mod seqstore;
 pub mod server;

@@ -12,15 +12,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use imstate_log::FileStorage;
+use imstate_proto::v1::presence_server::PresenceServer;
 use imstate_proto::v1::sequence_server::SequenceServer;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::NodeError;
+use crate::clock::SystemClock;
 use crate::config::NodeConfig;
 use crate::datadir::DataDir;
-use crate::grpc::SequenceService;
+use crate::grpc::{PresenceService, SequenceService};
+use crate::presencestore::PresenceStore;
 use crate::seqstore::{SeqStore, SeqStoreOptions};
 
 /// A recovered node, ready to serve.
@@ -29,6 +32,7 @@ pub struct Node {
     /// Held for the life of the node: the data directory lock.
     _data_dir: DataDir,
     seq: Arc<SeqStore>,
+    presence: Arc<PresenceStore>,
 }
 
 impl Node {
@@ -59,11 +63,34 @@ impl Node {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "recovered sequence store"
         );
+        let started = Instant::now();
+        let storage =
+            FileStorage::new(data_dir.presence_dir()).map_err(|error| NodeError::DataDir {
+                dir: data_dir.presence_dir(),
+                reason: error.to_string(),
+            })?;
+        let options = config.presence.to_options()?;
+        let (presence, stats) = PresenceStore::open(storage, options, Arc::new(SystemClock))?;
+        tracing::info!(
+            checkpoint_lsn = ?stats.checkpoint_lsn,
+            records_replayed = stats.records_replayed,
+            bytes_replayed = stats.bytes_replayed,
+            truncated_tail_bytes = stats.truncated_tail_bytes,
+            sessions = presence.online_count(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "recovered presence registry"
+        );
         Ok(Self {
             config,
             _data_dir: data_dir,
             seq,
+            presence,
         })
+    }
+
+    /// The presence store.
+    pub fn presence(&self) -> &Arc<PresenceStore> {
+        &self.presence
     }
 
     /// The sequence store.
@@ -94,11 +121,16 @@ impl Node {
             Ok::<_, std::io::Error>(stream)
         });
         let sequence = SequenceService::new(Arc::clone(&self.seq), address.to_string());
-        let mut fatal = self.seq.fatal();
+        let presence = PresenceService::new(Arc::clone(&self.presence));
+        let mut seq_fatal = self.seq.fatal();
+        let mut presence_fatal = self.presence.fatal();
         let stop = async move {
             tokio::select! {
                 () = shutdown => None,
-                reason = fatal.wait_for(|reason| reason.is_some()) => {
+                reason = seq_fatal.wait_for(|reason| reason.is_some()) => {
+                    reason.ok().and_then(|reason| reason.clone())
+                }
+                reason = presence_fatal.wait_for(|reason| reason.is_some()) => {
                     reason.ok().and_then(|reason| reason.clone())
                 }
             }
@@ -106,6 +138,7 @@ impl Node {
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
         let serve = tonic::transport::Server::builder()
             .add_service(SequenceServer::new(sequence))
+            .add_service(PresenceServer::new(presence))
             .serve_with_incoming_shutdown(incoming, async move {
                 let reason = stop.await;
                 let _ = stopped_tx.send(reason);
@@ -119,6 +152,7 @@ impl Node {
             return Err(NodeError::Unavailable(reason));
         }
         self.seq.shutdown()?;
+        self.presence.shutdown()?;
         tracing::info!("stopped cleanly; the log is flushed");
         Ok(())
     }

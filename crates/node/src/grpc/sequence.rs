@@ -1,52 +1,14 @@
-//! The gRPC services: protobuf in, domain calls, protobuf out.
-//!
-//! This is the edge: generated types are converted here, once per message, and
-//! [`status_from`] is the one place where domain errors become `tonic::Status`:
-//!
-//! | error | code |
-//! |---|---|
-//! | bad id, bad namespace definition, empty batch | INVALID_ARGUMENT (message names the range) |
-//! | unknown namespace | NOT_FOUND |
-//! | namespace exists | ALREADY_EXISTS |
-//! | batch over `batch_ids_max` | RESOURCE_EXHAUSTED (message names the limit) |
-//! | a sequence at u64::MAX | OUT_OF_RANGE |
-//! | log failure, raise timeout, node stopping | UNAVAILABLE |
+//! The sequence service over gRPC.
 
 use std::sync::Arc;
 
 use imstate_proto::v1 as pb;
 use imstate_proto::v1::sequence_server::Sequence;
-use imstate_seq::{NamespaceDef, SeqError};
+use imstate_seq::NamespaceDef;
 use tonic::{Request, Response, Status};
 
-use crate::NodeError;
+use super::{EMBEDDED_ROUTE_VERSION, status_from};
 use crate::seqstore::{DEFAULT_NAMESPACE, SeqStore};
-
-/// The route table version of a node in embedded mode: there is one node and it owns every
-/// section, so the table never changes.
-pub const EMBEDDED_ROUTE_VERSION: u64 = 1;
-
-/// Maps a domain error to a gRPC status.
-pub fn status_from(error: NodeError) -> Status {
-    match error {
-        NodeError::Seq(error) => {
-            let message = error.to_string();
-            match error {
-                SeqError::UnknownNamespace(_) => Status::not_found(message),
-                SeqError::NamespaceExists(_) => Status::already_exists(message),
-                SeqError::BatchTooLarge { .. } => Status::resource_exhausted(message),
-                SeqError::SequenceExhausted { .. } => Status::out_of_range(message),
-                SeqError::IdOutOfRange { .. }
-                | SeqError::EmptyBatch
-                | SeqError::InvalidNamespace(_) => Status::invalid_argument(message),
-            }
-        }
-        NodeError::RaiseTimeout(_) | NodeError::Unavailable(_) | NodeError::Log(_) => {
-            Status::unavailable(error.to_string())
-        }
-        other => Status::internal(other.to_string()),
-    }
-}
 
 /// The sequence service.
 pub struct SequenceService {

@@ -1,0 +1,249 @@
+//! `imstate presence ...`: client commands of the presence registry.
+//!
+//! `lookup` sends ONE LookupBatch call and prints one line per uid, in argument order:
+//! `UID<TAB>DEVICE,GATEWAY,CONN<TAB>...` or `UID<TAB>offline`; `--json` prints a JSON array.
+
+use clap::{Args, Subcommand};
+use imstate_client::{Client, LoginArgs, Session, WatchKind};
+use tokio_stream::StreamExt;
+
+use crate::seq::Target;
+
+#[derive(Subcommand)]
+pub enum PresenceCommand {
+    /// Registers a session; prints it, and the session it replaced (same uid and device).
+    Login(Login),
+    /// Prints the sessions of each UID (one LookupBatch call).
+    Lookup {
+        #[command(flatten)]
+        target: Target,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// User ids.
+        #[arg(required = true)]
+        uids: Vec<u64>,
+    },
+    /// Renews a session.
+    Heartbeat(SessionKey),
+    /// Removes a session.
+    Logout(SessionKey),
+    /// Prints the number of sessions online.
+    Count {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Drops every session of a gateway; prints how many.
+    GatewayDown {
+        #[command(flatten)]
+        target: Target,
+        /// Gateway name.
+        gateway: String,
+    },
+    /// Registers a gateway lease: if not renewed within TTL, all its sessions are dropped.
+    GatewayRegister {
+        #[command(flatten)]
+        target: Target,
+        /// Gateway name.
+        gateway: String,
+        /// Lease in seconds.
+        #[arg(long)]
+        ttl: u32,
+    },
+    /// Renews a gateway lease.
+    GatewayHeartbeat {
+        #[command(flatten)]
+        target: Target,
+        /// Gateway name.
+        gateway: String,
+    },
+    /// Prints login / logout / expire events as they happen (of the given uids, or all).
+    Watch {
+        #[command(flatten)]
+        target: Target,
+        /// Only these uids.
+        uids: Vec<u64>,
+    },
+}
+
+#[derive(Args)]
+pub struct Login {
+    #[command(flatten)]
+    target: Target,
+    /// User id.
+    #[arg(long)]
+    uid: u64,
+    /// Device (up to 64 bytes); one session per (uid, device).
+    #[arg(long)]
+    device: String,
+    /// Gateway holding the connection (up to 128 bytes).
+    #[arg(long)]
+    gateway: String,
+    /// Connection id on the gateway.
+    #[arg(long)]
+    conn: u64,
+    /// Seconds without heartbeat before the session expires [default: the server's, 90].
+    #[arg(long)]
+    ttl: Option<u32>,
+    /// Metadata (up to 256 bytes).
+    #[arg(long)]
+    meta: Option<String>,
+}
+
+#[derive(Args)]
+pub struct SessionKey {
+    #[command(flatten)]
+    target: Target,
+    /// User id.
+    #[arg(long)]
+    uid: u64,
+    /// Connection id.
+    #[arg(long)]
+    conn: u64,
+}
+
+fn describe(session: &Session) -> String {
+    format!("{},{},{}", session.device, session.gateway, session.conn)
+}
+
+fn json(session: &Session) -> serde_json::Value {
+    serde_json::json!({
+        "device": session.device,
+        "gateway": session.gateway,
+        "conn": session.conn,
+        "login_ms": session.login_ms,
+        "last_heartbeat_ms": session.last_heartbeat_ms,
+        "ttl_ms": session.ttl_ms,
+        "meta": String::from_utf8_lossy(&session.meta),
+    })
+}
+
+fn seconds_to_ms(seconds: u32) -> anyhow::Result<u32> {
+    seconds
+        .checked_mul(1000)
+        .ok_or_else(|| anyhow::anyhow!("ttl of {seconds} s does not fit in u32 milliseconds"))
+}
+
+pub async fn run(command: PresenceCommand) -> anyhow::Result<()> {
+    match command {
+        PresenceCommand::Login(args) => {
+            let client = Client::connect(args.target.address()).await?;
+            let result = client
+                .login(LoginArgs {
+                    uid: args.uid,
+                    device: args.device,
+                    gateway: args.gateway,
+                    conn: args.conn,
+                    ttl_ms: args.ttl.map(seconds_to_ms).transpose()?.unwrap_or(0),
+                    meta: args.meta.map(String::into_bytes).unwrap_or_default(),
+                })
+                .await?;
+            println!("{}\t{}", result.session.uid, describe(&result.session));
+            if let Some(replaced) = result.replaced {
+                println!("replaced\t{}", describe(&replaced));
+            }
+        }
+        PresenceCommand::Lookup {
+            target,
+            json: as_json,
+            uids,
+        } => {
+            let client = Client::connect(target.address()).await?;
+            let found = client.lookup_batch(uids.clone()).await?;
+            if as_json {
+                let users: Vec<_> = uids
+                    .iter()
+                    .zip(&found)
+                    .map(|(uid, sessions)| {
+                        serde_json::json!({
+                            "uid": uid,
+                            "sessions": sessions.iter().map(json).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string(&users)?);
+            } else {
+                let mut out = String::new();
+                for (uid, sessions) in uids.iter().zip(&found) {
+                    out.push_str(&uid.to_string());
+                    if sessions.is_empty() {
+                        out.push_str("\toffline");
+                    }
+                    for session in sessions {
+                        out.push('\t');
+                        out.push_str(&describe(session));
+                    }
+                    out.push('\n');
+                }
+                print!("{out}");
+            }
+        }
+        PresenceCommand::Heartbeat(key) => {
+            Client::connect(key.target.address())
+                .await?
+                .heartbeat(key.uid, key.conn)
+                .await?;
+        }
+        PresenceCommand::Logout(key) => {
+            let session = Client::connect(key.target.address())
+                .await?
+                .logout(key.uid, key.conn)
+                .await?;
+            println!("{}\t{}", session.uid, describe(&session));
+        }
+        PresenceCommand::Count { target } => {
+            println!(
+                "{}",
+                Client::connect(target.address())
+                    .await?
+                    .online_count()
+                    .await?
+            );
+        }
+        PresenceCommand::GatewayDown { target, gateway } => {
+            println!(
+                "{}",
+                Client::connect(target.address())
+                    .await?
+                    .gateway_down(&gateway)
+                    .await?
+            );
+        }
+        PresenceCommand::GatewayRegister {
+            target,
+            gateway,
+            ttl,
+        } => {
+            let client = Client::connect(target.address()).await?;
+            client
+                .gateway_register(&gateway, seconds_to_ms(ttl)?)
+                .await?;
+        }
+        PresenceCommand::GatewayHeartbeat { target, gateway } => {
+            Client::connect(target.address())
+                .await?
+                .gateway_heartbeat(&gateway)
+                .await?;
+        }
+        PresenceCommand::Watch { target, uids } => {
+            let client = Client::connect(target.address()).await?;
+            let mut events = std::pin::pin!(client.watch(uids).await?);
+            while let Some(event) = events.next().await {
+                let event = event?;
+                let kind = match event.kind {
+                    WatchKind::Login => "login",
+                    WatchKind::Logout => "logout",
+                    WatchKind::Expire => "expire",
+                    WatchKind::GatewayDown => "gateway-down",
+                };
+                println!(
+                    "{}\t{kind}\t{}\t{}",
+                    event.lsn,
+                    event.session.uid,
+                    describe(&event.session)
+                );
+            }
+        }
+    }
+    Ok(())
+}
