@@ -1,10 +1,11 @@
-//! The `imstate` binary: runs a node (`serve`) and talks to one (`seq ...`, `presence ...`,
-//! `bench`).
+//! The `imstate` binary: runs a node (`serve`), talks to one (`seq ...`, `presence ...`,
+//! `ctl ...`, `bench`), and prints its configuration (`config example|show`).
 //!
 //! Every client command exits 0 on success and otherwise prints one line `error: ...` on stderr
 //! and exits 1 (usage errors exit 2, as clap does).
 
 mod bench;
+mod ctl;
 mod presence;
 mod seq;
 mod serve;
@@ -34,6 +35,12 @@ enum Command {
     /// Online sessions: login, lookup, heartbeat, logout, gateways, watch.
     #[command(subcommand)]
     Presence(presence::PresenceCommand),
+    /// Operations on a running node: status, checkpoint, namespaces.
+    #[command(subcommand)]
+    Ctl(ctl::CtlCommand),
+    /// Configuration: `example` prints every key with its default; `show` the merged result.
+    #[command(subcommand)]
+    Config(serve::ConfigCommand),
     /// Load generator: throughput and latency of a workload against a node.
     Bench(bench::BenchArgs),
 }
@@ -46,6 +53,8 @@ fn main() -> ExitCode {
         Command::Presence(command) => {
             client_runtime().and_then(|rt| rt.block_on(presence::run(command)))
         }
+        Command::Ctl(command) => client_runtime().and_then(|rt| rt.block_on(ctl::run(command))),
+        Command::Config(command) => serve::config_command(command),
         Command::Bench(args) => bench::command(args),
     };
     match result {

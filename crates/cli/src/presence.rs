@@ -1,10 +1,11 @@
 //! `imstate presence ...`: client commands of the presence registry.
 //!
 //! `lookup` sends ONE LookupBatch call and prints one line per uid, in argument order:
-//! `UID<TAB>DEVICE,GATEWAY,CONN<TAB>...` or `UID<TAB>offline`; `--json` prints a JSON array.
+//! `UID<TAB>DEVICE,GATEWAY,CONN<TAB>...` (sorted by device) or `UID<TAB>offline`; `--json`
+//! prints a JSON array.
 
 use clap::{Args, Subcommand};
-use imstate_client::{Client, LoginArgs, Session, WatchKind};
+use imstate_client::{LoginArgs, Session, WatchKind};
 use tokio_stream::StreamExt;
 
 use crate::seq::Target;
@@ -127,7 +128,7 @@ fn seconds_to_ms(seconds: u32) -> anyhow::Result<u32> {
 pub async fn run(command: PresenceCommand) -> anyhow::Result<()> {
     match command {
         PresenceCommand::Login(args) => {
-            let client = Client::connect(args.target.address()).await?;
+            let client = args.target.connect().await?;
             let result = client
                 .login(LoginArgs {
                     uid: args.uid,
@@ -148,8 +149,12 @@ pub async fn run(command: PresenceCommand) -> anyhow::Result<()> {
             json: as_json,
             uids,
         } => {
-            let client = Client::connect(target.address()).await?;
-            let found = client.lookup_batch(uids.clone()).await?;
+            let client = target.connect().await?;
+            let mut found = client.lookup_batch(uids.clone()).await?;
+            // The registry keeps no order among a user's sessions; print a stable one.
+            for sessions in &mut found {
+                sessions.sort_by(|a, b| (&a.device, a.conn).cmp(&(&b.device, b.conn)));
+            }
             if as_json {
                 let users: Vec<_> = uids
                     .iter()
@@ -179,54 +184,42 @@ pub async fn run(command: PresenceCommand) -> anyhow::Result<()> {
             }
         }
         PresenceCommand::Heartbeat(key) => {
-            Client::connect(key.target.address())
+            key.target
+                .connect()
                 .await?
                 .heartbeat(key.uid, key.conn)
                 .await?;
         }
         PresenceCommand::Logout(key) => {
-            let session = Client::connect(key.target.address())
+            let session = key
+                .target
+                .connect()
                 .await?
                 .logout(key.uid, key.conn)
                 .await?;
             println!("{}\t{}", session.uid, describe(&session));
         }
         PresenceCommand::Count { target } => {
-            println!(
-                "{}",
-                Client::connect(target.address())
-                    .await?
-                    .online_count()
-                    .await?
-            );
+            println!("{}", target.connect().await?.online_count().await?);
         }
         PresenceCommand::GatewayDown { target, gateway } => {
-            println!(
-                "{}",
-                Client::connect(target.address())
-                    .await?
-                    .gateway_down(&gateway)
-                    .await?
-            );
+            println!("{}", target.connect().await?.gateway_down(&gateway).await?);
         }
         PresenceCommand::GatewayRegister {
             target,
             gateway,
             ttl,
         } => {
-            let client = Client::connect(target.address()).await?;
+            let client = target.connect().await?;
             client
                 .gateway_register(&gateway, seconds_to_ms(ttl)?)
                 .await?;
         }
         PresenceCommand::GatewayHeartbeat { target, gateway } => {
-            Client::connect(target.address())
-                .await?
-                .gateway_heartbeat(&gateway)
-                .await?;
+            target.connect().await?.gateway_heartbeat(&gateway).await?;
         }
         PresenceCommand::Watch { target, uids } => {
-            let client = Client::connect(target.address()).await?;
+            let client = target.connect().await?;
             let mut events = std::pin::pin!(client.watch(uids).await?);
             while let Some(event) = events.next().await {
                 let event = event?;

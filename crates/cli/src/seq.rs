@@ -3,21 +3,55 @@
 //! `next` and `current` send ONE batch call for all ids and print one value per line in argument
 //! order.
 
-use clap::{Args, Subcommand};
-use imstate_client::{Client, Namespace};
+use std::path::PathBuf;
 
-/// Where the node is.
+use clap::{Args, Subcommand};
+use imstate_client::{Client, ClientOptions, Namespace};
+
+/// Where the node is and how to reach it (TLS, token); shared by every client command.
 #[derive(Args)]
 pub struct Target {
     /// Node address, host:port.
     #[arg(long, default_value = "127.0.0.1:7700", env = "IMSTATE_ADDR")]
     addr: String,
+    /// PEM CA that signed the node's certificate; turns TLS on.
+    #[arg(long, env = "IMSTATE_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a node that requires mTLS (with --tls-key).
+    #[arg(
+        long,
+        env = "IMSTATE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "IMSTATE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Name to verify in the node's certificate. [default: the host of --addr]
+    #[arg(long, value_name = "NAME")]
+    tls_domain: Option<String>,
+    /// File whose first non-comment line is the bearer token sent with every call.
+    #[arg(long, env = "IMSTATE_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
 }
 
 impl Target {
-    /// The node address.
-    pub fn address(&self) -> &str {
-        &self.addr
+    /// Connects with the TLS and token options given.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let mut options = ClientOptions::from_files(
+            self.tls_ca.as_deref(),
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.token_file.as_deref(),
+        )?;
+        options.tls_domain = self.tls_domain.clone();
+        Ok(Client::connect_with(&self.addr, &options).await?)
     }
 }
 
@@ -77,25 +111,15 @@ pub struct CreateNamespace {
 pub async fn run(command: SeqCommand) -> anyhow::Result<()> {
     match command {
         SeqCommand::Next { target, ns, ids } => {
-            let seqs = Client::connect(&target.addr)
-                .await?
-                .next_batch(&ns, ids)
-                .await?;
+            let seqs = target.connect().await?.next_batch(&ns, ids).await?;
             print_lines(seqs);
         }
         SeqCommand::Current { target, ns, ids } => {
-            let seqs = Client::connect(&target.addr)
-                .await?
-                .current_batch(&ns, ids)
-                .await?;
+            let seqs = target.connect().await?.current_batch(&ns, ids).await?;
             print_lines(seqs);
         }
         SeqCommand::Namespaces { target } => {
-            for namespace in Client::connect(&target.addr)
-                .await?
-                .list_namespaces()
-                .await?
-            {
+            for namespace in target.connect().await?.list_namespaces().await? {
                 print_namespace(&namespace);
             }
         }
@@ -107,7 +131,7 @@ pub async fn run(command: SeqCommand) -> anyhow::Result<()> {
                 section_size: args.section_size,
                 step: args.step,
             };
-            let client = Client::connect(&args.target.addr).await?;
+            let client = args.target.connect().await?;
             print_namespace(&client.create_namespace(namespace).await?);
         }
     }
@@ -123,7 +147,7 @@ fn print_lines(values: Vec<u64>) {
     print!("{out}");
 }
 
-fn print_namespace(namespace: &Namespace) {
+pub fn print_namespace(namespace: &Namespace) {
     println!(
         "{}\tids=[{}, {})\tsection_size={}\tstep={}",
         namespace.name, namespace.id_lo, namespace.id_hi, namespace.section_size, namespace.step

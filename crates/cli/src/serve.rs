@@ -1,4 +1,9 @@
-//! `imstate serve`: opens the data directory, recovers, serves until SIGTERM/SIGINT.
+//! `imstate serve`: opens the data directory, recovers, serves until SIGTERM/SIGINT; and
+//! `imstate config example|show`, which print the documented defaults and the configuration a
+//! `serve` with the same flags and environment would run with.
+//!
+//! Configuration precedence is flags > environment (`IMSTATE_...`, see
+//! `imstate_node::config`) > file (`--config`) > defaults.
 //!
 //! The bound address is printed on stdout as `imstate listening on ADDR` once the node is ready
 //! (after recovery), so scripts and tests can wait for it; logs go to stderr.
@@ -7,42 +12,94 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, Subcommand};
 use imstate_node::NodeConfig;
+use imstate_node::config::LogFormat;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Args)]
 pub struct ServeArgs {
     /// Data directory (logs, checkpoints); created if missing, locked while running.
-    /// [default: ./imstate-data]
-    #[arg(long, env = "IMSTATE_DATA_DIR")]
+    /// Env: IMSTATE_DATA_DIR. [default: ./imstate-data]
+    #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// gRPC listen address; port 0 picks a free port. [default: 127.0.0.1:7700]
-    #[arg(long, env = "IMSTATE_LISTEN")]
+    /// gRPC listen address; port 0 picks a free port. Env: IMSTATE_LISTEN.
+    /// [default: 127.0.0.1:7700]
+    #[arg(long)]
     listen: Option<SocketAddr>,
-    /// TOML configuration file; flags override its values.
+    /// HTTP listen address for /metrics, /healthz and /readyz (up before recovery).
+    /// Env: IMSTATE_METRICS_LISTEN. [default: 127.0.0.1:7701]
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Log format on stderr; levels come from RUST_LOG. Env: IMSTATE_LOG_FORMAT.
+    /// [default: human]
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormatArg>,
+    /// TOML configuration file (`imstate config example` prints every key); the environment
+    /// and flags override its values.
     #[arg(long, env = "IMSTATE_CONFIG")]
     config: Option<PathBuf>,
 }
 
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let mut config = match &args.config {
-        Some(path) => NodeConfig::load(path)?,
-        None => NodeConfig::default(),
-    };
-    if let Some(data_dir) = args.data_dir {
-        config.data_dir = data_dir;
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Prints every configuration key with its default and what it does.
+    Example,
+    /// Prints the configuration `serve` would run with, given the same flags and environment.
+    Show(ServeArgs),
+}
+
+/// Resolves the configuration: defaults, file, environment, flags (later wins).
+fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
+    let mut config = NodeConfig::resolve(args.config.as_deref(), std::env::vars())?;
+    if let Some(data_dir) = &args.data_dir {
+        config.data_dir = data_dir.clone();
     }
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    if let Some(metrics_listen) = args.metrics_listen {
+        config.metrics_listen = metrics_listen;
+    }
+    if let Some(format) = args.log_format {
+        config.log_format = match format {
+            LogFormatArg::Human => LogFormat::Human,
+            LogFormatArg::Json => LogFormat::Json,
+        };
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+pub fn config_command(command: ConfigCommand) -> anyhow::Result<()> {
+    match command {
+        ConfigCommand::Example => print!("{}", imstate_node::config::EXAMPLE_TOML),
+        ConfigCommand::Show(args) => print!("{}", resolve(&args)?.to_toml()),
+    }
+    Ok(())
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = resolve(&args)?;
+    init_logs(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

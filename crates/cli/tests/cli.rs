@@ -131,7 +131,14 @@ fn no_server_is_a_clear_connect_error() {
 
 fn serve_fails(data_dir: &std::path::Path) -> String {
     let output = Command::new(binary())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
         .arg(data_dir)
         .stdin(Stdio::null())
         .output()
@@ -198,7 +205,7 @@ fn mid_log_corruption_refuses_to_start_naming_file_and_offset() {
 fn help_lists_the_commands_the_readme_documents() {
     let output = Command::new(binary()).arg("--help").output().unwrap();
     let help = stdout(&output);
-    for command in ["serve", "seq"] {
+    for command in ["serve", "seq", "presence", "ctl", "config"] {
         assert!(help.contains(command), "{help}");
     }
     let output = Command::new(binary())

@@ -4,17 +4,26 @@
 //! remembers the newest route table a node has sent (every reply carries the node's version, and
 //! the full table when the client's is older), so that later cluster modes can route requests to
 //! the owner of an id without a lookup service.
+//!
+//! [`Client::connect`] speaks plaintext without credentials; [`Client::connect_with`] takes
+//! [`ClientOptions`]: a CA to verify the node's TLS certificate, a client certificate for mTLS,
+//! and a bearer token sent with every call.
 
 #![deny(missing_docs)]
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use imstate_proto::v1 as pb;
+use imstate_proto::v1::admin_client::AdminClient;
 use imstate_proto::v1::presence_client::PresenceClient;
 use imstate_proto::v1::sequence_client::SequenceClient;
 use route_cache::RouteCache;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// An error talking to a node.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -24,6 +33,14 @@ pub enum ClientError {
     Connect {
         /// The address tried.
         address: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A TLS or token file could not be read or used.
+    #[error("{what}: {reason}")]
+    Options {
+        /// Which option.
+        what: String,
         /// Why it failed.
         reason: String,
     },
@@ -51,7 +68,7 @@ impl ClientError {
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             ClientError::Status { code, .. } => Some(*code),
-            ClientError::Connect { .. } => None,
+            ClientError::Connect { .. } | ClientError::Options { .. } => None,
         }
     }
 }
@@ -136,12 +153,183 @@ mod route_cache {
     }
 }
 
+/// How to reach a node: TLS (server CA, optional client certificate) and a bearer token.
+/// The default is plaintext without a token, which is what [`Client::connect`] uses.
+#[derive(Clone, Default)]
+pub struct ClientOptions {
+    /// PEM CA bundle that signed the node's certificate; setting it turns TLS on.
+    pub tls_ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate chain and private key, for nodes that require mTLS.
+    pub tls_identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// Name to verify in the node's certificate; defaults to the host of the address.
+    pub tls_domain: Option<String>,
+    /// Bearer token sent as `authorization: Bearer <token>` with every call.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("tls", &self.tls_ca_pem.is_some())
+            .field("mtls", &self.tls_identity_pem.is_some())
+            .field("tls_domain", &self.tls_domain)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Longest token file the client reads, in bytes (B1).
+pub const TOKEN_FILE_BYTES_MAX: u64 = 64 * 1024;
+
+impl ClientOptions {
+    /// Reads the options from files: a CA bundle, a client certificate and key (both or
+    /// neither), and a token file whose first non-empty, non-`#` line is the token.
+    pub fn from_files(
+        tls_ca: Option<&Path>,
+        tls_cert: Option<&Path>,
+        tls_key: Option<&Path>,
+        token_file: Option<&Path>,
+    ) -> Result<Self, ClientError> {
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).map_err(|error| ClientError::Options {
+                what: what.to_string(),
+                reason: format!("cannot read {}: {error}", path.display()),
+            })
+        };
+        let mut options = ClientOptions::default();
+        if let Some(path) = tls_ca {
+            options.tls_ca_pem = Some(read("--tls-ca", path)?);
+        }
+        match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => {
+                options.tls_identity_pem =
+                    Some((read("--tls-cert", cert)?, read("--tls-key", key)?));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ClientError::Options {
+                    what: "--tls-cert/--tls-key".into(),
+                    reason: "give both or neither".into(),
+                });
+            }
+        }
+        if options.tls_identity_pem.is_some() && options.tls_ca_pem.is_none() {
+            return Err(ClientError::Options {
+                what: "--tls-cert".into(),
+                reason: "a client certificate needs --tls-ca (TLS)".into(),
+            });
+        }
+        if let Some(path) = token_file {
+            let fail = |reason: String| ClientError::Options {
+                what: "--token-file".into(),
+                reason,
+            };
+            let length = std::fs::metadata(path)
+                .map_err(|error| fail(format!("cannot read {}: {error}", path.display())))?
+                .len();
+            if length > TOKEN_FILE_BYTES_MAX {
+                return Err(fail(format!("larger than {TOKEN_FILE_BYTES_MAX} bytes")));
+            }
+            let text = String::from_utf8(read("--token-file", path)?)
+                .map_err(|_| fail("not UTF-8 text".into()))?;
+            let token = text
+                .lines()
+                .map(str::trim)
+                .find(|line| !line.is_empty() && !line.starts_with('#'))
+                .ok_or_else(|| fail(format!("no token in {}", path.display())))?;
+            options.token = Some(token.to_string());
+        }
+        Ok(options)
+    }
+}
+
+/// Adds the bearer token (if any) to every call.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The transport of every generated client: the channel plus the token interceptor.
+pub type Transport = InterceptedService<Channel, BearerToken>;
+
 /// A connection to one node. Cheap to clone; clones share the connection and the route cache.
 #[derive(Clone)]
 pub struct Client {
-    sequence: SequenceClient<Channel>,
-    presence: PresenceClient<Channel>,
+    sequence: SequenceClient<Transport>,
+    presence: PresenceClient<Transport>,
+    admin: AdminClient<Transport>,
     routes: Arc<RouteCache>,
+}
+
+/// The state of one write-ahead log of a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogStatus {
+    /// `seq` or `presence`.
+    pub name: String,
+    /// Highest LSN assigned.
+    pub last_lsn: u64,
+    /// Highest LSN durable under the log's policy.
+    pub durable_lsn: u64,
+    /// Highest LSN fsynced.
+    pub synced_lsn: u64,
+    /// LSN covered by the newest checkpoint, if any.
+    pub checkpoint_lsn: Option<u64>,
+    /// Log bytes since that checkpoint.
+    pub bytes_since_checkpoint: u64,
+    /// Segment files.
+    pub segments: u64,
+    /// Whether the log is poisoned.
+    pub poisoned: bool,
+    /// The fsync policy.
+    pub fsync: String,
+}
+
+/// What `Admin/Status` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// The server's version.
+    pub version: String,
+    /// Time since the node started.
+    pub uptime: Duration,
+    /// `embedded` (single node).
+    pub role: String,
+    /// Route table version.
+    pub route_version: u64,
+    /// Every namespace.
+    pub namespaces: Vec<Namespace>,
+    /// Sessions online.
+    pub sessions_online: u64,
+    /// Sections with a max_seq in memory.
+    pub sections_loaded: u64,
+    /// Both logs.
+    pub logs: Vec<LogStatus>,
+}
+
+/// One checkpoint written by `Admin/Checkpoint`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointResult {
+    /// `seq` or `presence`.
+    pub name: String,
+    /// Every record up to this LSN is in the checkpoint.
+    pub covered_lsn: u64,
+    /// Data bytes.
+    pub bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Log segments deleted.
+    pub segments_removed: u64,
 }
 
 mod presence;
@@ -151,10 +339,21 @@ pub use presence::{LoginArgs, LoginResult, Session, WatchEvent, WatchKind};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Client {
-    /// Connects to `address` (`host:port` or `http://host:port`).
+    /// Connects to `address` (`host:port` or `http://host:port`) in plaintext, without a token.
     pub async fn connect(address: &str) -> Result<Self, ClientError> {
+        Self::connect_with(address, &ClientOptions::default()).await
+    }
+
+    /// Connects to `address` with TLS and/or a token as `options` say.
+    pub async fn connect_with(
+        address: &str,
+        options: &ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let tls = options.tls_ca_pem.is_some();
         let uri = if address.contains("://") {
             address.to_string()
+        } else if tls {
+            format!("https://{address}")
         } else {
             format!("http://{address}")
         };
@@ -162,23 +361,112 @@ impl Client {
             address: address.to_string(),
             reason,
         };
-        let channel = Endpoint::from_shared(uri)
+        let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|error| fail(error.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        if let Some(ca) = &options.tls_ca_pem {
+            let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+            if let Some((cert, key)) = &options.tls_identity_pem {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = &options.tls_domain {
+                config = config.domain_name(domain.clone());
+            }
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|error| fail(source_chain(&error)))?;
+        }
+        let token = match &options.token {
+            Some(token) => Some(
+                format!("Bearer {token}")
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| ClientError::Options {
+                        what: "token".into(),
+                        reason: "not printable ASCII".into(),
+                    })?,
+            ),
+            None => None,
+        };
+        let channel = endpoint
             .connect()
             .await
             .map_err(|error| fail(source_chain(&error)))?;
-        Ok(Self::from_channel(channel))
+        Ok(Self::with_token(channel, BearerToken(token)))
     }
 
-    /// Wraps an existing channel.
+    /// Wraps an existing channel (no token).
     pub fn from_channel(channel: Channel) -> Self {
+        Self::with_token(channel, BearerToken::default())
+    }
+
+    fn with_token(channel: Channel, token: BearerToken) -> Self {
+        let transport = InterceptedService::new(channel, token);
         Self {
-            sequence: SequenceClient::new(channel.clone()),
-            presence: PresenceClient::new(channel),
+            sequence: SequenceClient::new(transport.clone()),
+            presence: PresenceClient::new(transport.clone()),
+            admin: AdminClient::new(transport),
             routes: Arc::default(),
         }
+    }
+
+    /// The node's status (`Admin/Status`).
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        let reply = self
+            .admin
+            .clone()
+            .status(pb::StatusRequest {})
+            .await?
+            .into_inner();
+        Ok(NodeStatus {
+            version: reply.version,
+            uptime: Duration::from_millis(reply.uptime_ms),
+            role: reply.role,
+            route_version: reply.route_version,
+            namespaces: reply
+                .namespaces
+                .into_iter()
+                .map(namespace_from_pb)
+                .collect(),
+            sessions_online: reply.sessions_online,
+            sections_loaded: reply.sections_loaded,
+            logs: reply
+                .logs
+                .into_iter()
+                .map(|log| LogStatus {
+                    name: log.name,
+                    last_lsn: log.last_lsn,
+                    durable_lsn: log.durable_lsn,
+                    synced_lsn: log.synced_lsn,
+                    checkpoint_lsn: log.has_checkpoint.then_some(log.checkpoint_lsn),
+                    bytes_since_checkpoint: log.bytes_since_checkpoint,
+                    segments: log.segments,
+                    poisoned: log.poisoned,
+                    fsync: log.fsync,
+                })
+                .collect(),
+        })
+    }
+
+    /// Forces a checkpoint of both stores now (`Admin/Checkpoint`).
+    pub async fn checkpoint(&self) -> Result<Vec<CheckpointResult>, ClientError> {
+        let reply = self
+            .admin
+            .clone()
+            .checkpoint(pb::CheckpointRequest {})
+            .await?
+            .into_inner();
+        Ok(reply
+            .checkpoints
+            .into_iter()
+            .map(|checkpoint| CheckpointResult {
+                name: checkpoint.name,
+                covered_lsn: checkpoint.covered_lsn,
+                bytes: checkpoint.bytes,
+                elapsed: Duration::from_millis(checkpoint.elapsed_ms),
+                segments_removed: checkpoint.segments_removed,
+            })
+            .collect())
     }
 
     /// The newest route table this client has seen: (version, entries).

@@ -50,7 +50,7 @@ mod storage;
 
 pub use error::{LogError, LogIoError};
 pub use faulty::{CrashMode, FaultyStorage};
-pub use log::{CheckpointStats, Log, LogStats};
+pub use log::{CheckpointStats, Log, LogObserver, LogStats};
 pub use options::{
     FsyncPolicy, LogOptions, ParseFsyncPolicyError, QUEUE_RECORDS_MAX_DEFAULT,
     RECORD_BYTES_MAX_DEFAULT, SEGMENT_BYTES_MAX_DEFAULT,

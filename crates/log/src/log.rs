@@ -52,6 +52,18 @@ pub struct CheckpointStats {
     pub segments_removed: usize,
 }
 
+/// Receives timings from the flusher thread, for metrics (set with [`Log::set_observer`]).
+///
+/// Contract: called on the flusher thread, after each fsync and each written batch; an
+/// implementation must be cheap and must never block or call back into the log, because the
+/// flusher is the log's bottleneck.
+pub trait LogObserver: Send + Sync {
+    /// One successful fsync of a segment file took `elapsed`.
+    fn fsync(&self, elapsed: Duration);
+    /// One group-commit batch of `records` records and `bytes` framed bytes was written.
+    fn batch(&self, records: u64, bytes: u64);
+}
+
 /// Counters and gauges of a running log.
 #[derive(Debug, Clone, Default)]
 pub struct LogStats {
@@ -172,6 +184,8 @@ struct Shared {
     batches: AtomicU64,
     last_batch_records: AtomicU64,
     checkpoint_info: Mutex<CheckpointInfo>,
+    /// Set at most once, after open; read by the flusher without a lock.
+    observer: std::sync::OnceLock<Arc<dyn LogObserver>>,
 }
 
 impl Shared {
@@ -318,6 +332,7 @@ impl Log {
                 carried_bytes: stats.bytes_replayed,
                 ..CheckpointInfo::default()
             }),
+            observer: std::sync::OnceLock::new(),
         });
 
         let flusher_shared = Arc::clone(&shared);
@@ -383,6 +398,11 @@ impl Log {
             self.shared.queue_has_work.notify_one();
         }
         Ok(lsn)
+    }
+
+    /// Installs the observer of flusher timings; returns false if one was already set.
+    pub fn set_observer(&self, observer: Arc<dyn LogObserver>) -> bool {
+        self.shared.observer.set(observer).is_ok()
     }
 
     /// Highest LSN assigned so far (0 if none).
@@ -783,6 +803,7 @@ impl Flusher {
         let segment_bytes_max = self.shared.options.segment_bytes_max;
         let batch = std::mem::take(&mut self.batch);
         let records = batch.len() as u64;
+        let bytes_before = self.shared.bytes_written.load(Ordering::Relaxed);
         let mut buffered_last = self.written;
         for pending in &batch {
             debug_assert!(record::header_matches(&pending.header, &pending.payload));
@@ -804,6 +825,11 @@ impl Flusher {
         self.shared
             .last_batch_records
             .store(records, Ordering::Relaxed);
+        if let Some(observer) = self.shared.observer.get() {
+            // Only the flusher adds to `bytes_written`, so the difference is this batch.
+            let bytes = self.shared.bytes_written.load(Ordering::Relaxed) - bytes_before;
+            observer.batch(records, bytes);
+        }
         Ok(())
     }
 
@@ -833,10 +859,14 @@ impl Flusher {
         if self.synced == self.written {
             return Ok(());
         }
+        let started = Instant::now();
         self.segment
             .file
             .sync()
             .map_err(|error| format!("fsync of {} failed: {error}", self.segment.name))?;
+        if let Some(observer) = self.shared.observer.get() {
+            observer.fsync(started.elapsed());
+        }
         self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.synced = self.written;
         self.last_sync = Instant::now();

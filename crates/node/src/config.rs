@@ -1,15 +1,30 @@
-//! The node's configuration: defaults that run, a TOML file, and flags on top.
+//! The node's configuration: defaults that run, a TOML file, environment variables, and flags
+//! on top.
 //!
-//! Precedence is flags > file > defaults; the binary applies flags after [`NodeConfig::load`].
+//! Precedence is flags > environment > file > defaults. [`NodeConfig::resolve`] merges the file
+//! and the environment; the binary applies flags after it. Every key is listed with its default
+//! in [`EXAMPLE_TOML`] (printed by `imstate config example`); a unit test keeps that text equal
+//! to [`NodeConfig::default`], key for key.
+//!
+//! Environment: `IMSTATE_<KEY>` sets a top-level key (`IMSTATE_LISTEN`, `IMSTATE_DATA_DIR`,
+//! `IMSTATE_METRICS_LISTEN`, `IMSTATE_LOG_FORMAT`) and `IMSTATE_<SECTION>__<KEY>` (two
+//! underscores) a key of a section (`IMSTATE_PRESENCE__FSYNC=always`,
+//! `IMSTATE_SEQ__BATCH_IDS_MAX=5000`, `IMSTATE_AUTH__TOKEN_FILE=/etc/imstate/tokens`). A value
+//! is read as a TOML value when it parses as one (numbers, booleans) and as a string otherwise.
+//! A section variable naming an unknown key is an error naming the variable; other `IMSTATE_`
+//! variables (the client's `IMSTATE_ADDR`, `IMSTATE_TOKEN_FILE`, ...) are not server keys and
+//! are ignored here.
+//!
 //! Unknown keys and invalid values are start-up errors that name the key (serde's
-//! `deny_unknown_fields` plus [`NodeConfig::validate`]).
+//! `deny_unknown_fields` plus [`NodeConfig::validate`]). The configuration holds no secret
+//! values, only paths to files that hold them (the TLS key, the tokens), so it is logged whole.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use imstate_seq::NamespaceDef;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::NodeError;
 
@@ -17,6 +32,10 @@ use crate::NodeError;
 pub const DATA_DIR_DEFAULT: &str = "./imstate-data";
 /// Default client listen address.
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:7700";
+/// Default address of the HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+pub const METRICS_LISTEN_DEFAULT: &str = "127.0.0.1:7701";
+/// Prefix of the environment variables that set configuration keys.
+pub const ENV_PREFIX: &str = "IMSTATE_";
 /// Default limit on ids in one NextBatch / CurrentBatch call.
 pub const BATCH_IDS_MAX_DEFAULT: usize = 10_000;
 /// Default time a request waits for a max_seq raise to become durable before it fails.
@@ -25,21 +44,77 @@ pub const RAISE_WAIT_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 pub const CHECKPOINT_LOG_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
 /// The whole configuration of a node.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     /// Directory holding the logs and checkpoints; locked while the node runs.
     pub data_dir: PathBuf,
     /// Address of the gRPC listener. Port 0 picks a free port (printed at start-up).
     pub listen: SocketAddr,
+    /// Address of the HTTP listener for `/metrics`, `/healthz` and `/readyz`. It starts before
+    /// recovery, so `/readyz` answers 503 while a long log replays.
+    pub metrics_listen: SocketAddr,
+    /// Log output format on stderr: `human` or `json`. Levels come from `RUST_LOG`.
+    pub log_format: LogFormat,
+    /// TLS on the gRPC port.
+    pub tls: TlsConfig,
+    /// Bearer-token authentication of gRPC calls.
+    pub auth: AuthConfig,
     /// The sequence service.
     pub seq: SeqConfig,
     /// The presence registry.
     pub presence: PresenceConfig,
 }
 
+/// Format of the node's log lines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// TLS on the gRPC port. Empty paths mean "not set".
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server; with `key_file`, turns TLS on.
+    pub cert_file: PathBuf,
+    /// PEM private key of the server.
+    pub key_file: PathBuf,
+    /// PEM CA bundle; when set, every client must present a certificate it signed (mTLS).
+    pub client_ca_file: PathBuf,
+}
+
+impl TlsConfig {
+    /// Whether TLS is on.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty()
+    }
+}
+
+/// Bearer-token authentication. An empty path means "off".
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// File of accepted tokens, one per line (blank lines and lines starting with `#` are
+    /// skipped). When set, every call except the gRPC health check must carry
+    /// `authorization: Bearer <token>`.
+    pub token_file: PathBuf,
+}
+
+impl AuthConfig {
+    /// Whether token authentication is on.
+    pub fn enabled(&self) -> bool {
+        !self.token_file.as_os_str().is_empty()
+    }
+}
+
 /// Configuration of the presence registry.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PresenceConfig {
     /// When an acknowledged presence change is durable: `always` (fsync before the reply),
@@ -132,7 +207,7 @@ impl PresenceConfig {
 }
 
 /// Configuration of the sequence service.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SeqConfig {
     /// Limit on ids in one batch call (B1).
@@ -147,7 +222,7 @@ pub struct SeqConfig {
 }
 
 /// A namespace declared in the configuration file.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NamespaceConfig {
     /// Name: 1 to 64 bytes of `[A-Za-z0-9_.-]`.
@@ -190,6 +265,12 @@ impl Default for NodeConfig {
         Self {
             data_dir: PathBuf::from(DATA_DIR_DEFAULT),
             listen: LISTEN_DEFAULT.parse().expect("valid default address"),
+            metrics_listen: METRICS_LISTEN_DEFAULT
+                .parse()
+                .expect("valid default address"),
+            log_format: LogFormat::Human,
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
             seq: SeqConfig::default(),
             presence: PresenceConfig::default(),
         }
@@ -236,6 +317,55 @@ impl NodeConfig {
         Ok(config)
     }
 
+    /// The file (if any) with the `IMSTATE_...` variables of `env` on top (see the module
+    /// doc), validated. Flags go on top of the result.
+    pub fn resolve(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, NodeError> {
+        let (text, origin) = match file {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|error| {
+                    NodeError::Config(format!("cannot read {}: {error}", path.display()))
+                })?,
+                format!("{}: ", path.display()),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let mut table: toml::Table = toml::from_str(&text)
+            .map_err(|error| NodeError::Config(format!("{origin}{error}")))?;
+        let overrides = env_overrides(env)?;
+        let from_env = !overrides.is_empty();
+        for (path, value) in overrides {
+            let mut target = &mut table;
+            for section in &path[..path.len() - 1] {
+                let entry = target
+                    .entry(section.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                let toml::Value::Table(inner) = entry else {
+                    return Err(NodeError::Config(format!("`{section}` is not a section")));
+                };
+                target = inner;
+            }
+            target.insert(path[path.len() - 1].clone(), value);
+        }
+        let origin = if from_env {
+            format!("{origin}(with IMSTATE_ variables) ")
+        } else {
+            origin
+        };
+        let config: NodeConfig = table
+            .try_into()
+            .map_err(|error: toml::de::Error| NodeError::Config(format!("{origin}{error}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The configuration as TOML (for `imstate config show` and the start-up log).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|error| format!("# unprintable: {error}"))
+    }
+
     /// Checks values that the types alone do not constrain, naming the key at fault.
     pub fn validate(&self) -> Result<(), NodeError> {
         if self.seq.batch_ids_max == 0 {
@@ -249,6 +379,17 @@ impl NodeConfig {
             ));
         }
         self.presence.to_options()?;
+        let key_set = !self.tls.key_file.as_os_str().is_empty();
+        if self.tls.enabled() != key_set {
+            return Err(NodeError::Config(
+                "tls.cert_file and tls.key_file must be set together".into(),
+            ));
+        }
+        if !self.tls.enabled() && !self.tls.client_ca_file.as_os_str().is_empty() {
+            return Err(NodeError::Config(
+                "tls.client_ca_file needs tls.cert_file and tls.key_file".into(),
+            ));
+        }
         for namespace in &self.seq.namespaces {
             namespace.to_def().validate().map_err(|error| {
                 NodeError::Config(format!("seq.namespaces `{}`: {error}", namespace.name))
@@ -256,6 +397,74 @@ impl NodeConfig {
         }
         Ok(())
     }
+}
+
+/// Every configuration key with its default, documented: `imstate config example` prints it,
+/// and a unit test checks that it parses to exactly [`NodeConfig::default`].
+pub const EXAMPLE_TOML: &str = include_str!("config_example.toml");
+
+/// Variables of the clients that share the prefix and are never server keys.
+const CLIENT_ENV: &[&str] = &[
+    "ADDR",
+    "CONFIG",
+    "TLS_CA",
+    "TLS_CERT",
+    "TLS_KEY",
+    "TOKEN_FILE",
+];
+
+/// The key paths and values that `IMSTATE_...` variables set. A section variable
+/// (`IMSTATE_A__B`) naming an unknown section or key is an error naming the variable.
+fn env_overrides(
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<(Vec<String>, toml::Value)>, NodeError> {
+    let known = toml::Table::try_from(NodeConfig::default())
+        .map_err(|error| NodeError::Config(format!("default configuration: {error}")))?;
+    let mut overrides = Vec::new();
+    for (name, text) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if CLIENT_ENV.contains(&rest) {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        let is_known = match path.as_slice() {
+            [key] => known.get(key).is_some_and(|value| !value.is_table()),
+            [section, key] => known
+                .get(section)
+                .and_then(toml::Value::as_table)
+                .is_some_and(|table| table.contains_key(key)),
+            _ => false,
+        };
+        if !is_known {
+            if path.len() == 1 {
+                // Not a server key: some other tool's or the client's variable.
+                continue;
+            }
+            return Err(NodeError::Config(format!(
+                "environment variable {name}: unknown key `{}` (see `imstate config example`)",
+                path.join(".")
+            )));
+        }
+        let default = match path.as_slice() {
+            [key] => known.get(key),
+            [section, key] => known.get(section).and_then(|table| table.get(key)),
+            _ => None,
+        };
+        // A string key takes the text as it is (a data_dir of "123" stays a path).
+        let value = if default.is_some_and(toml::Value::is_str) {
+            toml::Value::String(text)
+        } else {
+            toml::from_str::<toml::Table>(&format!("value = {text}"))
+                .ok()
+                .and_then(|mut table| table.remove("value"))
+                .filter(|value| !value.is_table() && !value.is_array())
+                .unwrap_or(toml::Value::String(text))
+        };
+        overrides.push((path, value));
+    }
+    Ok(overrides)
 }
 
 #[cfg(test)]
@@ -302,5 +511,130 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("seq.namespaces `x`"), "{error}");
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Key paths of a table, nested sections joined with dots.
+    fn key_paths(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+        for (key, value) in table {
+            let path = format!("{prefix}{key}");
+            match value {
+                toml::Value::Table(inner) => key_paths(inner, &format!("{path}."), out),
+                _ => out.push(path),
+            }
+        }
+    }
+
+    #[test]
+    fn the_example_documents_every_key_with_its_default_and_round_trips() {
+        let example = NodeConfig::parse(EXAMPLE_TOML).unwrap();
+        assert_eq!(
+            example,
+            NodeConfig::default(),
+            "the example's values are the defaults"
+        );
+        let printed = example.to_toml();
+        assert_eq!(NodeConfig::parse(&printed).unwrap(), example, "{printed}");
+        let mut documented = Vec::new();
+        key_paths(&toml::from_str(EXAMPLE_TOML).unwrap(), "", &mut documented);
+        let mut all = Vec::new();
+        key_paths(
+            &toml::Table::try_from(NodeConfig::default()).unwrap(),
+            "",
+            &mut all,
+        );
+        documented.sort();
+        all.sort();
+        assert_eq!(
+            documented, all,
+            "every key is in the example, and only keys"
+        );
+        // Every documented line explains itself.
+        for line in EXAMPLE_TOML.lines() {
+            let line = line.trim();
+            if line.contains(" = ") && !line.starts_with('#') {
+                assert!(line.contains('#'), "undocumented key: {line}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_key_round_trips_with_non_default_values() {
+        let text = "data_dir = \"/d\"\nlisten = \"0.0.0.0:1\"\nmetrics_listen = \"0.0.0.0:2\"\n\
+            log_format = \"json\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n\
+            client_ca_file = \"ca\"\n[auth]\ntoken_file = \"t\"\n\
+            [seq]\nbatch_ids_max = 3\nraise_wait_timeout_ms = 4\ncheckpoint_log_bytes = 5\n\
+            [[seq.namespaces]]\nname = \"conv\"\nid_lo = 0\nid_hi = 10\n\
+            [presence]\nfsync = \"always\"\nttl_ms_default = 6\nttl_ms_max = 7\n\
+            sessions_per_uid_max = 8\nlookup_ids_max = 9\nheartbeat_batch_max = 10\n\
+            gateways_max = 11\nshards = 12\ntick_ms = 13\ncheckpoint_log_bytes = 14\n\
+            watch_buffer_events = 15\n";
+        let config = NodeConfig::parse(text).unwrap();
+        assert_ne!(config, NodeConfig::default());
+        assert_eq!(NodeConfig::parse(&config.to_toml()).unwrap(), config);
+        let mut set = Vec::new();
+        key_paths(&toml::from_str(text).unwrap(), "", &mut set);
+        let mut all = Vec::new();
+        key_paths(
+            &toml::Table::try_from(NodeConfig::default()).unwrap(),
+            "",
+            &mut all,
+        );
+        set.sort();
+        all.sort();
+        assert_eq!(set, all, "the test sets every key");
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_unknown_section_keys_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("imstate.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1\"\n[seq]\nbatch_ids_max = 5\n",
+        )
+        .unwrap();
+        let config = NodeConfig::resolve(
+            Some(&file),
+            env(&[
+                ("IMSTATE_SEQ__BATCH_IDS_MAX", "7"),
+                ("IMSTATE_PRESENCE__FSYNC", "always"),
+                ("IMSTATE_METRICS_LISTEN", "127.0.0.1:9"),
+                ("IMSTATE_ADDR", "ignored:1"),
+                ("IMSTATE_PID", "123"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.seq.batch_ids_max, 7);
+        assert_eq!(config.presence.fsync, "always");
+        assert_eq!(config.metrics_listen.to_string(), "127.0.0.1:9");
+        assert_eq!(
+            config.listen.to_string(),
+            "127.0.0.1:1",
+            "the file still counts"
+        );
+        let error = NodeConfig::resolve(None, env(&[("IMSTATE_SEQ__BATCH_ID_MAX", "7")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("IMSTATE_SEQ__BATCH_ID_MAX"), "{error}");
+        let error = NodeConfig::resolve(None, env(&[("IMSTATE_SEQ__BATCH_IDS_MAX", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("batch_ids_max"), "{error}");
+    }
+
+    #[test]
+    fn tls_keys_must_come_together() {
+        let error = NodeConfig::parse("[tls]\ncert_file = \"c\"\n").unwrap_err();
+        assert!(error.to_string().contains("tls.key_file"), "{error}");
+        let error = NodeConfig::parse("[tls]\nclient_ca_file = \"c\"\n").unwrap_err();
+        assert!(error.to_string().contains("tls.client_ca_file"), "{error}");
     }
 }

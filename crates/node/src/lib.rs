@@ -16,8 +16,11 @@
 //! - [`presencestore`]: the presence registry + its log, expiry and checkpoint threads.
 //! - [`clock`]: time as an input (wall clock, or a manual one in tests).
 //! - [`records`]: the byte format of the sequence log records and checkpoints.
-//! - [`grpc`]: the gRPC services and the one place where domain errors become `tonic::Status`.
-//! - [`server`]: start-up (recovery), serving, and clean shutdown.
+//! - [`grpc`]: the gRPC services (Sequence, Presence, Admin), the one place where domain errors
+//!   become `tonic::Status`, and the edge layer (bearer tokens, per-call metrics).
+//! - [`metrics`]: Prometheus metric names, the recorder, scrape-time gauges.
+//! - [`http`]: the HTTP listener (`/metrics`, `/healthz`, `/readyz`), up before recovery.
+//! - [`server`]: start-up (recovery), TLS, serving, and clean shutdown.
 
 #![deny(missing_docs)]
 
@@ -30,6 +33,8 @@ pub mod config;
 pub mod datadir;
 pub mod error;
 pub mod grpc;
+pub mod http;
+pub mod metrics;
 pub mod presencestore;
 pub mod records;
 pub mod seqstore;

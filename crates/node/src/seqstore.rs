@@ -153,6 +153,7 @@ impl SeqStore {
         attempt: impl Fn(&mut Allocator) -> Result<Alloc, SeqError>,
     ) -> Result<Vec<u64>, NodeError> {
         let deadline = tokio::time::Instant::now() + self.options.raise_wait_timeout;
+        let mut waited = false;
         loop {
             self.check_alive()?;
             let (outcome, mut raised) = {
@@ -170,9 +171,14 @@ impl SeqStore {
                         // A pre-raise: persisted in the background; this request does not wait.
                         self.persist(raises)?;
                     }
+                    metrics::counter!(crate::metrics::SEQ_ALLOCATED).increment(seqs.len() as u64);
                     return Ok(seqs);
                 }
                 Alloc::Wait { raises } => {
+                    if !waited {
+                        waited = true;
+                        metrics::counter!(crate::metrics::SEQ_RAISE_WAITS).increment(1);
+                    }
                     if !raises.is_empty() {
                         self.persist(raises)?;
                     }
@@ -183,6 +189,7 @@ impl SeqStore {
                         .await
                         .is_err()
                     {
+                        metrics::counter!(crate::metrics::SEQ_RAISE_TIMEOUTS).increment(1);
                         return Err(NodeError::RaiseTimeout(self.options.raise_wait_timeout));
                     }
                 }
@@ -193,6 +200,7 @@ impl SeqStore {
     /// Appends Raise records and, in the background, applies them once they are durable.
     fn persist(self: &Arc<Self>, raises: Vec<Raise>) -> Result<(), NodeError> {
         let mut last_lsn = 0;
+        metrics::counter!(crate::metrics::SEQ_RAISES).increment(raises.len() as u64);
         for (index, raise) in raises.iter().enumerate() {
             match self.log.append(SeqRecord::Raise(*raise).encode()) {
                 Ok(lsn) => last_lsn = lsn,
@@ -218,9 +226,12 @@ impl SeqStore {
             return;
         }
         let store = Arc::clone(self);
+        let appended = std::time::Instant::now();
         tokio::spawn(async move {
             // The log makes records durable in LSN order, so the last one covers them all.
             let result = store.log.durable(last_lsn).await;
+            metrics::histogram!(crate::metrics::SEQ_RAISE_DURATION)
+                .record(appended.elapsed().as_secs_f64());
             {
                 let mut allocator = store.allocator.lock();
                 for raise in &raises {
@@ -319,7 +330,9 @@ impl SeqStore {
         }
         let store = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            match store.checkpoint() {
+            let result = store.checkpoint();
+            crate::metrics::checkpoint_done(crate::metrics::LOG_SEQ, result.is_ok());
+            match result {
                 Ok(stats) => tracing::info!(
                     covered_lsn = stats.covered_lsn,
                     bytes = stats.bytes,

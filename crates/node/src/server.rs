@@ -1,10 +1,17 @@
 //! Start-up, serving and shutdown of a node.
 //!
-//! Order matters: lock the data directory, recover (nothing is served before recovery ends),
-//! bind the listener (so "address in use" is reported before anything else), announce the
-//! address on stdout, serve until a shutdown signal or a fatal log error, then drain in-flight
-//! requests and flush + fsync the log. A fatal error (the log is poisoned) stops the node with an
-//! error: it never retries an fsync.
+//! Order matters: lock the data directory, read the TLS and token files (a bad file fails
+//! before a long recovery), start the HTTP listener (`/healthz` answers and `/readyz` says 503
+//! from here on), recover (nothing is served before recovery ends), bind the gRPC listener (so
+//! "address in use" is reported before anything else), announce the address on stdout, serve
+//! until a shutdown signal or a fatal log error, then drain in-flight requests and flush + fsync
+//! the log. A fatal error (the log is poisoned) stops the node with an error: it never retries
+//! an fsync.
+//!
+//! The gRPC port carries Sequence, Presence, Admin and the standard `grpc.health.v1.Health`
+//! service, all behind [`EdgeLayer`] (bearer tokens when configured, per-call metrics), over
+//! TLS when configured (mTLS when a client CA is configured). Listening beyond loopback with
+//! neither TLS nor tokens logs a loud warning.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,19 +19,70 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use imstate_log::FileStorage;
+use imstate_proto::v1::admin_server::AdminServer;
 use imstate_proto::v1::presence_server::PresenceServer;
 use imstate_proto::v1::sequence_server::SequenceServer;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::NodeError;
 use crate::clock::SystemClock;
 use crate::config::NodeConfig;
 use crate::datadir::DataDir;
-use crate::grpc::{PresenceService, SequenceService};
+use crate::grpc::edge::{EdgeLayer, Tokens};
+use crate::grpc::{AdminService, PresenceService, SequenceService};
+use crate::http::Health;
+use crate::metrics::{LOG_PRESENCE, LOG_SEQ};
 use crate::presencestore::PresenceStore;
 use crate::seqstore::{SeqStore, SeqStoreOptions};
+
+/// The TLS and token material of the gRPC port, read from the files the configuration names.
+#[derive(Clone, Default)]
+struct Security {
+    tls: Option<ServerTlsConfig>,
+    tokens: Option<Arc<Tokens>>,
+}
+
+fn read_file(key: &str, path: &std::path::Path) -> Result<Vec<u8>, NodeError> {
+    std::fs::read(path).map_err(|error| {
+        NodeError::Config(format!("{key}: cannot read {}: {error}", path.display()))
+    })
+}
+
+impl Security {
+    fn load(config: &NodeConfig) -> Result<Self, NodeError> {
+        let tls = if config.tls.enabled() {
+            let cert = read_file("tls.cert_file", &config.tls.cert_file)?;
+            let key = read_file("tls.key_file", &config.tls.key_file)?;
+            let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+            if !config.tls.client_ca_file.as_os_str().is_empty() {
+                let ca = read_file("tls.client_ca_file", &config.tls.client_ca_file)?;
+                tls = tls.client_ca_root(Certificate::from_pem(ca));
+            }
+            Some(tls)
+        } else {
+            None
+        };
+        let tokens = if config.auth.enabled() {
+            let text = read_file("auth.token_file", &config.auth.token_file)?;
+            let text = String::from_utf8(text).map_err(|_| {
+                NodeError::Config("auth.token_file: the file is not UTF-8 text".into())
+            })?;
+            let tokens = Tokens::parse(&text).map_err(|reason| {
+                NodeError::Config(format!(
+                    "auth.token_file {}: {reason}",
+                    config.auth.token_file.display()
+                ))
+            })?;
+            Some(Arc::new(tokens))
+        } else {
+            None
+        };
+        Ok(Self { tls, tokens })
+    }
+}
 
 /// A recovered node, ready to serve.
 pub struct Node {
@@ -33,6 +91,8 @@ pub struct Node {
     _data_dir: DataDir,
     seq: Arc<SeqStore>,
     presence: Arc<PresenceStore>,
+    health: Arc<Health>,
+    security: Security,
 }
 
 impl Node {
@@ -40,6 +100,17 @@ impl Node {
     pub async fn open(config: NodeConfig) -> Result<Self, NodeError> {
         config.validate()?;
         let data_dir = DataDir::open(&config.data_dir)?;
+        let security = Security::load(&config)?;
+        Self::recover(config, data_dir, security, Arc::new(Health::default())).await
+    }
+
+    /// Recovers every store from a locked data directory, reporting to `health`.
+    async fn recover(
+        config: NodeConfig,
+        data_dir: DataDir,
+        security: Security,
+        health: Arc<Health>,
+    ) -> Result<Self, NodeError> {
         let started = Instant::now();
         let storage =
             FileStorage::new(data_dir.seq_dir()).map_err(|error| NodeError::DataDir {
@@ -53,6 +124,8 @@ impl Node {
         };
         let declared: Vec<_> = config.seq.namespaces.iter().map(|n| n.to_def()).collect();
         let (seq, stats) = SeqStore::open(storage, options, &declared).await?;
+        crate::metrics::recovered(LOG_SEQ, &stats, started.elapsed());
+        crate::metrics::observe_log(seq.log(), LOG_SEQ);
         tracing::info!(
             data_dir = %config.data_dir.display(),
             checkpoint_lsn = ?stats.checkpoint_lsn,
@@ -71,6 +144,8 @@ impl Node {
             })?;
         let options = config.presence.to_options()?;
         let (presence, stats) = PresenceStore::open(storage, options, Arc::new(SystemClock))?;
+        crate::metrics::recovered(LOG_PRESENCE, &stats, started.elapsed());
+        crate::metrics::observe_log(presence.log(), LOG_PRESENCE);
         tracing::info!(
             checkpoint_lsn = ?stats.checkpoint_lsn,
             records_replayed = stats.records_replayed,
@@ -80,12 +155,20 @@ impl Node {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "recovered presence registry"
         );
+        health.recovered(Arc::clone(&seq), Arc::clone(&presence));
         Ok(Self {
             config,
             _data_dir: data_dir,
             seq,
             presence,
+            health,
+            security,
         })
+    }
+
+    /// Readiness and uptime of this node, as `/readyz` sees them.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 
     /// The presence store.
@@ -113,7 +196,7 @@ impl Node {
         let address = listener
             .local_addr()
             .map_err(|error| NodeError::Io(format!("listener address: {error}")))?;
-        on_listening(address);
+        warn_if_exposed(&self.config, address);
         let incoming = TcpListenerStream::new(listener).map(|stream| {
             let stream = stream?;
             // Replies are small and latency-bound: never wait for Nagle.
@@ -122,6 +205,21 @@ impl Node {
         });
         let sequence = SequenceService::new(Arc::clone(&self.seq), address.to_string());
         let presence = PresenceService::new(Arc::clone(&self.presence));
+        let admin = AdminService::new(
+            Arc::clone(&self.seq),
+            Arc::clone(&self.presence),
+            Arc::clone(&self.health),
+            self.config.presence.fsync.clone(),
+        );
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        reporter
+            .set_serving::<SequenceServer<SequenceService>>()
+            .await;
+        reporter
+            .set_serving::<PresenceServer<PresenceService>>()
+            .await;
+        reporter.set_serving::<AdminServer<AdminService>>().await;
+        let health = Arc::clone(&self.health);
         let mut seq_fatal = self.seq.fatal();
         let mut presence_fatal = self.presence.fatal();
         let stop = async move {
@@ -136,13 +234,31 @@ impl Node {
             }
         };
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
-        let serve = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.security.tls.clone() {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|error| NodeError::Config(format!("tls: {error}")))?;
+        }
+        let serve = builder
+            .layer(EdgeLayer::new(self.security.tokens.clone()))
+            .add_service(health_service)
             .add_service(SequenceServer::new(sequence))
             .add_service(PresenceServer::new(presence))
+            .add_service(AdminServer::new(admin))
             .serve_with_incoming_shutdown(incoming, async move {
                 let reason = stop.await;
+                health.stopping();
+                reporter
+                    .set_not_serving::<SequenceServer<SequenceService>>()
+                    .await;
+                reporter
+                    .set_not_serving::<PresenceServer<PresenceService>>()
+                    .await;
                 let _ = stopped_tx.send(reason);
             });
+        self.health.serving();
+        on_listening(address);
         serve
             .await
             .map_err(|error| NodeError::Io(format!("server: {error}")))?;
@@ -158,14 +274,45 @@ impl Node {
     }
 }
 
-/// Opens a node with `config` and serves until `shutdown` resolves.
+/// Logs a loud warning when the gRPC port is reachable beyond loopback without TLS or tokens.
+fn warn_if_exposed(config: &NodeConfig, address: SocketAddr) {
+    if !address.ip().is_loopback() && !config.tls.enabled() && !config.auth.enabled() {
+        tracing::warn!(
+            %address,
+            "SECURITY: gRPC is listening beyond loopback with NEITHER TLS NOR token auth; anyone \
+             who can reach this address can read and change state. Set [tls] and/or [auth] \
+             (see `imstate config example`)."
+        );
+    }
+}
+
+/// Opens a node with `config` and serves until `shutdown` resolves: the start-up order of the
+/// module doc, with the HTTP listener (metrics and health) up before recovery.
 pub async fn run(
     config: NodeConfig,
     shutdown: impl Future<Output = ()> + Send,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), NodeError> {
-    Node::open(config)
-        .await?
-        .serve(shutdown, on_listening)
-        .await
+    config.validate()?;
+    let effective: Vec<String> = config
+        .to_toml()
+        .lines()
+        .filter(|line| !line.is_empty())
+        .map(str::to_string)
+        .collect();
+    // The configuration holds paths to secrets, never secrets, so it is logged whole.
+    tracing::info!(config = %effective.join("; "), "effective configuration");
+    let data_dir = DataDir::open(&config.data_dir)?;
+    let security = Security::load(&config)?;
+    let health = Arc::new(Health::default());
+    let http = crate::http::start(
+        config.metrics_listen,
+        Arc::clone(&health),
+        crate::metrics::install(),
+    )?;
+    tracing::info!(address = %http.address(), "HTTP listening: /metrics /healthz /readyz");
+    let node = Node::recover(config, data_dir, security, health).await?;
+    let result = node.serve(shutdown, on_listening).await;
+    drop(http);
+    result
 }

@@ -25,7 +25,7 @@ pub fn draw(path: &Path, font: &Path, summaries: &[CaseSummary]) -> anyhow::Resu
         .map_err(|_| anyhow!("{} is not a usable TrueType font", font.display()))?;
     let error = |error: DrawingAreaErrorKind<_>| anyhow!("drawing {}: {error:?}", path.display());
 
-    let width = 200 + 140 * summaries.len() as u32;
+    let width = 200 + 190 * summaries.len() as u32;
     let root = BitMapBackend::new(path, (width.max(800), 600)).into_drawing_area();
     root.fill(&WHITE).map_err(error)?;
     let top = summaries
@@ -39,9 +39,13 @@ pub fn draw(path: &Path, font: &Path, summaries: &[CaseSummary]) -> anyhow::Resu
             ("sans-serif", 22),
         )
         .margin(20)
-        .x_label_area_size(110)
+        .x_label_area_size(60)
         .y_label_area_size(60)
-        .build_cartesian_2d((0..summaries.len()).into_segmented(), 0.0..top)
+        // A segmented range a..b has b - a + 1 segments: one per case.
+        .build_cartesian_2d(
+            (0..summaries.len().saturating_sub(1)).into_segmented(),
+            0.0..top,
+        )
         .map_err(error)?;
     chart
         .configure_mesh()
@@ -51,11 +55,11 @@ pub fn draw(path: &Path, font: &Path, summaries: &[CaseSummary]) -> anyhow::Resu
         .x_label_formatter(&|x| match x {
             SegmentValue::CenterOf(index) => summaries
                 .get(*index)
-                .map(|s| s.case.replace(' ', "\n"))
+                .map(|s| s.case.clone())
                 .unwrap_or_default(),
             _ => String::new(),
         })
-        .label_style(("sans-serif", 14))
+        .label_style(("sans-serif", 13))
         .draw()
         .map_err(error)?;
     chart
@@ -87,10 +91,7 @@ pub fn draw(path: &Path, font: &Path, summaries: &[CaseSummary]) -> anyhow::Resu
         .map_err(error)?;
     chart
         .draw_series(LineSeries::new(
-            [
-                (SegmentValue::Exact(0), 1.0),
-                (SegmentValue::Exact(summaries.len()), 1.0),
-            ],
+            [(SegmentValue::Exact(0), 1.0), (SegmentValue::Last, 1.0)],
             BLACK.stroke_width(2),
         ))
         .map_err(error)?;

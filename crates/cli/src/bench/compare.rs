@@ -65,7 +65,7 @@ struct Report<'a> {
 }
 
 fn parse_cases(args: &BenchArgs) -> anyhow::Result<Vec<Case>> {
-    let Some(text) = &args.cases else {
+    let Some(text) = &args.modes.cases else {
         let mut cases: Vec<Case> = Workload::ALL
             .into_iter()
             .map(|workload| Case {
@@ -125,12 +125,12 @@ fn median(values: &mut [f64]) -> f64 {
 
 /// Runs compare mode.
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let (Some(imstate), Some(redis)) = (&args.imstate, &args.redis) else {
+    let (Some(imstate), Some(redis)) = (&args.modes.imstate, &args.modes.redis) else {
         bail!("--compare needs both --imstate HOST:PORT and --redis HOST:PORT");
     };
     let imstate = Target::with_scheme(imstate, "imstate")?;
     let redis = Target::with_scheme(redis, "redis")?;
-    if args.rounds == 0 {
+    if args.modes.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
     let cases = parse_cases(args)?;
@@ -171,7 +171,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut summaries = Vec::new();
     for case in &cases {
         let (mut imstate_runs, mut redis_runs) = (Vec::new(), Vec::new());
-        for round in 0..args.rounds {
+        for round in 0..args.modes.rounds {
             let order = if round % 2 == 0 {
                 [&imstate, &redis]
             } else {
@@ -200,7 +200,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     let mut half_loads = Vec::new();
-    if args.half_load {
+    if args.modes.half_load {
         for summary in summaries
             .iter()
             .filter(|s| Workload::from_name(&s.workload).is_some_and(Workload::is_single))
@@ -245,12 +245,12 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             },
         )?;
     }
-    if let Some(path) = &args.markdown_out {
+    if let Some(path) = &args.modes.markdown_out {
         std::fs::write(path, markdown(&summaries, &half_loads))
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    if let Some(path) = &args.chart_out {
-        chart::draw(path, &args.chart_font, &summaries)?;
+    if let Some(path) = &args.modes.chart_out {
+        chart::draw(path, &args.modes.chart_font, &summaries)?;
     }
     Ok(())
 }

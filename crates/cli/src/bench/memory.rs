@@ -52,15 +52,15 @@ fn vm_rss_bytes(pid: u32) -> anyhow::Result<u64> {
 
 /// Runs memory mode.
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    if args.imstate.is_none() && args.redis.is_none() {
+    if args.modes.imstate.is_none() && args.modes.redis.is_none() {
         bail!("--memory needs --imstate HOST:PORT (with --imstate-pid) and/or --redis HOST:PORT");
     }
-    if args.sessions == 0 {
+    if args.modes.sessions == 0 {
         bail!("--sessions must be at least 1");
     }
     let mut results = Vec::new();
-    if let Some(address) = &args.imstate {
-        let Some(pid) = args.imstate_pid else {
+    if let Some(address) = &args.modes.imstate {
+        let Some(pid) = args.modes.imstate_pid else {
             bail!("--memory with --imstate needs --imstate-pid PID (the server's VmRSS is read)");
         };
         let target = Target::with_scheme(address, "imstate")?;
@@ -68,34 +68,34 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let client = imstate_client::Client::connect(target.address()).await?;
         let sessions_before = client.online_count().await?;
         let before = vm_rss_bytes(pid)?;
-        let load_seconds = preload(&config, args.sessions).await?;
+        let load_seconds = preload(&config, args.modes.sessions).await?;
         tokio::time::sleep(SETTLE).await;
         let after = vm_rss_bytes(pid)?;
         let reported = client.online_count().await?;
         results.push(result(
             &target,
             "VmRSS",
-            args.sessions,
+            args.modes.sessions,
             before,
             after,
             reported - sessions_before,
             load_seconds,
         ));
     }
-    if let Some(address) = &args.redis {
+    if let Some(address) = &args.modes.redis {
         let target = Target::with_scheme(address, "redis")?;
         let config = RunConfig::from_args(args, target.clone(), Workload::PresenceLogin);
         let connection = resp::Connection::connect(target.address()).await?;
         let keys_before = connection.command(&[b"DBSIZE"]).await?.integer()? as u64;
         let before = redis::info_field(&connection, "memory", "used_memory").await?;
-        let load_seconds = preload(&config, args.sessions).await?;
+        let load_seconds = preload(&config, args.modes.sessions).await?;
         tokio::time::sleep(SETTLE).await;
         let after = redis::info_field(&connection, "memory", "used_memory").await?;
         let keys_after = connection.command(&[b"DBSIZE"]).await?.integer()? as u64;
         results.push(result(
             &target,
             "used_memory",
-            args.sessions,
+            args.modes.sessions,
             before,
             after,
             keys_after - keys_before,

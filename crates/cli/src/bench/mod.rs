@@ -109,6 +109,14 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quiet: bool,
 
+    /// Compare and memory mode flags, boxed so the `Command` enum of main.rs stays small.
+    #[command(flatten)]
+    pub modes: Box<ModeArgs>,
+}
+
+/// The flags of compare and memory modes.
+#[derive(Args, Clone)]
+pub struct ModeArgs {
     /// Compare mode: run every case against --imstate and --redis alternately.
     #[arg(long, conflicts_with = "memory")]
     pub compare: bool,
@@ -613,13 +621,13 @@ pub fn command(args: BenchArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if args.memory {
+    if args.modes.memory {
         return runtime.block_on(memory::run(&args));
     }
-    if args.compare {
+    if args.modes.compare {
         return runtime.block_on(compare::run(&args));
     }
-    if args.imstate.is_some() || args.redis.is_some() {
+    if args.modes.imstate.is_some() || args.modes.redis.is_some() {
         bail!("--imstate and --redis are for --compare and --memory; one run uses --target");
     }
     let config = RunConfig::from_args(&args, Target::parse(&args.target)?, args.workload);

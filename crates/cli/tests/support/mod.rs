@@ -28,7 +28,12 @@ pub fn free_port() -> u16 {
 pub struct Server {
     pub data_dir: PathBuf,
     pub addr: String,
+    /// The HTTP listener (`/metrics`, `/healthz`, `/readyz`), on its own free port.
+    pub metrics_addr: String,
     pub config: Option<PathBuf>,
+    /// Extra arguments of `serve` and extra environment variables of the process.
+    pub args: Vec<String>,
+    pub envs: Vec<(String, String)>,
     child: Option<Child>,
     /// Total time spent waiting for restarts to become ready.
     pub restart_wait: Duration,
@@ -37,21 +42,46 @@ pub struct Server {
 impl Server {
     /// Starts a server on `data_dir` with an optional config file.
     pub fn start(data_dir: &Path, config: Option<&Path>) -> Self {
-        let mut server = Self {
-            data_dir: data_dir.to_path_buf(),
-            addr: format!("127.0.0.1:{}", free_port()),
-            config: config.map(Path::to_path_buf),
-            child: None,
-            restart_wait: Duration::ZERO,
-        };
+        Self::start_with(data_dir, config, &[], &[])
+    }
+
+    /// Starts a server with extra `serve` arguments and environment variables.
+    pub fn start_with(
+        data_dir: &Path,
+        config: Option<&Path>,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
+        let mut server = Self::new(data_dir, config, args, envs);
         server.restart();
         server
     }
 
-    /// Spawns the process and waits until it prints that it listens (recovery done).
-    pub fn restart(&mut self) {
+    /// A server not started yet (see [`Server::spawn`] and [`Server::restart`]).
+    pub fn new(
+        data_dir: &Path,
+        config: Option<&Path>,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            addr: format!("127.0.0.1:{}", free_port()),
+            metrics_addr: format!("127.0.0.1:{}", free_port()),
+            config: config.map(Path::to_path_buf),
+            args: args.iter().map(|arg| arg.to_string()).collect(),
+            envs: envs
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+            child: None,
+            restart_wait: Duration::ZERO,
+        }
+    }
+
+    /// Spawns the process without waiting for it; returns its stdout.
+    pub fn spawn(&mut self) -> std::process::ChildStdout {
         assert!(self.child.is_none(), "server still running");
-        let started = Instant::now();
         let mut command = Command::new(binary());
         command
             .arg("serve")
@@ -59,6 +89,10 @@ impl Server {
             .arg(&self.data_dir)
             .arg("--listen")
             .arg(&self.addr)
+            .arg("--metrics-listen")
+            .arg(&self.metrics_addr)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(key, value)| (key, value)))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -67,13 +101,20 @@ impl Server {
         }
         let mut child = command.spawn().expect("spawn imstate");
         let stdout = child.stdout.take().unwrap();
+        self.child = Some(child);
+        stdout
+    }
+
+    /// Spawns the process and waits until it prints that it listens (recovery done).
+    pub fn restart(&mut self) {
+        let started = Instant::now();
+        let stdout = self.spawn();
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
         assert!(
             line.starts_with("imstate listening on"),
             "unexpected first line: {line:?}"
         );
-        self.child = Some(child);
         self.restart_wait += started.elapsed();
     }
 
@@ -105,6 +146,25 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// One HTTP/1.1 GET on loopback: (status code, body), or `None` if nothing listens yet.
+pub fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
 }
 
 /// Nanoseconds since a fixed origin on CLOCK_MONOTONIC (what `Instant` uses on Linux).

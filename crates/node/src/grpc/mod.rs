@@ -12,10 +12,14 @@
 //! | batch over its limit, sessions per uid, gateways, shard full | RESOURCE_EXHAUSTED (names the limit) |
 //! | a sequence at u64::MAX | OUT_OF_RANGE |
 //! | log failure, raise timeout, node stopping | UNAVAILABLE |
+//! | missing or wrong bearer token ([`edge`]) | UNAUTHENTICATED |
 
+mod admin;
+pub mod edge;
 mod presence;
 mod sequence;
 
+pub use admin::AdminService;
 pub use presence::PresenceService;
 pub use sequence::SequenceService;
 

@@ -1,0 +1,238 @@
+//! TLS, mTLS and bearer tokens on the gRPC port of the real binary, driven through the CLI's
+//! `--tls-ca`, `--tls-cert/--tls-key` and `--token-file`. Certificates are made per test with
+//! `rcgen` (a CA, a server certificate for 127.0.0.1, a client certificate).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use support::{Server, http_get};
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A CA and a certificate it signed, written as PEM files.
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Writes a CA, a server certificate for 127.0.0.1/localhost and a client certificate, all
+/// prefixed with `prefix`, into `dir`.
+fn make_pki(dir: &Path, prefix: &str) -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{prefix} test CA"));
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+
+    let server_key = KeyPair::generate().unwrap();
+    let mut server_params =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server = server_params.signed_by(&server_key, &ca, &ca_key).unwrap();
+
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(vec!["client".to_string()]).unwrap();
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params.signed_by(&client_key, &ca, &ca_key).unwrap();
+
+    Pki {
+        ca: write(dir, &format!("{prefix}-ca.pem"), &ca.pem()),
+        server_cert: write(dir, &format!("{prefix}-server.pem"), &server.pem()),
+        server_key: write(
+            dir,
+            &format!("{prefix}-server.key"),
+            &server_key.serialize_pem(),
+        ),
+        client_cert: write(dir, &format!("{prefix}-client.pem"), &client.pem()),
+        client_key: write(
+            dir,
+            &format!("{prefix}-client.key"),
+            &client_key.serialize_pem(),
+        ),
+    }
+}
+
+fn path(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn tls_clients_need_the_ca_that_signed_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path(), "good");
+    let other = make_pki(dir.path(), "other");
+    // Through the environment, which also exercises IMSTATE_<SECTION>__<KEY>.
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        None,
+        &[],
+        &[
+            ("IMSTATE_TLS__CERT_FILE", path(&pki.server_cert)),
+            ("IMSTATE_TLS__KEY_FILE", path(&pki.server_key)),
+        ],
+    );
+    let plaintext = server.cli(&["seq", "next", "1"]);
+    assert_eq!(plaintext.status.code(), Some(1), "plaintext must fail");
+    let wrong_ca = server.cli(&["seq", "next", "--tls-ca", path(&other.ca), "1"]);
+    assert_eq!(wrong_ca.status.code(), Some(1), "a foreign CA must fail");
+    assert!(
+        stderr(&wrong_ca).starts_with("error: "),
+        "{}",
+        stderr(&wrong_ca)
+    );
+
+    let good = server.cli(&["seq", "next", "--tls-ca", path(&pki.ca), "1"]);
+    assert!(good.status.success(), "{}", stderr(&good));
+    assert_eq!(String::from_utf8_lossy(&good.stdout), "1\n");
+    let by_name = server.cli(&[
+        "ctl",
+        "status",
+        "--tls-ca",
+        path(&pki.ca),
+        "--tls-domain",
+        "localhost",
+    ]);
+    assert!(by_name.status.success(), "{}", stderr(&by_name));
+}
+
+#[test]
+fn mtls_rejects_a_client_without_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path(), "m");
+    let other = make_pki(dir.path(), "rogue");
+    let config = write(
+        dir.path(),
+        "imstate.toml",
+        &format!(
+            "[tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n",
+            pki.server_cert, pki.server_key, pki.ca
+        ),
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&config));
+    let no_cert = server.cli(&["seq", "next", "--tls-ca", path(&pki.ca), "1"]);
+    assert_eq!(
+        no_cert.status.code(),
+        Some(1),
+        "no client certificate must fail"
+    );
+    let rogue = server.cli(&[
+        "seq",
+        "next",
+        "--tls-ca",
+        path(&pki.ca),
+        "--tls-cert",
+        path(&other.client_cert),
+        "--tls-key",
+        path(&other.client_key),
+        "1",
+    ]);
+    assert_eq!(
+        rogue.status.code(),
+        Some(1),
+        "a certificate of another CA must fail"
+    );
+    let good = server.cli(&[
+        "seq",
+        "next",
+        "--tls-ca",
+        path(&pki.ca),
+        "--tls-cert",
+        path(&pki.client_cert),
+        "--tls-key",
+        path(&pki.client_key),
+        "1",
+    ]);
+    assert!(good.status.success(), "{}", stderr(&good));
+}
+
+#[test]
+fn missing_or_wrong_tokens_get_unauthenticated_and_the_right_one_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write(
+        dir.path(),
+        "tokens",
+        "# ops team\nsecret-token-1\nsecret-token-2\n",
+    );
+    let wrong = write(dir.path(), "wrong", "secret-token-3\n");
+    let right = write(dir.path(), "right", "secret-token-2\n");
+    let config = write(
+        dir.path(),
+        "imstate.toml",
+        &format!("[auth]\ntoken_file = {tokens:?}\n"),
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&config));
+    for (args, what) in [
+        (vec!["seq", "next", "1"], "missing"),
+        (
+            vec!["seq", "next", "--token-file", path(&wrong), "1"],
+            "wrong",
+        ),
+        (vec!["ctl", "status", "--token-file", path(&wrong)], "wrong"),
+    ] {
+        let output = server.cli(&args);
+        assert_eq!(output.status.code(), Some(1), "{what}");
+        assert!(
+            stderr(&output).contains("Unauthenticated"),
+            "{what}: {}",
+            stderr(&output)
+        );
+    }
+    let output = server.cli(&["seq", "next", "--token-file", path(&right), "1"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let mut command = std::process::Command::new(support::binary());
+    let output = command
+        .args(["ctl", "namespaces"])
+        .env("IMSTATE_ADDR", &server.addr)
+        .env("IMSTATE_TOKEN_FILE", &right)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "env token: {}", stderr(&output));
+
+    let (_, metrics) = http_get(&server.metrics_addr, "/metrics").unwrap();
+    let rejected: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("imstate_auth_rejected_total"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(rejected, 3.0, "{metrics}");
+}
+
+#[test]
+fn a_bad_token_file_is_a_startup_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = write(dir.path(), "tokens", "# nobody\n");
+    let output = std::process::Command::new(support::binary())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("IMSTATE_AUTH__TOKEN_FILE", &empty)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("auth.token_file"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -1,0 +1,135 @@
+//! The Admin service (`imstate ctl`): status of the node and forced checkpoints.
+//!
+//! Checkpoints run on tokio's blocking pool (they write and fsync files); each store
+//! serializes its own checkpoints, so a forced one and an automatic one never overlap in the
+//! same log. The sequence store is checkpointed first, then the presence registry; the first
+//! error stops the call and is returned as UNAVAILABLE.
+
+use std::sync::Arc;
+
+use imstate_log::{CheckpointStats, Log};
+use imstate_proto::v1 as pb;
+use imstate_proto::v1::admin_server::Admin;
+use tonic::{Request, Response, Status};
+
+use super::{EMBEDDED_ROUTE_VERSION, status_from};
+use crate::http::Health;
+use crate::metrics::{LOG_PRESENCE, LOG_SEQ, checkpoint_done};
+use crate::presencestore::PresenceStore;
+use crate::seqstore::SeqStore;
+
+/// The Admin service.
+pub struct AdminService {
+    seq: Arc<SeqStore>,
+    presence: Arc<PresenceStore>,
+    health: Arc<Health>,
+    /// The presence log's fsync policy as configured (the sequence log is always `always`).
+    presence_fsync: String,
+}
+
+impl AdminService {
+    /// Serves status and checkpoints of these stores.
+    pub fn new(
+        seq: Arc<SeqStore>,
+        presence: Arc<PresenceStore>,
+        health: Arc<Health>,
+        presence_fsync: String,
+    ) -> Self {
+        Self {
+            seq,
+            presence,
+            health,
+            presence_fsync,
+        }
+    }
+}
+
+fn log_status(name: &str, log: &Log, fsync: &str) -> pb::LogStatus {
+    let stats = log.stats();
+    pb::LogStatus {
+        name: name.to_string(),
+        last_lsn: stats.last_lsn,
+        durable_lsn: stats.durable_lsn,
+        synced_lsn: stats.synced_lsn,
+        has_checkpoint: stats.last_checkpoint_lsn.is_some(),
+        checkpoint_lsn: stats.last_checkpoint_lsn.unwrap_or(0),
+        bytes_since_checkpoint: log.bytes_since_checkpoint(),
+        segments: stats.segments as u64,
+        poisoned: stats.poisoned,
+        fsync: fsync.to_string(),
+    }
+}
+
+fn checkpoint_to_pb(name: &str, stats: CheckpointStats) -> pb::CheckpointResult {
+    pb::CheckpointResult {
+        name: name.to_string(),
+        covered_lsn: stats.covered_lsn,
+        bytes: stats.bytes,
+        elapsed_ms: stats.elapsed.as_millis() as u64,
+        segments_removed: stats.segments_removed as u64,
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        let namespaces = self
+            .seq
+            .namespaces()
+            .into_iter()
+            .map(|def| pb::Namespace {
+                name: def.name,
+                id_lo: def.id_lo,
+                id_hi: def.id_hi,
+                section_size: def.section_size,
+                step: def.step,
+            })
+            .collect();
+        Ok(Response::new(pb::StatusReply {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_ms: self.health.uptime().as_millis() as u64,
+            role: "embedded".into(),
+            route_version: EMBEDDED_ROUTE_VERSION,
+            namespaces,
+            sessions_online: self.presence.online_count(),
+            logs: vec![
+                log_status(LOG_SEQ, self.seq.log(), "always"),
+                log_status(LOG_PRESENCE, self.presence.log(), &self.presence_fsync),
+            ],
+            sections_loaded: self.seq.sections_loaded() as u64,
+        }))
+    }
+
+    async fn checkpoint(
+        &self,
+        _request: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointReply>, Status> {
+        let seq = Arc::clone(&self.seq);
+        let presence = Arc::clone(&self.presence);
+        let joined = tokio::task::spawn_blocking(move || {
+            let seq_stats = seq.checkpoint();
+            checkpoint_done(LOG_SEQ, seq_stats.is_ok());
+            let seq_stats = seq_stats?;
+            let presence_stats = presence.checkpoint();
+            checkpoint_done(LOG_PRESENCE, presence_stats.is_ok());
+            Ok::<_, crate::NodeError>((seq_stats, presence_stats?))
+        })
+        .await
+        .map_err(|error| Status::internal(format!("checkpoint task: {error}")))?;
+        let (seq_stats, presence_stats) = joined.map_err(status_from)?;
+        tracing::info!(
+            seq_covered_lsn = seq_stats.covered_lsn,
+            presence_covered_lsn = presence_stats.covered_lsn,
+            "checkpoint forced by Admin/Checkpoint"
+        );
+        Ok(Response::new(pb::CheckpointReply {
+            checkpoints: vec![
+                checkpoint_to_pb(LOG_SEQ, seq_stats),
+                checkpoint_to_pb(LOG_PRESENCE, presence_stats),
+            ],
+        }))
+    }
+}
