@@ -81,6 +81,12 @@ fn io_error(context: String) -> impl FnOnce(std::io::Error) -> LogError {
     move |source| LogError::io(context, source)
 }
 
+/// The longest invalid region at the end of a segment that recovery treats as a torn tail and
+/// cuts. A crash can tear only the flusher's last write, which is at most one batch (16 MiB) or
+/// one record (at most `record_bytes_max`, 16 MiB by default), so twice that leaves room for a
+/// write split across a segment roll. Anything longer is corruption.
+pub(crate) const TORN_TAIL_BYTES_MAX: u64 = 32 * 1024 * 1024;
+
 /// Recovers the log in `storage`, delivering the checkpoint and records to `replay`.
 pub(crate) fn recover(
     storage: &dyn Storage,
@@ -193,6 +199,21 @@ pub(crate) fn recover(
                     offset = found.end;
                 }
                 Err(invalid) => {
+                    let tail_bytes = (buf.len() - offset) as u64;
+                    if tail_bytes > TORN_TAIL_BYTES_MAX {
+                        // One crash tears at most the flusher's last write; a longer invalid
+                        // region is damage (or another format), and cutting it would silently
+                        // drop everything after it.
+                        return Err(LogError::Corrupt {
+                            file: name.clone(),
+                            offset: offset as u64,
+                            reason: format!(
+                                "{invalid}, and the invalid region is {tail_bytes} bytes, more \
+                                 than one write can leave torn ({TORN_TAIL_BYTES_MAX}): refusing \
+                                 to truncate it"
+                            ),
+                        });
+                    }
                     let last_good = last_lsn.unwrap_or(chain_end);
                     if let Some((at, lsn)) = record::find_valid_record(&buf, offset + 1, last_good)
                     {

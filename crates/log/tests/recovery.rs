@@ -451,3 +451,46 @@ proptest::proptest! {
         proptest::prop_assert_eq!(replayed.payloads(), complete);
     }
 }
+
+#[test]
+fn an_invalid_tail_longer_than_one_write_is_corruption_not_truncated() {
+    // What a log of another record format, or a large damaged region, looks like: valid
+    // records, then far more invalid bytes than one crash can tear. Cutting them would silently
+    // drop everything; recovery must refuse instead and leave the file as it is.
+    let dir = tempfile::tempdir().unwrap();
+    let storage = FileStorage::new(dir.path()).unwrap();
+    let options = LogOptions::default();
+    {
+        let (log, _, _) = support::open(storage, options.clone()).unwrap();
+        for index in 0..10 {
+            let lsn = log.append(support::payload(index)).unwrap();
+            log.wait_durable(lsn).unwrap();
+        }
+        log.shutdown().unwrap();
+    }
+    let segment = dir.path().join(support::segment_name(1));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    bytes.extend((0..33 * 1024 * 1024).map(|_| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state as u8
+    }));
+    std::fs::write(&segment, &bytes).unwrap();
+    let error = support::open(FileStorage::new(dir.path()).unwrap(), options.clone())
+        .err()
+        .expect("refuses to start");
+    let message = error.to_string();
+    assert!(message.contains("refusing to truncate"), "{message}");
+    assert!(message.contains(&support::segment_name(1)), "names the file: {message}");
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), bytes.len() as u64, "untouched");
+
+    // A short invalid tail is still a torn write: cut, and the records before it recovered.
+    bytes.truncate(bytes.len() - 33 * 1024 * 1024 + 100);
+    std::fs::write(&segment, &bytes).unwrap();
+    let (_log, replayed, stats) =
+        support::open(FileStorage::new(dir.path()).unwrap(), options).unwrap();
+    assert_eq!(replayed.records.len(), 10);
+    assert_eq!(stats.truncated_tail_bytes, 100);
+}
