@@ -247,8 +247,14 @@ pub(crate) fn recover(
                 }
             }
         }
-        if let Some(last) = last_lsn {
-            chain_end = last;
+        match last_lsn {
+            Some(last) => chain_end = last,
+            // An empty segment still proves, by its name, that every LSN below its first
+            // existed: if neither a checkpoint nor an earlier segment holds them, history is
+            // missing (say, a checkpoint deleted by hand), and starting empty would hand out
+            // sequence values again.
+            None if torn_from.is_none() => check_chain(name, first_lsn, chain_end, covered)?,
+            None => {}
         }
         segments.push(SegmentInfo {
             name: name.clone(),

@@ -2,6 +2,8 @@
 
 mod support;
 
+use std::io::Write;
+
 use imstate_log::{CrashMode, FaultyStorage, FileStorage, LogError, LogOptions, Lsn, Storage};
 use support::{frame_bytes, open, payload, segment_name, small_segments};
 
@@ -483,8 +485,15 @@ fn an_invalid_tail_longer_than_one_write_is_corruption_not_truncated() {
         .expect("refuses to start");
     let message = error.to_string();
     assert!(message.contains("refusing to truncate"), "{message}");
-    assert!(message.contains(&support::segment_name(1)), "names the file: {message}");
-    assert_eq!(std::fs::metadata(&segment).unwrap().len(), bytes.len() as u64, "untouched");
+    assert!(
+        message.contains(&support::segment_name(1)),
+        "names the file: {message}"
+    );
+    assert_eq!(
+        std::fs::metadata(&segment).unwrap().len(),
+        bytes.len() as u64,
+        "untouched"
+    );
 
     // A short invalid tail is still a torn write: cut, and the records before it recovered.
     bytes.truncate(bytes.len() - 33 * 1024 * 1024 + 100);
@@ -493,4 +502,35 @@ fn an_invalid_tail_longer_than_one_write_is_corruption_not_truncated() {
         support::open(FileStorage::new(dir.path()).unwrap(), options).unwrap();
     assert_eq!(replayed.records.len(), 10);
     assert_eq!(stats.truncated_tail_bytes, 100);
+}
+
+#[test]
+fn an_empty_segment_past_missing_history_is_corruption() {
+    // A log whose checkpoint covered everything and then went missing leaves only the empty
+    // segment the node started after it. Starting empty would reissue every sequence value.
+    let storage = FaultyStorage::new();
+    let options = LogOptions::default();
+    write_records(&storage, &options, 5);
+    {
+        // Reopened, the log appends to a new segment; the checkpoint then drops the first.
+        let (log, _, _) = open(storage.clone(), options.clone()).unwrap();
+        log.checkpoint(5, |out| out.write_all(b"state")).unwrap();
+        log.shutdown().unwrap();
+    }
+    assert!(
+        !storage.file_names().contains(&segment_name(1)),
+        "{:?}",
+        storage.file_names()
+    );
+    let checkpoint = storage
+        .file_names()
+        .into_iter()
+        .find(|name| name.starts_with("checkpoint-"))
+        .expect("a checkpoint");
+    let image = storage.crash_image(CrashMode::DropUnsynced);
+    image.remove(&checkpoint).unwrap();
+    image.sync_dir().unwrap();
+    let error = open(image, options).err().expect("refuses to start");
+    assert!(matches!(error, LogError::Corrupt { .. }), "{error}");
+    assert!(error.to_string().contains("missing"), "{error}");
 }
