@@ -99,7 +99,8 @@ stop_redis() {
 start_imstate() { # start_imstate DATA_DIR: starts the node, waits for "imstate listening on"
   local data=$1 log=$WORK/imstate.log
   : >"$log"
-  "$BIN" serve --data-dir "$data" --listen "127.0.0.1:$IMSTATE_PORT" >>"$log" 2>&1 &
+  "$BIN" serve --data-dir "$data" --listen "127.0.0.1:$IMSTATE_PORT" \
+    --metrics-listen "127.0.0.1:$METRICS_PORT" >>"$log" 2>&1 &
   IMSTATE_PID=$!
   PIDS+=("$IMSTATE_PID")
   local i
@@ -117,6 +118,7 @@ stop_imstate() { # SIGTERM: drain, flush, fsync, exit 0
 
 REDIS_PORT=$(free_port)
 IMSTATE_PORT=$(free_port)
+METRICS_PORT=$(free_port)
 REDIS=127.0.0.1:$REDIS_PORT
 IMSTATE=127.0.0.1:$IMSTATE_PORT
 

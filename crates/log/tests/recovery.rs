@@ -2,8 +2,6 @@
 
 mod support;
 
-use std::io::Write;
-
 use imstate_log::{CrashMode, FaultyStorage, FileStorage, LogError, LogOptions, Lsn, Storage};
 use support::{frame_bytes, open, payload, segment_name, small_segments};
 
@@ -480,9 +478,9 @@ fn an_invalid_tail_longer_than_one_write_is_corruption_not_truncated() {
         state as u8
     }));
     std::fs::write(&segment, &bytes).unwrap();
-    let error = support::open(FileStorage::new(dir.path()).unwrap(), options.clone())
-        .err()
-        .expect("refuses to start");
+    let Err(error) = support::open(FileStorage::new(dir.path()).unwrap(), options.clone()) else {
+        panic!("refuses to start");
+    };
     let message = error.to_string();
     assert!(message.contains("refusing to truncate"), "{message}");
     assert!(
@@ -530,7 +528,9 @@ fn an_empty_segment_past_missing_history_is_corruption() {
     let image = storage.crash_image(CrashMode::DropUnsynced);
     image.remove(&checkpoint).unwrap();
     image.sync_dir().unwrap();
-    let error = open(image, options).err().expect("refuses to start");
+    let Err(error) = open(image, options) else {
+        panic!("refuses to start");
+    };
     assert!(matches!(error, LogError::Corrupt { .. }), "{error}");
     assert!(error.to_string().contains("missing"), "{error}");
 }

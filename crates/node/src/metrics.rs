@@ -221,6 +221,24 @@ pub fn checkpoint_done(name: &'static str, ok: bool) {
     counter!(CHECKPOINTS, "log" => name, "outcome" => outcome).increment(1);
 }
 
+/// Counts and logs the outcome of an automatic checkpoint of log `name`.
+pub fn report_checkpoint(
+    name: &'static str,
+    result: &Result<imstate_log::CheckpointStats, crate::NodeError>,
+) {
+    checkpoint_done(name, result.is_ok());
+    match result {
+        Ok(stats) => tracing::info!(
+            log = name,
+            covered_lsn = stats.covered_lsn,
+            bytes = stats.bytes,
+            elapsed_ms = stats.elapsed.as_millis() as u64,
+            "checkpoint written"
+        ),
+        Err(error) => tracing::error!(log = name, %error, "checkpoint failed"),
+    }
+}
+
 /// Copies the gauges and log counters of the stores into the recorder; called per scrape.
 pub fn refresh(seq: &SeqStore, presence: &PresenceStore) {
     gauge!(SEQ_SECTIONS_LOADED).set(seq.sections_loaded() as f64);

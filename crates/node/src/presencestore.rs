@@ -257,27 +257,24 @@ impl PresenceStore {
         Ok(())
     }
 
-    /// One expiry pass: lapsed gateways, then every shard in bounded steps (each step holds
-    /// one shard lock for at most `TICK_VISITS_PER_LOCK` visits, so lookups never wait long).
+    /// One expiry pass: lapsed gateways, then every shard in bounded steps. Each step holds one
+    /// shard lock for at most [`EXPIRY_VISITS_PER_LOCK`] visits (an expiry plus its log append
+    /// each) and yields between steps, so a mass expiry never keeps lookups waiting long, even
+    /// with fewer cores than runnable threads. Returns how many sessions and gateways expired.
     pub fn expire_once(&self) -> usize {
         let started = std::time::Instant::now();
         let now_ms = self.clock.now_ms();
         let mut expired = self.registry.tick_gateways(now_ms).len();
         for shard in 0..self.registry.shard_count() {
-            loop {
-                match self
-                    .registry
+            while let Ok(progress) =
+                self.registry
                     .tick_shard(shard, now_ms, EXPIRY_VISITS_PER_LOCK)
-                {
-                    Ok(progress) => {
-                        expired += progress.events.len();
-                        if progress.done {
-                            break;
-                        }
-                        std::thread::yield_now();
-                    }
-                    Err(_) => break,
+            {
+                expired += progress.events.len();
+                if progress.done {
+                    break;
                 }
+                std::thread::yield_now();
             }
         }
         if expired > 0 {
@@ -302,17 +299,10 @@ impl PresenceStore {
         let spawned = std::thread::Builder::new()
             .name("imstate-checkpoint".into())
             .spawn(move || {
-                let result = store.checkpoint();
-                crate::metrics::checkpoint_done(crate::metrics::LOG_PRESENCE, result.is_ok());
-                match result {
-                    Ok(stats) => tracing::info!(
-                        covered_lsn = stats.covered_lsn,
-                        bytes = stats.bytes,
-                        elapsed_ms = stats.elapsed.as_millis() as u64,
-                        "presence checkpoint written"
-                    ),
-                    Err(error) => tracing::error!(%error, "presence checkpoint failed"),
-                }
+                crate::metrics::report_checkpoint(
+                    crate::metrics::LOG_PRESENCE,
+                    &store.checkpoint(),
+                );
                 store.checkpoint_running.store(false, Ordering::Release);
             });
         if spawned.is_err() {

@@ -330,17 +330,7 @@ impl SeqStore {
         }
         let store = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            let result = store.checkpoint();
-            crate::metrics::checkpoint_done(crate::metrics::LOG_SEQ, result.is_ok());
-            match result {
-                Ok(stats) => tracing::info!(
-                    covered_lsn = stats.covered_lsn,
-                    bytes = stats.bytes,
-                    elapsed_ms = stats.elapsed.as_millis() as u64,
-                    "sequence checkpoint written"
-                ),
-                Err(error) => tracing::error!(%error, "sequence checkpoint failed"),
-            }
+            crate::metrics::report_checkpoint(crate::metrics::LOG_SEQ, &store.checkpoint());
             store.checkpoint_running.store(false, Ordering::Release);
         });
     }

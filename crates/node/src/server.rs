@@ -45,6 +45,18 @@ struct Security {
     tokens: Option<Arc<Tokens>>,
 }
 
+/// An error with its sources on one line (tonic hides the useful part in a source).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
 fn read_file(key: &str, path: &std::path::Path) -> Result<Vec<u8>, NodeError> {
     std::fs::read(path).map_err(|error| {
         NodeError::Config(format!("{key}: cannot read {}: {error}", path.display()))
@@ -61,6 +73,10 @@ impl Security {
                 let ca = read_file("tls.client_ca_file", &config.tls.client_ca_file)?;
                 tls = tls.client_ca_root(Certificate::from_pem(ca));
             }
+            // Parse the PEM now, so bad material fails before a long recovery, not after.
+            tonic::transport::Server::builder()
+                .tls_config(tls.clone())
+                .map_err(|error| NodeError::Config(format!("tls: {}", error_chain(&error))))?;
             Some(tls)
         } else {
             None
@@ -238,7 +254,7 @@ impl Node {
         if let Some(tls) = self.security.tls.clone() {
             builder = builder
                 .tls_config(tls)
-                .map_err(|error| NodeError::Config(format!("tls: {error}")))?;
+                .map_err(|error| NodeError::Config(format!("tls: {}", error_chain(&error))))?;
         }
         let serve = builder
             .layer(EdgeLayer::new(self.security.tokens.clone()))
@@ -254,6 +270,12 @@ impl Node {
                     .await;
                 reporter
                     .set_not_serving::<PresenceServer<PresenceService>>()
+                    .await;
+                reporter
+                    .set_not_serving::<AdminServer<AdminService>>()
+                    .await;
+                reporter
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
                     .await;
                 let _ = stopped_tx.send(reason);
             });
@@ -276,7 +298,7 @@ impl Node {
 
 /// Logs a loud warning when the gRPC port is reachable beyond loopback without TLS or tokens.
 fn warn_if_exposed(config: &NodeConfig, address: SocketAddr) {
-    if !address.ip().is_loopback() && !config.tls.enabled() && !config.auth.enabled() {
+    if is_exposed(config, address) {
         tracing::warn!(
             %address,
             "SECURITY: gRPC is listening beyond loopback with NEITHER TLS NOR token auth; anyone \
@@ -284,6 +306,11 @@ fn warn_if_exposed(config: &NodeConfig, address: SocketAddr) {
              (see `imstate config example`)."
         );
     }
+}
+
+/// Whether the gRPC port is reachable beyond loopback with neither TLS nor tokens.
+fn is_exposed(config: &NodeConfig, address: SocketAddr) -> bool {
+    !address.ip().is_loopback() && !config.tls.enabled() && !config.auth.enabled()
 }
 
 /// Opens a node with `config` and serves until `shutdown` resolves: the start-up order of the
@@ -315,4 +342,25 @@ pub async fn run(
     let result = node.serve(shutdown, on_listening).await;
     drop(http);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_non_loopback_without_tls_or_tokens_is_exposed() {
+        let mut config = NodeConfig::default();
+        let public: SocketAddr = "0.0.0.0:7700".parse().unwrap();
+        let loopback: SocketAddr = "127.0.0.1:7700".parse().unwrap();
+        let loopback_v6: SocketAddr = "[::1]:7700".parse().unwrap();
+        assert!(is_exposed(&config, public));
+        assert!(!is_exposed(&config, loopback));
+        assert!(!is_exposed(&config, loopback_v6));
+        config.auth.token_file = "tokens".into();
+        assert!(!is_exposed(&config, public));
+        config.auth.token_file = Default::default();
+        config.tls.cert_file = "cert.pem".into();
+        assert!(!is_exposed(&config, public));
+    }
 }
