@@ -14,6 +14,13 @@ pub struct Target {
     /// Node address, host:port.
     #[arg(long, default_value = "127.0.0.1:7700", env = "IMSTATE_ADDR")]
     addr: String,
+    #[command(flatten)]
+    security: Security,
+}
+
+/// TLS and token options of a client; shared by every client command and `bench`.
+#[derive(Args, Clone, Debug, Default)]
+pub struct Security {
     /// PEM CA that signed the node's certificate; turns TLS on.
     #[arg(long, env = "IMSTATE_TLS_CA", value_name = "FILE")]
     tls_ca: Option<PathBuf>,
@@ -33,7 +40,7 @@ pub struct Target {
         requires = "tls_cert"
     )]
     tls_key: Option<PathBuf>,
-    /// Name to verify in the node's certificate. [default: the host of --addr]
+    /// Name to verify in the node's certificate. [default: the host of the address]
     #[arg(long, value_name = "NAME")]
     tls_domain: Option<String>,
     /// File whose first non-comment line is the bearer token sent with every call.
@@ -41,9 +48,9 @@ pub struct Target {
     token_file: Option<PathBuf>,
 }
 
-impl Target {
-    /// Connects with the TLS and token options given.
-    pub async fn connect(&self) -> anyhow::Result<Client> {
+impl Security {
+    /// The client options these flags describe (reads the files).
+    pub fn options(&self) -> anyhow::Result<ClientOptions> {
         let mut options = ClientOptions::from_files(
             self.tls_ca.as_deref(),
             self.tls_cert.as_deref(),
@@ -51,7 +58,19 @@ impl Target {
             self.token_file.as_deref(),
         )?;
         options.tls_domain = self.tls_domain.clone();
-        Ok(Client::connect_with(&self.addr, &options).await?)
+        Ok(options)
+    }
+
+    /// Connects to `address` with these options.
+    pub async fn connect(&self, address: &str) -> anyhow::Result<Client> {
+        Ok(Client::connect_with(address, &self.options()?).await?)
+    }
+}
+
+impl Target {
+    /// Connects with the TLS and token options given.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        self.security.connect(&self.addr).await
     }
 }
 

@@ -236,3 +236,58 @@ fn a_bad_token_file_is_a_startup_error_naming_the_key() {
         stderr(&output)
     );
 }
+
+#[test]
+fn bench_reaches_a_token_protected_node_with_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write(dir.path(), "tokens", "bench-token\n");
+    let config = write(
+        dir.path(),
+        "imstate.toml",
+        &format!("[auth]\ntoken_file = {tokens:?}\n"),
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&config));
+    let target = format!("imstate://{}", server.addr);
+    let run = |extra: &[&str]| {
+        let json = dir.path().join("bench.json");
+        let mut args = vec![
+            "bench",
+            "--target",
+            &target,
+            "--workload",
+            "seq-next",
+            "--connections",
+            "1",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--quiet",
+            "--json-out",
+        ];
+        let json_arg = json.to_str().unwrap().to_string();
+        args.push(&json_arg);
+        args.extend_from_slice(extra);
+        let output = std::process::Command::new(support::binary())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        let text = std::fs::read_to_string(&json).unwrap();
+        let results: serde_json::Value = serde_json::from_str(&text).unwrap();
+        (
+            results[0]["ops"].as_u64().unwrap(),
+            results[0]["errors"].as_u64().unwrap(),
+        )
+    };
+    let (ops, errors) = run(&["--token-file", path(&tokens)]);
+    assert!(
+        ops > 0 && errors == 0,
+        "with the token: {ops} ops, {errors} errors"
+    );
+    let (ops, errors) = run(&[]);
+    assert!(
+        ops == 0 && errors > 0,
+        "without a token: {ops} ops, {errors} errors"
+    );
+}

@@ -19,7 +19,7 @@ impl ImstateDriver {
     /// Opens a connection to `address`.
     pub async fn connect(address: &str, config: &RunConfig) -> anyhow::Result<Self> {
         Ok(Self {
-            client: Client::connect(address).await?,
+            client: config.security.connect(address).await?,
             workload: config.workload,
             namespace: config.ns.clone(),
             ttl_ms: config

@@ -65,7 +65,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         };
         let target = Target::with_scheme(address, "imstate")?;
         let config = RunConfig::from_args(args, target.clone(), Workload::PresenceLogin);
-        let client = imstate_client::Client::connect(target.address()).await?;
+        let client = config.security.connect(target.address()).await?;
         let sessions_before = client.online_count().await?;
         let before = vm_rss_bytes(pid)?;
         let load_seconds = preload(&config, args.modes.sessions).await?;

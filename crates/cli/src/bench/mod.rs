@@ -57,6 +57,9 @@ Modes:
              imstate bench --memory --sessions 1000000 --imstate 127.0.0.1:7700 \\
                  --imstate-pid 1234 --redis 127.0.0.1:6379")]
 pub struct BenchArgs {
+    /// TLS and token options for an imstate target (as for every client command).
+    #[command(flatten)]
+    pub security: crate::seq::Security,
     /// What to load: imstate://HOST:PORT or redis://HOST:PORT.
     #[arg(long, default_value = "imstate://127.0.0.1:7700")]
     pub target: String,
@@ -238,6 +241,7 @@ pub struct RunConfig {
     pub redis_fanout: RedisFanout,
     pub ns: String,
     pub quiet: bool,
+    pub security: crate::seq::Security,
 }
 
 impl RunConfig {
@@ -258,6 +262,7 @@ impl RunConfig {
             redis_fanout: args.redis_fanout,
             ns: args.ns.clone(),
             quiet: args.quiet,
+            security: args.security.clone(),
         }
     }
 
