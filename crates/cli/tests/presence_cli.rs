@@ -118,8 +118,9 @@ fn sessions_and_gateway_leases_expire_in_real_time() {
     login(&server, "2", "d", "gw-lease", "2");
     login(&server, "3", "d", "gw-other", "3");
     assert_eq!(out(&server.cli(&["presence", "count"])), "3\n");
-    // P2: gone within ttl + tick (1 s + 250 ms); the gateway lease lapse drops its sessions.
-    std::thread::sleep(Duration::from_millis(1_600));
+    // P2 as the issue states it: gone within ttl + 1 s (the tick is 250 ms; the exact bound is
+    // tested with a controlled clock in the core). The gateway lease lapse drops its sessions.
+    std::thread::sleep(Duration::from_millis(2_000));
     assert_eq!(
         out(&server.cli(&["presence", "lookup", "1", "2", "3"])),
         "1\toffline\n2\toffline\n3\td,gw-other,3\n"
