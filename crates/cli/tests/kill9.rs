@@ -30,11 +30,7 @@ async fn worker(addr: String, seed: u64, origin: Instant, stop: Arc<AtomicBool>)
     let mut history = Vec::new();
     let mut client: Option<Client> = None;
     while !stop.load(Ordering::Relaxed) {
-        let Some(connected) = client.clone() else {
-            match Client::connect(&addr).await {
-                Ok(connected) => client = Some(connected),
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
+        let Some(connected) = support::reconnect(&mut client, &addr).await else {
             continue;
         };
         let ids: Vec<u64> = if rng.gen_bool(0.5) {

@@ -27,11 +27,7 @@ async fn gateway(addr: String, worker: u64, acked: Acked, stop: Arc<AtomicBool>)
     let mut client: Option<Client> = None;
     let mut next = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let Some(connected) = client.clone() else {
-            match Client::connect(&addr).await {
-                Ok(connected) => client = Some(connected),
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
+        let Some(connected) = support::reconnect(&mut client, &addr).await else {
             continue;
         };
         let (uid, conn) = (worker * 1_000_000 + next, next);

@@ -171,3 +171,19 @@ pub fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
 pub fn monotonic_ns(origin: Instant) -> u64 {
     origin.elapsed().as_nanos() as u64
 }
+
+/// The client of a load worker across server restarts: the connected client, or `None` after
+/// a failed attempt and a short pause (the caller loops). Drop the client (set `None`) after a
+/// failed call so that the next turn reconnects.
+pub async fn reconnect(
+    client: &mut Option<imstate_client::Client>,
+    addr: &str,
+) -> Option<imstate_client::Client> {
+    if client.is_none() {
+        match imstate_client::Client::connect(addr).await {
+            Ok(connected) => *client = Some(connected),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    client.clone()
+}
