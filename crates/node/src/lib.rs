@@ -14,6 +14,7 @@
 //! - [`datadir`]: the data directory, locked against a second process.
 //! - [`seqstore`]: the sequence service's state machine: allocator + log, persist before serve.
 //! - [`presencestore`]: the presence registry + its log, expiry and checkpoint threads.
+//! - [`autocheckpoint`]: when a store starts an automatic checkpoint (one at a time).
 //! - [`clock`]: time as an input (wall clock, or a manual one in tests).
 //! - [`records`]: the byte format of the sequence log records and checkpoints.
 //! - [`grpc`]: the gRPC services (Sequence, Presence, Admin), the one place where domain errors
@@ -28,6 +29,7 @@
 #[cfg(all(feature = "planted-presence-ack-before-log", not(debug_assertions)))]
 compile_error!("the `planted-presence-ack-before-log` feature is for test builds only");
 
+pub mod autocheckpoint;
 pub mod clock;
 pub mod config;
 pub mod datadir;

@@ -156,7 +156,8 @@ pub struct PresenceStore {
     clock: Arc<dyn Clock>,
     options: PresenceStoreOptions,
     stop: AtomicBool,
-    checkpoint_running: AtomicBool,
+    /// Starts automatic checkpoints, one at a time.
+    auto_checkpoint: crate::autocheckpoint::AutoCheckpoint,
     /// The background threads, joined on shutdown.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -207,7 +208,7 @@ impl PresenceStore {
             clock,
             options,
             stop: AtomicBool::new(false),
-            checkpoint_running: AtomicBool::new(false),
+            auto_checkpoint: Default::default(),
             threads: Mutex::new(Vec::new()),
         });
         // Sessions that expired while the node was down go before anything is served.
@@ -288,26 +289,24 @@ impl PresenceStore {
     }
 
     fn maybe_checkpoint(self: &Arc<Self>) {
-        let threshold = self.options.checkpoint_log_bytes;
-        if threshold == 0 || self.log.bytes_since_checkpoint() < threshold {
+        let Some(claim) = self
+            .auto_checkpoint
+            .claim(&self.log, self.options.checkpoint_log_bytes)
+        else {
             return;
-        }
-        if self.checkpoint_running.swap(true, Ordering::AcqRel) {
-            return;
-        }
+        };
         let store = Arc::clone(self);
-        let spawned = std::thread::Builder::new()
+        // If the thread cannot be spawned, the closure (and the claim) is dropped: the next
+        // tick tries again.
+        let _ = std::thread::Builder::new()
             .name("imstate-checkpoint".into())
             .spawn(move || {
+                let _claim = claim;
                 crate::metrics::report_checkpoint(
                     crate::metrics::LOG_PRESENCE,
                     &store.checkpoint(),
                 );
-                store.checkpoint_running.store(false, Ordering::Release);
             });
-        if spawned.is_err() {
-            self.checkpoint_running.store(false, Ordering::Release);
-        }
     }
 
     /// Writes a checkpoint now (shard by shard; writers of other shards never wait) and drops

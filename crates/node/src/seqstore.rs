@@ -22,7 +22,6 @@
 //!   nothing.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use imstate_log::{CheckpointStats, FsyncPolicy, Log, LogOptions, RecoveryStats, Replay, Storage};
@@ -70,7 +69,8 @@ pub struct SeqStore {
     /// Set once when the log fails; the server watches it and stops the node.
     fatal: watch::Sender<Option<String>>,
     options: SeqStoreOptions,
-    checkpoint_running: AtomicBool,
+    /// Starts automatic checkpoints, one at a time.
+    auto_checkpoint: crate::autocheckpoint::AutoCheckpoint,
 }
 
 impl SeqStore {
@@ -100,7 +100,7 @@ impl SeqStore {
             raised,
             fatal,
             options,
-            checkpoint_running: AtomicBool::new(false),
+            auto_checkpoint: Default::default(),
         });
         let mut wanted = vec![NamespaceDef::default_namespace()];
         wanted.extend(declared.iter().cloned());
@@ -321,17 +321,16 @@ impl SeqStore {
     }
 
     fn maybe_checkpoint(self: &Arc<Self>) {
-        let threshold = self.options.checkpoint_log_bytes;
-        if threshold == 0 || self.log.bytes_since_checkpoint() < threshold {
+        let Some(claim) = self
+            .auto_checkpoint
+            .claim(&self.log, self.options.checkpoint_log_bytes)
+        else {
             return;
-        }
-        if self.checkpoint_running.swap(true, Ordering::AcqRel) {
-            return;
-        }
+        };
         let store = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
+            let _claim = claim;
             crate::metrics::report_checkpoint(crate::metrics::LOG_SEQ, &store.checkpoint());
-            store.checkpoint_running.store(false, Ordering::Release);
         });
     }
 
