@@ -5,8 +5,9 @@
 //! Configuration precedence is flags > environment (`IMSTATE_...`, see
 //! `imstate_node::config`) > file (`--config`) > defaults.
 //!
-//! The bound address is printed on stdout as `imstate listening on ADDR` once the node is ready
-//! (after recovery), so scripts and tests can wait for it; logs go to stderr.
+//! The bound addresses are printed on stdout once the node is ready (after recovery), so
+//! scripts and tests can wait for them: `imstate listening on ADDR` (gRPC), then
+//! `imstate wire listening on ADDR`. Logs go to stderr.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -32,6 +33,11 @@ pub struct ServeArgs {
     /// Env: IMSTATE_METRICS_LISTEN. [default: 127.0.0.1:7701]
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Wire-protocol listen address (the lean, pipelined binary protocol of the hot path:
+    /// Next, NextBatch, Login, Logout, Heartbeat, HeartbeatBatch, LookupBatch); port 0 picks a
+    /// free port. Env: IMSTATE_WIRE_LISTEN. [default: 127.0.0.1:7702]
+    #[arg(long)]
+    wire_listen: Option<SocketAddr>,
     /// Log format on stderr; levels come from RUST_LOG. Env: IMSTATE_LOG_FORMAT.
     /// [default: human]
     #[arg(long, value_enum)]
@@ -67,6 +73,9 @@ fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
     }
     if let Some(metrics_listen) = args.metrics_listen {
         config.metrics_listen = metrics_listen;
+    }
+    if let Some(wire_listen) = args.wire_listen {
+        config.wire_listen = wire_listen;
     }
     if let Some(format) = args.log_format {
         config.log_format = match format {
@@ -116,9 +125,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
             }
         };
-        imstate_node::run(config, shutdown, |address| {
+        imstate_node::run(config, shutdown, |listening| {
             let mut stdout = std::io::stdout();
-            let _ = writeln!(stdout, "imstate listening on {address}");
+            let _ = writeln!(stdout, "imstate listening on {}", listening.grpc);
+            let _ = writeln!(stdout, "imstate wire listening on {}", listening.wire);
             let _ = stdout.flush();
         })
         .await

@@ -137,6 +137,8 @@ fn serve_fails(data_dir: &std::path::Path) -> String {
             "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
+            "--wire-listen",
+            "127.0.0.1:0",
         ])
         .arg("--data-dir")
         .arg(data_dir)

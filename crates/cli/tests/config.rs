@@ -96,6 +96,8 @@ fn a_typo_in_a_key_or_a_bad_value_fails_startup_naming_it() {
                 "127.0.0.1:0",
                 "--metrics-listen",
                 "127.0.0.1:0",
+                "--wire-listen",
+                "127.0.0.1:0",
                 "--data-dir",
                 dir.path().join("data").to_str().unwrap(),
                 "--config",

@@ -223,6 +223,8 @@ fn a_bad_token_file_is_a_startup_error_naming_the_key() {
             "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
+            "--wire-listen",
+            "127.0.0.1:0",
         ])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
@@ -247,13 +249,14 @@ fn bench_reaches_a_token_protected_node_with_token_file() {
         &format!("[auth]\ntoken_file = {tokens:?}\n"),
     );
     let server = Server::start(&dir.path().join("data"), Some(&config));
-    let target = format!("imstate://{}", server.addr);
-    let run = |extra: &[&str]| {
+    let grpc = format!("imstate+grpc://{}", server.addr);
+    let wire = format!("imstate://{}", server.wire_addr);
+    let run = |target: &str, extra: &[&str]| {
         let json = dir.path().join("bench.json");
         let mut args = vec![
             "bench",
             "--target",
-            &target,
+            target,
             "--workload",
             "seq-next",
             "--connections",
@@ -272,20 +275,28 @@ fn bench_reaches_a_token_protected_node_with_token_file() {
             .args(&args)
             .output()
             .unwrap();
-        assert!(output.status.success(), "{}", stderr(&output));
+        if !output.status.success() {
+            return Err(stderr(&output));
+        }
         let text = std::fs::read_to_string(&json).unwrap();
         let results: serde_json::Value = serde_json::from_str(&text).unwrap();
-        (
+        Ok((
             results[0]["ops"].as_u64().unwrap(),
             results[0]["errors"].as_u64().unwrap(),
-        )
+        ))
     };
-    let (ops, errors) = run(&["--token-file", path(&tokens)]);
-    assert!(
-        ops > 0 && errors == 0,
-        "with the token: {ops} ops, {errors} errors"
-    );
-    let (ops, errors) = run(&[]);
+    for target in [&grpc, &wire] {
+        let (ops, errors) = run(target, &["--token-file", path(&tokens)]).unwrap();
+        assert!(
+            ops > 0 && errors == 0,
+            "{target} with the token: {ops} ops, {errors} errors"
+        );
+    }
+    // The wire protocol checks the token in its Hello, so the bench cannot even connect.
+    let error = run(&wire, &[]).unwrap_err();
+    assert!(error.contains("bearer token"), "{error}");
+    // gRPC checks it per call: every call fails.
+    let (ops, errors) = run(&grpc, &[]).unwrap();
     assert!(
         ops == 0 && errors > 0,
         "without a token: {ops} ops, {errors} errors"

@@ -8,6 +8,10 @@
 //! [`Client::connect`] speaks plaintext without credentials; [`Client::connect_with`] takes
 //! [`ClientOptions`]: a CA to verify the node's TLS certificate, a client certificate for mTLS,
 //! and a bearer token sent with every call.
+//!
+//! [`WireClient`] speaks the lean wire protocol (`imstate-wire`) of the hot path instead:
+//! Next, NextBatch, Login, Logout, Heartbeat, HeartbeatBatch and LookupBatch, pipelined on one
+//! TCP connection, with the same domain types and errors.
 
 #![deny(missing_docs)]
 
@@ -44,6 +48,13 @@ pub enum ClientError {
         /// Why it failed.
         reason: String,
     },
+    /// A wire-protocol connection failed or the node broke the protocol: the outcome of the
+    /// calls in flight is unknown.
+    #[error("wire connection: {reason}")]
+    Connection {
+        /// What happened.
+        reason: String,
+    },
     /// The node answered with an error.
     #[error("{message} ({code:?})")]
     Status {
@@ -68,7 +79,9 @@ impl ClientError {
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             ClientError::Status { code, .. } => Some(*code),
-            ClientError::Connect { .. } | ClientError::Options { .. } => None,
+            ClientError::Connect { .. }
+            | ClientError::Options { .. }
+            | ClientError::Connection { .. } => None,
         }
     }
 }
@@ -333,7 +346,9 @@ pub struct CheckpointResult {
 }
 
 mod presence;
+pub mod wire;
 pub use presence::{LoginArgs, LoginResult, Session, WatchEvent, WatchKind};
+pub use wire::WireClient;
 
 /// Timeout for establishing a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -34,6 +34,8 @@ pub const DATA_DIR_DEFAULT: &str = "./imstate-data";
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:7700";
 /// Default address of the HTTP listener (`/metrics`, `/healthz`, `/readyz`).
 pub const METRICS_LISTEN_DEFAULT: &str = "127.0.0.1:7701";
+/// Default address of the wire-protocol listener (the lean binary protocol of the hot path).
+pub const WIRE_LISTEN_DEFAULT: &str = "127.0.0.1:7702";
 /// Prefix of the environment variables that set configuration keys.
 pub const ENV_PREFIX: &str = "IMSTATE_";
 /// Default limit on ids in one NextBatch / CurrentBatch call.
@@ -54,6 +56,11 @@ pub struct NodeConfig {
     /// Address of the HTTP listener for `/metrics`, `/healthz` and `/readyz`. It starts before
     /// recovery, so `/readyz` answers 503 while a long log replays.
     pub metrics_listen: SocketAddr,
+    /// Address of the wire-protocol listener: Next, NextBatch, Login, Logout, Heartbeat,
+    /// HeartbeatBatch and LookupBatch in pipelined binary frames (`imstate-wire`). Plaintext
+    /// with the same bearer tokens as gRPC; it has no TLS, so with TLS configured it must stay
+    /// on loopback. Port 0 picks a free port.
+    pub wire_listen: SocketAddr,
     /// Log output format on stderr: `human` or `json`. Levels come from `RUST_LOG`.
     pub log_format: LogFormat,
     /// TLS on the gRPC port.
@@ -268,6 +275,7 @@ impl Default for NodeConfig {
             metrics_listen: METRICS_LISTEN_DEFAULT
                 .parse()
                 .expect("valid default address"),
+            wire_listen: WIRE_LISTEN_DEFAULT.parse().expect("valid default address"),
             log_format: LogFormat::Human,
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
@@ -389,6 +397,13 @@ impl NodeConfig {
             return Err(NodeError::Config(
                 "tls.client_ca_file needs tls.cert_file and tls.key_file".into(),
             ));
+        }
+        if self.tls.enabled() && !self.wire_listen.ip().is_loopback() {
+            return Err(NodeError::Config(format!(
+                "wire_listen {} is beyond loopback, but the wire protocol has no TLS and [tls] \
+                 is configured: keep wire_listen on loopback (or put a TLS proxy in front)",
+                self.wire_listen
+            )));
         }
         for namespace in &self.seq.namespaces {
             namespace.to_def().validate().map_err(|error| {
@@ -567,6 +582,7 @@ mod tests {
     #[test]
     fn every_key_round_trips_with_non_default_values() {
         let text = "data_dir = \"/d\"\nlisten = \"0.0.0.0:1\"\nmetrics_listen = \"0.0.0.0:2\"\n\
+            wire_listen = \"127.0.0.1:3\"\n\
             log_format = \"json\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n\
             client_ca_file = \"ca\"\n[auth]\ntoken_file = \"t\"\n\
             [seq]\nbatch_ids_max = 3\nraise_wait_timeout_ms = 4\ncheckpoint_log_bytes = 5\n\

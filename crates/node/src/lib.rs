@@ -21,6 +21,7 @@
 //!   become `tonic::Status`, and the edge layer (bearer tokens, per-call metrics).
 //! - [`metrics`]: Prometheus metric names, the recorder, scrape-time gauges.
 //! - [`http`]: the HTTP listener (`/metrics`, `/healthz`, `/readyz`), up before recovery.
+//! - [`wire`]: the wire-protocol listener (the hot path in pipelined binary frames).
 //! - [`server`]: start-up (recovery), TLS, serving, and clean shutdown.
 
 #![deny(missing_docs)]
@@ -28,6 +29,8 @@
 // Planted bugs exist only to prove that the tests catch them; they must never ship.
 #[cfg(all(feature = "planted-presence-ack-before-log", not(debug_assertions)))]
 compile_error!("the `planted-presence-ack-before-log` feature is for test builds only");
+#[cfg(all(feature = "planted-wire-ack-before-durable", not(debug_assertions)))]
+compile_error!("the `planted-wire-ack-before-durable` feature is for test builds only");
 
 pub mod autocheckpoint;
 pub mod clock;
@@ -41,7 +44,8 @@ pub mod presencestore;
 pub mod records;
 pub mod seqstore;
 pub mod server;
+pub mod wire;
 
 pub use config::NodeConfig;
 pub use error::NodeError;
-pub use server::{Node, run};
+pub use server::{Listening, Node, run};

@@ -327,8 +327,9 @@ impl PresenceStore {
         })?)
     }
 
-    /// Waits until every change made so far is durable under the policy.
-    async fn durable(&self) -> Result<(), NodeError> {
+    /// Waits until every change made so far is durable under the policy. Callers of the
+    /// `*_applied` methods must wait here before they acknowledge.
+    pub async fn durable(&self) -> Result<(), NodeError> {
         if let Some(reason) = &*self.journal.fatal.borrow() {
             return Err(NodeError::Unavailable(reason.clone()));
         }
@@ -364,17 +365,39 @@ impl PresenceStore {
         Ok(outcome)
     }
 
+    /// [`PresenceStore::login`] without the wait: applied and logged, not yet durable. The
+    /// wire protocol applies a whole pipelined read this way, then waits once with
+    /// [`PresenceStore::durable`] before it answers any of it.
+    pub fn login_applied(&self, request: &LoginRequest<'_>) -> Result<LoginOutcome, NodeError> {
+        let mut request = *request;
+        if request.ttl_ms == 0 {
+            request.ttl_ms = self.options.ttl_ms_default;
+        }
+        Ok(self.registry.login(&request, self.clock.now_ms())?)
+    }
+
     /// Removes the session of (uid, conn).
     pub async fn logout(&self, uid: u64, conn: u64) -> Result<Session, NodeError> {
-        let session = self.registry.logout(uid, conn)?;
+        let session = self.logout_applied(uid, conn)?;
         self.durable().await?;
         Ok(session)
     }
 
+    /// [`PresenceStore::logout`] without the wait (see [`PresenceStore::login_applied`]).
+    pub fn logout_applied(&self, uid: u64, conn: u64) -> Result<Session, NodeError> {
+        Ok(self.registry.logout(uid, conn)?)
+    }
+
     /// Renews the session of (uid, conn).
     pub async fn heartbeat(&self, uid: u64, conn: u64) -> Result<(), NodeError> {
-        self.registry.heartbeat(uid, conn, self.clock.now_ms())?;
+        self.heartbeat_applied(uid, conn)?;
         self.durable().await
+    }
+
+    /// [`PresenceStore::heartbeat`] without the wait (see [`PresenceStore::login_applied`]).
+    pub fn heartbeat_applied(&self, uid: u64, conn: u64) -> Result<(), NodeError> {
+        self.registry.heartbeat(uid, conn, self.clock.now_ms())?;
+        Ok(())
     }
 
     /// Renews many sessions of one gateway; returns the unknown ones.
@@ -383,10 +406,21 @@ impl PresenceStore {
         gateway: &str,
         sessions: &[(u64, u64)],
     ) -> Result<Vec<(u64, u64)>, NodeError> {
+        let unknown = self.heartbeat_batch_applied(gateway, sessions)?;
+        self.durable().await?;
+        Ok(unknown)
+    }
+
+    /// [`PresenceStore::heartbeat_batch`] without the wait (see
+    /// [`PresenceStore::login_applied`]).
+    pub fn heartbeat_batch_applied(
+        &self,
+        gateway: &str,
+        sessions: &[(u64, u64)],
+    ) -> Result<Vec<(u64, u64)>, NodeError> {
         let HeartbeatBatchOutcome { unknown, .. } =
             self.registry
                 .heartbeat_batch(gateway, sessions, self.clock.now_ms())?;
-        self.durable().await?;
         Ok(unknown)
     }
 

@@ -35,6 +35,15 @@ use crate::records::{DecodeError, SeqRecord, SeqSnapshot};
 /// Name of the namespace that exists out of the box.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// The namespace a request names: the empty name means [`DEFAULT_NAMESPACE`].
+pub fn namespace_name(name: &str) -> &str {
+    if name.is_empty() {
+        DEFAULT_NAMESPACE
+    } else {
+        name
+    }
+}
+
 /// Tunables of the sequence store.
 #[derive(Clone, Debug)]
 pub struct SeqStoreOptions {

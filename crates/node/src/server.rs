@@ -8,6 +8,9 @@
 //! the log. A fatal error (the log is poisoned) stops the node with an error: it never retries
 //! an fsync.
 //!
+//! The wire port (`wire_listen`) carries the hot path in the lean binary protocol of
+//! [`crate::wire`], with the same tokens; it is stopped before the gRPC server drains.
+//!
 //! The gRPC port carries Sequence, Presence, Admin and the standard `grpc.health.v1.Health`
 //! service, all behind [`EdgeLayer`] (bearer tokens when configured, per-call metrics), over
 //! TLS when configured (mTLS when a client CA is configured). Listening beyond loopback with
@@ -37,6 +40,7 @@ use crate::http::Health;
 use crate::metrics::{LOG_PRESENCE, LOG_SEQ};
 use crate::presencestore::PresenceStore;
 use crate::seqstore::{SeqStore, SeqStoreOptions};
+use crate::wire::WireContext;
 
 /// The TLS and token material of the gRPC port, read from the files the configuration names.
 #[derive(Clone, Default)]
@@ -197,22 +201,17 @@ impl Node {
         &self.seq
     }
 
-    /// Serves on the configured address until `shutdown` resolves or the log fails; then
-    /// flushes the log. `on_listening` is told the bound address (useful with port 0).
+    /// Serves on the configured addresses until `shutdown` resolves or the log fails; then
+    /// flushes the log. `on_listening` is told the bound addresses (useful with port 0).
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send,
-        on_listening: impl FnOnce(SocketAddr),
+        on_listening: impl FnOnce(Listening),
     ) -> Result<(), NodeError> {
-        let listener = TcpListener::bind(self.config.listen)
-            .await
-            .map_err(|error| {
-                NodeError::Io(format!("cannot listen on {}: {error}", self.config.listen))
-            })?;
-        let address = listener
-            .local_addr()
-            .map_err(|error| NodeError::Io(format!("listener address: {error}")))?;
+        let (listener, address) = bind(self.config.listen, "listen").await?;
+        let (wire_listener, wire_address) = bind(self.config.wire_listen, "wire_listen").await?;
         warn_if_exposed(&self.config, address);
+        warn_if_exposed(&self.config, wire_address);
         let incoming = TcpListenerStream::new(listener).map(|stream| {
             let stream = stream?;
             // Replies are small and latency-bound: never wait for Nagle.
@@ -235,6 +234,16 @@ impl Node {
             .set_serving::<PresenceServer<PresenceService>>()
             .await;
         reporter.set_serving::<AdminServer<AdminService>>().await;
+        let (wire_stop, wire_stopped) = tokio::sync::watch::channel(false);
+        let wire = tokio::spawn(crate::wire::serve(
+            wire_listener,
+            WireContext::new(
+                Arc::clone(&self.seq),
+                Arc::clone(&self.presence),
+                self.security.tokens.clone(),
+            ),
+            wire_stopped,
+        ));
         let health = Arc::clone(&self.health);
         let mut seq_fatal = self.seq.fatal();
         let mut presence_fatal = self.presence.fatal();
@@ -265,6 +274,7 @@ impl Node {
             .serve_with_incoming_shutdown(incoming, async move {
                 let reason = stop.await;
                 health.stopping();
+                let _ = wire_stop.send(true);
                 reporter
                     .set_not_serving::<SequenceServer<SequenceService>>()
                     .await;
@@ -280,10 +290,14 @@ impl Node {
                 let _ = stopped_tx.send(reason);
             });
         self.health.serving();
-        on_listening(address);
+        on_listening(Listening {
+            grpc: address,
+            wire: wire_address,
+        });
         serve
             .await
             .map_err(|error| NodeError::Io(format!("server: {error}")))?;
+        let _ = wire.await;
         let reason = stopped_rx.await.ok().flatten();
         if let Some(reason) = reason {
             tracing::error!(%reason, "stopping: the log failed");
@@ -296,14 +310,34 @@ impl Node {
     }
 }
 
-/// Logs a loud warning when the gRPC port is reachable beyond loopback without TLS or tokens.
+/// The addresses a serving node is bound to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listening {
+    /// The gRPC listener.
+    pub grpc: SocketAddr,
+    /// The wire-protocol listener.
+    pub wire: SocketAddr,
+}
+
+/// Binds a listener for the configuration key `key`; "address in use" names the key.
+async fn bind(address: SocketAddr, key: &str) -> Result<(TcpListener, SocketAddr), NodeError> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|error| NodeError::Io(format!("cannot listen on {address} ({key}): {error}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|error| NodeError::Io(format!("listener address: {error}")))?;
+    Ok((listener, bound))
+}
+
+/// Logs a loud warning when a client port is reachable beyond loopback without TLS or tokens.
 fn warn_if_exposed(config: &NodeConfig, address: SocketAddr) {
     if is_exposed(config, address) {
         tracing::warn!(
             %address,
-            "SECURITY: gRPC is listening beyond loopback with NEITHER TLS NOR token auth; anyone \
-             who can reach this address can read and change state. Set [tls] and/or [auth] \
-             (see `imstate config example`)."
+            "SECURITY: a client port is listening beyond loopback with NEITHER TLS NOR token \
+             auth; anyone who can reach this address can read and change state. Set [tls] \
+             and/or [auth] (see `imstate config example`)."
         );
     }
 }
@@ -318,7 +352,7 @@ fn is_exposed(config: &NodeConfig, address: SocketAddr) -> bool {
 pub async fn run(
     config: NodeConfig,
     shutdown: impl Future<Output = ()> + Send,
-    on_listening: impl FnOnce(SocketAddr),
+    on_listening: impl FnOnce(Listening),
 ) -> Result<(), NodeError> {
     config.validate()?;
     let effective: Vec<String> = config

@@ -171,6 +171,7 @@ async fn serve(
     let mut config = NodeConfig::parse(config_text).unwrap();
     config.data_dir = dir.path().to_path_buf();
     config.listen = "127.0.0.1:0".parse().unwrap();
+    config.wire_listen = "127.0.0.1:0".parse().unwrap();
     let node = Node::open(config).await.unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let (address_tx, address_rx) = tokio::sync::oneshot::channel();
@@ -179,8 +180,8 @@ async fn serve(
             async {
                 let _ = stop_rx.await;
             },
-            |address| {
-                let _ = address_tx.send(address.to_string());
+            |listening| {
+                let _ = address_tx.send(listening.grpc.to_string());
             },
         )
         .await

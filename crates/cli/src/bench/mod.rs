@@ -11,7 +11,10 @@
 //! ```
 //!
 //! Each connection is its own TCP connection; `--inflight D` tasks share it, so D requests are
-//! in flight per connection (HTTP/2 streams for imstate, a RESP pipeline for Redis). Latency is
+//! in flight per connection: a pipeline of wire frames for imstate (`imstate://`, the node's
+//! wire listener), HTTP/2 streams for imstate over gRPC (`imstate+grpc://`), a RESP pipeline
+//! for Redis. The wire and RESP clients are the same pipelining code
+//! (`imstate_wire::pipeline`) with a different parser. Latency is
 //! measured per request from send to reply (from the scheduled send time when `--rate` paces
 //! the load, so a stall is not hidden). The first `--warmup` seconds are run but not recorded;
 //! both targets get the same warm-up. Presence workloads that read sessions first log in
@@ -48,20 +51,21 @@ const PRELOAD_INFLIGHT: usize = 16;
 Modes:
   (default)  one run:    imstate bench --target redis://127.0.0.1:6379 --workload seq-fanout
   --compare  imstate and Redis alternately, --rounds per case, median ratio imstate/Redis:
-             imstate bench --compare --imstate 127.0.0.1:7700 --redis 127.0.0.1:6379 \\
+             imstate bench --compare --imstate 127.0.0.1:7702 --redis 127.0.0.1:6379 \\
                  --cases seq-next,seq-next:16,presence-lookup-batch --rounds 3 --duration 5
              A case is WORKLOAD or WORKLOAD:INFLIGHT. The metric is ops/s for single-id
              workloads and mixed, items/s (ids, uids, sessions) for batch workloads.
   --memory   load --sessions sessions into each target, report bytes per session
              (imstate: VmRSS delta of --imstate-pid; Redis: INFO memory used_memory delta):
-             imstate bench --memory --sessions 1000000 --imstate 127.0.0.1:7700 \\
+             imstate bench --memory --sessions 1000000 --imstate 127.0.0.1:7702 \\
                  --imstate-pid 1234 --redis 127.0.0.1:6379")]
 pub struct BenchArgs {
     /// TLS and token options for an imstate target (as for every client command).
     #[command(flatten)]
     pub security: crate::seq::Security,
-    /// What to load: imstate://HOST:PORT or redis://HOST:PORT.
-    #[arg(long, default_value = "imstate://127.0.0.1:7700")]
+    /// What to load: imstate://HOST:PORT (the node's wire protocol, `wire_listen`),
+    /// imstate+grpc://HOST:PORT (its gRPC port, `listen`) or redis://HOST:PORT.
+    #[arg(long, default_value = "imstate://127.0.0.1:7702")]
     pub target: String,
     /// The workload.
     #[arg(long, value_enum, default_value_t = Workload::SeqNext)]
@@ -146,7 +150,8 @@ pub struct ModeArgs {
         default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
     )]
     pub chart_font: PathBuf,
-    /// Compare and memory modes: the imstate node, HOST:PORT or imstate://HOST:PORT.
+    /// Compare and memory modes: the imstate node's wire listener, HOST:PORT or
+    /// imstate://HOST:PORT (imstate+grpc://HOST:PORT to measure its gRPC port instead).
     #[arg(long)]
     pub imstate: Option<String>,
     /// Compare and memory modes: the Redis server, HOST:PORT or redis://HOST:PORT.
@@ -167,21 +172,28 @@ pub struct ModeArgs {
 /// Where requests go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    /// An imstate node at HOST:PORT.
+    /// An imstate node's wire listener at HOST:PORT (`imstate://`).
     Imstate(String),
+    /// An imstate node's gRPC listener at HOST:PORT (`imstate+grpc://`).
+    ImstateGrpc(String),
     /// A Redis server at HOST:PORT.
     Redis(String),
 }
 
 impl Target {
-    /// Parses `imstate://HOST:PORT` or `redis://HOST:PORT`.
+    /// Parses `imstate://HOST:PORT`, `imstate+grpc://HOST:PORT` or `redis://HOST:PORT`.
     pub fn parse(text: &str) -> anyhow::Result<Target> {
         let target = if let Some(address) = text.strip_prefix("imstate://") {
             Target::Imstate(address.to_string())
+        } else if let Some(address) = text.strip_prefix("imstate+grpc://") {
+            Target::ImstateGrpc(address.to_string())
         } else if let Some(address) = text.strip_prefix("redis://") {
             Target::Redis(address.to_string())
         } else {
-            bail!("unsupported target `{text}`: use imstate://HOST:PORT or redis://HOST:PORT");
+            bail!(
+                "unsupported target `{text}`: use imstate://HOST:PORT (wire protocol), \
+                 imstate+grpc://HOST:PORT or redis://HOST:PORT"
+            );
         };
         let address = target.address();
         if address.is_empty() || !address.contains(':') {
@@ -190,11 +202,12 @@ impl Target {
         Ok(target)
     }
 
-    /// Parses an address given to --imstate or --redis, with or without its scheme.
+    /// Parses an address given to --imstate or --redis, with or without its scheme
+    /// (`imstate+grpc://` counts as imstate).
     pub fn with_scheme(text: &str, scheme: &str) -> anyhow::Result<Target> {
         if text.contains("://") {
             let target = Target::parse(text)?;
-            if target.scheme() != scheme {
+            if !target.scheme().starts_with(scheme) {
                 bail!("--{scheme} expects {scheme}://HOST:PORT or HOST:PORT, got `{text}`");
             }
             Ok(target)
@@ -206,14 +219,17 @@ impl Target {
     /// HOST:PORT.
     pub fn address(&self) -> &str {
         match self {
-            Target::Imstate(address) | Target::Redis(address) => address,
+            Target::Imstate(address) | Target::ImstateGrpc(address) | Target::Redis(address) => {
+                address
+            }
         }
     }
 
-    /// "imstate" or "redis".
+    /// "imstate", "imstate+grpc" or "redis".
     pub fn scheme(&self) -> &'static str {
         match self {
             Target::Imstate(_) => "imstate",
+            Target::ImstateGrpc(_) => "imstate+grpc",
             Target::Redis(_) => "redis",
         }
     }
@@ -346,11 +362,11 @@ struct Counters {
 pub async fn run(config: &RunConfig) -> anyhow::Result<BenchResult> {
     config.validate()?;
     match &config.target {
-        Target::Imstate(address) => {
+        Target::Imstate(address) | Target::ImstateGrpc(address) => {
             let mut drivers = Vec::with_capacity(config.connections);
             for _ in 0..config.connections {
                 drivers.push(Arc::new(
-                    imstate::ImstateDriver::connect(address, config)
+                    imstate::ImstateDriver::connect(&config.target, config)
                         .await
                         .with_context(|| format!("connecting to imstate at {address}"))?,
                 ));
@@ -380,8 +396,9 @@ pub async fn preload(config: &RunConfig, count: u64) -> anyhow::Result<f64> {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..config.connections {
         match &config.target {
-            Target::Imstate(address) => {
-                let driver = Arc::new(imstate::ImstateDriver::connect(address, config).await?);
+            Target::Imstate(_) | Target::ImstateGrpc(_) => {
+                let driver =
+                    Arc::new(imstate::ImstateDriver::connect(&config.target, config).await?);
                 for _ in 0..PRELOAD_INFLIGHT {
                     let (driver, next_chunk) = (Arc::clone(&driver), Arc::clone(&next_chunk));
                     tasks.spawn(async move {
@@ -563,7 +580,7 @@ async fn drive<D: Driver>(
         rate: config.rate,
         redis_fanout: match config.target {
             Target::Redis(_) => format!("{:?}", config.redis_fanout).to_lowercase(),
-            Target::Imstate(_) => String::new(),
+            Target::Imstate(_) | Target::ImstateGrpc(_) => String::new(),
         },
         first_error,
     })

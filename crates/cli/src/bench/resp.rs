@@ -1,33 +1,19 @@
 //! A small pipelining RESP2 client: one TCP connection, many requests in flight.
 //!
-//! ```text
-//!  callers ──Request{bytes, replies, done}──► bounded queue ──► writer task
-//!     ▲                                                         │ drains what is queued,
-//!     │                                                         │ one write() for all of it,
-//!     │                                                         ▼ hands `done` to the reader
-//!     └──────── oneshot(Vec<Reply>) ◄── reader task: parses replies in order
-//! ```
-//!
-//! Redis answers in request order, so a FIFO of waiting callers is all the bookkeeping needed.
-//! Many concurrent callers sharing one connection therefore get the same coalesced writes and
-//! reads that `redis-benchmark -P` gets, and one caller can send a whole pipeline (K commands)
-//! as one request. This is what the `redis` crate's multiplexed connection does too, minus its
+//! The connection is `imstate_wire::pipeline::Pipelined`, the same code the imstate wire
+//! client uses (one writer task coalescing queued requests into one write, one reader task
+//! completing callers in order), with a RESP parser: both bench targets get identical client
+//! machinery. Many concurrent callers sharing one connection therefore get the same coalesced
+//! writes and reads that `redis-benchmark -P` gets, and one caller can send a whole pipeline
+//! (K commands) as one request. This is what the `redis` crate's multiplexed connection does too, minus its
 //! generic `Value` conversions and per-command boxing, so it is the faster of the two
 //! (see docs/benchmarks.md).
 
 use std::fmt::Write as _;
 
 use anyhow::{Context, anyhow, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use imstate_wire::pipeline::{Pipelined, ReplyParser};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
-
-/// Requests queued for the writer of one connection; callers wait when it is full (B1).
-const QUEUE_REQUESTS_MAX: usize = 4_096;
-/// Largest buffer the writer coalesces before one write.
-const WRITE_BYTES_MAX: usize = 1 << 20;
-/// Bytes read per read call (the buffer grows if one reply is larger).
-const READ_BYTES_CHUNK: usize = 64 * 1024;
 /// Deepest nesting of arrays accepted in a reply.
 const REPLY_DEPTH_MAX: usize = 8;
 
@@ -114,27 +100,22 @@ impl Pipeline {
         self.commands += 1;
         self
     }
+}
 
-    /// Whether no command was appended.
-    pub fn is_empty(&self) -> bool {
-        self.commands == 0
+/// Parses RESP2 replies for the shared pipelining connection.
+struct RespParser;
+
+impl ReplyParser for RespParser {
+    type Reply = Reply;
+
+    fn parse(&mut self, buffer: &[u8]) -> Result<Option<(Reply, usize)>, String> {
+        parse(buffer, 0).map_err(|error| error.to_string())
     }
-}
-
-struct Request {
-    bytes: Vec<u8>,
-    replies: usize,
-    done: oneshot::Sender<anyhow::Result<Vec<Reply>>>,
-}
-
-struct Waiter {
-    replies: usize,
-    done: oneshot::Sender<anyhow::Result<Vec<Reply>>>,
 }
 
 /// One pipelined connection to Redis; cheap to share behind an `Arc`.
 pub struct Connection {
-    queue: mpsc::Sender<Request>,
+    pipe: Pipelined<Reply>,
 }
 
 impl Connection {
@@ -143,32 +124,17 @@ impl Connection {
         let stream = TcpStream::connect(address)
             .await
             .with_context(|| format!("connecting to redis at {address}"))?;
-        stream.set_nodelay(true)?;
-        let (reader, writer) = stream.into_split();
-        let (queue, requests) = mpsc::channel(QUEUE_REQUESTS_MAX);
-        let (waiters_in, waiters) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(writer, requests, waiters_in));
-        tokio::spawn(read_loop(reader, waiters));
-        Ok(Self { queue })
+        Ok(Self {
+            pipe: Pipelined::start(stream, RespParser),
+        })
     }
 
     /// Sends a pipeline and returns its replies, one per command, in order.
     pub async fn send(&self, pipeline: Pipeline) -> anyhow::Result<Vec<Reply>> {
-        if pipeline.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (done, reply) = oneshot::channel();
-        self.queue
-            .send(Request {
-                bytes: pipeline.bytes,
-                replies: pipeline.commands,
-                done,
-            })
+        self.pipe
+            .send(pipeline.bytes, pipeline.commands)
             .await
-            .map_err(|_| anyhow!("redis connection closed"))?;
-        reply
-            .await
-            .map_err(|_| anyhow!("redis connection closed"))?
+            .map_err(|error| anyhow!("redis: {error}"))
     }
 
     /// Sends one command and returns its reply.
@@ -179,91 +145,6 @@ impl Connection {
             .await?
             .pop()
             .ok_or_else(|| anyhow!("redis sent no reply"))
-    }
-}
-
-/// Coalesces queued requests into single writes; hands each caller to the reader before its
-/// bytes leave, so the reader always knows who the next reply belongs to.
-async fn write_loop(
-    mut writer: tokio::net::tcp::OwnedWriteHalf,
-    mut requests: mpsc::Receiver<Request>,
-    waiters: mpsc::UnboundedSender<Waiter>,
-) {
-    let mut buffer = Vec::with_capacity(READ_BYTES_CHUNK);
-    while let Some(first) = requests.recv().await {
-        buffer.clear();
-        let mut next = Some(first);
-        while let Some(request) = next.take() {
-            buffer.extend_from_slice(&request.bytes);
-            let waiter = Waiter {
-                replies: request.replies,
-                done: request.done,
-            };
-            if waiters.send(waiter).is_err() {
-                return;
-            }
-            if buffer.len() < WRITE_BYTES_MAX {
-                next = requests.try_recv().ok();
-            }
-        }
-        if writer.write_all(&buffer).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Parses replies in order and completes each waiter once all of its replies arrived.
-async fn read_loop(
-    mut reader: tokio::net::tcp::OwnedReadHalf,
-    mut waiters: mpsc::UnboundedReceiver<Waiter>,
-) {
-    let mut buffer: Vec<u8> = Vec::with_capacity(READ_BYTES_CHUNK);
-    let mut start = 0;
-    while let Some(waiter) = waiters.recv().await {
-        let mut replies = Vec::with_capacity(waiter.replies);
-        let mut failure = None;
-        while replies.len() < waiter.replies {
-            match parse(&buffer[start..], 0) {
-                Ok(Some((reply, used))) => {
-                    start += used;
-                    replies.push(reply);
-                }
-                Ok(None) => {
-                    buffer.drain(..start);
-                    start = 0;
-                    buffer.reserve(READ_BYTES_CHUNK);
-                    match reader.read_buf(&mut buffer).await {
-                        Ok(0) => {
-                            failure = Some(anyhow!("redis closed the connection"));
-                            break;
-                        }
-                        Ok(_) => {}
-                        Err(error) => {
-                            failure = Some(anyhow!("reading from redis: {error}"));
-                            break;
-                        }
-                    }
-                }
-                Err(error) => {
-                    failure = Some(error);
-                    break;
-                }
-            }
-        }
-        match failure {
-            None => {
-                let _ = waiter.done.send(Ok(replies));
-            }
-            Some(error) => {
-                let _ = waiter.done.send(Err(error));
-                // The stream position is lost: fail everyone else and stop.
-                waiters.close();
-                while let Some(waiter) = waiters.recv().await {
-                    let _ = waiter.done.send(Err(anyhow!("redis connection failed")));
-                }
-                return;
-            }
-        }
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Server {
     pub addr: String,
     /// The HTTP listener (`/metrics`, `/healthz`, `/readyz`), on its own free port.
     pub metrics_addr: String,
+    /// The wire-protocol listener, on its own free port.
+    pub wire_addr: String,
     pub config: Option<PathBuf>,
     /// Extra arguments of `serve` and extra environment variables of the process.
     pub args: Vec<String>,
@@ -68,6 +70,7 @@ impl Server {
             data_dir: data_dir.to_path_buf(),
             addr: format!("127.0.0.1:{}", free_port()),
             metrics_addr: format!("127.0.0.1:{}", free_port()),
+            wire_addr: format!("127.0.0.1:{}", free_port()),
             config: config.map(Path::to_path_buf),
             args: args.iter().map(|arg| arg.to_string()).collect(),
             envs: envs
@@ -91,6 +94,8 @@ impl Server {
             .arg(&self.addr)
             .arg("--metrics-listen")
             .arg(&self.metrics_addr)
+            .arg("--wire-listen")
+            .arg(&self.wire_addr)
             .args(&self.args)
             .envs(self.envs.iter().map(|(key, value)| (key, value)))
             .env("RUST_LOG", "warn")

@@ -36,40 +36,41 @@ pub const EMBEDDED_ROUTE_VERSION: u64 = 1;
 
 /// Maps a domain error to a gRPC status.
 pub fn status_from(error: NodeError) -> Status {
+    Status::new(error_code(&error), error.to_string())
+}
+
+/// The status code of an error: one mapping for gRPC and the wire protocol.
+pub fn error_code(error: &NodeError) -> tonic::Code {
+    use tonic::Code;
     match error {
-        NodeError::Seq(error) => {
-            let message = error.to_string();
-            match error {
-                SeqError::UnknownNamespace(_) => Status::not_found(message),
-                SeqError::NamespaceExists(_) => Status::already_exists(message),
-                SeqError::BatchTooLarge { .. } => Status::resource_exhausted(message),
-                SeqError::SequenceExhausted { .. } => Status::out_of_range(message),
-                SeqError::IdOutOfRange { .. }
-                | SeqError::EmptyBatch
-                | SeqError::InvalidNamespace(_) => Status::invalid_argument(message),
+        NodeError::Seq(error) => match error {
+            SeqError::UnknownNamespace(_) => Code::NotFound,
+            SeqError::NamespaceExists(_) => Code::AlreadyExists,
+            SeqError::BatchTooLarge { .. } => Code::ResourceExhausted,
+            SeqError::SequenceExhausted { .. } => Code::OutOfRange,
+            SeqError::IdOutOfRange { .. }
+            | SeqError::EmptyBatch
+            | SeqError::InvalidNamespace(_) => Code::InvalidArgument,
+        },
+        NodeError::Presence(error) => match error {
+            PresenceError::FieldLength { .. }
+            | PresenceError::TtlOutOfRange { .. }
+            | PresenceError::InvalidOption { .. } => Code::InvalidArgument,
+            PresenceError::BatchSize { len: 0, .. } => Code::InvalidArgument,
+            PresenceError::SessionsPerUidExceeded { .. }
+            | PresenceError::GatewaysExceeded { .. }
+            | PresenceError::BatchSize { .. }
+            | PresenceError::ShardFull { .. } => Code::ResourceExhausted,
+            PresenceError::ConnectionInUse { .. } => Code::FailedPrecondition,
+            PresenceError::SessionNotFound { .. } | PresenceError::GatewayNotRegistered { .. } => {
+                Code::NotFound
             }
-        }
-        NodeError::Presence(error) => {
-            let message = error.to_string();
-            match error {
-                PresenceError::FieldLength { .. }
-                | PresenceError::TtlOutOfRange { .. }
-                | PresenceError::InvalidOption { .. } => Status::invalid_argument(message),
-                PresenceError::BatchSize { len: 0, .. } => Status::invalid_argument(message),
-                PresenceError::SessionsPerUidExceeded { .. }
-                | PresenceError::GatewaysExceeded { .. }
-                | PresenceError::BatchSize { .. }
-                | PresenceError::ShardFull { .. } => Status::resource_exhausted(message),
-                PresenceError::ConnectionInUse { .. } => Status::failed_precondition(message),
-                PresenceError::SessionNotFound { .. }
-                | PresenceError::GatewayNotRegistered { .. } => Status::not_found(message),
-                PresenceError::ShardOutOfRange { .. } => Status::internal(message),
-            }
-        }
+            PresenceError::ShardOutOfRange { .. } => Code::Internal,
+        },
         NodeError::RaiseTimeout(_) | NodeError::Unavailable(_) | NodeError::Log(_) => {
-            Status::unavailable(error.to_string())
+            Code::Unavailable
         }
-        other => Status::internal(other.to_string()),
+        _ => Code::Internal,
     }
 }
 

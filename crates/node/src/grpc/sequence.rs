@@ -8,7 +8,7 @@ use imstate_seq::NamespaceDef;
 use tonic::{Request, Response, Status};
 
 use super::{EMBEDDED_ROUTE_VERSION, status_from};
-use crate::seqstore::{DEFAULT_NAMESPACE, SeqStore};
+use crate::seqstore::{SeqStore, namespace_name};
 
 /// The sequence service.
 pub struct SequenceService {
@@ -43,14 +43,6 @@ impl SequenceService {
             version: EMBEDDED_ROUTE_VERSION,
             table,
         })
-    }
-}
-
-fn namespace_name(name: &str) -> &str {
-    if name.is_empty() {
-        DEFAULT_NAMESPACE
-    } else {
-        name
     }
 }
 

@@ -1,0 +1,239 @@
+//! The wire-protocol client: the hot path (Next, NextBatch, Login, Logout, Heartbeat,
+//! HeartbeatBatch, LookupBatch) in pipelined binary frames on one TCP connection.
+//!
+//! A [`WireClient`] is one connection; share it behind an `Arc` (or clone it: clones share the
+//! connection). Calls made concurrently are coalesced into single writes and are in flight
+//! together, so D tasks calling at once keep D requests in the pipe. Errors are the same
+//! [`ClientError`]s as over gRPC: the node's code numbers are gRPC status codes.
+
+use std::sync::Arc;
+
+use imstate_wire::codec::{self, Frame};
+use imstate_wire::pipeline::{PipelineError, Pipelined, ReplyParser};
+use imstate_wire::{LoginFields, Op, WireSession};
+use tokio::net::TcpStream;
+
+use crate::ClientError;
+use crate::presence::{LoginArgs, LoginResult, Session};
+
+/// A reply frame, owned.
+pub struct OwnedFrame {
+    op: u8,
+    body: Vec<u8>,
+}
+
+/// Splits wire frames off the read buffer.
+struct FrameParser;
+
+impl ReplyParser for FrameParser {
+    type Reply = OwnedFrame;
+
+    fn parse(&mut self, buffer: &[u8]) -> Result<Option<(OwnedFrame, usize)>, String> {
+        match Frame::split(buffer) {
+            Ok(Some((frame, used))) => Ok(Some((
+                OwnedFrame {
+                    op: frame.op,
+                    body: frame.body.to_vec(),
+                },
+                used,
+            ))),
+            Ok(None) => Ok(None),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+}
+
+fn lost(error: PipelineError) -> ClientError {
+    ClientError::Connection {
+        reason: error.to_string(),
+    }
+}
+
+fn protocol(error: imstate_wire::DecodeError) -> ClientError {
+    ClientError::Connection {
+        reason: format!("protocol error: {error}"),
+    }
+}
+
+fn session(wire: WireSession) -> Session {
+    Session {
+        uid: wire.uid,
+        device: wire.device,
+        gateway: wire.gateway,
+        conn: wire.conn,
+        login_ms: wire.login_ms,
+        last_heartbeat_ms: wire.last_heartbeat_ms,
+        ttl_ms: wire.ttl_ms,
+        meta: wire.meta.unwrap_or_default(),
+    }
+}
+
+/// One wire-protocol connection to a node.
+#[derive(Clone)]
+pub struct WireClient {
+    connection: Arc<Pipelined<OwnedFrame>>,
+    route_version: u64,
+}
+
+impl WireClient {
+    /// Connects to a node's wire listener (`host:port`) and says Hello with `token` (empty
+    /// when the node has no token file).
+    pub async fn connect(address: &str, token: &str) -> Result<Self, ClientError> {
+        let connect_error = |reason: String| ClientError::Connect {
+            address: address.to_string(),
+            reason,
+        };
+        let stream = TcpStream::connect(address)
+            .await
+            .map_err(|error| connect_error(error.to_string()))?;
+        let connection = Arc::new(Pipelined::start(stream, FrameParser));
+        let mut hello = Vec::new();
+        codec::hello(&mut hello, token.as_bytes()).map_err(|error| ClientError::Options {
+            what: "token".into(),
+            reason: error.to_string(),
+        })?;
+        let reply = connection
+            .send_one(hello)
+            .await
+            .map_err(|error| match error {
+                PipelineError::Protocol(_) => connect_error(format!(
+                    "{error} (is {address} a wire port, the node's `wire_listen`? gRPC is on \
+                 `listen`)"
+                )),
+                PipelineError::Connection(_) => connect_error(error.to_string()),
+            })?;
+        let body = Self::body(reply, Op::Hello)?;
+        let route_version = codec::decode_hello(&body).map_err(protocol)?;
+        Ok(Self {
+            connection,
+            route_version,
+        })
+    }
+
+    /// The node's route-table version, from its Hello reply.
+    pub fn route_version(&self) -> u64 {
+        self.route_version
+    }
+
+    fn body(reply: OwnedFrame, op: Op) -> Result<Vec<u8>, ClientError> {
+        let frame = Frame {
+            op: reply.op,
+            body: &reply.body,
+        };
+        match frame.reply_body(op).map_err(protocol)? {
+            Ok(_) => Ok(reply.body),
+            Err((code, message)) => Err(ClientError::Status {
+                code: tonic::Code::from_i32(i32::from(code.0)),
+                message,
+            }),
+        }
+    }
+
+    async fn call(
+        &self,
+        op: Op,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<(), imstate_wire::DecodeError>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut request = Vec::with_capacity(64);
+        encode(&mut request).map_err(|error| ClientError::Status {
+            code: tonic::Code::InvalidArgument,
+            message: error.to_string(),
+        })?;
+        let reply = self.connection.send_one(request).await.map_err(lost)?;
+        Self::body(reply, op)
+    }
+
+    /// Allocates one seq for `id` in `namespace` ("" = default).
+    pub async fn next(&self, namespace: &str, id: u64) -> Result<u64, ClientError> {
+        let body = self
+            .call(Op::Next, |out| codec::next(out, namespace, id))
+            .await?;
+        codec::decode_next(&body).map_err(protocol)
+    }
+
+    /// Allocates one seq per id, in order.
+    pub async fn next_batch(&self, namespace: &str, ids: &[u64]) -> Result<Vec<u64>, ClientError> {
+        let body = self
+            .call(Op::NextBatch, |out| codec::next_batch(out, namespace, ids))
+            .await?;
+        codec::decode_next_batch(&body).map_err(protocol)
+    }
+
+    /// Registers a session; returns it and the session it replaced.
+    pub async fn login(&self, args: &LoginArgs) -> Result<LoginResult, ClientError> {
+        let fields = LoginFields {
+            uid: args.uid,
+            conn: args.conn,
+            ttl_ms: args.ttl_ms,
+            device: &args.device,
+            gateway: &args.gateway,
+            meta: (!args.meta.is_empty()).then_some(args.meta.as_slice()),
+        };
+        let body = self
+            .call(Op::Login, |out| codec::login(out, &fields))
+            .await?;
+        let (stored, replaced) = codec::decode_login(&body).map_err(protocol)?;
+        Ok(LoginResult {
+            session: session(stored),
+            replaced: replaced.map(session),
+        })
+    }
+
+    /// Removes the session of (uid, conn); returns it.
+    pub async fn logout(&self, uid: u64, conn: u64) -> Result<Session, ClientError> {
+        let body = self
+            .call(Op::Logout, |out| {
+                codec::session_op(out, Op::Logout, uid, conn);
+                Ok(())
+            })
+            .await?;
+        codec::decode_logout(&body).map(session).map_err(protocol)
+    }
+
+    /// Renews the session of (uid, conn).
+    pub async fn heartbeat(&self, uid: u64, conn: u64) -> Result<(), ClientError> {
+        let body = self
+            .call(Op::Heartbeat, |out| {
+                codec::session_op(out, Op::Heartbeat, uid, conn);
+                Ok(())
+            })
+            .await?;
+        codec::decode_heartbeat(&body).map_err(protocol)
+    }
+
+    /// Renews sessions of `gateway`; returns the (uid, conn) pairs the node does not know.
+    pub async fn heartbeat_batch(
+        &self,
+        gateway: &str,
+        sessions: &[(u64, u64)],
+    ) -> Result<Vec<(u64, u64)>, ClientError> {
+        let body = self
+            .call(Op::HeartbeatBatch, |out| {
+                codec::heartbeat_batch(out, gateway, sessions)
+            })
+            .await?;
+        codec::decode_heartbeat_batch(&body).map_err(protocol)
+    }
+
+    /// The sessions of each uid, in order.
+    pub async fn lookup_batch(&self, uids: &[u64]) -> Result<Vec<Vec<Session>>, ClientError> {
+        let body = self
+            .call(Op::LookupBatch, |out| codec::lookup_batch(out, uids))
+            .await?;
+        let found = codec::decode_lookup_batch(&body).map_err(protocol)?;
+        Ok(found
+            .into_iter()
+            .map(|sessions| sessions.into_iter().map(session).collect())
+            .collect())
+    }
+
+    /// Like [`WireClient::lookup_batch`], but validates the reply and returns only the
+    /// number of sessions found (for load generators).
+    pub async fn lookup_batch_count(&self, uids: &[u64]) -> Result<usize, ClientError> {
+        let body = self
+            .call(Op::LookupBatch, |out| codec::lookup_batch(out, uids))
+            .await?;
+        let (_, sessions) = codec::count_lookup_batch(&body).map_err(protocol)?;
+        Ok(sessions)
+    }
+}
