@@ -100,7 +100,7 @@ start_imstate() { # start_imstate DATA_DIR: starts the node, waits for "imstate 
   local data=$1 log=$WORK/imstate.log
   : >"$log"
   "$BIN" serve --data-dir "$data" --listen "127.0.0.1:$IMSTATE_PORT" \
-    --metrics-listen "127.0.0.1:$METRICS_PORT" >>"$log" 2>&1 &
+    --metrics-listen "127.0.0.1:$METRICS_PORT" --wire-listen "127.0.0.1:$WIRE_PORT" >>"$log" 2>&1 &
   IMSTATE_PID=$!
   PIDS+=("$IMSTATE_PID")
   local i
@@ -118,9 +118,11 @@ stop_imstate() { # SIGTERM: drain, flush, fsync, exit 0
 
 REDIS_PORT=$(free_port)
 IMSTATE_PORT=$(free_port)
+WIRE_PORT=$(free_port)
 METRICS_PORT=$(free_port)
 REDIS=127.0.0.1:$REDIS_PORT
-IMSTATE=127.0.0.1:$IMSTATE_PORT
+# The bench talks to imstate's wire listener (its hot-path protocol); gRPC stays on IMSTATE_PORT.
+IMSTATE=127.0.0.1:$WIRE_PORT
 
 # ---- 1. throughput ratios ----------------------------------------------------------------
 step "starting redis-server on $REDIS and imstate on $IMSTATE"

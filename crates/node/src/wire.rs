@@ -22,8 +22,8 @@
 //! is closed. Connections are limited to [`CONNECTIONS_MAX`] (B1); one over it gets
 //! `RESOURCE_EXHAUSTED` and is closed.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use imstate_presence::{LoginRequest, Session};
 use imstate_wire::codec::{self, LookupReply};
@@ -129,13 +129,23 @@ struct Tally {
     errors: Vec<(codec::Op, Code)>,
 }
 
+/// The `code="OK"` counter of each op, registered once: looking a labelled counter up costs
+/// more than a `Next`.
+fn ok_counters() -> &'static [metrics::Counter; codec::Op::ALL.len()] {
+    static COUNTERS: OnceLock<[metrics::Counter; codec::Op::ALL.len()]> = OnceLock::new();
+    COUNTERS.get_or_init(|| {
+        codec::Op::ALL
+            .map(|op| metrics::counter!(WIRE_REQUESTS, "op" => op.name(), "code" => "OK"))
+    })
+}
+
 impl Tally {
     fn flush(&mut self) {
+        let counters = ok_counters();
         for op in codec::Op::ALL {
             let count = std::mem::take(&mut self.ok[op.index()]);
             if count > 0 {
-                metrics::counter!(WIRE_REQUESTS, "op" => op.name(), "code" => "OK")
-                    .increment(count);
+                counters[op.index()].increment(count);
             }
         }
         for (op, code) in self.errors.drain(..) {
@@ -195,6 +205,12 @@ impl<'c> Connection<'c> {
         mut stop: watch::Receiver<bool>,
     ) -> std::io::Result<()> {
         stream.set_nodelay(true)?;
+        // One wait for the whole connection: a new one per read would register with the
+        // channel every time.
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        tokio::pin!(stopped);
         let mut input: Vec<u8> = Vec::with_capacity(READ_BYTES_CHUNK);
         loop {
             let mut start = 0;
@@ -246,7 +262,7 @@ impl<'c> Connection<'c> {
             input.reserve(READ_BYTES_CHUNK);
             let read = tokio::select! {
                 read = stream.read_buf(&mut input) => read?,
-                _ = stop.wait_for(|stop| *stop) => return Ok(()),
+                () = &mut stopped => return Ok(()),
             };
             if read == 0 {
                 return Ok(());
