@@ -24,6 +24,7 @@ mod chart;
 mod compare;
 mod imstate;
 mod memory;
+mod pacer;
 mod redis;
 mod resp;
 mod workload;
@@ -454,12 +455,15 @@ async fn drive<D: Driver>(
         errors: AtomicU64::new(0),
     });
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
-    let tasks_count = (config.connections * config.inflight) as f64;
-    // With --rate, each task sends on its own fixed schedule: tasks × interval = 1 / rate.
-    let interval = (config.rate > 0.0).then(|| Duration::from_secs_f64(tasks_count / config.rate));
     let started = Instant::now();
     let record_from = started + Duration::from_secs(config.warmup_s);
     let stop_at = record_from + Duration::from_secs(config.duration_s);
+    // With --rate, every task takes its send times from one pacer (see pacer.rs).
+    let pacer = if config.rate > 0.0 {
+        Some(pacer::Pacer::start(config.rate, started, stop_at)?)
+    } else {
+        None
+    };
     let mut tasks = Vec::new();
     for (connection, driver) in drivers.iter().enumerate() {
         for slot in 0..config.inflight {
@@ -470,21 +474,15 @@ async fn drive<D: Driver>(
             let mut keys =
                 KeyPicker::new(config.keys, config.dist, config.batch, task_index as u64)?;
             let mut histogram = new_histogram()?;
-            // Spread the paced tasks' first sends over one interval.
-            let mut scheduled = started
-                + interval.map_or(Duration::ZERO, |interval| {
-                    interval.mul_f64(task_index as f64 / tasks_count)
-                });
+            let pacer = pacer.clone();
             tasks.push(tokio::spawn(async move {
                 let (mut ops, mut items, mut errors) = (0u64, 0u64, 0u64);
                 loop {
-                    let sent = match interval {
-                        Some(interval) => {
-                            tokio::time::sleep_until(scheduled.into()).await;
-                            let at = scheduled;
-                            scheduled += interval;
-                            at
-                        }
+                    let sent = match &pacer {
+                        Some(pacer) => match pacer.next().await {
+                            Some(scheduled) => scheduled,
+                            None => break,
+                        },
                         None => Instant::now(),
                     };
                     if sent >= stop_at {
