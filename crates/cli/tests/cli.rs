@@ -131,15 +131,8 @@ fn no_server_is_a_clear_connect_error() {
 
 fn serve_fails(data_dir: &std::path::Path) -> String {
     let output = Command::new(binary())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--wire-listen",
-            "127.0.0.1:0",
-        ])
+        .arg("serve")
+        .args(support::FREE_PORTS)
         .arg("--data-dir")
         .arg(data_dir)
         .stdin(Stdio::null())

@@ -89,22 +89,12 @@ fn a_typo_in_a_key_or_a_bad_value_fails_startup_naming_it() {
     ] {
         let file = dir.path().join("imstate.toml");
         std::fs::write(&file, text).unwrap();
-        let output = run(
-            &[
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--wire-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                dir.path().join("data").to_str().unwrap(),
-                "--config",
-                file.to_str().unwrap(),
-            ],
-            &[],
-        );
+        let data = dir.path().join("data");
+        let mut args = vec!["serve"];
+        args.extend(support::FREE_PORTS);
+        args.extend(["--data-dir", data.to_str().unwrap()]);
+        args.extend(["--config", file.to_str().unwrap()]);
+        let output = run(&args, &[]);
         assert_eq!(output.status.code(), Some(1), "{text}");
         let message = stderr(&output);
         assert!(message.starts_with("error: "), "{message}");

@@ -217,15 +217,8 @@ fn a_bad_token_file_is_a_startup_error_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let empty = write(dir.path(), "tokens", "# nobody\n");
     let output = std::process::Command::new(support::binary())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--wire-listen",
-            "127.0.0.1:0",
-        ])
+        .arg("serve")
+        .args(support::FREE_PORTS)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .env("IMSTATE_AUTH__TOKEN_FILE", &empty)

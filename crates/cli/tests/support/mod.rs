@@ -11,6 +11,17 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Path of the binary under test.
+/// `serve` flags that put every listener on a free port (for runs that fail before serving, or
+/// that read the addresses from stdout).
+pub const FREE_PORTS: [&str; 6] = [
+    "--listen",
+    "127.0.0.1:0",
+    "--metrics-listen",
+    "127.0.0.1:0",
+    "--wire-listen",
+    "127.0.0.1:0",
+];
+
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_imstate")
 }
