@@ -13,6 +13,7 @@
 //! renames a checkpoint to its final name after it was fully written and fsynced.
 
 use std::io;
+#[cfg(test)]
 use std::ops::Range;
 
 use crate::Lsn;
@@ -41,7 +42,9 @@ fn trailer(header: &[u8], data_len: u64, data_crc: u32) -> [u8; TRAILER_BYTES] {
     trailer
 }
 
-/// Validates a whole checkpoint file and returns the byte range of its data.
+/// Validates a whole checkpoint file in memory and returns the byte range of its data (the
+/// reference that [`verify_stream`] is tested against).
+#[cfg(test)]
 pub(crate) fn decode(file: &[u8], covered_lsn: Lsn) -> Result<Range<usize>, String> {
     if file.len() < HEADER_BYTES + TRAILER_BYTES {
         return Err(format!("file of {} bytes is too short", file.len()));
@@ -76,6 +79,65 @@ pub(crate) fn decode(file: &[u8], covered_lsn: Lsn) -> Result<Range<usize>, Stri
     }
     Ok(HEADER_BYTES..HEADER_BYTES + data.len())
 }
+
+/// Validates a checkpoint file by streaming it once through the checksums (memory: one
+/// chunk), and returns the length of its data, which starts at [`DATA_OFFSET`].
+pub(crate) fn verify_stream(
+    mut file: impl io::Read,
+    file_len: u64,
+    covered_lsn: Lsn,
+) -> Result<u64, String> {
+    let frame = (HEADER_BYTES + TRAILER_BYTES) as u64;
+    if file_len < frame {
+        return Err(format!("file of {file_len} bytes is too short"));
+    }
+    let read_error = |error: io::Error| format!("reading: {error}");
+    let mut header = [0u8; HEADER_BYTES];
+    file.read_exact(&mut header).map_err(read_error)?;
+    if &header[..8] != MAGIC {
+        return Err("bad magic".to_string());
+    }
+    let mut lsn = [0u8; 8];
+    lsn.copy_from_slice(&header[8..]);
+    if u64::from_le_bytes(lsn) != covered_lsn {
+        return Err("covered lsn does not match the file name".to_string());
+    }
+    let data_len = file_len - frame;
+    let mut chunk = vec![0u8; WRITE_CHUNK_BYTES];
+    let mut left = data_len;
+    let mut data_crc = 0u32;
+    while left > 0 {
+        let take = left.min(chunk.len() as u64) as usize;
+        file.read_exact(&mut chunk[..take]).map_err(read_error)?;
+        data_crc = crc32c::crc32c_append(data_crc, &chunk[..take]);
+        left -= take as u64;
+    }
+    let mut trailer_bytes = [0u8; TRAILER_BYTES];
+    file.read_exact(&mut trailer_bytes).map_err(read_error)?;
+    let mut stored_len = [0u8; 8];
+    stored_len.copy_from_slice(&trailer_bytes[..8]);
+    let mut stored_crc = [0u8; 4];
+    stored_crc.copy_from_slice(&trailer_bytes[8..12]);
+    let (stored_len, stored_crc) = (
+        u64::from_le_bytes(stored_len),
+        u32::from_le_bytes(stored_crc),
+    );
+    if trailer(&header, stored_len, stored_crc) != trailer_bytes {
+        return Err("trailer checksum mismatch".to_string());
+    }
+    if stored_len != data_len {
+        return Err(format!(
+            "data length {stored_len} but {data_len} bytes present"
+        ));
+    }
+    if stored_crc != data_crc {
+        return Err("data checksum mismatch".to_string());
+    }
+    Ok(data_len)
+}
+
+/// Where a checkpoint's data starts in its file.
+pub(crate) const DATA_OFFSET: u64 = HEADER_BYTES as u64;
 
 /// Streams checkpoint data into a storage file, computing its length and checksum; the
 /// header is written by [`CheckpointWriter::new`] and the trailer by
@@ -161,6 +223,11 @@ mod tests {
         let range = decode(&bytes, 77).expect("valid");
         assert_eq!(&bytes[range.clone()][..9], b"snapshot ");
         assert_eq!(range.len() as u64, len);
+        assert_eq!(
+            verify_stream(&bytes[..], bytes.len() as u64, 77),
+            Ok(range.len() as u64)
+        );
+        assert!(verify_stream(&bytes[..], bytes.len() as u64, 78).is_err());
         assert!(decode(&bytes, 78).is_err());
         assert!(decode(&bytes[..bytes.len() - 1], 77).is_err());
         for offset in [
@@ -176,6 +243,10 @@ mod tests {
             let mut damaged = bytes.clone();
             damaged[offset] ^= 4;
             assert!(decode(&damaged, 77).is_err(), "flip at {offset} undetected");
+            assert!(
+                verify_stream(&damaged[..], damaged.len() as u64, 77).is_err(),
+                "flip at {offset} undetected while streaming"
+            );
         }
     }
 }

@@ -17,6 +17,7 @@
 //!                           ─► delete older checkpoints and fully covered segments
 //!
 //!  open(storage, options, replay) ─► newest valid checkpoint ─► later records in order
+//!                                    (streamed: verified in one pass, delivered in another)
 //!                                 ─► torn tail truncated ─► new active segment ─► flusher
 //! ```
 //!
@@ -55,7 +56,7 @@ pub use options::{
     FsyncPolicy, LogOptions, ParseFsyncPolicyError, QUEUE_RECORDS_MAX_DEFAULT,
     RECORD_BYTES_MAX_DEFAULT, SEGMENT_BYTES_MAX_DEFAULT,
 };
-pub use recovery::{RecoveryStats, Replay};
+pub use recovery::{RecoveryStats, Replay, ReplayStream};
 pub use storage::{FileStorage, Storage, StorageFile};
 
 /// A log sequence number. The first record ever appended has LSN 1; LSNs have no holes.

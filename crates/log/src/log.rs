@@ -29,7 +29,7 @@ use crate::checkpoint::CheckpointWriter;
 use crate::error::LogError;
 use crate::options::{FsyncPolicy, LogOptions};
 use crate::record::{self, HEADER_BYTES};
-use crate::recovery::{self, RecoveryStats, Replay, SegmentInfo};
+use crate::recovery::{self, RecoveryStats, Replay, ReplayStream, SegmentInfo};
 use crate::storage::{Storage, StorageFile};
 use crate::{Lsn, ReplayError};
 
@@ -273,10 +273,34 @@ impl Log {
     ///
     /// Records are delivered while they are read, so if `open` fails the caller must discard
     /// whatever it built from them.
+    ///
+    /// The checkpoint's data is handed over as one slice: read whole into memory. Use
+    /// [`Log::open_streaming`] to read a large checkpoint with bounded memory.
     pub fn open<S: Storage>(
         storage: S,
         options: LogOptions,
         mut replay: impl FnMut(Replay<'_>) -> Result<(), ReplayError>,
+    ) -> Result<(Log, RecoveryStats), LogError> {
+        Self::open_streaming(storage, options, |item| match item {
+            ReplayStream::Checkpoint { covered_lsn, data } => {
+                let mut bytes = Vec::new();
+                data.read_to_end(&mut bytes)?;
+                replay(Replay::Checkpoint {
+                    covered_lsn,
+                    data: &bytes,
+                })
+            }
+            ReplayStream::Record { lsn, payload } => replay(Replay::Record { lsn, payload }),
+        })
+    }
+
+    /// [`Log::open`], with the checkpoint's data delivered as a reader: it is streamed from
+    /// the file (after a first streaming pass has verified its checksums), so recovery memory
+    /// does not grow with the checkpoint size.
+    pub fn open_streaming<S: Storage>(
+        storage: S,
+        options: LogOptions,
+        mut replay: impl FnMut(ReplayStream<'_>) -> Result<(), ReplayError>,
     ) -> Result<(Log, RecoveryStats), LogError> {
         let mut options = options;
         options.queue_records_max = options.queue_records_max.max(1);

@@ -3,8 +3,10 @@
 //! (refused).
 //!
 //! ```text
-//!  list dir ─► remove *.tmp ─► newest valid checkpoint ─► Replay::Checkpoint
-//!           ─► segments in LSN order, one in memory at a time ─► Replay::Record (lsn > covered)
+//!  list dir ─► remove *.tmp ─► newest valid checkpoint (checksums verified by streaming it
+//!           once) ─► ReplayStream::Checkpoint (a reader over the file, bounded memory)
+//!           ─► segments in LSN order, one in memory at a time
+//!           ─► ReplayStream::Record (lsn > covered)
 //!           ─► first invalid record at (file, offset):
 //!                 anything valid after it (same or later segment)? ─► LogError::Corrupt
 //!                 otherwise: torn tail ─► truncate + fsync (later segments emptied)
@@ -17,6 +19,7 @@
 //! and a checkpoint may cover records that never became durable). Records are delivered to the
 //! callback as they are read: if `open` then fails, the caller must discard what it built.
 
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 use crate::error::LogError;
@@ -42,6 +45,46 @@ pub enum Replay<'a> {
         payload: &'a [u8],
     },
 }
+
+/// One item delivered to the replay callback of [`crate::Log::open_streaming`]: as
+/// [`Replay`], but the checkpoint's data is a reader over the file, so that recovery memory
+/// does not grow with the checkpoint. Its checksums were verified by a first pass before it is
+/// delivered.
+pub enum ReplayStream<'a> {
+    /// The newest valid checkpoint; delivered first, at most once.
+    Checkpoint {
+        /// Every record with an LSN up to this one is reflected in `data`.
+        covered_lsn: Lsn,
+        /// The bytes the checkpoint's writer produced (buffered; need not be read to the end).
+        data: &'a mut dyn std::io::Read,
+    },
+    /// A record after the checkpoint; delivered in LSN order without holes.
+    Record {
+        /// The record's LSN.
+        lsn: Lsn,
+        /// The record's payload, as appended.
+        payload: &'a [u8],
+    },
+}
+
+impl std::fmt::Debug for ReplayStream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplayStream::Checkpoint { covered_lsn, .. } => f
+                .debug_struct("Checkpoint")
+                .field("covered_lsn", covered_lsn)
+                .finish_non_exhaustive(),
+            ReplayStream::Record { lsn, payload } => f
+                .debug_struct("Record")
+                .field("lsn", lsn)
+                .field("payload_len", &payload.len())
+                .finish(),
+        }
+    }
+}
+
+/// Buffer of the reader handed over with a streamed checkpoint.
+const CHECKPOINT_READ_BUFFER_BYTES: usize = 256 * 1024;
 
 /// What recovery found and did.
 #[derive(Debug, Clone)]
@@ -90,7 +133,7 @@ pub(crate) const TORN_TAIL_BYTES_MAX: u64 = 32 * 1024 * 1024;
 /// Recovers the log in `storage`, delivering the checkpoint and records to `replay`.
 pub(crate) fn recover(
     storage: &dyn Storage,
-    replay: &mut dyn FnMut(Replay<'_>) -> Result<(), ReplayError>,
+    replay: &mut dyn FnMut(ReplayStream<'_>) -> Result<(), ReplayError>,
 ) -> Result<Recovered, LogError> {
     let start = Instant::now();
     let names = storage
@@ -115,15 +158,25 @@ pub(crate) fn recover(
     checkpoints.sort_unstable_by_key(|&(covered_lsn, _)| std::cmp::Reverse(covered_lsn));
     let mut checkpoint_lsn = None;
     for (covered_lsn, name) in checkpoints {
-        let bytes = storage
-            .read(name)
-            .map_err(io_error(format!("reading checkpoint {name}")))?;
+        let context = || format!("reading checkpoint {name}");
+        let file_len = storage.len(name).map_err(io_error(context()))?;
+        let file = storage.open_read(name).map_err(io_error(context()))?;
         // An invalid checkpoint is skipped in favour of an older one: if the records between
         // them are gone, the segment chain check below reports it.
-        if let Ok(range) = checkpoint::decode(&bytes, covered_lsn) {
-            replay(Replay::Checkpoint {
+        if let Ok(data_len) = checkpoint::verify_stream(file, file_len, covered_lsn) {
+            let mut file = storage.open_read(name).map_err(io_error(context()))?;
+            std::io::copy(
+                &mut (&mut file).take(checkpoint::DATA_OFFSET),
+                &mut std::io::sink(),
+            )
+            .map_err(io_error(context()))?;
+            let mut data = std::io::BufReader::with_capacity(
+                CHECKPOINT_READ_BUFFER_BYTES,
+                file.take(data_len),
+            );
+            replay(ReplayStream::Checkpoint {
                 covered_lsn,
-                data: &bytes[range],
+                data: &mut data,
             })
             .map_err(LogError::Replay)?;
             checkpoint_lsn = Some(covered_lsn);
@@ -186,7 +239,7 @@ pub(crate) fn recover(
                         check_chain(name, first_lsn, chain_end, covered)?;
                     }
                     if found.lsn > covered {
-                        replay(Replay::Record {
+                        replay(ReplayStream::Record {
                             lsn: found.lsn,
                             payload: found.payload,
                         })

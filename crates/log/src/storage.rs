@@ -45,8 +45,13 @@ pub trait Storage: Send + Sync + 'static {
     fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>>;
     /// Opens an existing file for appending at its end.
     fn open_append(&self, name: &str) -> io::Result<Box<dyn StorageFile>>;
-    /// Reads a whole file (the log reads at most one segment or checkpoint at a time).
+    /// Reads a whole file (the log reads at most one segment at a time this way).
     fn read(&self, name: &str) -> io::Result<Vec<u8>>;
+    /// Opens a file for reading from its start, so that a large file (a checkpoint) can be
+    /// streamed with bounded memory. The default reads the whole file with [`Storage::read`].
+    fn open_read(&self, name: &str) -> io::Result<Box<dyn io::Read + Send>> {
+        Ok(Box::new(io::Cursor::new(self.read(name)?)))
+    }
     /// The current length of a file.
     fn len(&self, name: &str) -> io::Result<u64>;
     /// Renames `from` to `to`, atomically replacing `to`; durable after
@@ -70,6 +75,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
         (**self).read(name)
+    }
+    fn open_read(&self, name: &str) -> io::Result<Box<dyn io::Read + Send>> {
+        (**self).open_read(name)
     }
     fn len(&self, name: &str) -> io::Result<u64> {
         (**self).len(name)
@@ -169,6 +177,10 @@ impl Storage for FileStorage {
 
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
         fs::read(self.path(name)?)
+    }
+
+    fn open_read(&self, name: &str) -> io::Result<Box<dyn io::Read + Send>> {
+        Ok(Box::new(File::open(self.path(name)?)?))
     }
 
     fn len(&self, name: &str) -> io::Result<u64> {

@@ -87,7 +87,7 @@ fn main() {
         .nth(1)
         .and_then(|arg| arg.parse().ok())
         .unwrap_or(1_000_000);
-    println!("sessions: {sessions}, shards: 64, record: 60 B");
+    println!("sessions: {sessions}, shards: 64, record: 36 B");
     for (label, per_uid, meta_every) in [
         ("1 session per uid, no metadata", 1.0, 0),
         ("1.5 sessions per uid, no metadata", 1.5, 0),

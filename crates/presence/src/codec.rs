@@ -77,6 +77,9 @@ pub enum DecodeError {
         /// The field.
         field: &'static str,
     },
+    /// A varint longer than 10 bytes or beyond 64 bits.
+    #[error("varint overflows 64 bits")]
+    VarintOverflow,
     /// A shard scope with `count == 0` or `index >= count`.
     #[error("invalid shard scope {index}/{count}")]
     InvalidScope {
@@ -154,6 +157,24 @@ impl Change {
         let mut out = Vec::with_capacity(32);
         self.encode(&mut out);
         out
+    }
+
+    /// The uid of a login, heartbeat, logout or expiry record, read from its encoding without
+    /// decoding it (recovery routes records to shards by it); `None` for other kinds and for
+    /// bytes too short to hold one. The record must still be decoded (and validated) to be
+    /// applied.
+    pub fn peek_uid(bytes: &[u8]) -> Option<u64> {
+        let (&tag, rest) = bytes.split_first()?;
+        if tag >> 4 != CHANGE_FORMAT_VERSION {
+            return None;
+        }
+        match tag & 0x0F {
+            KIND_LOGIN | KIND_HEARTBEAT | KIND_LOGOUT | KIND_EXPIRE => {
+                let uid: [u8; 8] = rest.get(..8)?.try_into().ok()?;
+                Some(u64::from_le_bytes(uid))
+            }
+            _ => None,
+        }
     }
 
     /// Decodes exactly one record from `bytes`.
@@ -237,6 +258,16 @@ pub(crate) fn put_u64(out: &mut Vec<u8>, value: u64) {
     out.extend_from_slice(&value.to_le_bytes());
 }
 
+/// Writes `value` as unsigned LEB128: 7 bits per byte, low bits first, high bit set on every
+/// byte but the last (1 byte below 128, at most 10).
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push(value as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
 /// Writes a name of at most 255 bytes (longer names never pass validation; they are cut at
 /// 255 so the encoding stays well formed and decoding reports the damage).
 pub(crate) fn put_short_str(out: &mut Vec<u8>, value: &str) {
@@ -308,6 +339,27 @@ impl<'a> Reader<'a> {
 
     pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// Reads an unsigned LEB128 integer of at most 10 bytes (see [`put_varint`]).
+    pub(crate) fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut value = 0u64;
+        for (position, &byte) in self.bytes[self.position..].iter().enumerate().take(10) {
+            let bits = u64::from(byte & 0x7F);
+            if position == 9 && bits > 1 {
+                return Err(DecodeError::VarintOverflow);
+            }
+            value |= bits << (7 * position);
+            if byte & 0x80 == 0 {
+                self.position += position + 1;
+                return Ok(value);
+            }
+        }
+        if self.remaining() >= 10 {
+            Err(DecodeError::VarintOverflow)
+        } else {
+            Err(DecodeError::Truncated)
+        }
     }
 
     /// Reads a u8-length-prefixed UTF-8 name of `min..=max` bytes.

@@ -1,6 +1,6 @@
 //! The shared gateway interner: gateway name <-> compact `u32` id.
 //!
-//! Sessions store a 4-byte [`GatewayId`] instead of a name. Gateways are few (hundreds to a few
+//! Sessions store a 2-byte id instead of a name (the public [`GatewayId`] is a `u32`). Gateways are few (hundreds to a few
 //! thousand) and created rarely, so one `RwLock` shared by all shards is enough: logins take
 //! the read lock on the fast path (name already known) and the write lock only for a new name.
 //! Lookups never touch it: every shard keeps its own copy of the names it uses.
@@ -19,8 +19,10 @@ use crate::PresenceError;
 /// Compact id of an interned gateway name, valid for the life of one registry.
 pub type GatewayId = u32;
 
-/// Hard ceiling on interned gateway names (ids must stay clear of the record free marker).
-pub(crate) const GATEWAY_IDS_MAX: usize = 1 << 24;
+/// Hard ceiling on interned gateway names: a session record stores the id in 16 bits, so at
+/// most 65,536 names (ids `0..=65_535`) can ever exist in one registry, even on replay.
+/// Beyond it, interning fails with [`PresenceError::GatewaysExceeded`] naming this maximum.
+pub const GATEWAY_IDS_MAX: usize = 1 << 16;
 
 /// The gateway name interner shared by the shards of one registry.
 #[derive(Debug)]

@@ -6,8 +6,8 @@
 //! std hash table needs (it takes bucket bits from the bottom and tag bits from the top), and
 //! which matters here because every uid of one shard has the same `uid % shards` low bits.
 //!
-//! Why [`UidKey`] is two `u32`s: a `(u64, u32)` map entry pads to 16 bytes, a `(UidKey, u32)`
-//! entry is 12. At 10 M sessions that is 40 MB saved.
+//! Why [`Packed64`] is two `u32`s: a `u64` field would force 8-byte alignment on the 36-byte
+//! session record and pad it to 40 bytes. At 10 M sessions that is 40 MB saved.
 
 use std::hash::{BuildHasher, Hash, Hasher};
 
@@ -82,9 +82,6 @@ impl Hash for Packed64 {
     }
 }
 
-/// The key of the per-shard uid map.
-pub(crate) type UidKey = Packed64;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +91,6 @@ mod tests {
         for value in [0, 1, u64::from(u32::MAX), u64::from(u32::MAX) + 1, u64::MAX] {
             assert_eq!(Packed64::new(value).get(), value);
         }
-        assert_eq!(std::mem::size_of::<(UidKey, u32)>(), 12);
+        assert_eq!(std::mem::align_of::<Packed64>(), 4);
     }
 }

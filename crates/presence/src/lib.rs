@@ -10,17 +10,16 @@
 //!
 //! ```text
 //!  ShardedRegistry ── uid % shards ──► Mutex<Shard> x 64 (no cross-shard contention)
-//!     │                                  │ slab of 60-byte session records (chunked)
-//!     │                                  │ uid map: uid -> first record (12-byte entries)
-//!     │                                  │ per-gateway intrusive lists   (gateway_down)
-//!     │                                  │ timing wheel, intrusive lists (expiry)
-//!     │                                  └ device names, interned per shard, ref-counted
-//!     ├─ Gateways (RwLock): gateway name <-> u32 id, shared by all shards
+//!     │                                  │ slab of 36-byte session records (chunked)
+//!     │                                  │ uid index: open addressing, u32 record indices
+//!     │                                  │ timing wheel, singly linked through the records
+//!     │                                  └ profiles (device, ttl), interned per shard
+//!     ├─ Gateways (RwLock): gateway name <-> 16-bit id, shared by all shards
 //!     └─ gateway leases (Mutex): registered gateways and their ttl
 //!
 //!  op(request, now_ms) ──► Result<outcome> ──► Event (watchers) ──► Change (WAL record)
 //!  Change ──► encode/decode (bytes) ──► apply_change (replay, no limits enforced)
-//!  snapshot_shard(i) / snapshot_gateways ──► bytes ──► restore
+//!  snapshot_shard(i) / snapshot_gateways ──► bytes (~14 B/session) ──► restore (2 threads)
 //! ```
 //!
 //! # Invariants
@@ -48,15 +47,36 @@
 //! - Lookups do not hide sessions that are due but not yet ticked; the node ticks every
 //!   100-1000 ms, so a session is gone within `ttl + tick` (P2).
 //! - Login time is kept at second precision (`login_ms` is a multiple of 1000); heartbeat
-//!   times and deadlines are exact milliseconds.
+//!   times and deadlines are exact milliseconds up to [`TIME_MS_MAX`] (year 10889).
+//! - Lookups return a uid's sessions newest login first (ties: highest connection id).
 //!
 //! # Memory
 //!
 //! Measured with a counting allocator (`cargo run --release -p imstate-presence --example
-//! memory_per_session -- 10000000`), 64 shards, device kinds, 200 gateways, no metadata:
-//! 91 B per session at 1 M sessions, 82 B at 10 M (one session per uid); 77 B and 71 B with
-//! 1.5 sessions per uid. The record is 60 B; the rest is the uid map at its load factor.
-//! Chunks and map capacity are kept after sessions leave (reused, not returned).
+//! memory_per_session -- 1000000`), 64 shards, device kinds, 200 gateways, no metadata:
+//! 42.2 B per session at 1 M sessions (one session per uid, or 1.5 per uid); 50.2 B when 10%
+//! carry 32 B of metadata. Where it goes:
+//!
+//! - 36 B: the record (uid, connection, 48-bit heartbeat + 16-bit gateway id, login second,
+//!   28-bit profile id + flags, one wheel link). No per-uid or per-gateway links: the uid
+//!   index finds a uid's sessions, `gateway_down` scans its shard.
+//! - about 5 B: the uid index, 4-byte buckets at a load factor kept between 0.7 and 0.875.
+//! - about 1 B: the unused tail of the last 512-record slab chunk of each shard.
+//!
+//! Removed sessions keep their record until the expiry walk passes it (at most
+//! `min(ttl, 68 min)` later; see the shard module). Chunks and index capacity are kept after
+//! sessions leave (reused, not returned).
+//!
+//! # Limits of the compact layout (B1)
+//!
+//! - [`GATEWAY_IDS_MAX`]: 65,536 gateway names per registry, ever (ids are 16 bits); beyond
+//!   it, [`PresenceError::GatewaysExceeded`] names the limit, on replay too.
+//! - 33,554,431 records per shard (25-bit record indices in the uid index): beyond it,
+//!   [`PresenceError::ShardFull`].
+//! - [`TIME_MS_MAX`]: heartbeat times are 48-bit milliseconds; a later time is stored as
+//!   that maximum (no clock reaches it before the year 10889).
+//! - 2^28 distinct (device, ttl) profiles per shard: never reached, a shard holds fewer
+//!   records than that.
 
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -65,6 +85,7 @@ mod codec;
 mod error;
 mod gateways;
 mod hash;
+mod index;
 mod registry;
 mod shard;
 mod slab;
@@ -73,9 +94,11 @@ mod types;
 
 pub use codec::{CHANGE_FORMAT_VERSION, DecodeError};
 pub use error::PresenceError;
-pub use gateways::{GatewayId, Gateways};
+pub use gateways::{GATEWAY_IDS_MAX, GatewayId, Gateways};
+pub use registry::RESTORE_THREADS;
 pub use registry::{Entry, Journal, NoJournal, ShardedRegistry};
 pub use shard::{Shard, TickProgress, WHEEL_SLOT_MS, WHEEL_SLOTS};
+pub use slab::TIME_MS_MAX;
 pub use snapshot::{RestoreStats, SNAPSHOT_FORMAT_VERSION, SnapshotError};
 pub use types::{
     Change, Event, GatewayDownOutcome, GatewayLease, HeartbeatBatchOutcome, LoginOutcome,
@@ -98,7 +121,7 @@ pub const LOOKUP_IDS_MAX_DEFAULT: usize = 10_000;
 pub const GATEWAYS_MAX_DEFAULT: usize = 65_536;
 /// Default for [`RegistryOptions::ttl_ms_max`]: one day.
 pub const TTL_MS_MAX_DEFAULT: u32 = 86_400_000;
-/// Hard ceiling for any ttl: ttl is stored in 31 bits of a session record.
+/// Hard ceiling for any ttl: `i32::MAX` ms, about 24.8 days.
 pub const TTL_MS_MAX_LIMIT: u32 = i32::MAX as u32;
 /// Default for [`RegistryOptions::shards`].
 pub const SHARDS_DEFAULT: usize = 64;

@@ -20,18 +20,23 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
 use crate::gateways::{GatewayId, Gateways};
 use crate::shard::{check_batch, check_gateway_name, check_ttl};
-use crate::snapshot::{self, Item, RestoreStats, SnapshotError};
+use crate::snapshot::{self, ProfileCache, RawSection, RestoreStats, SnapshotError};
 use crate::{
     Change, Event, GatewayDownOutcome, GatewayLease, HeartbeatBatchOutcome, LoginOutcome,
     LoginRequest, PresenceError, RegistryOptions, Session, Shard, ShardScope,
     TICK_VISITS_PER_LOCK, TickProgress,
 };
+
+/// Threads that decode and apply snapshot sections during [`ShardedRegistry::restore`]
+/// (fewer on a machine with fewer cores). Two: restore is memory-bound work on independent
+/// shards, and a node restarts on small machines too.
+pub const RESTORE_THREADS: usize = 2;
 
 /// What a mutation hands to the [`Journal`]: an event (which watchers see and whose
 /// [`Event::change`] is the log record) or a bare change (heartbeats, gateway leases).
@@ -511,10 +516,11 @@ impl ShardedRegistry {
     /// its lock (a memory copy, no I/O) and written after the lock is released, so writers of
     /// other shards never wait and writers of this shard wait only for the copy.
     ///
-    /// Section format: `"IMPS"`, version u8, kind u8 (1 = shard), scope index u32, scope
-    /// count u32, n u64, then n records of (u16 length, session encoded as in
-    /// [`Change::Login`]). Gateway sections (kind 2) hold (name, ttl_ms u32, last heartbeat
-    /// u64) records. A checkpoint is any concatenation of sections.
+    /// The section format (version [`crate::SNAPSHOT_FORMAT_VERSION`]) is described in the
+    /// snapshot module: a header with the body length, the section's device/ttl and gateway
+    /// name tables, then about 14 bytes per session (varints, time deltas, table indices).
+    /// Gateway lease sections hold (name, ttl_ms, last heartbeat) records. A checkpoint is any
+    /// concatenation of sections.
     pub fn snapshot_shard(
         &self,
         index: usize,
@@ -532,21 +538,124 @@ impl ShardedRegistry {
         snapshot::write_all(writer, &bytes)
     }
 
+    /// Starts every empty shard's expiry wheel at `now_ms` (see [`Shard::start_wheel_at`]):
+    /// call it before a restore so the first tick visits only what is due.
+    pub fn start_wheel_at(&self, now_ms: u64) {
+        for shard in self.shards.iter() {
+            shard.lock().start_wheel_at(now_ms);
+        }
+    }
+
     /// Restores every section in `reader` (any shard count; sessions are routed by uid).
+    ///
+    /// The calling thread reads sections one at a time and [`RESTORE_THREADS`] threads decode
+    /// and apply them: sections are independent (each uid is in one section), and each is
+    /// applied under its target shard's lock. At most `2 x RESTORE_THREADS + 1` sections are
+    /// in memory at once, whatever the snapshot size.
     ///
     /// Sessions keep their persisted last heartbeat, so those already expired go at the next
     /// tick. A checkpoint is fuzzy (shards taken at different moments): replay the change
     /// log from at or before the moment its first section was taken.
     pub fn restore(&self, reader: &mut impl Read) -> Result<RestoreStats, SnapshotError> {
-        snapshot::read_sections(reader, |item| match item {
-            Item::Session(session) => self.shard_of(session.uid).lock().apply_login(&session),
-            Item::Lease(lease) => self.apply_change(&Change::GatewayRegister {
-                gateway: lease.gateway,
-                ttl_ms: lease.ttl_ms,
-                at_ms: lease.last_heartbeat_ms,
-            }),
-            Item::Shard => Ok(()),
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |cores| cores.get())
+            .min(RESTORE_THREADS);
+        if workers <= 1 {
+            let mut stats = RestoreStats::default();
+            while let Some(raw) = snapshot::read_section(reader)? {
+                stats.add(self.restore_section(&raw)?);
+            }
+            return Ok(stats);
+        }
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<RawSection>(workers);
+        let receiver = Mutex::new(receiver);
+        let failed = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let (receiver, failed) = (&receiver, &failed);
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(move || {
+                        let mut stats = RestoreStats::default();
+                        loop {
+                            let Ok(raw) = receiver.lock().recv() else {
+                                return Ok(stats);
+                            };
+                            match self.restore_section(&raw) {
+                                Ok(section) => stats.add(section),
+                                Err(error) => {
+                                    failed.store(true, Ordering::Release);
+                                    return Err(error);
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let mut result: Result<RestoreStats, SnapshotError> = Ok(RestoreStats::default());
+            while !failed.load(Ordering::Acquire) {
+                match snapshot::read_section(reader) {
+                    Ok(Some(raw)) => {
+                        if sender.send(raw).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        result = Err(error);
+                        break;
+                    }
+                }
+            }
+            drop(sender);
+            for handle in handles {
+                let worker = match handle.join() {
+                    Ok(worker) => worker,
+                    Err(panic) => std::panic::resume_unwind(panic),
+                };
+                result = match (result, worker) {
+                    (Ok(mut stats), Ok(more)) => {
+                        stats.add(more);
+                        Ok(stats)
+                    }
+                    (Err(error), _) | (Ok(_), Err(error)) => Err(error),
+                };
+            }
+            result
         })
+    }
+
+    /// Applies one snapshot section: a shard section into the shard that owns it (one lock
+    /// for the whole section when the shard counts match), or gateway leases.
+    fn restore_section(&self, raw: &RawSection) -> Result<RestoreStats, SnapshotError> {
+        let mut stats = RestoreStats::default();
+        let Some(mut section) = raw.shard(&self.gateways)? else {
+            for lease in raw.leases()? {
+                self.apply_change(&Change::GatewayRegister {
+                    gateway: lease.gateway,
+                    ttl_ms: lease.ttl_ms,
+                    at_ms: lease.last_heartbeat_ms,
+                })?;
+                stats.gateway_leases += 1;
+            }
+            return Ok(stats);
+        };
+        stats.shard_sections = 1;
+        if section.scope.count as usize == self.shards.len() {
+            let mut shard = self.shards[section.scope.index as usize].lock();
+            stats.sessions = shard.restore_section(&mut section, true)?;
+            return Ok(stats);
+        }
+        // Another shard count wrote it: route session by session.
+        let mut caches: Vec<Option<ProfileCache>> = (0..self.shards.len()).map(|_| None).collect();
+        while let Some(session) = section.next_session()? {
+            let index = self.shard_index(session.uid);
+            let cache = caches[index].get_or_insert_with(|| ProfileCache::new(&section.tables));
+            self.shards[index]
+                .lock()
+                .restore_session(&section.tables, cache, &session)?;
+            stats.sessions += 1;
+        }
+        Ok(stats)
     }
 
     /// Every session, sorted by (uid, conn). O(n), one shard lock at a time.

@@ -3,25 +3,47 @@
 //! # Layout
 //!
 //! ```text
-//!  uids: uid ──► first record ──next_in_uid──► ... (at most sessions_per_uid_max)
-//!  slab: [Rec; 60 B] in 1024-record chunks, free list through next_in_uid
-//!  gateway_heads[gateway id] ──► record ⇄ record ⇄ ...   (doubly linked, gateway_down)
-//!  wheel[slot] = sentinel ⇄ record ⇄ record ⇄ sentinel    (circular, expiry)
-//!  devices: per-shard ref-counted interner, device name <-> 31-bit id
-//!  meta: record index ──► Arc<[u8]>, only for sessions that have metadata
+//!  index:  open-addressing table of u32 record indices, keyed by the record's uid (~5 B)
+//!  slab:   [Rec; 36 B] in 512-record chunks; free list through `next`
+//!  wheel:  slot heads and tails ──► record ─next─► record ─next─► ... (singly linked)
+//!  profiles: per-shard ref-counted interner, (device name, ttl_ms) <-> 28-bit id
+//!  meta:   record index ──► Arc<[u8]>, only for sessions that have metadata
+//!  gateway_names: shard-local copies of the names of gateway ids seen here
 //! ```
 //!
-//! # Expiry: a hashed timing wheel with exact deadlines
+//! A session costs its 36-byte record plus about 5 bytes of index: there is no per-uid chain
+//! (the index is a multimap: every session of a uid has its own bucket in the uid's probe run)
+//! and no per-gateway list: `gateway_down` scans the shard's records, which is O(records in
+//! the shard) per shard (about 0.1 ms per 100 k records) and acceptable because a gateway
+//! going down is rare, and done shard by shard so no lock is held for long.
 //!
-//! A session sits in slot `(deadline_ms / WHEEL_SLOT_MS) % WHEEL_SLOTS` (one-second slots,
-//! 4096 of them: 68 minutes per turn). A heartbeat moves the record to its new slot in O(1)
-//! (unlink, append), so the wheel holds exactly one entry per session and no stale ones.
-//! `tick(now_ms)` walks the slots from `wheel_cursor_s` up to the current second and removes
-//! every visited record whose exact `deadline_ms <= now_ms`; a record of a later turn (ttl
-//! above 68 minutes) is skipped and met again one turn later. The slot of the current second
-//! is walked again on the next tick because more of it becomes due. The walk keeps its place
-//! (`wheel_walk_prev`) between calls, so `tick` can stop after `visits_max` records and resume:
-//! expiring a million sessions is many short lock holds, never one long one.
+//! # Expiry: a hashed timing wheel with lazy re-filing
+//!
+//! A session is filed in slot `(deadline_s) % WHEEL_SLOTS` (one-second slots, 4096 of them:
+//! 68 minutes per turn) when it is inserted, by appending it to that slot's singly linked
+//! list. A heartbeat only raises `last_heartbeat_ms` in the record: the record stays where it
+//! is, *at or before* its new deadline. `tick(now_ms)` walks the slots from `wheel_cursor_s`
+//! up to the current second; for each record visited it either
+//!
+//! - expires it (exact `deadline_ms <= now_ms`): unlinks it and frees it;
+//! - frees it if it is a tombstone (a session removed by logout, replacement or
+//!   `gateway_down`: removal cannot unlink from the middle of a singly linked list, so the
+//!   record stays linked, invisible, until the walk passes it);
+//! - re-files it in its current deadline's slot (a heartbeat moved the deadline), or keeps it
+//!   when that is this very slot (a deadline one or more turns ahead, for a ttl above 68
+//!   minutes).
+//!
+//! So tick cost is proportional to what it visits: records that expire, tombstones, and at
+//! most one re-filing per record per ttl (however many heartbeats it received): never to the
+//! number of sessions stored (P2). A heartbeat costs no list surgery at all. The slot of the
+//! current second is walked again on the next tick because more of it becomes due. The walk
+//! keeps its place (`wheel_walk_prev`) between calls, so `tick` can stop after `visits_max`
+//! records and resume: expiring a million sessions is many short lock holds.
+//!
+//! Tombstones hold their 36 bytes until the walk reaches the slot they were filed in, which is
+//! at most `min(ttl, 68 min)` after the removal: the records of a shard are the sessions
+//! online plus those removed within the last ttl. With the usual ttl of 90 s this is noise;
+//! it is reported by [`Shard::tombstones`].
 //!
 //! A record whose deadline is already behind the cursor (replay, restore, a clock step) goes
 //! into the cursor's slot, so the next tick meets it. If ticks stopped for more than a turn,
@@ -29,20 +51,26 @@
 //!
 //! # Invariants (checked by [`Shard::check_invariants`])
 //!
-//! - Every live record is in exactly one uid chain, one gateway list and one wheel slot, and
-//!   `len` counts them; the uid map holds exactly the uids that have records.
+//! - The uid index holds exactly the live records, each reachable from its uid's home bucket;
+//!   `len` counts them.
+//! - Every live record and every tombstone sits in exactly one wheel slot list, no free record
+//!   does; each slot's tail is its last record; `tombstones` counts the tombstones.
+//! - A live record sits in a slot the walk reaches no later than its deadline's slot: its
+//!   slot distance from the cursor is at most its deadline's distance.
 //! - A uid has at most one record per device and per connection.
-//! - A record whose deadline second is at or past the cursor sits in its deadline's slot.
-//! - Device reference counts equal the records using them; metadata exists iff flagged.
+//! - Profile reference counts equal the live records using them; metadata exists iff flagged.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::gateways::{GatewayId, Gateways};
-use crate::hash::{IntHashBuilder, UidKey};
-use crate::slab::{NIL, RECORDS_MAX, Rec, Slab};
-use crate::snapshot::{Item, RestoreStats, SnapshotError};
+use crate::hash::IntHashBuilder;
+use crate::index::{RECORDS_MAX, UidIndex};
+use crate::slab::{NIL, PROFILE_ID_MAX, Rec, Slab};
+use crate::snapshot::{
+    ProfileCache, RestoreStats, RestoredSession, SectionTables, ShardSection, SnapshotError,
+};
 use crate::{
     Change, DEVICE_BYTES_MAX, Event, GATEWAY_NAME_BYTES_MAX, HeartbeatBatchOutcome, LoginOutcome,
     LoginRequest, META_BYTES_MAX, PresenceError, RegistryOptions, Session, ShardScope,
@@ -52,10 +80,8 @@ use crate::{
 /// compared against its exact deadline, so the slot width costs no precision.
 pub const WHEEL_SLOT_MS: u64 = 1_000;
 /// Slots in the wheel: 4096 one-second slots turn once per 68 minutes, longer than any usual
-/// session ttl, at 32 KB of sentinels per shard.
+/// session ttl, at 32 KB of heads and tails per shard.
 pub const WHEEL_SLOTS: u32 = 4_096;
-/// Index of the sentinel of slot 0; sentinels occupy `SENTINEL_BASE..SENTINEL_BASE + SLOTS`.
-const SENTINEL_BASE: u32 = RECORDS_MAX;
 
 /// Result of one bounded expiry step.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -66,62 +92,83 @@ pub struct TickProgress {
     pub done: bool,
 }
 
-/// Per-shard device interner with reference counts, so that unique device ids are freed when
-/// their last session goes and device kinds ("ios") cost 4 bytes per session.
+/// Per-shard interner of session profiles, the pair (device name, ttl_ms), with reference
+/// counts: device kinds ("ios") and the few configured ttls cost 4 bytes per session together,
+/// and unique device ids are freed when their last session goes.
 #[derive(Debug, Default)]
-struct DeviceTable {
-    entries: Vec<DeviceEntry>,
-    by_name: HashMap<Arc<str>, u32>,
+pub(crate) struct ProfileTable {
+    entries: Vec<Profile>,
+    /// Profile ids by device name: one per distinct ttl, so almost always a single one.
+    by_device: HashMap<Arc<str>, Vec<u32>>,
     free: Vec<u32>,
 }
 
 #[derive(Debug)]
-struct DeviceEntry {
-    name: Arc<str>,
+struct Profile {
+    device: Arc<str>,
+    ttl_ms: u32,
     refs: u32,
 }
 
-impl DeviceTable {
-    fn get(&self, name: &str) -> Option<u32> {
-        self.by_name.get(name).copied()
+impl ProfileTable {
+    fn device(&self, id: u32) -> &Arc<str> {
+        &self.entries[id as usize].device
     }
 
-    fn name(&self, id: u32) -> &Arc<str> {
-        &self.entries[id as usize].name
+    fn ttl_ms(&self, id: u32) -> u32 {
+        self.entries[id as usize].ttl_ms
     }
 
-    fn acquire(&mut self, name: &str) -> u32 {
-        if let Some(&id) = self.by_name.get(name) {
+    /// Takes a reference to the profile (device, ttl_ms), creating it if needed.
+    pub(crate) fn acquire(&mut self, device: &str, ttl_ms: u32) -> u32 {
+        if let Some(ids) = self.by_device.get(device)
+            && let Some(&id) = ids
+                .iter()
+                .find(|&&id| self.entries[id as usize].ttl_ms == ttl_ms)
+        {
             self.entries[id as usize].refs += 1;
             return id;
         }
-        let shared: Arc<str> = Arc::from(name);
+        let shared: Arc<str> = match self.by_device.get_key_value(device) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(device),
+        };
+        let profile = Profile {
+            device: shared.clone(),
+            ttl_ms,
+            refs: 1,
+        };
         let id = match self.free.pop() {
             Some(id) => {
-                self.entries[id as usize] = DeviceEntry {
-                    name: shared.clone(),
-                    refs: 1,
-                };
+                self.entries[id as usize] = profile;
                 id
             }
             None => {
-                self.entries.push(DeviceEntry {
-                    name: shared.clone(),
-                    refs: 1,
-                });
+                self.entries.push(profile);
                 (self.entries.len() - 1) as u32
             }
         };
-        self.by_name.insert(shared, id);
+        debug_assert!(id <= PROFILE_ID_MAX, "profiles never outnumber records");
+        self.by_device.entry(shared).or_default().push(id);
         id
+    }
+
+    /// Takes one more reference to a profile already held.
+    pub(crate) fn acquire_id(&mut self, id: u32) {
+        self.entries[id as usize].refs += 1;
     }
 
     fn release(&mut self, id: u32) {
         let entry = &mut self.entries[id as usize];
         entry.refs -= 1;
         if entry.refs == 0 {
-            self.by_name.remove(&*entry.name);
-            entry.name = Arc::from("");
+            let device = std::mem::replace(&mut entry.device, Arc::from(""));
+            if let Some(ids) = self.by_device.get_mut(&device) {
+                ids.retain(|&other| other != id);
+                if ids.is_empty() {
+                    self.by_device.remove(&device);
+                }
+            }
             self.free.push(id);
         }
     }
@@ -138,21 +185,28 @@ pub struct Shard {
     /// `online_count` is O(1) however the shard is driven.
     online: Arc<AtomicU64>,
     slab: Slab,
-    uids: HashMap<UidKey, u32, IntHashBuilder>,
+    index: UidIndex,
+    /// Live records.
     len: usize,
-    devices: DeviceTable,
+    /// Removed records still linked in the wheel (see the module documentation).
+    tombstones: usize,
+    profiles: ProfileTable,
     /// Out-of-line metadata: most sessions have none, so it costs nothing in the record.
     meta: HashMap<u32, Arc<[u8]>, IntHashBuilder>,
-    gateway_heads: Vec<u32>,
-    /// Shard-local copies of gateway names: lookups clone these `Arc`s, whose reference
-    /// counts no other shard touches (no cache-line ping-pong between cores).
+    /// Shard-local copies of gateway names, by gateway id, for the gateways of sessions ever
+    /// stored here: lookups clone these `Arc`s, whose reference counts no other shard touches
+    /// (no cache-line ping-pong between cores). `None` also tells `gateway_down` that this
+    /// shard never held a session of that gateway.
     gateway_names: Vec<Option<Arc<str>>>,
-    /// Per slot: the sentinel's [next, prev].
-    wheel: Box<[[u32; 2]]>,
+    /// Per slot: first record, or [`NIL`].
+    wheel_heads: Box<[u32]>,
+    /// Per slot: last record, or [`NIL`] (appends go to the tail so a walk in progress still
+    /// meets them).
+    wheel_tails: Box<[u32]>,
     /// First second whose slot is not fully expired.
     wheel_cursor_s: u64,
-    /// Last record visited and kept in the cursor's slot (or its sentinel): where the walk
-    /// resumes. Kept valid when that record is unlinked.
+    /// Last record visited and kept in the cursor's slot, or [`NIL`] for its head: where the
+    /// walk resumes. Stays valid because only the walk unlinks records.
     wheel_walk_prev: u32,
 }
 
@@ -222,24 +276,22 @@ impl Shard {
         gateways: Arc<Gateways>,
         online: Arc<AtomicU64>,
     ) -> Self {
-        let wheel = (0..WHEEL_SLOTS)
-            .map(|slot| [SENTINEL_BASE + slot; 2])
-            .collect();
         Self {
             options,
             scope,
             gateways,
             online,
-            slab: Slab::new(),
-            uids: HashMap::with_hasher(IntHashBuilder),
+            slab: Slab::new(RECORDS_MAX),
+            index: UidIndex::default(),
             len: 0,
-            devices: DeviceTable::default(),
+            tombstones: 0,
+            profiles: ProfileTable::default(),
             meta: HashMap::with_hasher(IntHashBuilder),
-            gateway_heads: Vec::new(),
             gateway_names: Vec::new(),
-            wheel,
+            wheel_heads: vec![NIL; WHEEL_SLOTS as usize].into_boxed_slice(),
+            wheel_tails: vec![NIL; WHEEL_SLOTS as usize].into_boxed_slice(),
             wheel_cursor_s: 0,
-            wheel_walk_prev: SENTINEL_BASE,
+            wheel_walk_prev: NIL,
         }
     }
 
@@ -268,16 +320,29 @@ impl Shard {
         self.len == 0
     }
 
-    /// Bytes held by the shard's own structures (records, uid map, metadata index, wheel),
+    /// Removed sessions whose records wait for the expiry walk to free them.
+    pub fn tombstones(&self) -> usize {
+        self.tombstones
+    }
+
+    /// Starts the expiry wheel at `now_ms` if the shard never held a record, so that the first
+    /// tick after a restore visits only what is due instead of a whole turn of slots. Does
+    /// nothing otherwise.
+    pub fn start_wheel_at(&mut self, now_ms: u64) {
+        if self.slab.high_water() == 0 {
+            self.wheel_cursor_s = now_ms / WHEEL_SLOT_MS;
+            self.wheel_walk_prev = NIL;
+        }
+    }
+
+    /// Bytes held by the shard's own structures (records, uid index, metadata index, wheel),
     /// estimated from capacities; names and metadata blobs are not counted.
     pub fn approx_memory_bytes(&self) -> usize {
-        let uid_entry = std::mem::size_of::<(UidKey, u32)>() + 1;
         let meta_entry = std::mem::size_of::<(u32, Arc<[u8]>)>() + 1;
         self.slab.allocated_bytes()
-            + self.uids.capacity() * 8 / 7 * uid_entry
+            + self.index.capacity() * 4
             + self.meta.capacity() * 8 / 7 * meta_entry
-            + self.wheel.len() * 8
-            + self.gateway_heads.capacity() * 4
+            + self.wheel_heads.len() * 8
     }
 
     // ----- operations -------------------------------------------------------------------
@@ -286,7 +351,8 @@ impl Shard {
     ///
     /// Errors (nothing changes): a field out of its length limit, ttl out of range, the
     /// connection already used by the uid on another device, `sessions_per_uid_max` reached
-    /// (a replacement does not count), a new gateway beyond `gateways_max`.
+    /// (a replacement does not count), the shard's record space full, a new gateway beyond
+    /// `gateways_max`.
     pub fn login(
         &mut self,
         request: &LoginRequest<'_>,
@@ -298,25 +364,23 @@ impl Shard {
             check_length("meta", meta.len(), 0, META_BYTES_MAX)?;
         }
         check_ttl(request.ttl_ms, &self.options)?;
-        let device = self.devices.get(request.device);
         let mut count = 0usize;
         let mut same_device = NIL;
-        let mut index = self.head(request.uid);
-        while index != NIL {
+        for index in self.uid_records(request.uid) {
             let rec = self.slab.get(index);
-            let is_same_device = Some(rec.device()) == device;
+            let device = self.profiles.device(rec.profile());
+            let is_same_device = **device == *request.device;
             if rec.conn.get() == request.conn && !is_same_device {
                 return Err(PresenceError::ConnectionInUse {
                     uid: request.uid,
                     conn: request.conn,
-                    device: self.devices.name(rec.device()).to_string(),
+                    device: device.to_string(),
                 });
             }
             if is_same_device {
                 same_device = index;
             }
             count += 1;
-            index = rec.next_in_uid;
         }
         if same_device == NIL && count >= self.options.sessions_per_uid_max {
             return Err(PresenceError::SessionsPerUidExceeded {
@@ -324,8 +388,8 @@ impl Shard {
                 max: self.options.sessions_per_uid_max,
             });
         }
-        if same_device == NIL && self.slab.free_len() == 0 && self.slab.high_water() >= RECORDS_MAX
-        {
+        // A replaced session leaves a tombstone: the new one needs a record either way.
+        if !self.slab.has_room() {
             return Err(PresenceError::ShardFull {
                 max: RECORDS_MAX as usize,
             });
@@ -334,14 +398,14 @@ impl Shard {
         // name interned for a login that then fails would be harmless anyway.
         let gateway = self.gateways.intern(request.gateway)?;
         let replaced = (same_device != NIL).then(|| self.remove(same_device));
+        let profile = self.profiles.acquire(request.device, request.ttl_ms);
         let index = self.insert(
             request.uid,
-            request.device,
-            gateway,
             request.conn,
+            profile,
+            gateway,
             login_s(now_ms),
             now_ms,
-            request.ttl_ms,
             request.meta.map(Arc::from),
         )?;
         Ok(LoginOutcome {
@@ -422,7 +486,7 @@ impl Shard {
     ) -> bool {
         let Some(gateway) = gateway else { return false };
         match self.find(uid, conn) {
-            Some(index) if self.slab.get(index).gateway == gateway => {
+            Some(index) if GatewayId::from(self.slab.get(index).gateway()) == gateway => {
                 self.refresh(index, now_ms);
                 true
             }
@@ -430,20 +494,21 @@ impl Shard {
         }
     }
 
-    /// The sessions of `uid`, newest login first.
+    /// The sessions of `uid`, newest login first (ties by connection id, highest first).
     pub fn lookup(&self, uid: u64) -> Vec<Session> {
         let mut sessions = Vec::new();
         self.lookup_into(uid, &mut sessions);
         sessions
     }
 
-    /// Appends the sessions of `uid` to `out`.
+    /// Appends the sessions of `uid` to `out`, newest login first.
     pub fn lookup_into(&self, uid: u64, out: &mut Vec<Session>) {
-        let mut index = self.head(uid);
-        while index != NIL {
+        let start = out.len();
+        for index in self.uid_records(uid) {
             out.push(self.session_at(index));
-            index = self.slab.get(index).next_in_uid;
         }
+        out[start..]
+            .sort_unstable_by_key(|session| std::cmp::Reverse((session.login_ms, session.conn)));
     }
 
     /// The sessions of each uid, in request order. Between 1 and `lookup_ids_max` uids.
@@ -454,17 +519,12 @@ impl Shard {
 
     /// Drops every session of `gateway` in this shard. `None` when it had none.
     ///
-    /// Cost is proportional to that gateway's sessions here (its intrusive list), not to the
-    /// shard size.
+    /// Cost: nothing for a shard that never held a session of the gateway; otherwise one scan
+    /// of the shard's records (there is no per-gateway list: it would cost 8 bytes in every
+    /// record for an operation that is rare).
     pub fn gateway_down(&mut self, gateway: &str) -> Option<Event> {
         let id = self.gateways.get(gateway)?;
-        let mut sessions = Vec::new();
-        let mut index = self.gateway_heads.get(id as usize).copied().unwrap_or(NIL);
-        while index != NIL {
-            let next = self.slab.get(index).gateway_next;
-            sessions.push(self.remove(index));
-            index = next;
-        }
+        let sessions = self.remove_gateway_sessions(id, |_| true);
         if sessions.is_empty() {
             return None;
         }
@@ -473,6 +533,25 @@ impl Shard {
             scope: self.scope,
             sessions,
         })
+    }
+
+    /// Removes the live sessions of gateway `id` whose uid passes `keep_uid`, in storage order.
+    fn remove_gateway_sessions(
+        &mut self,
+        id: GatewayId,
+        in_scope: impl Fn(u64) -> bool,
+    ) -> Vec<Session> {
+        let mut sessions = Vec::new();
+        if !matches!(self.gateway_names.get(id as usize), Some(Some(_))) {
+            return sessions;
+        }
+        for index in 0..self.slab.high_water() {
+            let rec = self.slab.get(index);
+            if rec.is_live() && GatewayId::from(rec.gateway()) == id && in_scope(rec.uid.get()) {
+                sessions.push(self.remove(index));
+            }
+        }
+        sessions
     }
 
     /// Expires sessions whose deadline is at or before `now_ms`, visiting at most
@@ -490,43 +569,60 @@ impl Shard {
         if self.wheel_cursor_s < turn_start_s {
             // More than one turn behind: one pass over every slot covers all deadlines.
             self.wheel_cursor_s = turn_start_s;
-            self.wheel_walk_prev = self.cursor_sentinel();
+            self.wheel_walk_prev = NIL;
         }
         let mut visits = 0usize;
         loop {
-            let sentinel = self.cursor_sentinel();
+            let slot = self.cursor_slot();
             loop {
-                let next = self.wheel_next(self.wheel_walk_prev);
-                if next == sentinel {
+                let next = self.wheel_next(slot, self.wheel_walk_prev);
+                if next == NIL {
                     break;
                 }
                 if visits == visits_max {
                     return progress;
                 }
                 visits += 1;
-                if self.slab.get(next).deadline_ms() <= now_ms {
-                    let session = self.remove(next);
+                let rec = *self.slab.get(next);
+                if rec.is_tombstone() {
+                    self.wheel_unlink_next(slot);
+                    self.slab.free(next);
+                    self.tombstones -= 1;
+                    continue;
+                }
+                let deadline_ms = rec.deadline_ms(self.profiles.ttl_ms(rec.profile()));
+                if deadline_ms <= now_ms {
+                    let session = self.unindex(next);
+                    self.wheel_unlink_next(slot);
+                    self.slab.free(next);
                     progress.events.push(Event::Expire { session });
-                } else {
+                    continue;
+                }
+                let target = self.slot_for(deadline_ms);
+                if target == slot {
                     self.wheel_walk_prev = next;
+                } else {
+                    // A heartbeat moved the deadline since the record was filed.
+                    self.wheel_unlink_next(slot);
+                    self.wheel_append(target, next);
                 }
             }
             if self.wheel_cursor_s >= now_s {
                 // The current second's slot may gain due records as time passes: walk it
                 // again from the start next time.
-                self.wheel_walk_prev = sentinel;
+                self.wheel_walk_prev = NIL;
                 progress.done = true;
                 return progress;
             }
             self.wheel_cursor_s += 1;
-            self.wheel_walk_prev = self.cursor_sentinel();
+            self.wheel_walk_prev = NIL;
         }
     }
 
     /// Applies a log record without enforcing limits (see [`Change`] for the rules).
     /// Gateway lease records do not concern a shard and are ignored.
     ///
-    /// Fails only when the shard's record index space is exhausted.
+    /// Fails only when the shard's record index space or the gateway id space is exhausted.
     pub fn apply_change(&mut self, change: &Change) -> Result<(), PresenceError> {
         match change {
             Change::Login(session) => self.apply_login(session)?,
@@ -547,7 +643,12 @@ impl Shard {
                     self.remove(index);
                 }
             }
-            Change::GatewayDown { gateway, scope } => self.apply_gateway_down(gateway, *scope),
+            Change::GatewayDown { gateway, scope } => {
+                if let Some(id) = self.gateways.get(gateway) {
+                    let scope = *scope;
+                    self.remove_gateway_sessions(id, |uid| scope.contains(uid));
+                }
+            }
             Change::GatewayRegister { .. }
             | Change::GatewayHeartbeat { .. }
             | Change::GatewayUnregister { .. } => {}
@@ -557,40 +658,85 @@ impl Shard {
 
     /// Sets `session`, first removing sessions of its uid with the same device or connection.
     pub(crate) fn apply_login(&mut self, session: &Session) -> Result<(), PresenceError> {
-        let device = self.devices.get(&session.device);
-        let mut index = self.head(session.uid);
-        while index != NIL {
-            let rec = *self.slab.get(index);
-            if rec.conn.get() == session.conn || Some(rec.device()) == device {
-                self.remove(index);
-            }
-            index = rec.next_in_uid;
+        self.remove_conflicts(session.uid, session.conn, &session.device);
+        if !self.slab.has_room() {
+            return Err(PresenceError::ShardFull {
+                max: RECORDS_MAX as usize,
+            });
         }
         let gateway = self.gateways.intern_unbounded(&session.gateway)?;
+        let profile = self.profiles.acquire(&session.device, session.ttl_ms);
         self.insert(
             session.uid,
-            &session.device,
-            gateway,
             session.conn,
+            profile,
+            gateway,
             login_s(session.login_ms),
             session.last_heartbeat_ms,
-            session.ttl_ms,
             session.meta.clone(),
         )?;
         Ok(())
     }
 
-    fn apply_gateway_down(&mut self, gateway: &str, scope: ShardScope) {
-        let Some(id) = self.gateways.get(gateway) else {
-            return;
-        };
-        let mut index = self.gateway_heads.get(id as usize).copied().unwrap_or(NIL);
-        while index != NIL {
-            let rec = *self.slab.get(index);
-            if scope.contains(rec.uid.get()) {
-                self.remove(index);
+    /// Removes the sessions of `uid` on connection `conn` or on `device` (replay rules).
+    fn remove_conflicts(&mut self, uid: u64, conn: u64, device: &str) {
+        loop {
+            let conflict = self.uid_records(uid).find(|&index| {
+                let rec = self.slab.get(index);
+                rec.conn.get() == conn || **self.profiles.device(rec.profile()) == *device
+            });
+            match conflict {
+                Some(index) => {
+                    self.remove(index);
+                }
+                None => break,
             }
-            index = rec.gateway_next;
+        }
+    }
+
+    /// Sets one session read from a snapshot section, as [`Self::apply_login`] would.
+    /// `profiles` caches the section's profiles resolved in this shard (pass a fresh cache per
+    /// section); gateway ids were resolved by the caller.
+    pub(crate) fn restore_session(
+        &mut self,
+        tables: &SectionTables,
+        profiles: &mut ProfileCache,
+        session: &RestoredSession<'_>,
+    ) -> Result<(), PresenceError> {
+        let (device, ttl_ms) = &tables.profiles[session.profile as usize];
+        if self.uid_records(session.uid).next().is_some() {
+            self.remove_conflicts(session.uid, session.conn, device);
+        }
+        if !self.slab.has_room() {
+            return Err(PresenceError::ShardFull {
+                max: RECORDS_MAX as usize,
+            });
+        }
+        let cached = &mut profiles.ids[session.profile as usize];
+        let profile = if *cached == NIL {
+            *cached = self.profiles.acquire(device, *ttl_ms);
+            *cached
+        } else {
+            self.profiles.acquire_id(*cached);
+            *cached
+        };
+        let gateway = tables.gateway_ids[session.gateway as usize];
+        self.insert(
+            session.uid,
+            session.conn,
+            profile,
+            gateway,
+            session.login_s,
+            session.last_heartbeat_ms,
+            session.meta.map(Arc::from),
+        )?;
+        Ok(())
+    }
+
+    /// Makes room in the uid index for `additional` more sessions (restore knows the count).
+    pub(crate) fn reserve(&mut self, additional: usize) {
+        if let Some(capacity) = self.index.growth_for(additional) {
+            self.index.rebuild(capacity, self.slab.live_uids());
         }
     }
 
@@ -613,43 +759,110 @@ impl Shard {
 
     /// Appends a snapshot section of every session of this shard to `out`.
     pub fn snapshot(&self, out: &mut Vec<u8>) {
-        crate::snapshot::encode_shard_section(
-            self.scope,
-            self.len,
-            |write| self.for_each_session(|session| write(&session)),
-            out,
+        // Dense section-local numbering of the profiles and gateways in use.
+        let mut profile_local = vec![NIL; self.profiles.entries.len()];
+        let mut profiles = Vec::new();
+        for (id, entry) in self.profiles.entries.iter().enumerate() {
+            if entry.refs > 0 {
+                profile_local[id] = profiles.len() as u32;
+                profiles.push((entry.device.clone(), entry.ttl_ms));
+            }
+        }
+        let mut gateway_local = vec![NIL; self.gateway_names.len()];
+        let mut gateways = Vec::new();
+        for (id, name) in self.gateway_names.iter().enumerate() {
+            if let Some(name) = name {
+                gateway_local[id] = gateways.len() as u32;
+                gateways.push(name.clone());
+            }
+        }
+        let base_ms = (0..self.slab.high_water())
+            .map(|index| self.slab.get(index))
+            .find(|rec| rec.is_live())
+            .map_or(0, Rec::last_heartbeat_ms);
+        let mut section = crate::snapshot::ShardSectionWriter::new(
+            out, self.scope, base_ms, &profiles, &gateways, self.len,
         );
+        for index in 0..self.slab.high_water() {
+            let rec = self.slab.get(index);
+            if !rec.is_live() {
+                continue;
+            }
+            let meta = if rec.has_meta() {
+                self.meta.get(&index).map(|meta| &meta[..])
+            } else {
+                None
+            };
+            section.session(&RestoredSession {
+                uid: rec.uid.get(),
+                conn: rec.conn.get(),
+                last_heartbeat_ms: rec.last_heartbeat_ms(),
+                login_s: rec.login_s,
+                profile: profile_local[rec.profile() as usize],
+                gateway: gateway_local[usize::from(rec.gateway())],
+                meta,
+            });
+        }
+        section.finish();
     }
 
     /// Restores every session of the snapshot sections in `reader`, as
-    /// [`crate::ShardedRegistry::restore`] does; gateway lease sections are skipped, a
-    /// standalone shard has no leases.
+    /// [`crate::ShardedRegistry::restore`] does; gateway lease sections are validated and
+    /// skipped, a standalone shard has no leases.
     pub fn restore(
         &mut self,
         reader: &mut impl std::io::Read,
     ) -> Result<RestoreStats, SnapshotError> {
-        crate::snapshot::read_sections(reader, |item| match item {
-            Item::Session(session) => self.apply_login(&session),
-            Item::Shard | Item::Lease(_) => Ok(()),
-        })
+        let gateways = Arc::clone(&self.gateways);
+        let mut stats = RestoreStats::default();
+        while let Some(raw) = crate::snapshot::read_section(reader)? {
+            match raw.shard(&gateways)? {
+                Some(mut section) => {
+                    stats.shard_sections += 1;
+                    stats.sessions += self.restore_section(&mut section, false)?;
+                }
+                None => stats.gateway_leases += raw.leases()?.len(),
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Restores every session of one shard section; with `own_scope`, a session whose uid
+    /// this shard does not own is refused (the section claims to be this shard's).
+    pub(crate) fn restore_section(
+        &mut self,
+        section: &mut ShardSection<'_>,
+        own_scope: bool,
+    ) -> Result<usize, SnapshotError> {
+        let mut cache = ProfileCache::new(&section.tables);
+        self.reserve(section.remaining());
+        let mut restored = 0;
+        while let Some(session) = section.next_session()? {
+            if own_scope && !self.scope.contains(session.uid) {
+                return Err(SnapshotError::OutOfScope {
+                    uid: session.uid,
+                    index: section.scope.index,
+                    count: section.scope.count,
+                });
+            }
+            self.restore_session(&section.tables, &mut cache, &session)?;
+            restored += 1;
+        }
+        Ok(restored)
     }
 
     // ----- records and indexes ----------------------------------------------------------
 
-    fn head(&self, uid: u64) -> u32 {
-        self.uids.get(&UidKey::new(uid)).copied().unwrap_or(NIL)
+    /// The live records of `uid`, in index probe order.
+    fn uid_records(&self, uid: u64) -> impl Iterator<Item = u32> + '_ {
+        self.index
+            .candidates(uid)
+            .filter(move |&index| self.slab.get(index).uid.get() == uid)
     }
 
     fn find(&self, uid: u64, conn: u64) -> Option<u32> {
-        let mut index = self.head(uid);
-        while index != NIL {
-            let rec = self.slab.get(index);
-            if rec.conn.get() == conn {
-                return Some(index);
-            }
-            index = rec.next_in_uid;
-        }
-        None
+        self.uid_records(uid)
+            .find(|&index| self.slab.get(index).conn.get() == conn)
     }
 
     fn gateway_name(&self, id: GatewayId) -> Arc<str> {
@@ -661,14 +874,15 @@ impl Shard {
 
     fn session_at(&self, index: u32) -> Session {
         let rec = self.slab.get(index);
+        let profile = &self.profiles.entries[rec.profile() as usize];
         Session {
             uid: rec.uid.get(),
-            device: self.devices.name(rec.device()).clone(),
-            gateway: self.gateway_name(rec.gateway),
+            device: profile.device.clone(),
+            gateway: self.gateway_name(GatewayId::from(rec.gateway())),
             conn: rec.conn.get(),
             login_ms: u64::from(rec.login_s) * 1000,
-            last_heartbeat_ms: rec.last_heartbeat_ms.get(),
-            ttl_ms: rec.ttl_ms,
+            last_heartbeat_ms: rec.last_heartbeat_ms(),
+            ttl_ms: profile.ttl_ms,
             meta: if rec.has_meta() {
                 self.meta.get(&index).cloned()
             } else {
@@ -677,39 +891,43 @@ impl Shard {
         }
     }
 
+    /// Stores a live record holding a reference to `profile` (released again on failure),
+    /// indexes it and files it in the wheel.
     #[allow(clippy::too_many_arguments)]
     fn insert(
         &mut self,
         uid: u64,
-        device: &str,
-        gateway: GatewayId,
         conn: u64,
+        profile: u32,
+        gateway: GatewayId,
         login_s: u32,
         last_heartbeat_ms: u64,
-        ttl_ms: u32,
         meta: Option<Arc<[u8]>>,
     ) -> Result<u32, PresenceError> {
-        let device = self.devices.acquire(device);
+        // Interning hands out ids below GATEWAY_IDS_MAX = 2^16 only.
+        debug_assert!((gateway as usize) < crate::gateways::GATEWAY_IDS_MAX);
+        let gateway_id = gateway as u16;
         let rec = Rec::new(
             uid,
             conn,
             last_heartbeat_ms,
-            ttl_ms,
             login_s,
-            gateway,
-            device,
+            gateway_id,
+            profile,
             meta.is_some(),
         );
+        // Grow the index before the record exists, so the rebuild does not meet it.
+        self.reserve(1);
         let Some(index) = self.slab.insert(rec) else {
-            self.devices.release(device);
+            self.profiles.release(profile);
             return Err(PresenceError::ShardFull {
                 max: RECORDS_MAX as usize,
             });
         };
-        let previous_head = self.uids.insert(UidKey::new(uid), index).unwrap_or(NIL);
-        self.slab.get_mut(index).next_in_uid = previous_head;
-        self.gateway_link(index, gateway);
-        self.wheel_link(index);
+        self.index.insert(uid, index);
+        self.note_gateway(gateway);
+        let deadline_ms = rec.deadline_ms(self.profiles.ttl_ms(profile));
+        self.wheel_append(self.slot_for(deadline_ms), index);
         if let Some(meta) = meta {
             self.meta.insert(index, meta);
         }
@@ -718,146 +936,98 @@ impl Shard {
         Ok(index)
     }
 
-    fn remove(&mut self, index: u32) -> Session {
+    /// Keeps a shard-local copy of a gateway's name (see the `gateway_names` field).
+    fn note_gateway(&mut self, gateway: GatewayId) {
+        let slot = gateway as usize;
+        if self.gateway_names.len() <= slot {
+            self.gateway_names.resize(slot + 1, None);
+        }
+        if self.gateway_names[slot].is_none() {
+            self.gateway_names[slot] = self.gateways.name(gateway).map(|name| Arc::from(&*name));
+        }
+    }
+
+    /// Takes a live record out of the uid index, the profile and metadata tables and the
+    /// counts, returning its session; the record itself is left to the caller.
+    fn unindex(&mut self, index: u32) -> Session {
         let session = self.session_at(index);
         let rec = *self.slab.get(index);
-        let key = UidKey::new(rec.uid.get());
-        let head = self.head(rec.uid.get());
-        if head == index {
-            if rec.next_in_uid == NIL {
-                self.uids.remove(&key);
-            } else {
-                self.uids.insert(key, rec.next_in_uid);
-            }
-        } else {
-            let mut previous = head;
-            while previous != NIL {
-                let next = self.slab.get(previous).next_in_uid;
-                if next == index {
-                    self.slab.get_mut(previous).next_in_uid = rec.next_in_uid;
-                    break;
-                }
-                previous = next;
-            }
-        }
-        self.gateway_unlink(index, &rec);
-        self.wheel_unlink(index);
-        self.devices.release(rec.device());
+        let slab = &self.slab;
+        let found = self
+            .index
+            .remove(rec.uid.get(), index, |other| slab.get(other).uid.get());
+        debug_assert!(found, "a live record is indexed");
+        self.profiles.release(rec.profile());
         if rec.has_meta() {
             self.meta.remove(&index);
         }
-        self.slab.remove(index);
         self.len -= 1;
         self.online.fetch_sub(1, Ordering::Relaxed);
         session
     }
 
-    /// Raises the last heartbeat to `at_ms` and moves the record to its new wheel slot.
+    /// Removes a live session; its record becomes a tombstone until the wheel walk frees it.
+    fn remove(&mut self, index: u32) -> Session {
+        let session = self.unindex(index);
+        self.slab.get_mut(index).bury();
+        self.tombstones += 1;
+        session
+    }
+
+    /// Raises the last heartbeat to `at_ms`. The record stays in its wheel slot, which is
+    /// then earlier than its deadline's: the walk re-files it when it gets there.
     fn refresh(&mut self, index: u32, at_ms: u64) {
         let rec = self.slab.get_mut(index);
-        if at_ms <= rec.last_heartbeat_ms.get() {
-            return;
-        }
-        rec.last_heartbeat_ms = crate::hash::Packed64::new(at_ms);
-        self.wheel_unlink(index);
-        self.wheel_link(index);
-    }
-
-    fn gateway_link(&mut self, index: u32, gateway: GatewayId) {
-        let slot = gateway as usize;
-        if self.gateway_heads.len() <= slot {
-            self.gateway_heads.resize(slot + 1, NIL);
-            self.gateway_names.resize(slot + 1, None);
-        }
-        if self.gateway_names[slot].is_none() {
-            // A private copy: see the `gateway_names` field.
-            self.gateway_names[slot] = self.gateways.name(gateway).map(|name| Arc::from(&*name));
-        }
-        let head = self.gateway_heads[slot];
-        let rec = self.slab.get_mut(index);
-        rec.gateway_prev = NIL;
-        rec.gateway_next = head;
-        if head != NIL {
-            self.slab.get_mut(head).gateway_prev = index;
-        }
-        self.gateway_heads[slot] = index;
-    }
-
-    fn gateway_unlink(&mut self, index: u32, rec: &Rec) {
-        if rec.gateway_prev == NIL {
-            self.gateway_heads[rec.gateway as usize] = rec.gateway_next;
-        } else {
-            self.slab.get_mut(rec.gateway_prev).gateway_next = rec.gateway_next;
-        }
-        if rec.gateway_next != NIL {
-            self.slab.get_mut(rec.gateway_next).gateway_prev = rec.gateway_prev;
-        }
-        let _ = index;
-    }
-
-    fn cursor_sentinel(&self) -> u32 {
-        SENTINEL_BASE + (self.wheel_cursor_s % u64::from(WHEEL_SLOTS)) as u32
-    }
-
-    fn wheel_next(&self, index: u32) -> u32 {
-        if index >= SENTINEL_BASE {
-            self.wheel[(index - SENTINEL_BASE) as usize][0]
-        } else {
-            self.slab.get(index).wheel_next
+        if at_ms > rec.last_heartbeat_ms() {
+            rec.set_last_heartbeat_ms(at_ms);
         }
     }
 
-    fn wheel_prev(&self, index: u32) -> u32 {
-        if index >= SENTINEL_BASE {
-            self.wheel[(index - SENTINEL_BASE) as usize][1]
-        } else {
-            self.slab.get(index).wheel_prev
-        }
+    fn cursor_slot(&self) -> u32 {
+        (self.wheel_cursor_s % u64::from(WHEEL_SLOTS)) as u32
     }
 
-    fn set_wheel_next(&mut self, index: u32, next: u32) {
-        if index >= SENTINEL_BASE {
-            self.wheel[(index - SENTINEL_BASE) as usize][0] = next;
-        } else {
-            self.slab.get_mut(index).wheel_next = next;
-        }
-    }
-
-    fn set_wheel_prev(&mut self, index: u32, prev: u32) {
-        if index >= SENTINEL_BASE {
-            self.wheel[(index - SENTINEL_BASE) as usize][1] = prev;
-        } else {
-            self.slab.get_mut(index).wheel_prev = prev;
-        }
-    }
-
-    /// The sentinel of the slot a record with this deadline belongs in.
-    fn wheel_sentinel_for(&self, deadline_ms: u64) -> u32 {
+    /// The slot a record with this deadline is filed in (overdue ones in the cursor's).
+    fn slot_for(&self, deadline_ms: u64) -> u32 {
         let second = (deadline_ms / WHEEL_SLOT_MS).max(self.wheel_cursor_s);
-        SENTINEL_BASE + (second % u64::from(WHEEL_SLOTS)) as u32
+        (second % u64::from(WHEEL_SLOTS)) as u32
     }
 
-    /// Appends the record at the tail of its slot, so that a walk in progress still meets it.
-    fn wheel_link(&mut self, index: u32) {
-        let sentinel = self.wheel_sentinel_for(self.slab.get(index).deadline_ms());
-        let tail = self.wheel_prev(sentinel);
-        self.set_wheel_next(tail, index);
-        self.set_wheel_prev(index, tail);
-        self.set_wheel_next(index, sentinel);
-        self.set_wheel_prev(sentinel, index);
-    }
-
-    fn wheel_unlink(&mut self, index: u32) {
-        let prev = self.wheel_prev(index);
-        let next = self.wheel_next(index);
-        self.set_wheel_next(prev, next);
-        self.set_wheel_prev(next, prev);
-        if self.wheel_walk_prev == index {
-            self.wheel_walk_prev = prev;
+    /// The record after `prev` in `slot` (`prev == NIL`: the slot's first).
+    fn wheel_next(&self, slot: u32, prev: u32) -> u32 {
+        if prev == NIL {
+            self.wheel_heads[slot as usize]
+        } else {
+            self.slab.get(prev).next
         }
-        let rec = self.slab.get_mut(index);
-        rec.wheel_prev = NIL;
-        rec.wheel_next = NIL;
+    }
+
+    /// Appends `index` at the tail of `slot`.
+    fn wheel_append(&mut self, slot: u32, index: u32) {
+        let tail = self.wheel_tails[slot as usize];
+        if tail == NIL {
+            self.wheel_heads[slot as usize] = index;
+        } else {
+            self.slab.get_mut(tail).next = index;
+        }
+        self.wheel_tails[slot as usize] = index;
+        self.slab.get_mut(index).next = NIL;
+    }
+
+    /// Unlinks the record after the walk position in `slot` (the only unlink there is).
+    fn wheel_unlink_next(&mut self, slot: u32) {
+        let prev = self.wheel_walk_prev;
+        let index = self.wheel_next(slot, prev);
+        let after = self.slab.get(index).next;
+        if prev == NIL {
+            self.wheel_heads[slot as usize] = after;
+        } else {
+            self.slab.get_mut(prev).next = after;
+        }
+        if self.wheel_tails[slot as usize] == index {
+            self.wheel_tails[slot as usize] = prev;
+        }
+        self.slab.get_mut(index).next = NIL;
     }
 
     // ----- invariants -------------------------------------------------------------------
@@ -865,128 +1035,112 @@ impl Shard {
     /// Verifies every index against the records (O(n)); describes the first violation.
     pub fn check_invariants(&self) -> Result<(), String> {
         let high_water = self.slab.high_water();
-        let live = (0..high_water)
-            .filter(|&index| self.slab.get(index).is_live())
-            .count();
-        if live != self.len {
-            return Err(format!("len {} but {live} live records", self.len));
+        let (mut live, mut buried) = (0usize, 0usize);
+        for index in 0..high_water {
+            let rec = self.slab.get(index);
+            live += usize::from(rec.is_live());
+            buried += usize::from(rec.is_tombstone());
         }
-        if self.slab.free_len() as usize != high_water as usize - live
-            || self.slab.free_list_len() != self.slab.free_len()
+        if live != self.len || buried != self.tombstones {
+            return Err(format!(
+                "len {} and {} tombstones, but {live} live and {buried} buried records",
+                self.len, self.tombstones
+            ));
+        }
+        let free = high_water as usize - live - buried;
+        if self.slab.free_len() as usize != free
+            || self.slab.free_list_len() != Some(self.slab.free_len())
         {
             return Err("free list does not match the free records".into());
         }
-        self.check_uid_chains(high_water)?;
-        self.check_gateway_lists(high_water)?;
+        self.check_uid_index(high_water)?;
         self.check_wheel(high_water)?;
-        self.check_devices_and_meta(high_water)
+        self.check_profiles_and_meta(high_water)
     }
 
-    fn check_uid_chains(&self, high_water: u32) -> Result<(), String> {
-        let mut total = 0usize;
-        for (key, &head) in &self.uids {
-            let uid = key.get();
+    fn check_uid_index(&self, high_water: u32) -> Result<(), String> {
+        let slab = &self.slab;
+        self.index.check(|index| slab.get(index).uid.get())?;
+        if self.index.len() != self.len {
+            return Err(format!(
+                "uid index holds {} records, len is {}",
+                self.index.len(),
+                self.len
+            ));
+        }
+        let mut per_uid: HashMap<u64, Vec<(&str, u64)>> = HashMap::new();
+        for index in self.index.indices() {
+            if index >= high_water || !self.slab.get(index).is_live() {
+                return Err(format!("uid index holds a dead record {index}"));
+            }
+            let rec = self.slab.get(index);
+            let uid = rec.uid.get();
             if !self.scope.contains(uid) {
                 return Err(format!("uid {uid} outside scope {:?}", self.scope));
             }
-            let mut seen: Vec<(u32, u64)> = Vec::new();
-            let mut index = head;
-            while index != NIL {
-                if index >= high_water || seen.len() > high_water as usize {
-                    return Err(format!("uid {uid} chain is broken"));
-                }
-                let rec = self.slab.get(index);
-                if !rec.is_live() || rec.uid.get() != uid {
-                    return Err(format!("uid {uid} chain holds a foreign record {index}"));
-                }
-                let (device, conn) = (rec.device(), rec.conn.get());
-                if seen.iter().any(|&(d, c)| d == device || c == conn) {
-                    return Err(format!("uid {uid} has a duplicate device or conn"));
-                }
-                seen.push((device, conn));
-                index = rec.next_in_uid;
+            let device: &str = self.profiles.device(rec.profile());
+            let seen = per_uid.entry(uid).or_default();
+            if seen
+                .iter()
+                .any(|&(d, c)| d == device || c == rec.conn.get())
+            {
+                return Err(format!("uid {uid} has a duplicate device or conn"));
             }
-            if seen.is_empty() {
-                return Err(format!("uid {uid} maps to no record"));
-            }
-            if seen.len() > self.options.sessions_per_uid_max {
-                return Err(format!("uid {uid} has {} sessions", seen.len()));
-            }
-            total += seen.len();
+            seen.push((device, rec.conn.get()));
         }
-        if total != self.len {
-            return Err(format!(
-                "uid chains hold {total} records, len is {}",
-                self.len
-            ));
-        }
-        Ok(())
-    }
-
-    fn check_gateway_lists(&self, high_water: u32) -> Result<(), String> {
-        let mut total = 0usize;
-        for (gateway, &head) in self.gateway_heads.iter().enumerate() {
-            let mut previous = NIL;
-            let mut index = head;
-            while index != NIL {
-                if index >= high_water || total > self.len {
-                    return Err(format!("gateway {gateway} list is broken"));
-                }
-                let rec = self.slab.get(index);
-                let linked = rec.gateway as usize == gateway && rec.gateway_prev == previous;
-                if !rec.is_live() || !linked {
-                    return Err(format!("gateway {gateway} list is inconsistent at {index}"));
-                }
-                total += 1;
-                previous = index;
-                index = rec.gateway_next;
-            }
-        }
-        if total != self.len {
-            return Err(format!(
-                "gateway lists hold {total} records, len is {}",
-                self.len
-            ));
+        if let Some((uid, seen)) = per_uid
+            .iter()
+            .find(|(_, seen)| seen.len() > self.options.sessions_per_uid_max)
+        {
+            return Err(format!("uid {uid} has {} sessions", seen.len()));
         }
         Ok(())
     }
 
     fn check_wheel(&self, high_water: u32) -> Result<(), String> {
-        let mut total = 0usize;
-        let mut walk_prev_found = self.wheel_walk_prev == self.cursor_sentinel();
+        let slots = u64::from(WHEEL_SLOTS);
+        let cursor_slot = self.cursor_slot();
+        let mut linked = vec![false; high_water as usize];
+        let mut walk_prev_found = self.wheel_walk_prev == NIL;
         for slot in 0..WHEEL_SLOTS {
-            let sentinel = SENTINEL_BASE + slot;
-            let mut previous = sentinel;
-            let mut index = self.wheel_next(sentinel);
-            while index != sentinel {
-                if index >= high_water || total > self.len {
-                    return Err(format!("wheel slot {slot} is broken"));
+            let mut previous = NIL;
+            let mut index = self.wheel_heads[slot as usize];
+            while index != NIL {
+                if index >= high_water || linked[index as usize] {
+                    return Err(format!("wheel slot {slot} is broken at {index}"));
                 }
+                linked[index as usize] = true;
                 let rec = self.slab.get(index);
-                if !rec.is_live() || rec.wheel_prev != previous {
-                    return Err(format!("wheel slot {slot} is inconsistent at {index}"));
+                if !rec.is_live() && !rec.is_tombstone() {
+                    return Err(format!("wheel slot {slot} links free record {index}"));
                 }
-                let deadline_s = rec.deadline_ms() / WHEEL_SLOT_MS;
-                if deadline_s >= self.wheel_cursor_s
-                    && (deadline_s % u64::from(WHEEL_SLOTS)) as u32 != slot
-                {
-                    return Err(format!(
-                        "record {index} is in slot {slot}, not its deadline's"
-                    ));
+                if rec.is_live() {
+                    // The walk must reach the record no later than its deadline's slot.
+                    let deadline_s =
+                        rec.deadline_ms(self.profiles.ttl_ms(rec.profile())) / WHEEL_SLOT_MS;
+                    let deadline_distance = deadline_s.saturating_sub(self.wheel_cursor_s);
+                    let slot_distance = (u64::from(slot) + slots - u64::from(cursor_slot)) % slots;
+                    if slot_distance > deadline_distance {
+                        return Err(format!(
+                            "record {index} is in slot {slot}, after its deadline's"
+                        ));
+                    }
                 }
-                if index == self.wheel_walk_prev && sentinel == self.cursor_sentinel() {
+                if index == self.wheel_walk_prev && slot == cursor_slot {
                     walk_prev_found = true;
                 }
-                total += 1;
                 previous = index;
-                index = rec.wheel_next;
+                index = rec.next;
             }
-            if self.wheel_prev(sentinel) != previous {
+            if self.wheel_tails[slot as usize] != previous {
                 return Err(format!("wheel slot {slot} tail is wrong"));
             }
         }
-        if total != self.len {
-            return Err(format!("wheel holds {total} records, len is {}", self.len));
+        for index in 0..high_water {
+            let rec = self.slab.get(index);
+            if (rec.is_live() || rec.is_tombstone()) && !linked[index as usize] {
+                return Err(format!("record {index} is in no wheel slot"));
+            }
         }
         if !walk_prev_found {
             return Err("wheel walk position is not in the cursor slot".into());
@@ -994,17 +1148,17 @@ impl Shard {
         Ok(())
     }
 
-    fn check_devices_and_meta(&self, high_water: u32) -> Result<(), String> {
-        let mut refs = vec![0u32; self.devices.entries.len()];
+    fn check_profiles_and_meta(&self, high_water: u32) -> Result<(), String> {
+        let mut refs = vec![0u32; self.profiles.entries.len()];
         let mut with_meta = 0usize;
         for index in 0..high_water {
             let rec = self.slab.get(index);
             if !rec.is_live() {
                 continue;
             }
-            match refs.get_mut(rec.device() as usize) {
+            match refs.get_mut(rec.profile() as usize) {
                 Some(count) => *count += 1,
-                None => return Err(format!("record {index} has an unknown device")),
+                None => return Err(format!("record {index} has an unknown profile")),
             }
             if rec.has_meta() {
                 with_meta += 1;
@@ -1012,20 +1166,32 @@ impl Shard {
                     return Err(format!("record {index} lost its metadata"));
                 }
             }
+            if !matches!(
+                self.gateway_names.get(usize::from(rec.gateway())),
+                Some(Some(_))
+            ) {
+                return Err(format!("record {index} has a gateway with no local name"));
+            }
         }
-        for (id, entry) in self.devices.entries.iter().enumerate() {
+        let mut indexed = 0usize;
+        for (id, entry) in self.profiles.entries.iter().enumerate() {
             if entry.refs != refs[id] {
                 return Err(format!(
-                    "device {id} has {} refs, {} users",
+                    "profile {id} has {} refs, {} users",
                     entry.refs, refs[id]
                 ));
             }
-            if entry.refs > 0 && self.devices.by_name.get(&*entry.name) != Some(&(id as u32)) {
-                return Err(format!("device {id} is not indexed by name"));
+            if entry.refs > 0 {
+                indexed += 1;
+                let listed = self.profiles.by_device.get(&*entry.device);
+                if !listed.is_some_and(|ids| ids.contains(&(id as u32))) {
+                    return Err(format!("profile {id} is not indexed by device"));
+                }
             }
         }
-        if self.devices.by_name.len() + self.devices.free.len() != self.devices.entries.len() {
-            return Err("device free list does not match".into());
+        let listed: usize = self.profiles.by_device.values().map(Vec::len).sum();
+        if listed != indexed || indexed + self.profiles.free.len() != self.profiles.entries.len() {
+            return Err("profile free list does not match".into());
         }
         if with_meta != self.meta.len() {
             return Err(format!(

@@ -82,6 +82,18 @@ proptest! {
     }
 
     #[test]
+    fn peek_uid_names_the_uid_of_single_session_records_only(change in change()) {
+        let expected = match &change {
+            Change::Login(session) => Some(session.uid),
+            Change::Heartbeat { uid, .. } | Change::Logout { uid, .. } | Change::Expire { uid, .. } => {
+                Some(*uid)
+            }
+            _ => None,
+        };
+        prop_assert_eq!(Change::peek_uid(&change.to_bytes()), expected);
+    }
+
+    #[test]
     fn every_strict_prefix_of_an_encoding_is_refused(change in change()) {
         let bytes = change.to_bytes();
         for cut in 0..bytes.len() {
