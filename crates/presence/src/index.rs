@@ -118,6 +118,14 @@ impl UidIndex {
         }
     }
 
+    /// Hints the CPU to load the home bucket of `uid` (see [`crate::prefetch`]).
+    pub(crate) fn prefetch(&self, uid: u64) {
+        if !self.buckets.is_empty() {
+            let home = home(uid_hash(uid), self.buckets.len());
+            crate::prefetch::prefetch(self.buckets.as_ptr().wrapping_add(home));
+        }
+    }
+
     /// Every stored record index, in bucket order.
     pub(crate) fn indices(&self) -> impl Iterator<Item = u32> + '_ {
         self.buckets

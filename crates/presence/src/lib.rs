@@ -86,6 +86,7 @@ mod error;
 mod gateways;
 mod hash;
 mod index;
+mod prefetch;
 mod registry;
 mod shard;
 mod slab;

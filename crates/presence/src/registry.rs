@@ -265,6 +265,7 @@ impl ShardedRegistry {
         let mut results = vec![Vec::new(); uids.len()];
         for group in self.group_by_shard(uids.iter().copied()) {
             let shard = self.shards[group.shard].lock();
+            shard.prefetch_lookups(group.positions.iter().map(|&position| uids[position]));
             for &position in &group.positions {
                 shard.lookup_into(uids[position], &mut results[position]);
             }
