@@ -589,6 +589,16 @@ impl PresenceStore {
         Ok(self.registry.lookup_batch(uids)?)
     }
 
+    /// The sessions of each uid, borrowed, handed to `visit(position, session)` grouped by
+    /// shard (see [`ShardedRegistry::lookup_batch_visit`]).
+    pub fn lookup_batch_visit(
+        &self,
+        uids: &[u64],
+        visit: impl FnMut(usize, imstate_presence::SessionRef<'_>),
+    ) -> Result<(), NodeError> {
+        Ok(self.registry.lookup_batch_visit(uids, visit)?)
+    }
+
     /// Drops every session of `gateway`; returns how many.
     pub async fn gateway_down(&self, gateway: &str) -> Result<usize, NodeError> {
         let outcome: GatewayDownOutcome = self.registry.gateway_down(gateway);

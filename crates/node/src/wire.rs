@@ -25,7 +25,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use imstate_presence::{LoginRequest, Session};
+use imstate_presence::{LoginRequest, Session, SessionRef};
 use imstate_wire::codec::{self, LookupReply};
 use imstate_wire::{Code, DecodeError, Frame, Request, SessionFields};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -169,8 +169,32 @@ struct Connection<'c> {
     unsynced: bool,
     ids: Vec<u64>,
     pairs: Vec<(u64, u64)>,
+    /// LookupBatch: sessions encoded in shard order, and where each uid's are.
+    scratch: Vec<u8>,
+    spans: Vec<Span>,
     out: Vec<u8>,
     tally: Tally,
+}
+
+/// Where one uid's encoded sessions sit in the scratch buffer of a LookupBatch.
+#[derive(Clone, Copy, Default)]
+struct Span {
+    start: usize,
+    end: usize,
+    count: u16,
+}
+
+fn session_ref_fields<'s>(session: &SessionRef<'s>) -> SessionFields<'s> {
+    SessionFields {
+        uid: session.uid,
+        conn: session.conn,
+        login_ms: session.login_ms,
+        last_heartbeat_ms: session.last_heartbeat_ms,
+        ttl_ms: session.ttl_ms,
+        device: session.device,
+        gateway: session.gateway,
+        meta: session.meta,
+    }
 }
 
 fn session_fields(session: &Session) -> SessionFields<'_> {
@@ -194,6 +218,8 @@ impl<'c> Connection<'c> {
             unsynced: false,
             ids: Vec::new(),
             pairs: Vec::new(),
+            scratch: Vec::new(),
+            spans: Vec::new(),
             out: Vec::with_capacity(READ_BYTES_CHUNK),
             tally: Tally::default(),
         }
@@ -374,19 +400,36 @@ impl<'c> Connection<'c> {
             }
             Request::LookupBatch { uids } => {
                 uids.read_into(&mut self.ids);
-                match self.context.presence.lookup_batch(&self.ids) {
-                    Ok(found) => {
-                        let mut reply = LookupReply::begin(&mut self.out, found.len());
-                        for sessions in &found {
-                            reply.uid();
-                            for session in sessions {
-                                reply.session(&session_fields(session));
+                // Sessions arrive borrowed and grouped by shard: encode each uid's into the
+                // scratch buffer, note where they went, then copy them out in request order.
+                let (scratch, spans) = (&mut self.scratch, &mut self.spans);
+                scratch.clear();
+                spans.clear();
+                spans.resize(self.ids.len(), Span::default());
+                let visited =
+                    self.context
+                        .presence
+                        .lookup_batch_visit(&self.ids, |position, session| {
+                            let span = &mut spans[position];
+                            if span.count == 0 {
+                                span.start = scratch.len();
+                            } else if span.count == u16::MAX {
+                                // The frame counts sessions per uid in a u16, which is also the
+                                // registry's ceiling for `sessions_per_uid_max`.
+                                return;
                             }
-                        }
-                        reply.end();
-                    }
-                    Err(error) => return self.failed(op, &error),
+                            span.count += 1;
+                            codec::put_session(scratch, &session_ref_fields(&session));
+                            span.end = scratch.len();
+                        });
+                if let Err(error) = visited {
+                    return self.failed(op, &error);
                 }
+                let mut reply = LookupReply::begin(&mut self.out, self.ids.len());
+                for span in &self.spans {
+                    reply.uid_encoded(span.count, &self.scratch[span.start..span.end]);
+                }
+                reply.end();
             }
         }
         self.tally.ok[op.index()] += 1;

@@ -103,7 +103,7 @@ pub use slab::TIME_MS_MAX;
 pub use snapshot::{RestoreStats, SNAPSHOT_FORMAT_VERSION, SnapshotError};
 pub use types::{
     Change, Event, GatewayDownOutcome, GatewayLease, HeartbeatBatchOutcome, LoginOutcome,
-    LoginRequest, Session, ShardScope,
+    LoginRequest, Session, SessionRef, ShardScope,
 };
 
 /// Longest device name in bytes: devices are kinds ("ios", "pc") or short device ids.

@@ -29,7 +29,7 @@ use crate::shard::{check_batch, check_gateway_name, check_ttl};
 use crate::snapshot::{self, ProfileCache, RawSection, RestoreStats, SnapshotError};
 use crate::{
     Change, Event, GatewayDownOutcome, GatewayLease, HeartbeatBatchOutcome, LoginOutcome,
-    LoginRequest, PresenceError, RegistryOptions, Session, Shard, ShardScope,
+    LoginRequest, PresenceError, RegistryOptions, Session, SessionRef, Shard, ShardScope,
     TICK_VISITS_PER_LOCK, TickProgress,
 };
 
@@ -271,6 +271,25 @@ impl ShardedRegistry {
             }
         }
         Ok(results)
+    }
+
+    /// Like [`ShardedRegistry::lookup_batch`], but hands each session, borrowed, to
+    /// `visit(position in uids, session)` instead of building `Session`s. The sessions of one
+    /// uid come together, newest login first; uids come grouped by shard, not in request order.
+    pub fn lookup_batch_visit(
+        &self,
+        uids: &[u64],
+        mut visit: impl FnMut(usize, SessionRef<'_>),
+    ) -> Result<(), PresenceError> {
+        check_batch("lookup_ids_max", uids.len(), self.options.lookup_ids_max)?;
+        for group in self.group_by_shard(uids.iter().copied()) {
+            let shard = self.shards[group.shard].lock();
+            shard.prefetch_lookups(group.positions.iter().map(|&position| uids[position]));
+            for &position in &group.positions {
+                shard.visit_sessions(uids[position], |session| visit(position, session));
+            }
+        }
+        Ok(())
     }
 
     /// Sessions online in the whole registry, O(1).

@@ -73,7 +73,7 @@ use crate::snapshot::{
 };
 use crate::{
     Change, DEVICE_BYTES_MAX, Event, GATEWAY_NAME_BYTES_MAX, HeartbeatBatchOutcome, LoginOutcome,
-    LoginRequest, META_BYTES_MAX, PresenceError, RegistryOptions, Session, ShardScope,
+    LoginRequest, META_BYTES_MAX, PresenceError, RegistryOptions, Session, SessionRef, ShardScope,
 };
 
 /// Width of one wheel slot. One second: the node ticks every 100-1000 ms, and a session is
@@ -509,6 +509,66 @@ impl Shard {
         }
         out[start..]
             .sort_unstable_by_key(|session| std::cmp::Reverse((session.login_ms, session.conn)));
+    }
+
+    /// Visits the sessions of `uid` in the order of [`Shard::lookup_into`] (newest login
+    /// first), borrowed: no `Session` is built and no reference count is touched.
+    pub fn visit_sessions(&self, uid: u64, mut visit: impl FnMut(SessionRef<'_>)) {
+        // Sessions of one uid are few (`sessions_per_uid_max`, 16 by default): sort their
+        // indices on the stack, spilling to the heap only past that.
+        let mut stack = [0u32; 16];
+        let mut heap = Vec::new();
+        let mut count = 0;
+        for index in self.uid_records(uid) {
+            if count < stack.len() {
+                stack[count] = index;
+            } else {
+                if heap.is_empty() {
+                    heap.extend_from_slice(&stack);
+                }
+                heap.push(index);
+            }
+            count += 1;
+        }
+        let indices: &mut [u32] = if heap.is_empty() {
+            &mut stack[..count]
+        } else {
+            &mut heap
+        };
+        indices.sort_unstable_by_key(|&index| {
+            let rec = self.slab.get(index);
+            std::cmp::Reverse((rec.login_s, rec.conn.get()))
+        });
+        for &index in indices.iter() {
+            let rec = self.slab.get(index);
+            let profile = &self.profiles.entries[rec.profile() as usize];
+            let id = GatewayId::from(rec.gateway());
+            // Every live record's gateway has a shard-local name; the shared table is the
+            // fallback should that ever not hold.
+            let shared;
+            let gateway: &str = match self.gateway_names.get(id as usize) {
+                Some(Some(name)) => name,
+                _ => {
+                    shared = self.gateway_name(id);
+                    &shared
+                }
+            };
+            let meta = if rec.has_meta() {
+                self.meta.get(&index).map(|meta| &meta[..])
+            } else {
+                None
+            };
+            visit(SessionRef {
+                uid: rec.uid.get(),
+                device: &profile.device,
+                gateway,
+                conn: rec.conn.get(),
+                login_ms: u64::from(rec.login_s) * 1000,
+                last_heartbeat_ms: rec.last_heartbeat_ms(),
+                ttl_ms: profile.ttl_ms,
+                meta,
+            });
+        }
     }
 
     /// Hints the CPU to load what looking `uids` up will read, in two steps that each overlap

@@ -44,6 +44,30 @@ impl Session {
     }
 }
 
+/// A session borrowed from the registry for the length of a visit
+/// ([`crate::ShardedRegistry::lookup_batch_visit`]): what a [`Session`] holds, with no
+/// reference count touched and nothing allocated, so a batch lookup can encode straight into a
+/// reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionRef<'a> {
+    /// The user id.
+    pub uid: u64,
+    /// The device.
+    pub device: &'a str,
+    /// The gateway holding the connection.
+    pub gateway: &'a str,
+    /// The connection id.
+    pub conn: u64,
+    /// Login time (second precision).
+    pub login_ms: u64,
+    /// Last heartbeat time.
+    pub last_heartbeat_ms: u64,
+    /// Time to live after the last heartbeat.
+    pub ttl_ms: u32,
+    /// Optional metadata.
+    pub meta: Option<&'a [u8]>,
+}
+
 /// A login. Borrowed so the node can pass fields straight from a decoded request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoginRequest<'a> {

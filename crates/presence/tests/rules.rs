@@ -5,7 +5,7 @@ mod common;
 
 use common::{registry, request};
 use imstate_presence::{
-    Change, Event, LoginRequest, PresenceError, RegistryOptions, Shard, ShardedRegistry,
+    Change, Event, LoginRequest, PresenceError, RegistryOptions, Session, Shard, ShardedRegistry,
 };
 
 #[test]
@@ -483,4 +483,42 @@ fn standalone_shard_has_the_same_rules() {
     assert_eq!(progress.events.len(), 1);
     assert!(shard.is_empty());
     shard.check_invariants().unwrap();
+}
+
+#[test]
+fn a_visiting_batch_lookup_sees_exactly_what_a_batch_lookup_returns() {
+    let registry = registry(4);
+    let devices = ["ios", "android", "web"];
+    for uid in 0..200u64 {
+        for (n, device) in devices.iter().enumerate().take((uid % 4) as usize) {
+            let gateway = format!("gw{}", (uid + n as u64) % 5);
+            let mut login = request(uid, device, &gateway, uid * 10 + n as u64, 60_000);
+            let meta = [uid as u8; 3];
+            if uid % 7 == 0 {
+                login.meta = Some(&meta);
+            }
+            registry.login(&login, 1_000 * (n as u64 + 1)).unwrap();
+        }
+    }
+    let uids: Vec<u64> = (0..250).rev().chain([5, 5, 199]).collect();
+    let expected = registry.lookup_batch(&uids).unwrap();
+    let mut visited = vec![Vec::new(); uids.len()];
+    registry
+        .lookup_batch_visit(&uids, |position, session| {
+            visited[position].push(Session {
+                uid: session.uid,
+                device: session.device.into(),
+                gateway: session.gateway.into(),
+                conn: session.conn,
+                login_ms: session.login_ms,
+                last_heartbeat_ms: session.last_heartbeat_ms,
+                ttl_ms: session.ttl_ms,
+                meta: session.meta.map(Into::into),
+            });
+        })
+        .unwrap();
+    assert_eq!(visited, expected, "same sessions, same order per uid");
+    assert!(expected.iter().any(|sessions| sessions.len() == 3));
+    let too_many = vec![1; RegistryOptions::default().lookup_ids_max + 1];
+    assert!(registry.lookup_batch_visit(&too_many, |_, _| {}).is_err());
 }

@@ -10,7 +10,7 @@
 //!  Logout         uid:u64 conn:u64                  session
 //!  Heartbeat      uid:u64 conn:u64                  (empty)
 //!  HeartbeatBatch gateway:s8 n:u32 (uid conn)*n     n:u32 (uid conn)*n   (the unknown ones)
-//!  LookupBatch    n:u32 uid:u64*n                   n:u32 (k:u8 session*k)*n  (in uid order)
+//!  LookupBatch    n:u32 uid:u64*n                   n:u32 (k:u16 session*k)*n (in uid order)
 //!
 //!  session = uid:u64 conn:u64 login_ms:u64 last_heartbeat_ms:u64 ttl_ms:u32
 //!            device:s8 gateway:s8 meta:opt(b16)
@@ -845,16 +845,26 @@ impl<'o> LookupReply<'o> {
     /// Starts the next uid.
     pub fn uid(&mut self) {
         self.count_at = Some(self.out.len());
-        self.out.push(0);
+        self.out.extend_from_slice(&0u16.to_le_bytes());
     }
 
-    /// Adds a session to the current uid (at most 255 per uid; the registry allows fewer).
+    /// Adds a uid whose `count` sessions are already encoded (with [`put_session`]) in
+    /// `sessions`.
+    pub fn uid_encoded(&mut self, count: u16, sessions: &[u8]) {
+        self.count_at = None;
+        self.out.extend_from_slice(&count.to_le_bytes());
+        self.out.extend_from_slice(sessions);
+    }
+
+    /// Adds a session to the current uid (at most 65,535 per uid, the registry's own
+    /// ceiling for `sessions_per_uid_max`).
     pub fn session(&mut self, session: &SessionFields<'_>) {
         let at = self.count_at.expect("uid() before session()");
-        if self.out[at] == u8::MAX {
+        let count = u16::from_le_bytes([self.out[at], self.out[at + 1]]);
+        let Some(count) = count.checked_add(1) else {
             return;
-        }
-        self.out[at] += 1;
+        };
+        self.out[at..at + 2].copy_from_slice(&count.to_le_bytes());
         put_session(self.out, session);
     }
 
@@ -950,7 +960,7 @@ pub fn decode_lookup_batch(body: &[u8]) -> Result<Vec<Vec<WireSession>>, DecodeE
     let uids = c.u32("uid count")? as usize;
     let mut out = Vec::with_capacity(uids.min(body.len()));
     for _ in 0..uids {
-        let count = c.u8("session count")?;
+        let count = c.u16("session count")?;
         let mut sessions = Vec::with_capacity(usize::from(count));
         for _ in 0..count {
             sessions.push(session(&mut c)?);
@@ -968,7 +978,7 @@ pub fn count_lookup_batch(body: &[u8]) -> Result<(usize, usize), DecodeError> {
     let uids = c.u32("uid count")? as usize;
     let mut sessions = 0;
     for _ in 0..uids {
-        let count = c.u8("session count")?;
+        let count = c.u16("session count")?;
         for _ in 0..count {
             skip_session(&mut c)?;
         }
