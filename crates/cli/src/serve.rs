@@ -34,7 +34,7 @@ pub struct ServeArgs {
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
     /// Wire-protocol listen address (the lean, pipelined binary protocol of the hot path:
-    /// Next, NextBatch, Login, Logout, Heartbeat, HeartbeatBatch, LookupBatch); port 0 picks a
+    /// Next, NextBatch, Login, Logout, Heartbeat, HeartbeatBatch, LookupBatch, OnlineCount); port 0 picks a
     /// free port. Env: IMSTATE_WIRE_LISTEN. [default: 127.0.0.1:7702]
     #[arg(long)]
     wire_listen: Option<SocketAddr>,

@@ -113,6 +113,7 @@ fn every_operation_works_over_the_wire_and_errors_carry_grpc_codes() {
         assert_eq!(web.meta, b"v=2");
         assert_eq!(web.gateway, "gw1");
         assert_eq!(client.lookup_batch_count(&[42, 43]).await.unwrap(), 2);
+        assert_eq!(client.online_count().await.unwrap(), 2);
         // The same sessions through gRPC.
         assert_eq!(grpc.lookup(42).await.unwrap().len(), 2);
 

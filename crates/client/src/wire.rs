@@ -227,6 +227,17 @@ impl WireClient {
             .collect())
     }
 
+    /// The number of sessions online.
+    pub async fn online_count(&self) -> Result<u64, ClientError> {
+        let body = self
+            .call(Op::OnlineCount, |out| {
+                codec::online_count(out);
+                Ok(())
+            })
+            .await?;
+        codec::decode_next(&body).map_err(protocol)
+    }
+
     /// Like [`WireClient::lookup_batch`], but validates the reply and returns only the
     /// number of sessions found (for load generators).
     pub async fn lookup_batch_count(&self, uids: &[u64]) -> Result<usize, ClientError> {

@@ -431,6 +431,9 @@ impl<'c> Connection<'c> {
                 }
                 reply.end();
             }
+            Request::OnlineCount => {
+                codec::reply_online_count(&mut self.out, self.context.presence.online_count());
+            }
         }
         self.tally.ok[op.index()] += 1;
         After::Continue

@@ -11,6 +11,7 @@
 //!  Heartbeat      uid:u64 conn:u64                  (empty)
 //!  HeartbeatBatch gateway:s8 n:u32 (uid conn)*n     n:u32 (uid conn)*n   (the unknown ones)
 //!  LookupBatch    n:u32 uid:u64*n                   n:u32 (k:u16 session*k)*n (in uid order)
+//!  OnlineCount    (empty)                           sessions:u64
 //!
 //!  session = uid:u64 conn:u64 login_ms:u64 last_heartbeat_ms:u64 ttl_ms:u32
 //!            device:s8 gateway:s8 meta:opt(b16)
@@ -44,11 +45,13 @@ pub enum Op {
     HeartbeatBatch = 0x23,
     /// The sessions of many uids.
     LookupBatch = 0x24,
+    /// Sessions online.
+    OnlineCount = 0x25,
 }
 
 impl Op {
     /// Every op, for metrics and tests.
-    pub const ALL: [Op; 8] = [
+    pub const ALL: [Op; 9] = [
         Op::Hello,
         Op::Next,
         Op::NextBatch,
@@ -57,6 +60,7 @@ impl Op {
         Op::Heartbeat,
         Op::HeartbeatBatch,
         Op::LookupBatch,
+        Op::OnlineCount,
     ];
 
     /// The op of a request byte.
@@ -75,6 +79,7 @@ impl Op {
             Op::Heartbeat => "Heartbeat",
             Op::HeartbeatBatch => "HeartbeatBatch",
             Op::LookupBatch => "LookupBatch",
+            Op::OnlineCount => "OnlineCount",
         }
     }
 
@@ -504,6 +509,8 @@ pub enum Request<'a> {
         /// The uids.
         uids: U64s<'a>,
     },
+    /// The number of sessions online.
+    OnlineCount,
 }
 
 impl<'a> Request<'a> {
@@ -555,6 +562,7 @@ impl<'a> Request<'a> {
             Op::LookupBatch => Request::LookupBatch {
                 uids: U64s(c.items(8, "uids")?),
             },
+            Op::OnlineCount => Request::OnlineCount,
         };
         c.finish()?;
         Ok(request)
@@ -571,6 +579,7 @@ impl<'a> Request<'a> {
             Request::Heartbeat { .. } => Op::Heartbeat,
             Request::HeartbeatBatch { .. } => Op::HeartbeatBatch,
             Request::LookupBatch { .. } => Op::LookupBatch,
+            Request::OnlineCount => Op::OnlineCount,
         }
     }
 }
@@ -724,6 +733,19 @@ pub fn lookup_batch(out: &mut Vec<u8>, uids: &[u64]) -> Result<(), DecodeError> 
         out.extend_from_slice(&uid.to_le_bytes());
     }
     finish(out, start)
+}
+
+/// Appends an `OnlineCount`.
+pub fn online_count(out: &mut Vec<u8>) {
+    let start = begin(out, Op::OnlineCount as u8);
+    end(out, start);
+}
+
+/// Appends the reply of `OnlineCount`.
+pub fn reply_online_count(out: &mut Vec<u8>, sessions: u64) {
+    let start = begin(out, Op::OnlineCount.reply());
+    out.extend_from_slice(&sessions.to_le_bytes());
+    end(out, start);
 }
 
 /// Appends an error reply.

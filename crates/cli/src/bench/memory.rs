@@ -65,13 +65,28 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         };
         let target = Target::with_scheme(address, "imstate")?;
         let config = RunConfig::from_args(args, target.clone(), Workload::PresenceLogin);
-        let client = config.security.connect(target.address()).await?;
-        let sessions_before = client.online_count().await?;
+        let online = || async {
+            anyhow::Ok(match &target {
+                Target::ImstateGrpc(address) => {
+                    config
+                        .security
+                        .connect(address)
+                        .await?
+                        .online_count()
+                        .await?
+                }
+                _ => {
+                    let client = config.security.connect_wire(target.address()).await?;
+                    client.online_count().await?
+                }
+            })
+        };
+        let sessions_before = online().await?;
         let before = vm_rss_bytes(pid)?;
         let load_seconds = preload(&config, args.modes.sessions).await?;
         tokio::time::sleep(SETTLE).await;
         let after = vm_rss_bytes(pid)?;
-        let reported = client.online_count().await?;
+        let reported = online().await?;
         results.push(result(
             &target,
             "VmRSS",

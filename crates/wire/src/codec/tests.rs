@@ -67,6 +67,7 @@ proptest! {
         session_op(&mut out, Op::Heartbeat, session.uid, session.conn);
         heartbeat_batch(&mut out, &session.gateway, &pairs).unwrap();
         lookup_batch(&mut out, &ids).unwrap();
+        online_count(&mut out);
 
         let mut requests = Vec::new();
         let mut at = 0;
@@ -75,7 +76,8 @@ proptest! {
             at += used;
         }
         prop_assert_eq!(at, out.len());
-        prop_assert_eq!(requests.len(), 8);
+        prop_assert_eq!(requests.len(), 9);
+        prop_assert_eq!(requests[8], Request::OnlineCount);
         prop_assert_eq!(requests[0], Request::Hello { token: &token });
         prop_assert_eq!(requests[1], Request::Next {
             namespace: &namespace,
