@@ -68,6 +68,8 @@ struct Inner {
     ops: u64,
     fail_from_op: Option<u64>,
     fail_fsync: bool,
+    /// How long each file sync takes, spent outside the lock (writes go on meanwhile).
+    fsync_stall: std::time::Duration,
     fsync_calls: u64,
 }
 
@@ -149,6 +151,12 @@ impl FaultyStorage {
     /// Makes every subsequent fsync (file sync and sync_dir) fail (for poison tests).
     pub fn fail_fsync(&self, on: bool) {
         self.inner.lock().fail_fsync = on;
+    }
+
+    /// Makes every subsequent file sync take `stall` (spent without blocking writes), like a
+    /// disk busy with a checkpoint.
+    pub fn stall_fsync(&self, stall: std::time::Duration) {
+        self.inner.lock().fsync_stall = stall;
     }
 
     /// How many fsyncs (file sync and sync_dir) were attempted, failed ones included.
@@ -303,6 +311,32 @@ struct FaultyFile {
     name: String,
 }
 
+/// Makes what was written to file `id` so far durable (or fails as the plan says).
+fn sync_file(inner: &Mutex<Inner>, id: u64, name: &str) -> io::Result<()> {
+    let stall = inner.lock().fsync_stall;
+    if !stall.is_zero() {
+        std::thread::sleep(stall);
+    }
+    let mut inner = inner.lock();
+    inner.fsync(&format!("sync {name}"))?;
+    let data = inner.file(id);
+    data.durable = data.current.clone();
+    Ok(())
+}
+
+/// A [`FaultyFile`]'s sync, usable from another thread.
+struct FaultySync {
+    inner: Arc<Mutex<Inner>>,
+    id: u64,
+    name: String,
+}
+
+impl crate::storage::SyncHandle for FaultySync {
+    fn sync(&mut self) -> io::Result<()> {
+        sync_file(&self.inner, self.id, &self.name)
+    }
+}
+
 impl StorageFile for FaultyFile {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         let mut inner = self.inner.lock();
@@ -312,11 +346,15 @@ impl StorageFile for FaultyFile {
     }
 
     fn sync(&mut self) -> io::Result<()> {
-        let mut inner = self.inner.lock();
-        inner.fsync(&format!("sync {}", self.name))?;
-        let data = inner.file(self.id);
-        data.durable = data.current.clone();
-        Ok(())
+        sync_file(&self.inner, self.id, &self.name)
+    }
+
+    fn sync_handle(&self) -> Option<Box<dyn crate::storage::SyncHandle>> {
+        Some(Box::new(FaultySync {
+            inner: Arc::clone(&self.inner),
+            id: self.id,
+            name: self.name.clone(),
+        }))
     }
 
     fn truncate(&mut self, len: u64) -> io::Result<()> {

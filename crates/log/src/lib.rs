@@ -57,7 +57,7 @@ pub use options::{
     RECORD_BYTES_MAX_DEFAULT, SEGMENT_BYTES_MAX_DEFAULT,
 };
 pub use recovery::{RecoveryStats, Replay, ReplayStream};
-pub use storage::{FileStorage, Storage, StorageFile};
+pub use storage::{FileStorage, Storage, StorageFile, SyncHandle};
 
 /// A log sequence number. The first record ever appended has LSN 1; LSNs have no holes.
 /// LSN 0 means "no record".

@@ -30,7 +30,7 @@ use crate::error::LogError;
 use crate::options::{FsyncPolicy, LogOptions};
 use crate::record::{self, HEADER_BYTES};
 use crate::recovery::{self, RecoveryStats, Replay, ReplayStream, SegmentInfo};
-use crate::storage::{Storage, StorageFile};
+use crate::storage::{Storage, StorageFile, SyncHandle};
 use crate::{Lsn, ReplayError};
 
 /// The flusher writes at most this many bytes per batch (at least one record), which bounds
@@ -54,7 +54,8 @@ pub struct CheckpointStats {
 
 /// Receives timings from the flusher thread, for metrics (set with [`Log::set_observer`]).
 ///
-/// Contract: called on the flusher thread, after each fsync and each written batch; an
+/// Contract: called on the flusher thread (or, for fsyncs under `Batch`, the syncer thread),
+/// after each fsync and each written batch; an
 /// implementation must be cheap and must never block or call back into the log, because the
 /// flusher is the log's bottleneck.
 pub trait LogObserver: Send + Sync {
@@ -728,8 +729,70 @@ struct Flusher {
     batch: Vec<Pending>,
     buffer: Vec<u8>,
     written: Lsn,
+    /// Highest LSN this thread has fsynced itself (the background syncer publishes its own).
     synced: Lsn,
+    /// Highest LSN covered by an fsync done or handed to the background syncer.
+    sync_requested: Lsn,
     last_sync: Instant,
+    /// Under `Batch`, the thread that fsyncs while this one keeps writing.
+    syncer: Option<Syncer>,
+}
+
+/// Under `Batch(T)`, fsyncs run on this thread so the flusher keeps writing (and, since a
+/// record is durable once written under `Batch`, acknowledging) while a slow fsync completes:
+/// with a checkpoint flushing to the same disk, one can take hundreds of milliseconds. At most
+/// one sync is in flight; a sync that fails poisons the log, exactly as an inline one does.
+struct Syncer {
+    requests: std::sync::mpsc::SyncSender<(Box<dyn SyncHandle>, Lsn, String)>,
+    busy: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(shared: &Arc<Shared>) -> Option<Syncer> {
+        let (requests, incoming) =
+            std::sync::mpsc::sync_channel::<(Box<dyn SyncHandle>, Lsn, String)>(1);
+        let busy = Arc::new(AtomicBool::new(false));
+        let (thread_shared, thread_busy) = (Arc::clone(shared), Arc::clone(&busy));
+        let thread = std::thread::Builder::new()
+            .name("imstate-log-syncer".to_string())
+            .spawn(move || {
+                for (mut handle, covered, name) in incoming {
+                    let started = Instant::now();
+                    match handle.sync() {
+                        Ok(()) => {
+                            if let Some(observer) = thread_shared.observer.get() {
+                                observer.fsync(started.elapsed());
+                            }
+                            thread_shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+                            thread_shared.publish(0, covered);
+                        }
+                        Err(error) => {
+                            thread_shared.poison(format!("fsync of {name} failed: {error}"));
+                            return;
+                        }
+                    }
+                    thread_busy.store(false, Ordering::Release);
+                }
+            })
+            .ok()?;
+        Some(Syncer {
+            requests,
+            busy,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread after the sync in flight, if any.
+        let (closed, _) = std::sync::mpsc::sync_channel(0);
+        drop(std::mem::replace(&mut self.requests, closed));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Flusher {
@@ -742,12 +805,46 @@ impl Flusher {
             buffer: Vec::new(),
             written: last,
             synced: last,
+            sync_requested: last,
             last_sync: Instant::now(),
+            syncer: None,
         }
+    }
+
+    /// Hands an fsync of everything written so far to the background syncer. Returns false
+    /// when it cannot (no syncer, or the file has no sync handle): sync inline then. A sync
+    /// still in flight counts as handed over; the next one is asked for when it is done.
+    fn sync_in_background(&mut self) -> bool {
+        let Some(syncer) = &self.syncer else {
+            return false;
+        };
+        if syncer.busy.load(Ordering::Acquire) {
+            // Ask again one interval from now (the flusher's timed wait), not at once.
+            self.last_sync = Instant::now();
+            return true;
+        }
+        let Some(handle) = self.segment.file.sync_handle() else {
+            return false;
+        };
+        syncer.busy.store(true, Ordering::Release);
+        if syncer
+            .requests
+            .send((handle, self.written, self.segment.name.clone()))
+            .is_err()
+        {
+            // The syncer stopped after a failure; the log is poisoned already.
+            return true;
+        }
+        self.sync_requested = self.written;
+        self.last_sync = Instant::now();
+        true
     }
 
     fn run(mut self) {
         let policy = self.shared.options.fsync;
+        if matches!(policy, FsyncPolicy::Batch(_)) {
+            self.syncer = Syncer::start(&self.shared);
+        }
         loop {
             let closing = match self.next_batch(policy) {
                 Some(closing) => closing,
@@ -766,6 +863,14 @@ impl Flusher {
                         FsyncPolicy::Batch(interval) => self.last_sync.elapsed() >= interval,
                         FsyncPolicy::Never => false,
                     };
+                if sync_due && !closing && self.sync_in_background() {
+                    return Ok(());
+                }
+                if sync_due && matches!(policy, FsyncPolicy::Batch(_)) {
+                    // Under `Batch` a record is durable once written: acknowledge this batch
+                    // now, so its writers do not wait for an inline fsync.
+                    self.shared.publish(self.written, self.synced);
+                }
                 if sync_due { self.sync() } else { Ok(()) }
             });
             if let Err(message) = result {
@@ -791,7 +896,7 @@ impl Flusher {
                 break;
             }
             match policy {
-                FsyncPolicy::Batch(interval) if self.synced < self.written => {
+                FsyncPolicy::Batch(interval) if self.sync_requested < self.written => {
                     let deadline = self.last_sync + interval;
                     if Instant::now() >= deadline {
                         break;
@@ -893,6 +998,7 @@ impl Flusher {
         }
         self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.synced = self.written;
+        self.sync_requested = self.sync_requested.max(self.written);
         self.last_sync = Instant::now();
         Ok(())
     }

@@ -33,6 +33,18 @@ pub trait StorageFile: Send {
     /// Sets the file length to `len` (volatile until [`StorageFile::sync`]); later writes
     /// append at the new end.
     fn truncate(&mut self, len: u64) -> io::Result<()>;
+    /// A handle that syncs this file from another thread while this one keeps writing: what
+    /// it makes durable is at least every byte written before its `sync` was called. `None`
+    /// (the default) when the implementation cannot; the log then syncs inline.
+    fn sync_handle(&self) -> Option<Box<dyn SyncHandle>> {
+        None
+    }
+}
+
+/// Syncs a [`StorageFile`] from another thread (see [`StorageFile::sync_handle`]).
+pub trait SyncHandle: Send {
+    /// Makes every byte written to the file before this call durable (`fdatasync`).
+    fn sync(&mut self) -> io::Result<()>;
 }
 
 /// Directory-scoped file system access; see the module documentation for the durability
@@ -144,6 +156,22 @@ impl StorageFile for RealFile {
         // A file from `create` is not in append mode: move the cursor so the next write lands
         // at the new end instead of leaving a hole.
         self.file.seek(SeekFrom::End(0)).map(|_| ())
+    }
+    fn sync_handle(&self) -> Option<Box<dyn SyncHandle>> {
+        // A duplicated descriptor of the same open file: fdatasync through it covers every
+        // write made through either.
+        let file = self.file.try_clone().ok()?;
+        Some(Box::new(RealSync { file }))
+    }
+}
+
+struct RealSync {
+    file: File,
+}
+
+impl SyncHandle for RealSync {
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
     }
 }
 

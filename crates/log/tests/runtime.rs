@@ -381,3 +381,65 @@ fn log_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Log>();
 }
+
+#[test]
+fn batch_policy_keeps_acknowledging_while_an_fsync_is_slow() {
+    // Under Batch a record is durable once written; a slow fsync (a disk busy with a
+    // checkpoint) runs on the syncer thread and must not hold acknowledgements back.
+    let options = LogOptions {
+        fsync: FsyncPolicy::Batch(Duration::from_millis(1)),
+        ..LogOptions::default()
+    };
+    let storage = FaultyStorage::new();
+    let (log, _, _) = open(storage.clone(), options).expect("open");
+    storage.stall_fsync(Duration::from_millis(400));
+    let first = log.append(b"first".to_vec()).expect("append");
+    log.wait_durable(first).expect("written");
+    // A sync of `first` is now due and stalls for 400 ms.
+    std::thread::sleep(Duration::from_millis(20));
+    let start = Instant::now();
+    for index in 0..20u8 {
+        let lsn = log.append(vec![index]).expect("append");
+        log.wait_durable(lsn).expect("written");
+    }
+    assert!(
+        start.elapsed() < Duration::from_millis(200),
+        "acknowledgements waited for the stalled fsync: {:?}",
+        start.elapsed()
+    );
+    // The syncs do complete, and cover everything in the end.
+    let last = log.durable_lsn();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while log.synced_lsn() < last {
+        assert!(Instant::now() < deadline, "never synced");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    storage.stall_fsync(Duration::ZERO);
+    log.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn batch_policy_poisons_the_log_when_a_background_fsync_fails() {
+    let options = LogOptions {
+        fsync: FsyncPolicy::Batch(Duration::from_millis(1)),
+        ..LogOptions::default()
+    };
+    let storage = FaultyStorage::new();
+    let (log, _, _) = open(storage.clone(), options).expect("open");
+    storage.fail_fsync(true);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let appended = log
+            .append(b"x".to_vec())
+            .and_then(|lsn| log.wait_durable(lsn));
+        if appended.is_err() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a failed fsync never poisoned the log"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(log.is_poisoned());
+}
