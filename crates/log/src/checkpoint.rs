@@ -13,6 +13,7 @@
 //! renames a checkpoint to its final name after it was fully written and fsynced.
 
 use std::io;
+
 #[cfg(test)]
 use std::ops::Range;
 
@@ -51,14 +52,7 @@ pub(crate) fn decode(file: &[u8], covered_lsn: Lsn) -> Result<Range<usize>, Stri
     }
     let (header, rest) = file.split_at(HEADER_BYTES);
     let (data, trailer_bytes) = rest.split_at(rest.len() - TRAILER_BYTES);
-    if &header[..8] != MAGIC {
-        return Err("bad magic".to_string());
-    }
-    let mut lsn = [0u8; 8];
-    lsn.copy_from_slice(&header[8..]);
-    if u64::from_le_bytes(lsn) != covered_lsn {
-        return Err("covered lsn does not match the file name".to_string());
-    }
+    check_header(header, covered_lsn)?;
     let mut data_len = [0u8; 8];
     data_len.copy_from_slice(&trailer_bytes[..8]);
     let mut data_crc = [0u8; 4];
@@ -94,14 +88,7 @@ pub(crate) fn verify_stream(
     let read_error = |error: io::Error| format!("reading: {error}");
     let mut header = [0u8; HEADER_BYTES];
     file.read_exact(&mut header).map_err(read_error)?;
-    if &header[..8] != MAGIC {
-        return Err("bad magic".to_string());
-    }
-    let mut lsn = [0u8; 8];
-    lsn.copy_from_slice(&header[8..]);
-    if u64::from_le_bytes(lsn) != covered_lsn {
-        return Err("covered lsn does not match the file name".to_string());
-    }
+    check_header(&header, covered_lsn)?;
     let data_len = file_len - frame;
     let mut chunk = vec![0u8; WRITE_CHUNK_BYTES];
     let mut left = data_len;
@@ -198,6 +185,19 @@ impl io::Write for CheckpointWriter {
     fn flush(&mut self) -> io::Result<()> {
         self.flush_buffer()
     }
+}
+
+/// Checks a checkpoint header: the magic, then the LSN it covers against the file's name.
+fn check_header(header: &[u8], covered_lsn: Lsn) -> Result<(), String> {
+    if &header[..8] != MAGIC {
+        return Err("bad magic".to_string());
+    }
+    let mut lsn = [0u8; 8];
+    lsn.copy_from_slice(&header[8..16]);
+    if u64::from_le_bytes(lsn) != covered_lsn {
+        return Err("covered lsn does not match the file name".to_string());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
