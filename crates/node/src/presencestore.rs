@@ -502,20 +502,14 @@ impl PresenceStore {
         ttl_ms: u32,
         meta: Option<&[u8]>,
     ) -> Result<LoginOutcome, NodeError> {
-        let ttl_ms = if ttl_ms == 0 {
-            self.options.ttl_ms_default
-        } else {
-            ttl_ms
-        };
-        let request = LoginRequest {
+        let outcome = self.login_applied(&LoginRequest {
             uid,
             device,
             gateway,
             conn,
             ttl_ms,
             meta,
-        };
-        let outcome = self.registry.login(&request, self.clock.now_ms())?;
+        })?;
         self.durable().await?;
         Ok(outcome)
     }

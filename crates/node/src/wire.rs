@@ -25,7 +25,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use imstate_presence::{LoginRequest, Session, SessionRef};
+use imstate_presence::{LoginRequest, SessionRef};
 use imstate_wire::codec::{self, LookupReply};
 use imstate_wire::{Code, DecodeError, Frame, Request, SessionFields};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -184,7 +184,8 @@ struct Span {
     count: u16,
 }
 
-fn session_ref_fields<'s>(session: &SessionRef<'s>) -> SessionFields<'s> {
+/// A registry session as the codec encodes it.
+fn session_fields<'s>(session: &SessionRef<'s>) -> SessionFields<'s> {
     SessionFields {
         uid: session.uid,
         conn: session.conn,
@@ -194,19 +195,6 @@ fn session_ref_fields<'s>(session: &SessionRef<'s>) -> SessionFields<'s> {
         device: session.device,
         gateway: session.gateway,
         meta: session.meta,
-    }
-}
-
-fn session_fields(session: &Session) -> SessionFields<'_> {
-    SessionFields {
-        uid: session.uid,
-        conn: session.conn,
-        login_ms: session.login_ms,
-        last_heartbeat_ms: session.last_heartbeat_ms,
-        ttl_ms: session.ttl_ms,
-        device: &session.device,
-        gateway: &session.gateway,
-        meta: session.meta.as_deref(),
     }
 }
 
@@ -359,8 +347,12 @@ impl<'c> Connection<'c> {
                         self.unsynced = true;
                         codec::reply_login(
                             &mut self.out,
-                            &session_fields(&outcome.session),
-                            outcome.replaced.as_ref().map(session_fields).as_ref(),
+                            &session_fields(&outcome.session.as_ref()),
+                            outcome
+                                .replaced
+                                .as_ref()
+                                .map(|replaced| session_fields(&replaced.as_ref()))
+                                .as_ref(),
                         );
                     }
                     Err(error) => return self.failed(op, &error),
@@ -370,7 +362,7 @@ impl<'c> Connection<'c> {
                 match self.context.presence.logout_applied(uid, conn) {
                     Ok(session) => {
                         self.unsynced = true;
-                        codec::reply_logout(&mut self.out, &session_fields(&session));
+                        codec::reply_logout(&mut self.out, &session_fields(&session.as_ref()));
                     }
                     Err(error) => return self.failed(op, &error),
                 }
@@ -419,7 +411,7 @@ impl<'c> Connection<'c> {
                                 return;
                             }
                             span.count += 1;
-                            codec::put_session(scratch, &session_ref_fields(&session));
+                            codec::put_session(scratch, &session_fields(&session));
                             span.end = scratch.len();
                         });
                 if let Err(error) = visited {

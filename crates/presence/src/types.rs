@@ -37,6 +37,20 @@ pub struct Session {
 }
 
 impl Session {
+    /// The borrowed view of this session.
+    pub fn as_ref(&self) -> SessionRef<'_> {
+        SessionRef {
+            uid: self.uid,
+            device: &self.device,
+            gateway: &self.gateway,
+            conn: self.conn,
+            login_ms: self.login_ms,
+            last_heartbeat_ms: self.last_heartbeat_ms,
+            ttl_ms: self.ttl_ms,
+            meta: self.meta.as_deref(),
+        }
+    }
+
     /// When the session expires unless it is refreshed: `last_heartbeat_ms + ttl_ms`.
     pub fn deadline_ms(&self) -> u64 {
         self.last_heartbeat_ms
