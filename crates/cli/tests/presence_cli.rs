@@ -47,6 +47,12 @@ fn login_lookup_heartbeat_logout_and_restart() {
         login(&server, "42", "phone", "gw3", "8"),
         "42\tphone,gw3,8\nreplaced\tphone,gw1,7\n"
     );
+    // The same login again (a gateway's retry) refreshes the session: nothing is replaced,
+    // so the gateway never kicks its own live connection.
+    assert_eq!(
+        login(&server, "42", "phone", "gw3", "8"),
+        "42\tphone,gw3,8\n"
+    );
     let lookup = out(&server.cli(&["presence", "lookup", "42", "43"]));
     assert_eq!(lookup, "42\tpad,gw2,9\tphone,gw3,8\n43\toffline\n");
     let json = out(&server.cli(&["presence", "lookup", "--json", "42"]));

@@ -101,6 +101,11 @@ fn every_operation_works_over_the_wire_and_errors_carry_grpc_codes() {
         assert!(stored.replaced.is_none());
         let replaced = client.login(&login(42, "ios", 2)).await.unwrap();
         assert_eq!(replaced.replaced.unwrap().conn, 1);
+        let retried = client.login(&login(42, "ios", 2)).await.unwrap();
+        assert!(
+            retried.replaced.is_none(),
+            "a retried login replaced itself"
+        );
         let mut with_meta = login(42, "web", 3);
         with_meta.meta = b"v=2".to_vec();
         client.login(&with_meta).await.unwrap();

@@ -477,6 +477,24 @@ impl Log {
         }
     }
 
+    /// Resolves with the reason once the log is poisoned; never while it is healthy. A node
+    /// selects on it to stop at once, whichever path (an append, the flusher, the syncer, a
+    /// checkpoint) met the failure.
+    pub async fn poisoned(&self) -> String {
+        let mut receiver = self.shared.progress_watch.subscribe();
+        let reason = match receiver
+            .wait_for(|progress| progress.poison.is_some())
+            .await
+        {
+            Ok(progress) => progress.poison.clone(),
+            Err(_) => None,
+        };
+        match reason {
+            Some(reason) => reason,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Writes a checkpoint whose data contains the effects of every record with
     /// `lsn <= covered_lsn` (it may contain later ones too: callers' records are idempotent).
     /// `write` streams the snapshot. Temp file, fsync, rename to the final name, fsync of the

@@ -120,6 +120,10 @@ impl AuthConfig {
     }
 }
 
+/// Largest value of each `presence.watch_*` limit: past it one subscriber's buffer or the
+/// subscriber table alone could take gigabytes.
+pub const WATCH_LIMIT_CEILING: usize = 1 << 20;
+
 /// Configuration of the presence registry.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -145,8 +149,13 @@ pub struct PresenceConfig {
     pub tick_ms: u64,
     /// Log bytes since the last checkpoint that trigger one; 0 disables automatic ones.
     pub checkpoint_log_bytes: u64,
-    /// Events a Watch subscriber may fall behind before it is cut off (B1).
+    /// Events meant for a Watch subscriber that it may fall behind by before it is cut off
+    /// (B1).
     pub watch_buffer_events: usize,
+    /// Watch subscribers open at once (B1).
+    pub watch_subscribers_max: usize,
+    /// Uids in one Watch subscriber's filter (B1).
+    pub watch_uids_max: usize,
 }
 
 impl Default for PresenceConfig {
@@ -164,6 +173,8 @@ impl Default for PresenceConfig {
             tick_ms: 250,
             checkpoint_log_bytes: 128 * 1024 * 1024,
             watch_buffer_events: 8_192,
+            watch_subscribers_max: 1_024,
+            watch_uids_max: 10_000,
         }
     }
 }
@@ -197,10 +208,16 @@ impl PresenceConfig {
                 "presence.tick_ms must be in 1..=1000".into(),
             ));
         }
-        if self.watch_buffer_events == 0 {
-            return Err(NodeError::Config(
-                "presence.watch_buffer_events must be >= 1".into(),
-            ));
+        for (key, value) in [
+            ("watch_buffer_events", self.watch_buffer_events),
+            ("watch_subscribers_max", self.watch_subscribers_max),
+            ("watch_uids_max", self.watch_uids_max),
+        ] {
+            if value == 0 || value > WATCH_LIMIT_CEILING {
+                return Err(NodeError::Config(format!(
+                    "presence.{key} must be in 1..={WATCH_LIMIT_CEILING}"
+                )));
+            }
         }
         Ok(crate::presencestore::PresenceStoreOptions {
             registry,
@@ -208,7 +225,11 @@ impl PresenceConfig {
             ttl_ms_default: self.ttl_ms_default,
             tick_ms: self.tick_ms,
             checkpoint_log_bytes: self.checkpoint_log_bytes,
-            watch_buffer_events: self.watch_buffer_events,
+            watch: crate::watch::WatchLimits {
+                buffer_events: self.watch_buffer_events,
+                subscribers_max: self.watch_subscribers_max,
+                uids_max: self.watch_uids_max,
+            },
         })
     }
 }
@@ -590,7 +611,7 @@ mod tests {
             [presence]\nfsync = \"always\"\nttl_ms_default = 6\nttl_ms_max = 7\n\
             sessions_per_uid_max = 8\nlookup_ids_max = 9\nheartbeat_batch_max = 10\n\
             gateways_max = 11\nshards = 12\ntick_ms = 13\ncheckpoint_log_bytes = 14\n\
-            watch_buffer_events = 15\n";
+            watch_buffer_events = 15\nwatch_subscribers_max = 16\nwatch_uids_max = 17\n";
         let config = NodeConfig::parse(text).unwrap();
         assert_ne!(config, NodeConfig::default());
         assert_eq!(NodeConfig::parse(&config.to_toml()).unwrap(), config);

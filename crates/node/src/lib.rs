@@ -23,6 +23,7 @@
 //! - [`http`]: the HTTP listener (`/metrics`, `/healthz`, `/readyz`), up before recovery.
 //! - [`wire`]: the wire-protocol listener (the hot path in pipelined binary frames).
 //! - [`server`]: start-up (recovery), TLS, serving, and clean shutdown.
+//! - [`watch`]: the bounded fan-out of presence events to Watch subscribers.
 
 #![deny(missing_docs)]
 
@@ -44,6 +45,7 @@ pub mod presencestore;
 pub mod records;
 pub mod seqstore;
 pub mod server;
+pub mod watch;
 pub mod wire;
 
 pub use config::NodeConfig;

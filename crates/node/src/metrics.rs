@@ -243,7 +243,7 @@ pub fn report_checkpoint(
 pub fn refresh(seq: &SeqStore, presence: &PresenceStore) {
     gauge!(SEQ_SECTIONS_LOADED).set(seq.sections_loaded() as f64);
     gauge!(SEQ_NAMESPACES).set(seq.namespaces().len() as f64);
-    gauge!(PRESENCE_SESSIONS).set(presence.online_count() as f64);
+    gauge!(PRESENCE_SESSIONS).set(presence.online_count_now() as f64);
     gauge!(PRESENCE_GATEWAYS).set(presence.registry().gateways().len() as f64);
     gauge!(PRESENCE_GATEWAY_LEASES).set(presence.registry().gateway_leases().len() as f64);
     for (name, log) in [(LOG_SEQ, seq.log()), (LOG_PRESENCE, presence.log())] {

@@ -20,8 +20,8 @@
 //! - Checkpoints are fuzzy: the covered LSN is read before any shard is copied; each record up
 //!   to it was appended under its shard's lock while the change was applied, so the copy taken
 //!   later under that lock contains it. Replay of later records is idempotent.
-//! - B1: the watch buffer is a fixed ring (`watch_buffer_events`): a subscriber that falls
-//!   further behind is cut off with RESOURCE_EXHAUSTED; nothing grows without bound.
+//! - B1: Watch is bounded ([`crate::watch`]): a subscriber that falls further behind than
+//!   `watch_buffer_events` of its own events is cut off; nothing grows without bound.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -35,10 +35,11 @@ use imstate_presence::{
     LoginRequest, PresenceError, RegistryOptions, Session, ShardedRegistry, TICK_VISITS_PER_LOCK,
 };
 use parking_lot::Mutex;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use crate::NodeError;
 use crate::clock::Clock;
+use crate::watch::{WatchHub, WatchLimits};
 
 /// Sessions one expiry step may visit under one shard lock. Smaller than the core's default
 /// ([`TICK_VISITS_PER_LOCK`]) because the node also appends a log record per expiry under the
@@ -193,15 +194,6 @@ impl<'r> ReplayBatch<'r> {
     }
 }
 
-/// An event as published to watchers: the registry event and its position in the log.
-#[derive(Debug, Clone)]
-pub struct Published {
-    /// LSN of the event's log record.
-    pub lsn: u64,
-    /// What happened.
-    pub event: Arc<Event>,
-}
-
 /// Tunables of the presence store.
 #[derive(Clone, Debug)]
 pub struct PresenceStoreOptions {
@@ -215,8 +207,8 @@ pub struct PresenceStoreOptions {
     pub tick_ms: u64,
     /// Log bytes since the last checkpoint that trigger one; 0 disables automatic checkpoints.
     pub checkpoint_log_bytes: u64,
-    /// Events a watcher may fall behind before it is cut off.
-    pub watch_buffer_events: usize,
+    /// Bounds of Watch: buffer, subscribers, filter size.
+    pub watch: WatchLimits,
 }
 
 impl Default for PresenceStoreOptions {
@@ -227,7 +219,7 @@ impl Default for PresenceStoreOptions {
             ttl_ms_default: 90_000,
             tick_ms: 250,
             checkpoint_log_bytes: 128 * 1024 * 1024,
-            watch_buffer_events: 8_192,
+            watch: WatchLimits::default(),
         }
     }
 }
@@ -236,7 +228,7 @@ impl Default for PresenceStoreOptions {
 struct NodeJournal {
     /// Set once recovery is over; replay does not journal, so it is never needed before.
     log: OnceLock<Arc<Log>>,
-    events: broadcast::Sender<Published>,
+    watch: Arc<WatchHub>,
     fatal: watch::Sender<Option<String>>,
     /// Negative control: changes wait here (acknowledged, not yet in the log) until a
     /// background thread appends them.
@@ -261,13 +253,8 @@ impl Journal for NodeJournal {
                 if let Entry::Event(event) = &entry {
                     count_event(event);
                 }
-                if let Entry::Event(event) = entry
-                    && self.events.receiver_count() > 0
-                {
-                    let _ = self.events.send(Published {
-                        lsn,
-                        event: Arc::new(event.clone()),
-                    });
+                if let Entry::Event(event) = entry {
+                    self.watch.publish(lsn, event);
                 }
             }
             Err(error) => {
@@ -322,11 +309,10 @@ impl PresenceStore {
         options: PresenceStoreOptions,
         clock: Arc<dyn Clock>,
     ) -> Result<(Arc<Self>, RecoveryStats), NodeError> {
-        let (events, _) = broadcast::channel(options.watch_buffer_events.max(1));
         let (fatal, _) = watch::channel(None);
         let journal = Arc::new(NodeJournal {
             log: OnceLock::new(),
-            events,
+            watch: WatchHub::new(options.watch),
             fatal,
             #[cfg(feature = "planted-presence-ack-before-log")]
             delayed: Mutex::new(Vec::new()),
@@ -483,7 +469,10 @@ impl PresenceStore {
     }
 
     /// Waits until every change made so far is durable under the policy. Callers of the
-    /// `*_applied` methods must wait here before they acknowledge.
+    /// `*_applied` methods must wait here before they acknowledge, and readers before they
+    /// answer: a change is applied (visible) before its record is durable, and a read must
+    /// never show a change that a crash or a failed log could still take back. When
+    /// everything is durable already (no writes in flight) this costs two atomic loads.
     pub async fn durable(&self) -> Result<(), NodeError> {
         if let Some(reason) = &*self.journal.fatal.borrow() {
             return Err(NodeError::Unavailable(reason.clone()));
@@ -573,18 +562,23 @@ impl PresenceStore {
         Ok(unknown)
     }
 
-    /// The sessions of `uid`.
-    pub fn lookup(&self, uid: u64) -> Vec<Session> {
-        self.registry.lookup(uid)
+    /// The sessions of `uid`, once every change they may show is durable.
+    pub async fn lookup(&self, uid: u64) -> Result<Vec<Session>, NodeError> {
+        let sessions = self.registry.lookup(uid);
+        self.durable().await?;
+        Ok(sessions)
     }
 
-    /// The sessions of each uid, in order.
-    pub fn lookup_batch(&self, uids: &[u64]) -> Result<Vec<Vec<Session>>, NodeError> {
-        Ok(self.registry.lookup_batch(uids)?)
+    /// The sessions of each uid, in order, once every change they may show is durable.
+    pub async fn lookup_batch(&self, uids: &[u64]) -> Result<Vec<Vec<Session>>, NodeError> {
+        let found = self.registry.lookup_batch(uids)?;
+        self.durable().await?;
+        Ok(found)
     }
 
     /// The sessions of each uid, borrowed, handed to `visit(position, session)` grouped by
-    /// shard (see [`ShardedRegistry::lookup_batch_visit`]).
+    /// shard (see [`ShardedRegistry::lookup_batch_visit`]). The caller must wait with
+    /// [`PresenceStore::durable`] before it answers (see there).
     pub fn lookup_batch_visit(
         &self,
         uids: &[u64],
@@ -614,19 +608,22 @@ impl PresenceStore {
         self.durable().await
     }
 
-    /// Sessions online.
-    pub fn online_count(&self) -> u64 {
+    /// Sessions online, once every change counted is durable.
+    pub async fn online_count(&self) -> Result<u64, NodeError> {
+        let count = self.registry.online_count();
+        self.durable().await?;
+        Ok(count)
+    }
+
+    /// Sessions online now, durable or not: for metrics and logs, never for a reply.
+    pub fn online_count_now(&self) -> u64 {
         self.registry.online_count()
     }
 
-    /// A receiver of every event from now on (bounded: see `watch_buffer_events`).
-    pub fn subscribe(&self) -> broadcast::Receiver<Published> {
-        self.journal.events.subscribe()
-    }
-
-    /// The watch buffer size.
-    pub fn watch_buffer_events(&self) -> usize {
-        self.options.watch_buffer_events
+    /// The Watch fan-out: subscribe to every event from now on, or to some uids' (bounded:
+    /// see [`WatchLimits`]).
+    pub fn watch(&self) -> &Arc<WatchHub> {
+        &self.journal.watch
     }
 
     /// Receives the reason once the store has failed for good (its log failed).

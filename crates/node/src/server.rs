@@ -42,6 +42,11 @@ use crate::presencestore::PresenceStore;
 use crate::seqstore::{SeqStore, SeqStoreOptions};
 use crate::wire::WireContext;
 
+/// Longest a stopping node waits for in-flight gRPC calls before it flushes the log and exits.
+/// Watch streams are ended at once (UNAVAILABLE, "the node is stopping"), so only a call that
+/// is still running, or a client that stopped reading its replies, takes this long.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The TLS and token material of the gRPC port, read from the files the configuration names.
 #[derive(Clone, Default)]
 struct Security {
@@ -171,7 +176,7 @@ impl Node {
             records_replayed = stats.records_replayed,
             bytes_replayed = stats.bytes_replayed,
             truncated_tail_bytes = stats.truncated_tail_bytes,
-            sessions = presence.online_count(),
+            sessions = presence.online_count_now(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "recovered presence registry"
         );
@@ -245,11 +250,20 @@ impl Node {
             wire_stopped,
         ));
         let health = Arc::clone(&self.health);
+        let watch_hub = Arc::clone(self.presence.watch());
+        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
         let mut seq_fatal = self.seq.fatal();
         let mut presence_fatal = self.presence.fatal();
+        let (seq_store, presence_store) = (Arc::clone(&self.seq), Arc::clone(&self.presence));
         let stop = async move {
             tokio::select! {
                 () = shutdown => None,
+                // Whichever path met the failure (a request, the flusher, the syncer, a
+                // checkpoint), a poisoned log stops the node at once.
+                reason = seq_store.log().poisoned() => Some(format!("sequence log: {reason}")),
+                reason = presence_store.log().poisoned() => {
+                    Some(format!("presence log: {reason}"))
+                }
                 reason = seq_fatal.wait_for(|reason| reason.is_some()) => {
                     reason.ok().and_then(|reason| reason.clone())
                 }
@@ -274,6 +288,9 @@ impl Node {
             .serve_with_incoming_shutdown(incoming, async move {
                 let reason = stop.await;
                 health.stopping();
+                let _ = draining_tx.send(());
+                // Streams never end by themselves: end them now, so draining can finish.
+                watch_hub.stop();
                 let _ = wire_stop.send(true);
                 reporter
                     .set_not_serving::<SequenceServer<SequenceService>>()
@@ -294,9 +311,26 @@ impl Node {
             grpc: address,
             wire: wire_address,
         });
-        serve
-            .await
-            .map_err(|error| NodeError::Io(format!("server: {error}")))?;
+        // Draining waits for in-flight calls, but never longer than DRAIN_TIMEOUT: a client
+        // that stopped reading must not keep the node from stopping.
+        let drain_deadline = async move {
+            if draining_rx.await.is_ok() {
+                tokio::time::sleep(DRAIN_TIMEOUT).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            served = serve => {
+                served.map_err(|error| NodeError::Io(format!("server: {error}")))?;
+            }
+            () = drain_deadline => {
+                tracing::warn!(
+                    timeout_ms = DRAIN_TIMEOUT.as_millis() as u64,
+                    "gRPC calls still in flight at the drain timeout; stopping without them"
+                );
+            }
+        }
         let _ = wire.await;
         let reason = stopped_rx.await.ok().flatten();
         if let Some(reason) = reason {

@@ -14,8 +14,10 @@
 //! Replies are in request order. A write is acknowledged only once it is durable under the
 //! store's fsync policy, as over gRPC: the durability wait comes before the write of the
 //! replies, and if it fails the connection is closed without them (the client sees a lost
-//! connection, as after a crash). Sequence values need no wait here: `SeqStore` never hands
-//! out a value above a durable `max_seq` (S2).
+//! connection, as after a crash). Reads (LookupBatch, OnlineCount) wait too: a change is
+//! visible in the registry before its record is durable, and a reply must never show what a
+//! crash or a failed log could take back. Sequence values need no wait here: `SeqStore` never
+//! hands out a value above a durable `max_seq` (S2).
 //!
 //! The first frame must be `Hello` (magic, version, token). With a token file configured, the
 //! token must be one of it, as for gRPC; a wrong one gets `UNAUTHENTICATED` and the connection
@@ -165,7 +167,8 @@ enum After {
 struct Connection<'c> {
     context: &'c WireContext,
     hello: bool,
-    /// Whether a presence write was applied since the last durability wait.
+    /// Whether a presence write was applied, or presence state read, since the last
+    /// durability wait: either must not be answered before what it did or saw is durable.
     unsynced: bool,
     ids: Vec<u64>,
     pairs: Vec<(u64, u64)>,
@@ -417,6 +420,8 @@ impl<'c> Connection<'c> {
                 if let Err(error) = visited {
                     return self.failed(op, &error);
                 }
+                // Answered only once what it shows is durable (the burst's one wait).
+                self.unsynced = true;
                 let mut reply = LookupReply::begin(&mut self.out, self.ids.len());
                 for span in &self.spans {
                     reply.uid_encoded(span.count, &self.scratch[span.start..span.end]);
@@ -424,7 +429,9 @@ impl<'c> Connection<'c> {
                 reply.end();
             }
             Request::OnlineCount => {
-                codec::reply_online_count(&mut self.out, self.context.presence.online_count());
+                codec::reply_online_count(&mut self.out, self.context.presence.online_count_now());
+                // Answered only once what it counted is durable (the burst's one wait).
+                self.unsynced = true;
             }
         }
         self.tally.ok[op.index()] += 1;

@@ -64,26 +64,29 @@ async fn restart_restores_unexpired_sessions_and_drops_expired_ones() {
         &clock,
         FsyncPolicy::Always,
     );
-    assert_eq!(store.online_count(), 75);
+    assert_eq!(store.online_count().await.unwrap(), 75);
     for uid in 0..75 {
-        let sessions = store.lookup(uid);
+        let sessions = store.lookup(uid).await.unwrap();
         assert_eq!(sessions.len(), 1, "uid {uid}");
         assert_eq!(sessions[0].conn, uid * 10);
     }
-    assert_eq!(&*store.lookup(0)[0].meta.clone().unwrap(), b"m");
+    assert_eq!(
+        &*store.lookup(0).await.unwrap()[0].meta.clone().unwrap(),
+        b"m"
+    );
     for uid in 75..100 {
         assert!(
-            store.lookup(uid).is_empty(),
+            store.lookup(uid).await.unwrap().is_empty(),
             "uid {uid} expired while the node was down"
         );
     }
     // Expiry continues from the persisted heartbeat: 50..75 go at +9 s, not before.
     clock.advance(1_999);
     store.expire_once();
-    assert_eq!(store.online_count(), 75);
+    assert_eq!(store.online_count().await.unwrap(), 75);
     clock.advance(1);
     store.expire_once();
-    assert_eq!(store.online_count(), 50);
+    assert_eq!(store.online_count().await.unwrap(), 50);
     store.registry().check_invariants().unwrap();
 }
 
@@ -107,9 +110,9 @@ async fn every_acknowledged_change_survives_a_crash_under_fsync_always() {
         &clock,
         FsyncPolicy::Always,
     );
-    assert_eq!(store2.online_count(), 150);
-    assert!(store2.lookup(10).is_empty());
-    assert_eq!(store2.lookup(100).len(), 1);
+    assert_eq!(store2.online_count().await.unwrap(), 150);
+    assert!(store2.lookup(10).await.unwrap().is_empty());
+    assert_eq!(store2.lookup(100).await.unwrap().len(), 1);
     drop(store);
 }
 
@@ -158,9 +161,9 @@ async fn limits_are_clear_errors_and_change_nothing() {
     assert!(error.contains("64"), "{error}");
     let error = store.heartbeat(1, 1).await.unwrap_err().to_string();
     assert!(error.contains("uid 1 conn 1"), "{error}");
-    let error = store.lookup_batch(&[]).unwrap_err().to_string();
+    let error = store.lookup_batch(&[]).await.unwrap_err().to_string();
     assert!(error.contains("lookup_ids_max"), "{error}");
-    assert_eq!(store.online_count(), 0);
+    assert_eq!(store.online_count().await.unwrap(), 0);
 }
 
 /// Starts a real node (gRPC) on a temporary directory; returns its address.

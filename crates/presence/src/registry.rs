@@ -182,7 +182,11 @@ impl ShardedRegistry {
     ) -> Result<LoginOutcome, PresenceError> {
         let mut shard = self.shard_of(request.uid).lock();
         let outcome = shard.login(request, now_ms)?;
-        self.journal.record(Entry::Event(&outcome.event()));
+        if outcome.refreshed {
+            self.journal.record(Entry::Change(&outcome.change()));
+        } else {
+            self.journal.record(Entry::Event(&outcome.event()));
+        }
         drop(shard);
         Ok(outcome)
     }

@@ -349,6 +349,11 @@ impl Shard {
 
     /// Logs a session in, replacing the session of the same (uid, device) if there is one.
     ///
+    /// A login that repeats the stored session's (uid, device, gateway, conn) is a retry of
+    /// the same login, not a replacement: the session keeps its login time, takes the new ttl
+    /// and metadata, and its heartbeat is refreshed; the outcome has `refreshed` set and no
+    /// `replaced`, so a gateway never kicks its own live connection.
+    ///
     /// Errors (nothing changes): a field out of its length limit, ttl out of range, the
     /// connection already used by the uid on another device, `sessions_per_uid_max` reached
     /// (a replacement does not count), the shard's record space full, a new gateway beyond
@@ -397,20 +402,34 @@ impl Shard {
         // Last check: interning is the only step with an effect outside this shard, and a
         // name interned for a login that then fails would be harmless anyway.
         let gateway = self.gateways.intern(request.gateway)?;
-        let replaced = (same_device != NIL).then(|| self.remove(same_device));
+        let mut login_s = login_s(now_ms);
+        let mut refreshed = false;
+        let mut replaced = None;
+        if same_device != NIL {
+            let rec = self.slab.get(same_device);
+            refreshed =
+                rec.conn.get() == request.conn && GatewayId::from(rec.gateway()) == gateway;
+            if refreshed {
+                login_s = rec.login_s;
+                let _ = self.remove(same_device);
+            } else {
+                replaced = Some(self.remove(same_device));
+            }
+        }
         let profile = self.profiles.acquire(request.device, request.ttl_ms);
         let index = self.insert(
             request.uid,
             request.conn,
             profile,
             gateway,
-            login_s(now_ms),
+            login_s,
             now_ms,
             request.meta.map(Arc::from),
         )?;
         Ok(LoginOutcome {
             session: self.session_at(index),
             replaced,
+            refreshed,
         })
     }
 

@@ -107,6 +107,10 @@ pub struct LoginOutcome {
     /// The session of the same (uid, device) that the login replaced: the gateway should kick
     /// that connection.
     pub replaced: Option<Session>,
+    /// True when the login repeated the stored session's (device, gateway, conn): a retry
+    /// that refreshed the session (ttl, metadata, heartbeat) instead of replacing it. Such a
+    /// login is logged but emits no Watch event, like a heartbeat.
+    pub refreshed: bool,
 }
 
 impl LoginOutcome {

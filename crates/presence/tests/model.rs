@@ -86,19 +86,35 @@ impl Model {
                         max: SESSIONS_PER_UID_MAX,
                     }));
                 }
-                let replaced = same.map(|position| list.remove(position));
+                let mut replaced = same.map(|position| list.remove(position));
+                // A retry of the stored session (same device, gateway and conn) refreshes it:
+                // it keeps its login time and replaces nothing.
+                let refreshed = replaced
+                    .as_ref()
+                    .is_some_and(|old| old.conn == *conn && &*old.gateway == GATEWAYS[*gateway]);
+                let login_ms = match (&replaced, refreshed) {
+                    (Some(old), true) => old.login_ms,
+                    _ => now / 1000 * 1000,
+                };
+                if refreshed {
+                    replaced = None;
+                }
                 let session = Session {
                     uid: *uid,
                     device,
                     gateway: Arc::from(GATEWAYS[*gateway]),
                     conn: *conn,
-                    login_ms: now / 1000 * 1000,
+                    login_ms,
                     last_heartbeat_ms: now,
                     ttl_ms: *ttl_ms,
                     meta: meta.map(|byte| Arc::from(vec![byte; usize::from(byte % 4)])),
                 };
                 list.push(session.clone());
-                Outcome::Login(Ok(LoginOutcome { session, replaced }))
+                Outcome::Login(Ok(LoginOutcome {
+                    session,
+                    replaced,
+                    refreshed,
+                }))
             }
             Op::Logout { uid, conn } => {
                 let removed = self.remove_where(|s| s.uid == *uid && s.conn == *conn);

@@ -4,8 +4,11 @@
 mod common;
 
 use common::{registry, request};
+use std::sync::Arc;
+
 use imstate_presence::{
-    Change, Event, LoginRequest, PresenceError, RegistryOptions, Session, Shard, ShardedRegistry,
+    Change, Entry, Event, Journal, LoginRequest, PresenceError, RegistryOptions, Session, Shard,
+    ShardedRegistry,
 };
 
 #[test]
@@ -51,17 +54,62 @@ fn login_on_another_device_adds_a_session() {
     registry.check_invariants().unwrap();
 }
 
+/// Keeps whether each journalled entry was a Watch event or a plain change.
+#[derive(Default)]
+struct Kinds(std::sync::Mutex<Vec<&'static str>>);
+
+impl Journal for Kinds {
+    fn record(&self, entry: Entry<'_>) {
+        let kind = match entry {
+            Entry::Event(_) => "event",
+            Entry::Change(_) => "change",
+        };
+        self.0.lock().unwrap().push(kind);
+    }
+}
+
 #[test]
-fn relogin_of_same_connection_and_device_replaces_itself() {
-    let registry = registry(1);
+fn repeated_identical_login_refreshes_the_session_and_replaces_nothing() {
+    let kinds = Arc::new(Kinds::default());
+    let options = RegistryOptions {
+        shards: 1,
+        ..RegistryOptions::default()
+    };
+    let registry = ShardedRegistry::with_journal(options, kinds.clone()).unwrap();
     let first = registry
         .login(&request(1, "ios", "gw", 5, 1_000), 0)
         .unwrap();
+    assert!(!first.refreshed);
     let again = registry
-        .login(&request(1, "ios", "gw", 5, 2_000), 500)
+        .login(&request(1, "ios", "gw", 5, 2_000), 1_500)
         .unwrap();
-    assert_eq!(again.replaced, Some(first.session));
-    assert_eq!(registry.lookup(1).len(), 1);
+    assert_eq!(
+        again.replaced, None,
+        "a retry must not report that it replaced itself"
+    );
+    assert!(again.refreshed);
+    assert_eq!(
+        again.session.login_ms, first.session.login_ms,
+        "same session"
+    );
+    assert_eq!(
+        again.session.last_heartbeat_ms, 1_500,
+        "heartbeat refreshed"
+    );
+    assert_eq!(again.session.ttl_ms, 2_000, "ttl refreshed");
+    assert_eq!(registry.lookup(1), vec![again.session.clone()]);
+    assert_eq!(
+        *kinds.0.lock().unwrap(),
+        ["event", "change"],
+        "logged, but no second Watch event"
+    );
+    // The same connection on another gateway is a new connection: a replacement.
+    let moved = registry
+        .login(&request(1, "ios", "gw-2", 5, 2_000), 2_000)
+        .unwrap();
+    assert_eq!(moved.replaced, Some(again.session));
+    assert!(!moved.refreshed);
+    registry.check_invariants().unwrap();
 }
 
 #[test]

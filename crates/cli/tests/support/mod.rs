@@ -150,6 +150,32 @@ impl Server {
         child.wait().unwrap()
     }
 
+    /// SIGTERM, then the exit status and how long the exit took, or `None` (and kill -9) if
+    /// the process is still running after `limit`.
+    pub fn terminate_within(
+        &mut self,
+        limit: Duration,
+    ) -> Option<(std::process::ExitStatus, Duration)> {
+        let child = self.child.as_mut().expect("running");
+        let started = Instant::now();
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        while started.elapsed() < limit {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some((status, started.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        None
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Runs the CLI against this server.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut command = Command::new(binary());

@@ -94,7 +94,7 @@ impl Admin for AdminService {
             role: "embedded".into(),
             route_version: EMBEDDED_ROUTE_VERSION,
             namespaces,
-            sessions_online: self.presence.online_count(),
+            sessions_online: self.presence.online_count_now(),
             logs: vec![
                 log_status(LOG_SEQ, self.seq.log(), "always"),
                 log_status(LOG_PRESENCE, self.presence.log(), &self.presence_fsync),

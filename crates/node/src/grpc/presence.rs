@@ -1,26 +1,25 @@
 //! The presence service over gRPC, including the Watch stream.
 //!
-//! Watch streams read straight from the store's fixed-size broadcast ring: tonic polls the
-//! stream only as fast as HTTP/2 flow control lets it send, so a stalled subscriber simply falls
-//! behind in the ring (memory stays bounded by `watch_buffer_events`, whatever the number of
-//! subscribers) and, when it next reads, receives RESOURCE_EXHAUSTED and the stream ends.
+//! Watch streams read from the store's [`crate::watch::WatchHub`] through one forwarding task
+//! each: tonic takes messages only as fast as HTTP/2 flow control lets it send, so a stalled
+//! subscriber falls behind in the hub (memory bounded by `watch_buffer_events` per
+//! subscriber) and then receives RESOURCE_EXHAUSTED and the stream ends. When the node stops,
+//! every stream ends at once with UNAVAILABLE, read or not.
 
-use std::collections::{HashSet, VecDeque};
-use std::pin::Pin;
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use imstate_presence::{Event, Session};
 use imstate_proto::v1 as pb;
 use imstate_proto::v1::presence_server::Presence;
-use tokio_stream::Stream;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{presence_route, status_from};
 use crate::NodeError;
-use crate::presencestore::{PresenceStore, Published};
+use crate::presencestore::PresenceStore;
+use crate::watch::{Subscriber, WatchEnd, WatchRefused};
 
 /// The presence service.
 pub struct PresenceService {
@@ -137,7 +136,11 @@ impl Presence for PresenceService {
         &self,
         request: Request<pb::LookupRequest>,
     ) -> Result<Response<pb::LookupReply>, Status> {
-        let sessions = self.store.lookup(request.into_inner().uid);
+        let sessions = self
+            .store
+            .lookup(request.into_inner().uid)
+            .await
+            .map_err(status_from)?;
         Ok(Response::new(pb::LookupReply {
             sessions: sessions.iter().map(session_to_pb).collect(),
             route: presence_route(),
@@ -149,7 +152,7 @@ impl Presence for PresenceService {
         request: Request<pb::LookupBatchRequest>,
     ) -> Result<Response<pb::LookupBatchReply>, Status> {
         let uids = request.into_inner().uids;
-        let found = self.store.lookup_batch(&uids).map_err(status_from)?;
+        let found = self.store.lookup_batch(&uids).await.map_err(status_from)?;
         let users = uids
             .iter()
             .zip(found)
@@ -213,12 +216,12 @@ impl Presence for PresenceService {
         _request: Request<pb::OnlineCountRequest>,
     ) -> Result<Response<pb::OnlineCountReply>, Status> {
         Ok(Response::new(pb::OnlineCountReply {
-            sessions: self.store.online_count(),
+            sessions: self.store.online_count().await.map_err(status_from)?,
             route: presence_route(),
         }))
     }
 
-    type WatchStream = WatchStream;
+    type WatchStream = ReceiverStream<Result<pb::WatchEvent, Status>>;
 
     async fn watch(
         &self,
@@ -228,77 +231,88 @@ impl Presence for PresenceService {
         if let Some(reason) = &*self.store.fatal().borrow() {
             return Err(status_from(NodeError::Unavailable(reason.clone())));
         }
-        Ok(Response::new(WatchStream {
-            inner: BroadcastStream::new(self.store.subscribe()),
-            uids,
-            pending: VecDeque::new(),
-            buffer: self.store.watch_buffer_events(),
-            done: false,
-        }))
+        let subscriber = self
+            .store
+            .watch()
+            .subscribe(uids)
+            .map_err(|refused| match refused {
+                WatchRefused::Stopping => Status::unavailable(refused.to_string()),
+                _ => Status::resource_exhausted(refused.to_string()),
+            })?;
+        // A forwarding task per subscriber: it waits on the hub and on the client's flow
+        // control at once, so a stop reaches a subscriber whose client does not read.
+        let (sender, receiver) = mpsc::channel(WATCH_FORWARD_EVENTS);
+        tokio::spawn(forward(Arc::clone(&self.store), subscriber, sender));
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }
 
-/// A subscriber's stream: events from the broadcast ring, filtered, flattened to one message
-/// per session.
-pub struct WatchStream {
-    inner: BroadcastStream<Published>,
-    uids: HashSet<u64>,
-    pending: VecDeque<pb::WatchEvent>,
-    buffer: usize,
-    done: bool,
-}
+/// Messages queued between a subscriber's forwarding task and its gRPC stream.
+const WATCH_FORWARD_EVENTS: usize = 64;
 
-impl WatchStream {
-    fn push(&mut self, published: &Published) {
-        use pb::watch_event::Kind;
-        let mut add = |kind: Kind, session: &Session, replaced: Option<&Session>| {
-            if self.uids.is_empty() || self.uids.contains(&session.uid) {
-                self.pending.push_back(pb::WatchEvent {
-                    kind: kind as i32,
-                    session: Some(session_to_pb(session)),
-                    replaced: replaced.map(session_to_pb),
-                    lsn: published.lsn,
-                });
+/// Moves one subscriber's events to its stream, one message per session, until the
+/// subscription ends (then a final status: RESOURCE_EXHAUSTED when it fell behind,
+/// UNAVAILABLE when the node stops or its log fails) or the client goes away. An event is
+/// sent only once its record is durable: a subscriber never sees a change that a crash or a
+/// failed log could take back.
+async fn forward(
+    store: Arc<PresenceStore>,
+    mut subscriber: Subscriber,
+    sender: mpsc::Sender<Result<pb::WatchEvent, Status>>,
+) {
+    use pb::watch_event::Kind;
+    loop {
+        let published = tokio::select! {
+            received = subscriber.recv() => received,
+            () = sender.closed() => return,
+        };
+        let published = match published {
+            Ok(published) => published,
+            Err(end) => {
+                let status = match end {
+                    WatchEnd::Lagged { .. } => Status::resource_exhausted(end.to_string()),
+                    WatchEnd::Stopping | WatchEnd::Closed => Status::unavailable(end.to_string()),
+                };
+                // The client may not be reading: never wait for it past the stop.
+                let _ = sender.try_send(Err(status));
+                return;
             }
         };
-        match &*published.event {
-            Event::Login { session, replaced } => add(Kind::Login, session, replaced.as_ref()),
-            Event::Logout { session } => add(Kind::Logout, session, None),
-            Event::Expire { session } => add(Kind::Expire, session, None),
-            Event::GatewayDown { sessions, .. } => {
-                for session in sessions {
-                    add(Kind::GatewayDown, session, None);
-                }
-            }
-            Event::GatewayUnregister { .. } => {}
+        let (kind, sessions, replaced): (Kind, &[Session], Option<&Session>) =
+            match &*published.event {
+                Event::Login { session, replaced } => (
+                    Kind::Login,
+                    std::slice::from_ref(session),
+                    replaced.as_ref(),
+                ),
+                Event::Logout { session } => (Kind::Logout, std::slice::from_ref(session), None),
+                Event::Expire { session } => (Kind::Expire, std::slice::from_ref(session), None),
+                Event::GatewayDown { sessions, .. } => (Kind::GatewayDown, sessions, None),
+                Event::GatewayUnregister { .. } => continue,
+            };
+        if let Err(error) = store.log().durable(published.lsn).await {
+            let _ = sender.try_send(Err(status_from(NodeError::Log(error))));
+            return;
         }
-    }
-}
-
-impl Stream for WatchStream {
-    type Item = Result<pb::WatchEvent, Status>;
-
-    fn poll_next(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            if let Some(event) = self.pending.pop_front() {
-                return Poll::Ready(Some(Ok(event)));
-            }
-            if self.done {
-                return Poll::Ready(None);
-            }
-            match Pin::new(&mut self.inner).poll_next(context) {
-                Poll::Ready(Some(Ok(published))) => self.push(&published),
-                Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
-                    self.done = true;
-                    let message = format!(
-                        "watch subscriber fell behind by {missed} events (limit \
-                         watch_buffer_events = {}); read the state again and re-subscribe",
-                        self.buffer
-                    );
-                    return Poll::Ready(Some(Err(Status::resource_exhausted(message))));
+        for session in sessions
+            .iter()
+            .filter(|session| subscriber.wants(session.uid))
+        {
+            let event = pb::WatchEvent {
+                kind: kind as i32,
+                session: Some(session_to_pb(session)),
+                replaced: replaced.map(session_to_pb),
+                lsn: published.lsn,
+            };
+            let sent = tokio::select! {
+                sent = sender.send(Ok(event)) => sent.is_ok(),
+                end = subscriber.stopped() => {
+                    let _ = sender.try_send(Err(Status::unavailable(end.to_string())));
+                    false
                 }
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
+            };
+            if !sent {
+                return;
             }
         }
     }

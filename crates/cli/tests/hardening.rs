@@ -1,0 +1,143 @@
+//! Regression tests for what a hostile test found on one node (issue 11), through the real
+//! binary: each would page someone in production, and each fails without its fix.
+
+mod support;
+
+use std::time::Duration;
+
+use imstate_client::{Client, LoginArgs, WireClient};
+use support::Server;
+use tokio_stream::StreamExt;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// SIGTERM with 100 Watch streams open (one of them never read) ends every stream with
+/// UNAVAILABLE "stopping" and exits 0 within the drain timeout. It used to wait for the watch
+/// clients to go away (49 s in the report).
+#[test]
+fn sigterm_ends_open_watch_streams_and_exits_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), None);
+    let runtime = runtime();
+    let (streams, reader) = runtime.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(Client::connect(&server.addr).await.unwrap());
+        }
+        let mut streams = Vec::new();
+        for index in 0..100u64 {
+            // Four connections, 25 streams each; half filtered, half not.
+            let client = clients[index as usize % 4].clone();
+            let uids = if index % 2 == 0 {
+                vec![index % 20]
+            } else {
+                Vec::new()
+            };
+            streams.push((client.clone(), client.watch(uids).await.unwrap()));
+        }
+        // One stream is read until it ends: it must end with a status naming the stop.
+        let (_, mut read) = streams.pop().unwrap();
+        let reader = tokio::spawn(async move {
+            loop {
+                match read.next().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(error)) => return Some(error),
+                    None => return None,
+                }
+            }
+        });
+        (streams, reader)
+    });
+    // Traffic for the streams, so some have unread events queued.
+    for uid in 0..20 {
+        let output = server.cli(&[
+            "presence",
+            "login",
+            "--uid",
+            &uid.to_string(),
+            "--device",
+            "d",
+            "--gateway",
+            "g",
+            "--conn",
+            "1",
+        ]);
+        assert!(output.status.success());
+    }
+    let (status, took) = server
+        .terminate_within(Duration::from_secs(20))
+        .expect("SIGTERM with Watch streams open must exit; it hung for 20 s");
+    assert!(status.success(), "{status:?}");
+    println!("shutdown with 100 Watch streams open took {took:?}");
+    assert!(
+        took < imstate_node::server::DRAIN_TIMEOUT + Duration::from_secs(3),
+        "shutdown took {took:?}"
+    );
+    let ended = runtime
+        .block_on(reader)
+        .unwrap()
+        .expect("the stream ends with a status");
+    assert_eq!(ended.code(), Some(tonic::Code::Unavailable), "{ended}");
+    assert!(ended.to_string().contains("stopping"), "{ended}");
+    drop(streams);
+}
+
+fn login(uid: u64, device: &str, conn: u64) -> LoginArgs {
+    LoginArgs {
+        uid,
+        device: device.into(),
+        gateway: "gw1".into(),
+        conn,
+        ttl_ms: 60_000,
+        meta: Vec::new(),
+    }
+}
+
+/// A Watch subscriber filtered to one uid is held to account only for that uid's events: other
+/// uids' traffic far beyond `watch_buffer_events` does not cut it off (it used to, with the
+/// message "fell behind by 673 events (limit 8192)"). And a retried identical login emits no
+/// second Watch event.
+#[test]
+fn a_one_uid_watcher_survives_other_uids_traffic_and_sees_no_retry_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        dir.path(),
+        None,
+        &[],
+        &[("IMSTATE_PRESENCE__WATCH_BUFFER_EVENTS", "16")],
+    );
+    runtime().block_on(async {
+        let client = Client::connect(&server.addr).await.unwrap();
+        let mut mine = client.watch(vec![7]).await.unwrap();
+        let wire = WireClient::connect(&server.wire_addr, "").await.unwrap();
+        wire.login(&login(7, "ios", 1)).await.unwrap();
+        // 1,000 events for other uids, none read by the subscriber meanwhile.
+        for uid in 100..1_100 {
+            wire.login(&login(uid, "ios", 1)).await.unwrap();
+        }
+        // The same login again (a gateway's retry), then a real change.
+        let retried = wire.login(&login(7, "ios", 1)).await.unwrap();
+        assert!(retried.replaced.is_none());
+        wire.login(&login(7, "pc", 2)).await.unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let event = tokio::time::timeout(Duration::from_secs(10), mine.next())
+                .await
+                .expect("an event within 10 s")
+                .expect("the stream is open")
+                .expect("not cut off by other uids' traffic");
+            seen.push((event.session.uid, event.session.device.clone()));
+        }
+        assert_eq!(
+            seen,
+            [(7, "ios".into()), (7, "pc".into())],
+            "no event for the retry"
+        );
+    });
+}
