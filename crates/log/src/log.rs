@@ -783,7 +783,10 @@ impl Syncer {
                                 observer.fsync(started.elapsed());
                             }
                             thread_shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-                            thread_shared.publish(0, covered);
+                            // `covered` was written before the flusher asked for this sync, but
+                            // the flusher may not have published that yet: publish it as
+                            // written too, or a fast fsync (tmpfs) would make synced > written.
+                            thread_shared.publish(covered, covered);
                         }
                         Err(error) => {
                             thread_shared.poison(format!("fsync of {name} failed: {error}"));

@@ -296,3 +296,34 @@ async fn a_stalled_watcher_is_cut_off_with_resource_exhausted() {
         "the stream ends after the status"
     );
 }
+
+/// A read never shows a change that is not durable: with the fsync failing (under `always`), a
+/// login applied in memory is never shown by a lookup, a batch lookup or the online count;
+/// they fail UNAVAILABLE instead (the log is poisoned and the node stops).
+#[tokio::test]
+async fn reads_never_show_a_change_whose_record_did_not_become_durable() {
+    let storage = FaultyStorage::new();
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = open(&storage, &clock, FsyncPolicy::Always);
+    store
+        .login(1, "phone", "gw", 1, 60_000, None)
+        .await
+        .unwrap();
+    storage.fail_fsync(true);
+    let request = imstate_presence::LoginRequest {
+        uid: 2,
+        device: "phone",
+        gateway: "gw",
+        conn: 2,
+        ttl_ms: 60_000,
+        meta: None,
+    };
+    store.login_applied(&request).unwrap();
+    assert!(
+        store.lookup(2).await.is_err(),
+        "lookup showed a login that is not durable"
+    );
+    assert!(store.lookup_batch(&[1, 2]).await.is_err());
+    assert!(store.online_count().await.is_err());
+    assert!(store.log().is_poisoned());
+}
