@@ -71,6 +71,65 @@ pub struct NodeConfig {
     pub seq: SeqConfig,
     /// The presence registry.
     pub presence: PresenceConfig,
+    /// Limits of the wire-protocol listener.
+    pub wire: WireConfig,
+}
+
+/// Limits of the wire-protocol listener (B1): what one client, or many, can hold of the node.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WireConfig {
+    /// A connection that has not sent `Hello` this long after it was accepted is closed.
+    pub hello_timeout_ms: u64,
+    /// A connection that completes no frame for this long, or does not take its replies for
+    /// this long, is closed; 0 = never.
+    pub idle_timeout_ms: u64,
+    /// Connections open at once from one IP address (the node's whole limit is
+    /// `CONNECTIONS_MAX`, 10,000): one host cannot lock every other client out.
+    pub connections_per_source_max: usize,
+    /// Bytes that all connections together may buffer for frames larger than one read
+    /// (64 KiB); a frame that would go over it is refused with RESOURCE_EXHAUSTED.
+    pub input_budget_bytes: usize,
+}
+
+impl Default for WireConfig {
+    fn default() -> Self {
+        Self {
+            hello_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            connections_per_source_max: 1_000,
+            input_budget_bytes: 256 << 20,
+        }
+    }
+}
+
+impl WireConfig {
+    /// The listener's limits, or an error naming the bad key.
+    pub fn to_limits(&self) -> Result<crate::wire::WireLimits, NodeError> {
+        if self.hello_timeout_ms == 0 {
+            return Err(NodeError::Config(
+                "wire.hello_timeout_ms must be at least 1".into(),
+            ));
+        }
+        if self.connections_per_source_max == 0 {
+            return Err(NodeError::Config(
+                "wire.connections_per_source_max must be at least 1".into(),
+            ));
+        }
+        if self.input_budget_bytes < imstate_wire::FRAME_BYTES_MAX + 4 {
+            return Err(NodeError::Config(format!(
+                "wire.input_budget_bytes must be at least one largest frame ({} bytes)",
+                imstate_wire::FRAME_BYTES_MAX + 4
+            )));
+        }
+        Ok(crate::wire::WireLimits {
+            hello_timeout: Duration::from_millis(self.hello_timeout_ms),
+            idle_timeout: (self.idle_timeout_ms > 0)
+                .then(|| Duration::from_millis(self.idle_timeout_ms)),
+            connections_per_source_max: self.connections_per_source_max,
+            input_budget_bytes: self.input_budget_bytes,
+        })
+    }
 }
 
 /// Format of the node's log lines.
@@ -302,6 +361,7 @@ impl Default for NodeConfig {
             auth: AuthConfig::default(),
             seq: SeqConfig::default(),
             presence: PresenceConfig::default(),
+            wire: WireConfig::default(),
         }
     }
 }
@@ -408,6 +468,7 @@ impl NodeConfig {
             ));
         }
         self.presence.to_options()?;
+        self.wire.to_limits()?;
         let key_set = !self.tls.key_file.as_os_str().is_empty();
         if self.tls.enabled() != key_set {
             return Err(NodeError::Config(
@@ -611,7 +672,9 @@ mod tests {
             [presence]\nfsync = \"always\"\nttl_ms_default = 6\nttl_ms_max = 7\n\
             sessions_per_uid_max = 8\nlookup_ids_max = 9\nheartbeat_batch_max = 10\n\
             gateways_max = 11\nshards = 12\ntick_ms = 13\ncheckpoint_log_bytes = 14\n\
-            watch_buffer_events = 15\nwatch_subscribers_max = 16\nwatch_uids_max = 17\n";
+            watch_buffer_events = 15\nwatch_subscribers_max = 16\nwatch_uids_max = 17\n\
+            [wire]\nhello_timeout_ms = 18\nidle_timeout_ms = 19\n\
+            connections_per_source_max = 20\ninput_budget_bytes = 9000000\n";
         let config = NodeConfig::parse(text).unwrap();
         assert_ne!(config, NodeConfig::default());
         assert_eq!(NodeConfig::parse(&config.to_toml()).unwrap(), config);

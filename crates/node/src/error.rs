@@ -43,6 +43,10 @@ pub enum NodeError {
     /// A max_seq raise did not become durable in time; nothing was allocated.
     #[error("max_seq raise not durable within {0:?}; nothing was allocated, retry")]
     RaiseTimeout(Duration),
+    /// A request would go over a named limit that its own fields do not show (a reply too
+    /// large for a frame, a buffer budget); the message names the limit.
+    #[error("{0}")]
+    Limit(String),
     /// The node is stopping or has stopped after a fatal error.
     #[error("node unavailable: {0}")]
     Unavailable(String),

@@ -246,6 +246,7 @@ impl Node {
                 Arc::clone(&self.seq),
                 Arc::clone(&self.presence),
                 self.security.tokens.clone(),
+                self.config.wire.to_limits()?,
             ),
             wire_stopped,
         ));

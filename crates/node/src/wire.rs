@@ -21,15 +21,32 @@
 //!
 //! The first frame must be `Hello` (magic, version, token). With a token file configured, the
 //! token must be one of it, as for gRPC; a wrong one gets `UNAUTHENTICATED` and the connection
-//! is closed. Connections are limited to [`CONNECTIONS_MAX`] (B1); one over it gets
-//! `RESOURCE_EXHAUSTED` and is closed.
+//! is closed.
+//!
+//! What a client can hold of the node is bounded (B1, [`WireLimits`]):
+//! - connections: [`CONNECTIONS_MAX`] in all and `connections_per_source_max` per IP address;
+//!   one over either gets `RESOURCE_EXHAUSTED` and is closed;
+//! - time: `Hello` within `hello_timeout`, then a complete frame (and replies taken) at least
+//!   every `idle_timeout`; a slower client gets `DEADLINE_EXCEEDED` and is closed;
+//! - memory: before `Hello`, reads are small and a frame may be at most
+//!   [`HELLO_FRAME_BYTES_MAX`] (an unauthenticated client cannot make the node buffer 8 MiB);
+//!   a frame larger than one read is buffered only within `input_budget_bytes` shared by all
+//!   connections; large buffers are given back once their frame or reply is done;
+//! - replies: a LookupBatch whose reply would not fit in a frame is refused with
+//!   `RESOURCE_EXHAUSTED` before it is built.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use imstate_presence::{LoginRequest, SessionRef};
 use imstate_wire::codec::{self, LookupReply};
-use imstate_wire::{Code, DecodeError, Frame, Request, SessionFields};
+use imstate_wire::{
+    Code, DecodeError, FRAME_BYTES_MAX, Frame, HELLO_FRAME_BYTES_MAX, Request, SessionFields,
+};
+use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -44,6 +61,13 @@ use crate::seqstore::{SeqStore, namespace_name};
 pub const CONNECTIONS_MAX: usize = 10_000;
 /// Bytes asked of each read; the buffer grows beyond it only for a larger frame.
 const READ_BYTES_CHUNK: usize = 64 * 1024;
+/// Bytes asked of each read before `Hello`: one whole `Hello` and its length prefix.
+const HELLO_READ_BYTES: usize = HELLO_FRAME_BYTES_MAX + 4;
+/// A buffer (input, replies, scratch) larger than this after its burst is given back, so one
+/// large request does not pin megabytes for the life of the connection.
+const BUFFER_KEEP_BYTES: usize = 1 << 20;
+/// Longest a closing connection waits to hand its last error frame to the kernel.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Reply bytes after which a burst stops decoding and writes what it has (B1: a burst of
 /// large lookups cannot grow the reply buffer without bound).
 const REPLY_BYTES_FLUSH: usize = 4 << 20;
@@ -52,13 +76,46 @@ const REPLY_BYTES_FLUSH: usize = 4 << 20;
 pub const WIRE_REQUESTS: &str = "imstate_wire_requests_total";
 /// Metric: open wire connections.
 pub const WIRE_CONNECTIONS: &str = "imstate_wire_connections";
+/// Metric: wire connections refused or closed by a limit, by `reason` (`connections`,
+/// `hello_timeout`, `idle_timeout`, `input_budget`).
+pub const WIRE_REFUSED: &str = "imstate_wire_refused_total";
+
+/// The listener's limits (configuration section `[wire]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WireLimits {
+    /// Time from accept to a complete `Hello`.
+    pub hello_timeout: Duration,
+    /// Longest time without a complete frame, or with replies not taken; `None` = no limit.
+    pub idle_timeout: Option<Duration>,
+    /// Connections from one IP address.
+    pub connections_per_source_max: usize,
+    /// Bytes all connections may buffer for frames larger than one read.
+    pub input_budget_bytes: usize,
+}
+
+impl Default for WireLimits {
+    fn default() -> Self {
+        Self {
+            hello_timeout: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(300)),
+            connections_per_source_max: 1_000,
+            input_budget_bytes: 256 << 20,
+        }
+    }
+}
 
 /// What every connection shares.
 pub struct WireContext {
     seq: Arc<SeqStore>,
     presence: Arc<PresenceStore>,
     tokens: Option<Arc<Tokens>>,
+    limits: WireLimits,
     connections: AtomicUsize,
+    /// Open connections by source address. A mutex, not atomics per address: it is taken once
+    /// per connect and once per close, never per request.
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+    /// Bytes of `input_budget_bytes` held by connections buffering a large frame.
+    budget_used: AtomicUsize,
 }
 
 impl WireContext {
@@ -67,13 +124,58 @@ impl WireContext {
         seq: Arc<SeqStore>,
         presence: Arc<PresenceStore>,
         tokens: Option<Arc<Tokens>>,
+        limits: WireLimits,
     ) -> Arc<Self> {
         Arc::new(Self {
             seq,
             presence,
             tokens,
+            limits,
             connections: AtomicUsize::new(0),
+            per_source: Mutex::new(HashMap::new()),
+            budget_used: AtomicUsize::new(0),
         })
+    }
+
+    /// Bytes of the input budget in use now.
+    pub fn input_budget_used(&self) -> usize {
+        self.budget_used.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection from `source`, or returns how many are open from it if the limit
+    /// is reached (and counts nothing).
+    fn admit_source(&self, source: IpAddr) -> Result<(), usize> {
+        let mut per_source = self.per_source.lock();
+        let open = per_source.entry(source).or_insert(0);
+        if *open >= self.limits.connections_per_source_max {
+            return Err(*open);
+        }
+        *open += 1;
+        Ok(())
+    }
+
+    fn release_source(&self, source: IpAddr) {
+        let mut per_source = self.per_source.lock();
+        if let Some(open) = per_source.get_mut(&source) {
+            *open -= 1;
+            if *open == 0 {
+                per_source.remove(&source);
+            }
+        }
+    }
+
+    /// Takes `bytes` of the input budget, or returns false if that would go over it.
+    fn take_budget(&self, bytes: usize) -> bool {
+        let max = self.limits.input_budget_bytes;
+        self.budget_used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + bytes <= max).then_some(used + bytes)
+            })
+            .is_ok()
+    }
+
+    fn release_budget(&self, bytes: usize) {
+        self.budget_used.fetch_sub(bytes, Ordering::AcqRel);
     }
 }
 
@@ -85,8 +187,8 @@ pub async fn serve(listener: TcpListener, context: Arc<WireContext>, stop: watch
             accepted = listener.accept() => accepted,
             _ = accept_stop.wait_for(|stop| *stop) => return,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 // EMFILE and friends: log, back off a little, keep serving the others.
                 tracing::warn!(%error, "wire accept failed");
@@ -100,9 +202,28 @@ pub async fn serve(listener: TcpListener, context: Arc<WireContext>, stop: watch
             let open = context.connections.fetch_add(1, Ordering::Relaxed) + 1;
             metrics::gauge!(WIRE_CONNECTIONS).increment(1.0);
             let result = if open > CONNECTIONS_MAX {
-                refuse(stream, open).await
+                refuse(
+                    stream,
+                    &format!("{open} wire connections open; CONNECTIONS_MAX is {CONNECTIONS_MAX}"),
+                )
+                .await
             } else {
-                Connection::new(&context).run(stream, stop).await
+                match context.admit_source(peer.ip()) {
+                    Ok(()) => {
+                        let result = Connection::new(&context).run(stream, stop).await;
+                        context.release_source(peer.ip());
+                        result
+                    }
+                    Err(open) => {
+                        let max = context.limits.connections_per_source_max;
+                        let reason = format!(
+                            "{open} wire connections open from {}; \
+                             wire.connections_per_source_max is {max}",
+                            peer.ip()
+                        );
+                        refuse(stream, &reason).await
+                    }
+                }
             };
             if let Err(error) = result {
                 tracing::debug!(%error, "wire connection ended");
@@ -113,14 +234,23 @@ pub async fn serve(listener: TcpListener, context: Arc<WireContext>, stop: watch
     }
 }
 
-async fn refuse(mut stream: TcpStream, open: usize) -> std::io::Result<()> {
+async fn refuse(mut stream: TcpStream, reason: &str) -> std::io::Result<()> {
+    metrics::counter!(WIRE_REFUSED, "reason" => "connections").increment(1);
     let mut out = Vec::new();
     codec::reply_error(
         &mut out,
         Code::RESOURCE_EXHAUSTED,
-        &format!("{open} wire connections open; CONNECTIONS_MAX is {CONNECTIONS_MAX}"),
+        &format!("{reason}; closing"),
     );
-    stream.write_all(&out).await
+    write_before_close(&mut stream, &out).await
+}
+
+/// Writes a last frame, waiting at most [`CLOSE_WRITE_TIMEOUT`] for a client that does not read.
+async fn write_before_close(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(CLOSE_WRITE_TIMEOUT, stream.write_all(bytes)).await {
+        Ok(written) => written,
+        Err(_) => Ok(()),
+    }
 }
 
 /// Counts of one burst, flushed to the metrics once per burst (a metrics call per request
@@ -177,6 +307,14 @@ struct Connection<'c> {
     spans: Vec<Span>,
     out: Vec<u8>,
     tally: Tally,
+    /// Bytes of the shared input budget this connection holds for a frame larger than a read.
+    budget_held: usize,
+}
+
+impl Drop for Connection<'_> {
+    fn drop(&mut self) {
+        self.context.release_budget(self.budget_held);
+    }
 }
 
 /// Where one uid's encoded sessions sit in the scratch buffer of a LookupBatch.
@@ -211,8 +349,9 @@ impl<'c> Connection<'c> {
             pairs: Vec::new(),
             scratch: Vec::new(),
             spans: Vec::new(),
-            out: Vec::with_capacity(READ_BYTES_CHUNK),
+            out: Vec::new(),
             tally: Tally::default(),
+            budget_held: 0,
         }
     }
 
@@ -222,38 +361,58 @@ impl<'c> Connection<'c> {
         mut stop: watch::Receiver<bool>,
     ) -> std::io::Result<()> {
         stream.set_nodelay(true)?;
+        let limits = self.context.limits;
         // One wait for the whole connection: a new one per read would register with the
         // channel every time.
         let stopped = async move {
             let _ = stop.wait_for(|stop| *stop).await;
         };
         tokio::pin!(stopped);
-        let mut input: Vec<u8> = Vec::with_capacity(READ_BYTES_CHUNK);
+        let mut input: Vec<u8> = Vec::new();
+        // Before Hello: the hello deadline; after it, the idle deadline from the last frame.
+        let mut deadline = Some(tokio::time::Instant::now() + limits.hello_timeout);
         loop {
             let mut start = 0;
             let mut close = false;
             while self.out.len() < REPLY_BYTES_FLUSH {
-                match Frame::split(&input[start..]) {
+                let (max, limit_name) = if self.hello {
+                    (FRAME_BYTES_MAX, "FRAME_BYTES_MAX")
+                } else {
+                    (
+                        HELLO_FRAME_BYTES_MAX,
+                        "HELLO_FRAME_BYTES_MAX, until Hello is answered",
+                    )
+                };
+                match Frame::split_limited(&input[start..], max) {
                     Ok(Some((frame, used))) => {
                         start += used;
                         if let After::Close = self.handle(frame).await {
                             close = true;
                             break;
                         }
+                        if self.hello {
+                            deadline = limits
+                                .idle_timeout
+                                .map(|idle| tokio::time::Instant::now() + idle);
+                        }
                     }
                     Ok(None) => break,
                     Err(error) => {
-                        let code = match error {
-                            DecodeError::FrameTooLarge { .. } => Code::RESOURCE_EXHAUSTED,
-                            _ => Code::INVALID_ARGUMENT,
+                        let (code, message) = match error {
+                            DecodeError::FrameTooLarge { .. } => (
+                                Code::RESOURCE_EXHAUSTED,
+                                format!("{error} ({limit_name}); closing"),
+                            ),
+                            _ => (Code::INVALID_ARGUMENT, format!("{error}; closing")),
                         };
-                        codec::reply_error(&mut self.out, code, &format!("{error}; closing"));
+                        codec::reply_error(&mut self.out, code, &message);
                         close = true;
                         break;
                     }
                 }
             }
             input.drain(..start);
+            self.release_input(&mut input);
             if self.unsynced {
                 self.unsynced = false;
                 // Negative control: answer before the writes are durable.
@@ -266,9 +425,23 @@ impl<'c> Connection<'c> {
             }
             self.tally.flush();
             if !self.out.is_empty() {
-                stream.write_all(&self.out).await?;
+                // A client that does not take its replies is as idle as one that sends nothing.
+                match limits.idle_timeout {
+                    Some(idle) => {
+                        if tokio::time::timeout(idle, stream.write_all(&self.out))
+                            .await
+                            .is_err()
+                        {
+                            metrics::counter!(WIRE_REFUSED, "reason" => "idle_timeout")
+                                .increment(1);
+                            return Ok(());
+                        }
+                    }
+                    None => stream.write_all(&self.out).await?,
+                }
                 self.out.clear();
             }
+            self.give_back();
             if close {
                 return Ok(());
             }
@@ -276,14 +449,107 @@ impl<'c> Connection<'c> {
                 // The reply buffer filled up before the input was done: go on without reading.
                 continue;
             }
-            input.reserve(READ_BYTES_CHUNK);
+            if let Err(reason) = self.make_room(&mut input) {
+                metrics::counter!(WIRE_REFUSED, "reason" => "input_budget").increment(1);
+                codec::reply_error(&mut self.out, Code::RESOURCE_EXHAUSTED, &reason);
+                return write_before_close(&mut stream, &self.out).await;
+            }
+            let expired = async {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
             let read = tokio::select! {
                 read = stream.read_buf(&mut input) => read?,
                 () = &mut stopped => return Ok(()),
+                () = expired => {
+                    let (reason, message) = self.expired_message();
+                    metrics::counter!(WIRE_REFUSED, "reason" => reason).increment(1);
+                    codec::reply_error(&mut self.out, Code::DEADLINE_EXCEEDED, &message);
+                    return write_before_close(&mut stream, &self.out).await;
+                }
             };
             if read == 0 {
                 return Ok(());
             }
+        }
+    }
+
+    /// The metric reason and the message of a connection closed by its deadline.
+    fn expired_message(&self) -> (&'static str, String) {
+        let limits = self.context.limits;
+        if self.hello {
+            let idle_ms = limits.idle_timeout.unwrap_or_default().as_millis();
+            (
+                "idle_timeout",
+                format!("no complete frame for {idle_ms} ms (wire.idle_timeout_ms); closing"),
+            )
+        } else {
+            let hello_ms = limits.hello_timeout.as_millis();
+            (
+                "hello_timeout",
+                format!(
+                    "no Hello within {hello_ms} ms of connecting (wire.hello_timeout_ms); closing"
+                ),
+            )
+        }
+    }
+
+    /// Makes room in `input` for the next read: a small read before `Hello`, one chunk after
+    /// it, or the rest of a frame larger than a chunk, which must fit in the input budget
+    /// shared by all connections (held until the frame is done).
+    fn make_room(&mut self, input: &mut Vec<u8>) -> Result<(), String> {
+        if !self.hello {
+            input.reserve_exact(HELLO_READ_BYTES.saturating_sub(input.len()).max(1));
+            return Ok(());
+        }
+        let frame_bytes = Frame::declared_len(input).map_or(0, |len| len + 4);
+        if frame_bytes <= READ_BYTES_CHUNK {
+            input.reserve(READ_BYTES_CHUNK);
+            return Ok(());
+        }
+        if self.budget_held < frame_bytes {
+            let more = frame_bytes - self.budget_held;
+            if !self.context.take_budget(more) {
+                return Err(format!(
+                    "a frame of {frame_bytes} bytes does not fit in what is left of the node's \
+                     wire input budget (wire.input_budget_bytes = {}); retry later; closing",
+                    self.context.limits.input_budget_bytes
+                ));
+            }
+            self.budget_held = frame_bytes;
+        }
+        input.reserve_exact(frame_bytes - input.len());
+        Ok(())
+    }
+
+    /// Releases the budget of a large frame once it has been consumed, and shrinks the input.
+    fn release_input(&mut self, input: &mut Vec<u8>) {
+        let frame_bytes = Frame::declared_len(input).map_or(0, |len| len + 4);
+        if self.budget_held > 0 && frame_bytes <= READ_BYTES_CHUNK {
+            self.context
+                .release_budget(std::mem::take(&mut self.budget_held));
+            input.shrink_to(READ_BYTES_CHUNK);
+        }
+    }
+
+    /// Gives back the buffers that one large request or reply grew.
+    fn give_back(&mut self) {
+        // Both are empty here: `out` was just written, `scratch` serves one request at a time.
+        for buffer in [&mut self.out, &mut self.scratch] {
+            if buffer.capacity() > BUFFER_KEEP_BYTES {
+                *buffer = Vec::new();
+            }
+        }
+        if self.ids.capacity() * 8 > BUFFER_KEEP_BYTES {
+            self.ids = Vec::new();
+        }
+        if self.pairs.capacity() * 16 > BUFFER_KEEP_BYTES {
+            self.pairs = Vec::new();
+        }
+        if self.spans.capacity() * std::mem::size_of::<Span>() > BUFFER_KEEP_BYTES {
+            self.spans = Vec::new();
         }
     }
 
@@ -401,10 +667,17 @@ impl<'c> Connection<'c> {
                 scratch.clear();
                 spans.clear();
                 spans.resize(self.ids.len(), Span::default());
+                // The reply must fit in one frame: stop encoding (and growing the scratch
+                // buffer) as soon as it cannot, and refuse the request.
+                let reply_fixed_bytes = 1 + 4 + 2 * self.ids.len();
+                let mut too_large = reply_fixed_bytes > FRAME_BYTES_MAX;
                 let visited =
                     self.context
                         .presence
                         .lookup_batch_visit(&self.ids, |position, session| {
+                            if too_large {
+                                return;
+                            }
                             let span = &mut spans[position];
                             if span.count == 0 {
                                 span.start = scratch.len();
@@ -416,8 +689,19 @@ impl<'c> Connection<'c> {
                             span.count += 1;
                             codec::put_session(scratch, &session_fields(&session));
                             span.end = scratch.len();
+                            too_large = reply_fixed_bytes + scratch.len() > FRAME_BYTES_MAX;
                         });
                 if let Err(error) = visited {
+                    return self.failed(op, &error);
+                }
+                if too_large {
+                    self.scratch.clear();
+                    let error = NodeError::Limit(format!(
+                        "the LookupBatch reply for {} uids would exceed FRAME_BYTES_MAX ({} \
+                         bytes); ask for fewer uids per call",
+                        self.ids.len(),
+                        FRAME_BYTES_MAX
+                    ));
                     return self.failed(op, &error);
                 }
                 // Answered only once what it shows is durable (the burst's one wait).

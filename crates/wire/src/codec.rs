@@ -105,6 +105,8 @@ pub struct Code(pub u8);
 impl Code {
     /// The request is malformed or a value is out of range.
     pub const INVALID_ARGUMENT: Code = Code(3);
+    /// The client was too slow: no `Hello`, or no complete frame, in the node's time limit.
+    pub const DEADLINE_EXCEEDED: Code = Code(4);
     /// The id's namespace, the session or the gateway does not exist.
     pub const NOT_FOUND: Code = Code(5);
     /// A limit was exceeded (batch size, frame size, sessions per uid).
@@ -128,7 +130,7 @@ pub enum DecodeError {
     #[error("frame of length 0 (no op byte)")]
     EmptyFrame,
     /// A frame is longer than the limit.
-    #[error("frame of {len} bytes exceeds FRAME_BYTES_MAX ({max})")]
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
     FrameTooLarge {
         /// The announced length.
         len: usize,
@@ -189,18 +191,23 @@ impl<'a> Frame<'a> {
     /// Splits the first frame off `buffer`: `Ok(None)` until the whole frame is there, and the
     /// number of bytes it used. A bad length is an error: the stream cannot be resynchronised.
     pub fn split(buffer: &'a [u8]) -> Result<Option<(Frame<'a>, usize)>, DecodeError> {
-        let Some(prefix) = buffer.get(..4) else {
+        Self::split_limited(buffer, FRAME_BYTES_MAX)
+    }
+
+    /// [`Frame::split`] with a smaller limit than [`FRAME_BYTES_MAX`] (the node takes only
+    /// [`crate::HELLO_FRAME_BYTES_MAX`] before `Hello`).
+    pub fn split_limited(
+        buffer: &'a [u8],
+        max: usize,
+    ) -> Result<Option<(Frame<'a>, usize)>, DecodeError> {
+        let Some(len) = Self::declared_len(buffer) else {
             return Ok(None);
         };
-        let len = u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize;
         if len == 0 {
             return Err(DecodeError::EmptyFrame);
         }
-        if len > FRAME_BYTES_MAX {
-            return Err(DecodeError::FrameTooLarge {
-                len,
-                max: FRAME_BYTES_MAX,
-            });
+        if len > max {
+            return Err(DecodeError::FrameTooLarge { len, max });
         }
         let Some(frame) = buffer.get(4..4 + len) else {
             return Ok(None);
@@ -212,6 +219,12 @@ impl<'a> Frame<'a> {
             },
             4 + len,
         )))
+    }
+
+    /// The length the first frame of `buffer` declares (op and body), once its prefix is there.
+    pub fn declared_len(buffer: &[u8]) -> Option<usize> {
+        let prefix = buffer.get(..4)?;
+        Some(u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize)
     }
 
     /// The body of the reply to an `op` request; an error reply becomes `Err(code, message)`.

@@ -27,8 +27,9 @@
 //! the node has no token file). The node answers with its route-table version, or with an
 //! `UNAUTHENTICATED` / `INVALID_ARGUMENT` error and closes. A request whose body does not
 //! decode gets an `INVALID_ARGUMENT` error reply and the connection goes on (the framing is
-//! intact); a frame longer than [`FRAME_BYTES_MAX`] gets a `RESOURCE_EXHAUSTED` error and the
-//! connection is closed, since nothing after it can be trusted.
+//! intact); a frame longer than [`FRAME_BYTES_MAX`] (before `Hello`: longer than
+//! [`HELLO_FRAME_BYTES_MAX`]) gets a `RESOURCE_EXHAUSTED` error and the connection is closed,
+//! since nothing after it can be trusted.
 //!
 //! # Durability
 //!
@@ -60,6 +61,13 @@ pub const VERSION: u8 = 1;
 /// Largest frame accepted, counted from the op byte (B1). 8 MiB holds a batch of a million
 /// ids; the node's own batch limits (`seq.batch_ids_max`, `presence.batch_max`) are lower.
 pub const FRAME_BYTES_MAX: usize = 8 << 20;
+/// Longest bearer token, in bytes: the node refuses a token file with a longer line, so a
+/// longer `Hello` can only be an attack.
+pub const TOKEN_BYTES_MAX: usize = 4096;
+/// Largest frame accepted before `Hello` has been answered (B1): a `Hello` with the longest
+/// token (op, magic, version, token length, token). An unauthenticated client cannot make the
+/// node buffer more than this.
+pub const HELLO_FRAME_BYTES_MAX: usize = 1 + MAGIC.len() + 1 + 2 + TOKEN_BYTES_MAX;
 /// Bytes before a frame's body: the length and the op.
 pub const HEADER_BYTES: usize = 5;
 /// The reply op of a failed request.

@@ -70,8 +70,9 @@ pub struct Tokens {
     tokens: Vec<Vec<u8>>,
 }
 
-/// Longest accepted token line, in bytes (B1: a token file is small).
-pub const TOKEN_BYTES_MAX: usize = 4096;
+/// Longest accepted token line, in bytes (B1: a token file is small). One limit with the wire
+/// protocol, whose `Hello` frame is sized for it.
+pub use imstate_wire::TOKEN_BYTES_MAX;
 /// Most tokens in one file (B1: each check compares against all of them).
 pub const TOKENS_MAX: usize = 1024;
 

@@ -67,6 +67,7 @@ pub fn error_code(error: &NodeError) -> tonic::Code {
             }
             PresenceError::ShardOutOfRange { .. } => Code::Internal,
         },
+        NodeError::Limit(_) => Code::ResourceExhausted,
         NodeError::RaiseTimeout(_) | NodeError::Unavailable(_) | NodeError::Log(_) => {
             Code::Unavailable
         }
