@@ -74,13 +74,15 @@ pub struct Login {
     /// User id.
     #[arg(long)]
     uid: u64,
-    /// Device (up to 64 bytes); one session per (uid, device).
+    /// Device (up to 64 bytes, no control characters); one session per (uid, device).
     #[arg(long)]
     device: String,
-    /// Gateway holding the connection (up to 128 bytes).
+    /// Gateway holding the connection (up to 128 bytes, no control characters).
     #[arg(long)]
     gateway: String,
-    /// Connection id on the gateway.
+    /// Connection id. Unique among one uid's sessions on all gateways: logout and heartbeat
+    /// name a session by (uid, conn). Gateways sharing a uid should draw conn ids from
+    /// disjoint ranges (for example gateway number in the high bits).
     #[arg(long)]
     conn: u64,
     /// Seconds without heartbeat before the session expires [default: the server's, 90].

@@ -134,7 +134,7 @@ pub struct CreateNamespace {
     /// Adjacent ids sharing one persisted max_seq.
     #[arg(long, default_value_t = 100_000)]
     section_size: u64,
-    /// How far max_seq is raised at a time.
+    /// How far max_seq is raised at a time (1 to 2^32, STEP_MAX).
     #[arg(long, default_value_t = 10_000)]
     step: u64,
 }

@@ -141,3 +141,98 @@ fn a_one_uid_watcher_survives_other_uids_traffic_and_sees_no_retry_event() {
         );
     });
 }
+
+fn stderr_of(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Over-long names are refused before any lookup and never echoed whole: a 20 KB namespace
+/// name used to come back inside the error, and the gRPC client died with `h2 protocol error`.
+/// Names with control characters are refused, and a step that would exhaust an id's values
+/// after a restart is refused at creation.
+#[test]
+fn bad_names_and_absurd_namespace_parameters_get_short_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None);
+    let long = "n".repeat(20_000);
+    let output = server.cli(&["seq", "next", "--ns", &long, "1"]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("NAME_BYTES_MAX"), "{stderr}");
+    assert!(
+        stderr.len() < 1_000,
+        "the error echoed {} bytes",
+        stderr.len()
+    );
+    assert!(!stderr.contains("h2 protocol error"), "{stderr}");
+
+    let long_gateway = "g".repeat(20_000);
+    for args in [
+        vec!["presence", "gateway-down", &long_gateway],
+        vec!["presence", "gateway-heartbeat", &long_gateway],
+    ] {
+        let output = server.cli(&args);
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("gateway is 20000 bytes"), "{stderr}");
+        assert!(
+            stderr.len() < 1_000,
+            "the error echoed {} bytes",
+            stderr.len()
+        );
+    }
+
+    let output = server.cli(&[
+        "presence",
+        "login",
+        "--uid",
+        "1",
+        "--device",
+        "ph\none",
+        "--gateway",
+        "gw",
+        "--conn",
+        "1",
+    ]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("control character"), "{stderr}");
+
+    let output = server.cli(&[
+        "seq",
+        "create-namespace",
+        "huge-step",
+        "--id-hi",
+        "100",
+        "--step",
+        "18446744073709551615",
+    ]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("STEP_MAX"), "{stderr}");
+
+    // Two gateways reusing one conn id for one uid: the error says the rule.
+    for (gateway, expect_ok) in [("gwA", true), ("gwB", false)] {
+        let output = server.cli(&[
+            "presence",
+            "login",
+            "--uid",
+            "51",
+            "--device",
+            gateway,
+            "--gateway",
+            gateway,
+            "--conn",
+            "7",
+        ]);
+        assert_eq!(output.status.success(), expect_ok, "{}", stderr_of(&output));
+        if !expect_ok {
+            let stderr = stderr_of(&output);
+            assert!(stderr.contains("gateway \"gwA\""), "{stderr}");
+            assert!(
+                stderr.contains("unique among one uid's sessions"),
+                "{stderr}"
+            );
+        }
+    }
+}

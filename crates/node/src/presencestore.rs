@@ -589,6 +589,7 @@ impl PresenceStore {
 
     /// Drops every session of `gateway`; returns how many.
     pub async fn gateway_down(&self, gateway: &str) -> Result<usize, NodeError> {
+        imstate_presence::check_gateway_name(gateway)?;
         let outcome: GatewayDownOutcome = self.registry.gateway_down(gateway);
         self.durable().await?;
         Ok(outcome.dropped())

@@ -556,7 +556,11 @@ impl<'c> Connection<'c> {
     fn error(&mut self, op: codec::Op, error: &NodeError) {
         let code = Code(error_code(error) as u8);
         self.tally.errors.push((op, code));
-        codec::reply_error(&mut self.out, code, &error.to_string());
+        codec::reply_error(
+            &mut self.out,
+            code,
+            &crate::grpc::bounded_message(error.to_string()),
+        );
     }
 
     async fn handle(&mut self, frame: Frame<'_>) -> After {

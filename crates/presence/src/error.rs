@@ -21,6 +21,15 @@ pub enum PresenceError {
         /// Longest allowed length (the named limit).
         max: usize,
     },
+    /// A device or gateway name holds a control character (they would break every text
+    /// output that shows the name: the CLI, logs, metrics labels).
+    #[error("{field} holds a control character at byte {position}; names must be printable")]
+    ControlCharacter {
+        /// The field: `device` or `gateway`.
+        field: &'static str,
+        /// Byte offset of the first control character.
+        position: usize,
+    },
     /// A ttl of zero or above `ttl_ms_max`.
     #[error("ttl_ms {ttl_ms} is out of range 1..={ttl_ms_max} (limit ttl_ms_max)")]
     TtlOutOfRange {
@@ -60,7 +69,11 @@ pub enum PresenceError {
     /// A connection belongs to one device for its whole life, so this is a gateway bug rather
     /// than a re-login; refusing keeps "one session per (uid, connection)" without silently
     /// dropping a second session.
-    #[error("uid {uid} conn {conn} is already logged in on device {device:?}")]
+    #[error(
+        "uid {uid} conn {conn} is already used by its session on device {device:?}, gateway \
+         {gateway:?}; a conn must be unique among one uid's sessions on all gateways, because \
+         logout and heartbeat name a session by (uid, conn)"
+    )]
     ConnectionInUse {
         /// The uid.
         uid: u64,
@@ -68,6 +81,8 @@ pub enum PresenceError {
         conn: u64,
         /// The device the connection is logged in on.
         device: String,
+        /// The gateway of that session.
+        gateway: String,
     },
     /// No session with this uid and connection id.
     #[error("no session for uid {uid} conn {conn}")]

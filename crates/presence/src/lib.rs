@@ -98,7 +98,7 @@ pub use error::PresenceError;
 pub use gateways::{GATEWAY_IDS_MAX, GatewayId, Gateways};
 pub use registry::RESTORE_THREADS;
 pub use registry::{Entry, Journal, NoJournal, ShardedRegistry};
-pub use shard::{Shard, TickProgress, WHEEL_SLOT_MS, WHEEL_SLOTS};
+pub use shard::{Shard, TickProgress, WHEEL_SLOT_MS, WHEEL_SLOTS, check_gateway_name};
 pub use slab::TIME_MS_MAX;
 pub use snapshot::{RestoreStats, SNAPSHOT_FORMAT_VERSION, SnapshotError};
 pub use types::{

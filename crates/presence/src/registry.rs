@@ -220,6 +220,7 @@ impl ShardedRegistry {
         sessions: &[(u64, u64)],
         now_ms: u64,
     ) -> Result<HeartbeatBatchOutcome, PresenceError> {
+        check_gateway_name(gateway)?;
         check_batch(
             "heartbeat_batch_max",
             sessions.len(),
@@ -362,6 +363,7 @@ impl ShardedRegistry {
 
     /// Renews a registered gateway's lease.
     pub fn gateway_heartbeat(&self, gateway: &str, now_ms: u64) -> Result<Change, PresenceError> {
+        check_gateway_name(gateway)?;
         let not_registered = || PresenceError::GatewayNotRegistered {
             gateway: gateway.into(),
         };

@@ -237,8 +237,18 @@ pub(crate) fn check_ttl(ttl_ms: u32, options: &RegistryOptions) -> Result<(), Pr
     Ok(())
 }
 
-pub(crate) fn check_gateway_name(name: &str) -> Result<(), PresenceError> {
-    check_length("gateway", name.len(), 1, GATEWAY_NAME_BYTES_MAX)
+/// Checks a device or gateway name: its length, then that it holds no control character.
+fn check_name(field: &'static str, name: &str, max: usize) -> Result<(), PresenceError> {
+    check_length(field, name.len(), 1, max)?;
+    if let Some((position, _)) = name.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(PresenceError::ControlCharacter { field, position });
+    }
+    Ok(())
+}
+
+/// Checks a gateway name (length, no control character) before it is looked up or stored.
+pub fn check_gateway_name(name: &str) -> Result<(), PresenceError> {
+    check_name("gateway", name, GATEWAY_NAME_BYTES_MAX)
 }
 
 pub(crate) fn check_batch(
@@ -363,7 +373,7 @@ impl Shard {
         request: &LoginRequest<'_>,
         now_ms: u64,
     ) -> Result<LoginOutcome, PresenceError> {
-        check_length("device", request.device.len(), 1, DEVICE_BYTES_MAX)?;
+        check_name("device", request.device, DEVICE_BYTES_MAX)?;
         check_gateway_name(request.gateway)?;
         if let Some(meta) = request.meta {
             check_length("meta", meta.len(), 0, META_BYTES_MAX)?;
@@ -380,6 +390,9 @@ impl Shard {
                     uid: request.uid,
                     conn: request.conn,
                     device: device.to_string(),
+                    gateway: self
+                        .gateway_name(GatewayId::from(rec.gateway()))
+                        .to_string(),
                 });
             }
             if is_same_device {
@@ -471,6 +484,7 @@ impl Shard {
         sessions: &[(u64, u64)],
         now_ms: u64,
     ) -> Result<HeartbeatBatchOutcome, PresenceError> {
+        check_gateway_name(gateway)?;
         check_batch(
             "heartbeat_batch_max",
             sessions.len(),

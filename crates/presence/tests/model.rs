@@ -75,6 +75,7 @@ impl Model {
                         uid: *uid,
                         conn: *conn,
                         device: other.device.to_string(),
+                        gateway: other.gateway.to_string(),
                     };
                     self.sessions.retain(|_, list| !list.is_empty());
                     return Outcome::Login(Err(error));

@@ -127,10 +127,47 @@ fn login_of_a_connection_in_use_on_another_device_is_refused() {
         PresenceError::ConnectionInUse {
             uid: 1,
             conn: 5,
-            device: "ios".into()
+            device: "ios".into(),
+            gateway: "gw".into(),
         }
     );
+    assert!(
+        error
+            .to_string()
+            .contains("unique among one uid's sessions on all gateways")
+    );
     assert_eq!(registry.sessions(), before);
+}
+
+#[test]
+fn names_with_control_characters_are_refused_before_anything_changes() {
+    let registry = registry(2);
+    for (device, gateway, field) in [
+        ("ph\none", "gw", "device"),
+        ("phone", "gw\u{1b}[31m", "gateway"),
+        ("phone", "gw\u{7f}", "gateway"),
+    ] {
+        let error = registry
+            .login(&request(1, device, gateway, 5, 1_000), 0)
+            .unwrap_err();
+        assert!(
+            matches!(error, PresenceError::ControlCharacter { field: f, .. } if f == field),
+            "{error}"
+        );
+    }
+    assert!(matches!(
+        registry.heartbeat_batch("g\tw", &[(1, 1)], 0),
+        Err(PresenceError::ControlCharacter { .. })
+    ));
+    assert!(matches!(
+        registry.gateway_register("g\0w", 1_000, 0),
+        Err(PresenceError::ControlCharacter { .. })
+    ));
+    assert_eq!(registry.online_count(), 0);
+    // Printable non-ASCII names are fine.
+    registry
+        .login(&request(1, "téléphone", "网关-1", 5, 1_000), 0)
+        .unwrap();
 }
 
 #[test]

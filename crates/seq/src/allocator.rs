@@ -363,6 +363,15 @@ impl Allocator {
 
     #[inline]
     fn lookup(&self, name: &str) -> Result<NsId, SeqError> {
+        // A name longer than any namespace can have is refused before it is hashed, and never
+        // echoed whole (B1: a 20 KB name once came back inside the error).
+        if name.len() > crate::NAME_BYTES_MAX {
+            return Err(SeqError::InvalidNamespace(format!(
+                "namespace name of {} bytes; names are at most {} bytes (NAME_BYTES_MAX)",
+                name.len(),
+                crate::NAME_BYTES_MAX
+            )));
+        }
         self.ids_by_name
             .get(name)
             .copied()

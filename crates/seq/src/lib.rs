@@ -46,5 +46,5 @@ pub use allocator::{
 pub use error::SeqError;
 pub use namespace::{
     NAME_BYTES_MAX, NAMESPACES_MAX, NamespaceDef, NsId, SECTION_SIZE_DEFAULT, SECTION_SIZE_MAX,
-    STEP_DEFAULT,
+    STEP_DEFAULT, STEP_MAX,
 };

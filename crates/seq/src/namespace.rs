@@ -6,7 +6,7 @@
 //! - `id_lo < id_hi` (the range is half-open, `[id_lo, id_hi)`);
 //! - `1 <= section_size <= SECTION_SIZE_MAX` (a section's dense `cur_seq` array is
 //!   `section_size * 8` bytes, so the size is bounded);
-//! - `step >= 1`.
+//! - `1 <= step <= STEP_MAX` (so the values of an id outlast any number of restarts).
 //!
 //! The section of an id is `(id - id_lo) / section_size`; the last section may be partial.
 
@@ -29,6 +29,20 @@ pub const SECTION_SIZE_MAX: u64 = 1 << 24;
 
 /// Longest allowed namespace name, in bytes.
 pub const NAME_BYTES_MAX: usize = 64;
+/// Largest step. Each restart (or move of a section) skips the ids of a section to its
+/// ceiling, which can be a step above the last value served, so the 2^64 values of an id last
+/// at least 2^32 restarts at this step. A step near 2^64 made a namespace unusable after one
+/// restart (`sequence space exhausted` after two values).
+pub const STEP_MAX: u64 = 1 << 32;
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+pub(crate) fn prefix(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
 
 /// Most namespaces one allocator holds.
 pub const NAMESPACES_MAX: usize = 4_096;
@@ -65,9 +79,10 @@ impl NamespaceDef {
     pub fn validate(&self) -> Result<(), SeqError> {
         let invalid = |reason: String| Err(SeqError::InvalidNamespace(reason));
         if self.name.is_empty() || self.name.len() > NAME_BYTES_MAX {
+            // Never echo the whole of an over-long name: only what a name may hold.
             return invalid(format!(
                 "name `{}` must be 1..={NAME_BYTES_MAX} bytes, is {}",
-                self.name,
+                prefix(&self.name, NAME_BYTES_MAX),
                 self.name.len()
             ));
         }
@@ -87,10 +102,10 @@ impl NamespaceDef {
                 self.name, self.section_size
             ));
         }
-        if self.step == 0 {
+        if self.step == 0 || self.step > STEP_MAX {
             return invalid(format!(
-                "namespace `{}`: step must be at least 1",
-                self.name
+                "namespace `{}`: step {} must be in 1..={STEP_MAX} (STEP_MAX)",
+                self.name, self.step
             ));
         }
         Ok(())

@@ -36,7 +36,25 @@ pub const EMBEDDED_ROUTE_VERSION: u64 = 1;
 
 /// Maps a domain error to a gRPC status.
 pub fn status_from(error: NodeError) -> Status {
-    Status::new(error_code(&error), error.to_string())
+    Status::new(error_code(&error), bounded_message(error.to_string()))
+}
+
+/// Longest error message sent to a client, in bytes. The cores never echo an unbounded input,
+/// but a message travels in an HTTP/2 header (gRPC) or a frame (wire): past a few KB a gRPC
+/// client fails the whole connection (`h2 protocol error`), so this is the last guard.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
+
+/// `message`, cut to [`ERROR_MESSAGE_BYTES_MAX`] at a character boundary, marked when cut.
+pub fn bounded_message(mut message: String) -> String {
+    if message.len() > ERROR_MESSAGE_BYTES_MAX {
+        let mut end = ERROR_MESSAGE_BYTES_MAX - 16;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("... (cut)");
+    }
+    message
 }
 
 /// The status code of an error: one mapping for gRPC and the wire protocol.
@@ -54,6 +72,7 @@ pub fn error_code(error: &NodeError) -> tonic::Code {
         },
         NodeError::Presence(error) => match error {
             PresenceError::FieldLength { .. }
+            | PresenceError::ControlCharacter { .. }
             | PresenceError::TtlOutOfRange { .. }
             | PresenceError::InvalidOption { .. } => Code::InvalidArgument,
             PresenceError::BatchSize { len: 0, .. } => Code::InvalidArgument,
