@@ -73,8 +73,20 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Joins an error chain on one line, as the CLI contract promises.
+/// Joins an error chain on one line, as the CLI contract promises. A cause whose text its
+/// parent already shows (some libraries print their source in their own message) is left out,
+/// so nothing is said twice.
 fn one_line(error: &anyhow::Error) -> String {
-    let text = format!("{error:#}");
-    text.replace('\n', " ")
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string().replace('\n', " ");
+        if text.ends_with(&cause) || text.contains(&format!("{cause}: ")) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }

@@ -133,13 +133,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let shutdown = async {
-            let (Ok(mut terminate), Ok(mut interrupt)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return std::future::pending().await;
-            };
+        // Registered now, before anything is announced: registered on the first poll of the
+        // shutdown future (after `listening` was printed), a SIGTERM sent right after the
+        // announcement killed the process without a clean shutdown.
+        let (Ok(mut terminate), Ok(mut interrupt)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            anyhow::bail!("cannot install the SIGTERM and SIGINT handlers");
+        };
+        let shutdown = async move {
             tokio::select! {
                 _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
                 _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
@@ -151,7 +154,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             let _ = writeln!(stdout, "imstate wire listening on {}", listening.wire);
             let _ = stdout.flush();
         })
-        .await
-    })?;
-    Ok(())
+        .await?;
+        Ok(())
+    })
 }

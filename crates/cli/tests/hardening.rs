@@ -236,3 +236,135 @@ fn bad_names_and_absurd_namespace_parameters_get_short_clear_errors() {
         }
     }
 }
+
+/// Runs `serve` on `data_dir` with stderr to a file; returns the child once it listens, or the
+/// exit status and stderr if it stops first.
+fn serve_with_stderr(
+    data_dir: &std::path::Path,
+    stderr_file: &std::path::Path,
+) -> Result<(std::process::Child, impl Sized), (std::process::ExitStatus, String)> {
+    use std::io::BufRead;
+    let stderr = std::fs::File::create(stderr_file).unwrap();
+    let mut child = std::process::Command::new(support::binary())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(support::FREE_PORTS)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut line).unwrap();
+    if line.starts_with("imstate listening on") {
+        // The stdout pipe stays open with the child: it prints more after this line.
+        return Ok((child, stdout));
+    }
+    let status = child.wait().unwrap();
+    Err((status, std::fs::read_to_string(stderr_file).unwrap()))
+}
+
+/// The oldest or newest file of `dir` whose name starts with `prefix` (names sort by LSN).
+fn file_of(dir: &std::path::Path, prefix: &str, newest: bool) -> std::path::PathBuf {
+    let mut found: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| {
+            path.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(prefix)
+        })
+        .collect();
+    found.sort();
+    if newest {
+        found.pop()
+    } else {
+        found.into_iter().next()
+    }
+    .expect("a file")
+}
+
+fn flip_byte(path: &std::path::Path, offset: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8];
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    file.read_exact(&mut byte).unwrap();
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    file.write_all(&[byte[0] ^ 0x5a]).unwrap();
+}
+
+/// A damaged checkpoint is passed over with one warning that names it by its path (it used to
+/// be skipped silently); damage in the middle of a log stops the start with one error that
+/// names the file by its path, under `seq/` or `presence/`, said once.
+#[test]
+fn damaged_checkpoints_and_logs_are_named_by_path_and_reported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let stderr_file = dir.path().join("stderr");
+    let mut server = Server::start(&data, None);
+    for uid in 1..=10 {
+        let output = server.cli(&[
+            "presence",
+            "login",
+            "--uid",
+            &uid.to_string(),
+            "--device",
+            "d",
+            "--gateway",
+            "g",
+            "--conn",
+            "1",
+        ]);
+        assert!(output.status.success());
+    }
+    assert!(server.cli(&["ctl", "checkpoint"]).status.success());
+    // Ids in three sections: three raises after the namespace record in the sequence log.
+    assert!(
+        server
+            .cli(&["seq", "next", "1", "100001", "200001"])
+            .status
+            .success()
+    );
+    assert!(server.terminate().success());
+
+    let checkpoint = file_of(&data.join("presence"), "checkpoint-", true);
+    flip_byte(&checkpoint, 40);
+    let (mut child, _stdout) = serve_with_stderr(&data, &stderr_file)
+        .unwrap_or_else(|(status, stderr)| panic!("{status:?}: {stderr}"));
+    let stderr = std::fs::read_to_string(&stderr_file).unwrap();
+    let warnings: Vec<_> = stderr
+        .lines()
+        .filter(|line| line.contains("skipped an invalid checkpoint"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains(&checkpoint.display().to_string()),
+        "{stderr}"
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let stderr = std::fs::read_to_string(&stderr_file).unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+
+    let segment = file_of(&data.join("seq"), "wal-", false);
+    flip_byte(&segment, 30);
+    let Err((status, stderr)) = serve_with_stderr(&data, &stderr_file) else {
+        panic!("a node with a damaged sequence log started");
+    };
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let path = segment.display().to_string();
+    assert!(stderr.contains(&path), "the error names {path}: {stderr}");
+    assert_eq!(
+        stderr.matches("corrupt log").count(),
+        1,
+        "said once: {stderr}"
+    );
+}

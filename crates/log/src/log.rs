@@ -850,7 +850,11 @@ impl Flusher {
         syncer.busy.store(true, Ordering::Release);
         if syncer
             .requests
-            .send((handle, self.written, self.segment.name.clone()))
+            .send((
+                handle,
+                self.written,
+                self.shared.storage.describe(&self.segment.name),
+            ))
             .is_err()
         {
             // The syncer stopped after a failure; the log is poisoned already.
@@ -988,10 +992,10 @@ impl Flusher {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        self.segment
-            .file
-            .write_all(&self.buffer)
-            .map_err(|error| format!("write to {} failed: {error}", self.segment.name))?;
+        self.segment.file.write_all(&self.buffer).map_err(|error| {
+            let path = self.shared.storage.describe(&self.segment.name);
+            format!("write to {path} failed: {error}")
+        })?;
         self.shared
             .bytes_written
             .fetch_add(self.buffer.len() as u64, Ordering::Relaxed);
@@ -1010,10 +1014,10 @@ impl Flusher {
             return Ok(());
         }
         let started = Instant::now();
-        self.segment
-            .file
-            .sync()
-            .map_err(|error| format!("fsync of {} failed: {error}", self.segment.name))?;
+        self.segment.file.sync().map_err(|error| {
+            let path = self.shared.storage.describe(&self.segment.name);
+            format!("fsync of {path} failed: {error}")
+        })?;
         if let Some(observer) = self.shared.observer.get() {
             observer.fsync(started.elapsed());
         }

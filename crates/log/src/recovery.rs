@@ -102,6 +102,10 @@ pub struct RecoveryStats {
     pub last_lsn: Lsn,
     /// Wall time recovery took.
     pub elapsed: Duration,
+    /// Checkpoints found invalid and passed over for an older one (or for the log alone),
+    /// newest first, each as "path: reason". The node warns about each: a damaged checkpoint
+    /// is survivable, but an operator must hear of it.
+    pub skipped_checkpoints: Vec<String>,
 }
 
 /// A segment file of the log and the LSNs it holds.
@@ -157,13 +161,21 @@ pub(crate) fn recover(
         .collect();
     checkpoints.sort_unstable_by_key(|&(covered_lsn, _)| std::cmp::Reverse(covered_lsn));
     let mut checkpoint_lsn = None;
+    let mut skipped_checkpoints = Vec::new();
     for (covered_lsn, name) in checkpoints {
-        let context = || format!("reading checkpoint {name}");
+        let context = || format!("reading checkpoint {}", storage.describe(name));
         let file_len = storage.len(name).map_err(io_error(context()))?;
         let file = storage.open_read(name).map_err(io_error(context()))?;
         // An invalid checkpoint is skipped in favour of an older one: if the records between
         // them are gone, the segment chain check below reports it.
-        if let Ok(data_len) = checkpoint::verify_stream(file, file_len, covered_lsn) {
+        let data_len = match checkpoint::verify_stream(file, file_len, covered_lsn) {
+            Ok(data_len) => data_len,
+            Err(reason) => {
+                skipped_checkpoints.push(format!("{}: {reason}", storage.describe(name)));
+                continue;
+            }
+        };
+        {
             let mut file = storage.open_read(name).map_err(io_error(context()))?;
             std::io::copy(
                 &mut (&mut file).take(checkpoint::DATA_OFFSET),
@@ -198,6 +210,7 @@ pub(crate) fn recover(
         truncated_tail_bytes: 0,
         last_lsn: covered,
         elapsed: Duration::ZERO,
+        skipped_checkpoints,
     };
     // The highest LSN read from any segment so far (0: none).
     let mut chain_end: Lsn = 0;
@@ -205,9 +218,10 @@ pub(crate) fn recover(
     let mut torn_from: Option<usize> = None;
 
     for (index, &(first_lsn, name)) in segment_names.iter().enumerate() {
-        let buf = storage
-            .read(name)
-            .map_err(io_error(format!("reading segment {name}")))?;
+        let buf = storage.read(name).map_err(io_error(format!(
+            "reading segment {}",
+            storage.describe(name)
+        )))?;
         let mut offset = 0;
         let mut expected = first_lsn;
         let mut last_lsn = None;
@@ -216,7 +230,7 @@ pub(crate) fn recover(
                 Ok(found) if found.lsn > expected => {
                     // A valid checksum cannot come from a torn write: records are missing.
                     return Err(LogError::Corrupt {
-                        file: name.clone(),
+                        file: storage.describe(name),
                         offset: offset as u64,
                         reason: format!(
                             "record carries lsn {} but lsn {expected} was expected",
@@ -236,7 +250,7 @@ pub(crate) fn recover(
             match decoded {
                 Ok(found) => {
                     if last_lsn.is_none() {
-                        check_chain(name, first_lsn, chain_end, covered)?;
+                        check_chain(&storage.describe(name), first_lsn, chain_end, covered)?;
                     }
                     if found.lsn > covered {
                         replay(ReplayStream::Record {
@@ -258,7 +272,7 @@ pub(crate) fn recover(
                         // region is damage (or another format), and cutting it would silently
                         // drop everything after it.
                         return Err(LogError::Corrupt {
-                            file: name.clone(),
+                            file: storage.describe(name),
                             offset: offset as u64,
                             reason: format!(
                                 "{invalid}, and the invalid region is {tail_bytes} bytes, more \
@@ -271,7 +285,7 @@ pub(crate) fn recover(
                     if let Some((at, lsn)) = record::find_valid_record(&buf, offset + 1, last_good)
                     {
                         return Err(LogError::Corrupt {
-                            file: name.clone(),
+                            file: storage.describe(name),
                             offset: offset as u64,
                             reason: format!(
                                 "{invalid}, yet a valid record (lsn {lsn}) follows at offset {at}"
@@ -279,17 +293,19 @@ pub(crate) fn recover(
                         });
                     }
                     for &(_, later) in &segment_names[index + 1..] {
-                        let later_buf = storage
-                            .read(later)
-                            .map_err(io_error(format!("reading segment {later}")))?;
+                        let later_buf = storage.read(later).map_err(io_error(format!(
+                            "reading segment {}",
+                            storage.describe(later)
+                        )))?;
                         let found = record::find_valid_record(&later_buf, 0, last_good);
                         if let Some((at, lsn)) = found {
                             return Err(LogError::Corrupt {
-                                file: name.clone(),
+                                file: storage.describe(name),
                                 offset: offset as u64,
                                 reason: format!(
                                     "{invalid}, yet a valid record (lsn {lsn}) follows in \
-                                     {later} at offset {at}"
+                                     {} at offset {at}",
+                                    storage.describe(later)
                                 ),
                             });
                         }
@@ -306,7 +322,9 @@ pub(crate) fn recover(
             // existed: if neither a checkpoint nor an earlier segment holds them, history is
             // missing (say, a checkpoint deleted by hand), and starting empty would hand out
             // sequence values again.
-            None if torn_from.is_none() => check_chain(name, first_lsn, chain_end, covered)?,
+            None if torn_from.is_none() => {
+                check_chain(&storage.describe(name), first_lsn, chain_end, covered)?
+            }
             None => {}
         }
         segments.push(SegmentInfo {
@@ -390,20 +408,24 @@ fn cut(
     len: u64,
     stats: &mut RecoveryStats,
 ) -> Result<(), LogError> {
-    let size = storage
-        .len(name)
-        .map_err(io_error(format!("stat of segment {name}")))?;
+    let size = storage.len(name).map_err(io_error(format!(
+        "stat of segment {}",
+        storage.describe(name)
+    )))?;
     if size <= len {
         return Ok(());
     }
     let mut file = storage.open_append(name).map_err(io_error(format!(
-        "opening segment {name} to cut its torn tail"
+        "opening segment {} to cut its torn tail",
+        storage.describe(name)
     )))?;
     file.truncate(len).map_err(io_error(format!(
-        "truncating segment {name} to {len} bytes"
+        "truncating segment {} to {len} bytes",
+        storage.describe(name)
     )))?;
     file.sync().map_err(io_error(format!(
-        "fsync of segment {name} after truncation"
+        "fsync of segment {} after truncation",
+        storage.describe(name)
     )))?;
     stats.truncated_tail_bytes += size - len;
     Ok(())

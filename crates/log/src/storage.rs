@@ -73,6 +73,11 @@ pub trait Storage: Send + Sync + 'static {
     fn remove(&self, name: &str) -> io::Result<()>;
     /// Makes every directory entry change so far durable (`fsync` of the directory).
     fn sync_dir(&self) -> io::Result<()>;
+    /// How errors and logs name the file `name`: its path where there is one, so an operator
+    /// sees which log (say `data/seq/` or `data/presence/`) a message is about.
+    fn describe(&self, name: &str) -> String {
+        name.to_string()
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -102,6 +107,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn sync_dir(&self) -> io::Result<()> {
         (**self).sync_dir()
+    }
+    fn describe(&self, name: &str) -> String {
+        (**self).describe(name)
     }
 }
 
@@ -225,5 +233,8 @@ impl Storage for FileStorage {
 
     fn sync_dir(&self) -> io::Result<()> {
         File::open(&self.dir)?.sync_all()
+    }
+    fn describe(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
     }
 }

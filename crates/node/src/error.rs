@@ -19,7 +19,8 @@ pub enum NodeError {
     #[error(transparent)]
     Presence(imstate_presence::PresenceError),
     /// The log engine failed: I/O, corruption at start-up, or poisoned after an fsync error.
-    #[error("log: {0}")]
+    /// Transparent: the log's own message says what failed and where, once.
+    #[error(transparent)]
     Log(#[from] LogError),
     /// Another process holds the data directory.
     #[error("data directory {dir} is locked by another imstate process (pid {pid})")]

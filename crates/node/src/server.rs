@@ -149,6 +149,7 @@ impl Node {
         };
         let declared: Vec<_> = config.seq.namespaces.iter().map(|n| n.to_def()).collect();
         let (seq, stats) = SeqStore::open(storage, options, &declared).await?;
+        warn_skipped_checkpoints("sequence", &stats);
         crate::metrics::recovered(LOG_SEQ, &stats, started.elapsed());
         crate::metrics::observe_log(seq.log(), LOG_SEQ);
         tracing::info!(
@@ -169,6 +170,7 @@ impl Node {
             })?;
         let options = config.presence.to_options()?;
         let (presence, stats) = PresenceStore::open(storage, options, Arc::new(SystemClock))?;
+        warn_skipped_checkpoints("presence", &stats);
         crate::metrics::recovered(LOG_PRESENCE, &stats, started.elapsed());
         crate::metrics::observe_log(presence.log(), LOG_PRESENCE);
         tracing::info!(
@@ -342,6 +344,17 @@ impl Node {
         self.presence.shutdown()?;
         tracing::info!("stopped cleanly; the log is flushed");
         Ok(())
+    }
+}
+
+/// Warns once per checkpoint that recovery found invalid and passed over.
+fn warn_skipped_checkpoints(store: &str, stats: &imstate_log::RecoveryStats) {
+    for skipped in &stats.skipped_checkpoints {
+        tracing::warn!(
+            store,
+            checkpoint = %skipped,
+            "skipped an invalid checkpoint; recovered from an older checkpoint and the log"
+        );
     }
 }
 
