@@ -481,6 +481,20 @@ fn a_lookup_reply_larger_than_a_frame_is_refused_and_the_connection_goes_on() {
         assert!(error.to_string().contains("FRAME_BYTES_MAX"), "{error}");
         let found = client.lookup_batch(&uids[..100]).await.unwrap();
         assert_eq!(found[0].len(), 16, "the same connection goes on");
+
+        // gRPC carries the same reply (about 10 MB): its reply limit is GRPC_REPLY_BYTES_MAX
+        // on both sides (tonic's client refused anything over 4 MiB).
+        let grpc = imstate_client::Client::connect(&server.addr).await.unwrap();
+        let found = grpc.lookup_batch(uids.clone()).await.unwrap();
+        assert!(found.iter().all(|sessions| sessions.len() == 16));
+        // A request over GRPC_REQUEST_BYTES_MAX (4 MiB) is refused, and the client goes on.
+        let huge: Vec<u64> = (0..600_000).map(|id| (1 << 62) + id).collect();
+        let error = grpc.next_batch("", huge).await.unwrap_err();
+        assert!(
+            error.to_string().contains("message length too large"),
+            "{error}"
+        );
+        assert!(grpc.next_batch("", vec![1]).await.is_ok());
     });
 }
 

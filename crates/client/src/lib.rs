@@ -29,6 +29,11 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+/// Largest reply the client accepts: the node's own ceiling on a gRPC reply
+/// (`imstate_node::grpc::limits::GRPC_REPLY_BYTES_MAX`), so a large LookupBatch that the node
+/// sends is never refused here (tonic's default is 4 MiB).
+pub const REPLY_BYTES_MAX: usize = 64 << 20;
+
 /// An error talking to a node.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -418,9 +423,11 @@ impl Client {
     fn with_token(channel: Channel, token: BearerToken) -> Self {
         let transport = InterceptedService::new(channel, token);
         Self {
-            sequence: SequenceClient::new(transport.clone()),
-            presence: PresenceClient::new(transport.clone()),
-            admin: AdminClient::new(transport),
+            sequence: SequenceClient::new(transport.clone())
+                .max_decoding_message_size(REPLY_BYTES_MAX),
+            presence: PresenceClient::new(transport.clone())
+                .max_decoding_message_size(REPLY_BYTES_MAX),
+            admin: AdminClient::new(transport).max_decoding_message_size(REPLY_BYTES_MAX),
             routes: Arc::default(),
         }
     }

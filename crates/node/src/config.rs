@@ -303,6 +303,9 @@ pub struct SeqConfig {
     pub raise_wait_timeout_ms: u64,
     /// Log bytes since the last checkpoint that trigger a checkpoint; 0 disables automatic ones.
     pub checkpoint_log_bytes: u64,
+    /// Sections in memory over all namespaces (B1): each section a request touches costs its
+    /// state, a durable raise and a checkpoint entry. Sections loaded at start always load.
+    pub sections_max: usize,
     /// Namespaces created at start-up when missing. An existing namespace must match exactly:
     /// changing a namespace's layout would break S1, so a mismatch is a start-up error.
     pub namespaces: Vec<NamespaceConfig>,
@@ -372,6 +375,7 @@ impl Default for SeqConfig {
             batch_ids_max: BATCH_IDS_MAX_DEFAULT,
             raise_wait_timeout_ms: RAISE_WAIT_TIMEOUT_MS_DEFAULT,
             checkpoint_log_bytes: CHECKPOINT_LOG_BYTES_DEFAULT,
+            sections_max: imstate_seq::SECTIONS_MAX_DEFAULT,
             namespaces: Vec::new(),
         }
     }
@@ -460,6 +464,11 @@ impl NodeConfig {
         if self.seq.batch_ids_max == 0 {
             return Err(NodeError::Config(
                 "seq.batch_ids_max must be at least 1".into(),
+            ));
+        }
+        if self.seq.sections_max == 0 {
+            return Err(NodeError::Config(
+                "seq.sections_max must be at least 1".into(),
             ));
         }
         if self.seq.raise_wait_timeout_ms == 0 {
@@ -668,6 +677,7 @@ mod tests {
             log_format = \"json\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n\
             client_ca_file = \"ca\"\n[auth]\ntoken_file = \"t\"\n\
             [seq]\nbatch_ids_max = 3\nraise_wait_timeout_ms = 4\ncheckpoint_log_bytes = 5\n\
+            sections_max = 22\n\
             [[seq.namespaces]]\nname = \"conv\"\nid_lo = 0\nid_hi = 10\n\
             [presence]\nfsync = \"always\"\nttl_ms_default = 6\nttl_ms_max = 7\n\
             sessions_per_uid_max = 8\nlookup_ids_max = 9\nheartbeat_batch_max = 10\n\

@@ -53,6 +53,8 @@ pub struct SeqStoreOptions {
     pub raise_wait_timeout: Duration,
     /// Log bytes since the last checkpoint that trigger one; 0 disables automatic checkpoints.
     pub checkpoint_log_bytes: u64,
+    /// Sections in memory over all namespaces (B1).
+    pub sections_max: usize,
 }
 
 impl Default for SeqStoreOptions {
@@ -63,6 +65,7 @@ impl Default for SeqStoreOptions {
                 crate::config::RAISE_WAIT_TIMEOUT_MS_DEFAULT,
             ),
             checkpoint_log_bytes: crate::config::CHECKPOINT_LOG_BYTES_DEFAULT,
+            sections_max: imstate_seq::SECTIONS_MAX_DEFAULT,
         }
     }
 }
@@ -93,6 +96,7 @@ impl SeqStore {
     ) -> Result<(Arc<Self>, RecoveryStats), NodeError> {
         let mut allocator = Allocator::new(AllocatorOptions {
             batch_ids_max: options.batch_ids_max,
+            sections_max: options.sections_max,
         });
         let log_options = LogOptions {
             fsync: FsyncPolicy::Always,

@@ -35,6 +35,7 @@ use crate::clock::SystemClock;
 use crate::config::NodeConfig;
 use crate::datadir::DataDir;
 use crate::grpc::edge::{EdgeLayer, Tokens};
+use crate::grpc::limits;
 use crate::grpc::{AdminService, PresenceService, SequenceService};
 use crate::http::Health;
 use crate::metrics::{LOG_PRESENCE, LOG_SEQ};
@@ -146,6 +147,7 @@ impl Node {
             batch_ids_max: config.seq.batch_ids_max,
             raise_wait_timeout: config.seq.raise_wait_timeout(),
             checkpoint_log_bytes: config.seq.checkpoint_log_bytes,
+            sections_max: config.seq.sections_max,
         };
         let declared: Vec<_> = config.seq.namespaces.iter().map(|n| n.to_def()).collect();
         let (seq, stats) = SeqStore::open(storage, options, &declared).await?;
@@ -225,6 +227,7 @@ impl Node {
             stream.set_nodelay(true)?;
             Ok::<_, std::io::Error>(stream)
         });
+        let incoming = limits::limit_connections(incoming, limits::GRPC_CONNECTIONS_MAX);
         let sequence = SequenceService::new(Arc::clone(&self.seq), address.to_string());
         let presence = PresenceService::new(Arc::clone(&self.presence));
         let admin = AdminService::new(
@@ -276,7 +279,10 @@ impl Node {
             }
         };
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
-        let mut builder = tonic::transport::Server::builder();
+        let mut builder = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits::GRPC_STREAMS_PER_CONNECTION_MAX)
+            .http2_max_header_list_size(limits::GRPC_HEADER_LIST_BYTES_MAX)
+            .timeout(limits::GRPC_CALL_TIMEOUT);
         if let Some(tls) = self.security.tls.clone() {
             builder = builder
                 .tls_config(tls)
@@ -285,9 +291,21 @@ impl Node {
         let serve = builder
             .layer(EdgeLayer::new(self.security.tokens.clone()))
             .add_service(health_service)
-            .add_service(SequenceServer::new(sequence))
-            .add_service(PresenceServer::new(presence))
-            .add_service(AdminServer::new(admin))
+            .add_service(
+                SequenceServer::new(sequence)
+                    .max_decoding_message_size(limits::GRPC_REQUEST_BYTES_MAX)
+                    .max_encoding_message_size(limits::GRPC_REPLY_BYTES_MAX),
+            )
+            .add_service(
+                PresenceServer::new(presence)
+                    .max_decoding_message_size(limits::GRPC_REQUEST_BYTES_MAX)
+                    .max_encoding_message_size(limits::GRPC_REPLY_BYTES_MAX),
+            )
+            .add_service(
+                AdminServer::new(admin)
+                    .max_decoding_message_size(limits::GRPC_REQUEST_BYTES_MAX)
+                    .max_encoding_message_size(limits::GRPC_REPLY_BYTES_MAX),
+            )
             .serve_with_incoming_shutdown(incoming, async move {
                 let reason = stop.await;
                 health.stopping();

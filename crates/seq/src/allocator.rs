@@ -42,17 +42,27 @@ pub fn headroom_min(step: u64) -> u64 {
     (step / 2).max(1)
 }
 
+/// Default limit on sections in memory, over all namespaces.
+pub const SECTIONS_MAX_DEFAULT: usize = 4_194_304;
+
 /// Options of an [`Allocator`].
 #[derive(Clone, Debug)]
 pub struct AllocatorOptions {
     /// Most ids accepted by one `next_batch` or `current_batch` call (B1).
     pub batch_ids_max: usize,
+    /// Most sections in memory, over all namespaces (B1). Each section a request touches
+    /// costs its state, a durable raise and a checkpoint entry; with a tiny `section_size`
+    /// every new id is a new section. Sections loaded at recovery always load (they are
+    /// durable history); requests that would create more get
+    /// [`SeqError::SectionsExhausted`].
+    pub sections_max: usize,
 }
 
 impl Default for AllocatorOptions {
     fn default() -> Self {
         Self {
             batch_ids_max: BATCH_IDS_MAX_DEFAULT,
+            sections_max: SECTIONS_MAX_DEFAULT,
         }
     }
 }
@@ -237,6 +247,18 @@ impl Namespace {
         })
     }
 
+    /// Sections that serving `ids` would create (each counted once).
+    fn new_sections(&self, ids: &[u64]) -> usize {
+        let mut new = rustc_hash::FxHashSet::default();
+        for &id in ids {
+            let section = self.def.section_of(id);
+            if !self.slots.contains_key(&section) {
+                new.insert(section);
+            }
+        }
+        new.len()
+    }
+
     fn find(&self, section: u64) -> Option<&Section> {
         self.slots
             .get(&section)
@@ -286,6 +308,8 @@ pub struct Allocator {
     ids_by_name: FxHashMap<String, NsId>,
     /// Scratch buffers of `next_batch`, kept to avoid allocating per call.
     batch: BatchScratch,
+    /// Sections in memory over all namespaces (kept, so a request need not add them up).
+    sections_total: usize,
 }
 
 /// Scratch state of one `next_batch` call; empty between calls.
@@ -310,6 +334,7 @@ impl Allocator {
             namespaces: Vec::new(),
             ids_by_name: FxHashMap::default(),
             batch: BatchScratch::default(),
+            sections_total: 0,
         }
     }
 
@@ -404,6 +429,14 @@ impl Allocator {
         let offset = namespace.def.offset_of(id);
         let section_len = namespace.def.section_len(section);
         let (step, headroom_min) = (namespace.def.step, namespace.headroom_min);
+        if !namespace.slots.contains_key(&section) {
+            if self.sections_total >= self.options.sections_max {
+                return Err(SeqError::SectionsExhausted {
+                    max: self.options.sections_max,
+                });
+            }
+            self.sections_total += 1;
+        }
         let slot = namespace.slot(section);
         let Some(value) = namespace.sections[slot].current(offset).checked_add(1) else {
             return Err(namespace.exhausted(id));
@@ -433,15 +466,29 @@ impl Allocator {
         self.check_batch_len(ids.len())?;
         let ns_id = self.lookup(ns)?;
         let Self {
-            namespaces, batch, ..
+            namespaces,
+            batch,
+            sections_total,
+            options,
+            ..
         } = self;
         let Some(namespace) = namespaces.get_mut(ns_id as usize) else {
             return Err(SeqError::UnknownNamespace(ns.to_owned()));
         };
         namespace.check_ids(ids)?;
+        // Counting the new sections costs a pass; only near the limit is it needed.
+        if *sections_total + ids.len() > options.sections_max
+            && *sections_total + namespace.new_sections(ids) > options.sections_max
+        {
+            return Err(SeqError::SectionsExhausted {
+                max: options.sections_max,
+            });
+        }
+        let sections_before = namespace.sections.len();
         let mut seqs = Vec::with_capacity(ids.len());
         // Pass 1 writes tentatively (with an undo log) so repeated ids see their own values.
         let assigned = assign_batch(namespace, ids, batch, &mut seqs);
+        *sections_total += namespace.sections.len() - sections_before;
         let fits = batch.touched.iter().all(|&slot| {
             let state = &namespace.sections[slot];
             state.batch_need <= state.serve_ceiling()
@@ -535,10 +582,14 @@ impl Allocator {
         state.debug_check();
     }
 
+    /// The section a storage report or a recovery load is about, created if needed: those
+    /// are durable history, so they are never refused by `sections_max`, but they count.
     fn report_target(&mut self, ns: NsId, section: u64) -> Option<&mut Section> {
-        self.namespaces
-            .get_mut(ns as usize)?
-            .section_for_report(section)
+        let namespace = self.namespaces.get_mut(ns as usize)?;
+        if section < namespace.def.section_count() && !namespace.slots.contains_key(&section) {
+            self.sections_total += 1;
+        }
+        namespace.section_for_report(section)
     }
 
     /// Returns every section's ceiling to persist in a checkpoint, `max(durable, pending)`, in
@@ -570,10 +621,14 @@ impl Allocator {
 
     /// Returns the number of sections held in memory (touched, raised or loaded).
     pub fn sections_loaded(&self) -> usize {
-        self.namespaces
-            .iter()
-            .map(|namespace| namespace.sections.len())
-            .sum()
+        debug_assert_eq!(
+            self.sections_total,
+            self.namespaces
+                .iter()
+                .map(|namespace| namespace.sections.len())
+                .sum::<usize>()
+        );
+        self.sections_total
     }
 
     /// Checks every invariant of every section (O(ids in memory)); the error names the first

@@ -40,6 +40,15 @@ pub enum SeqError {
     /// A namespace definition failed validation; the string says why.
     #[error("invalid namespace: {0}")]
     InvalidNamespace(String),
+    /// Serving the request would create a section beyond `sections_max`; nothing was
+    /// allocated.
+    #[error(
+        "{max} sections are in memory (limit seq.sections_max); this request would create more"
+    )]
+    SectionsExhausted {
+        /// The configured `sections_max`.
+        max: usize,
+    },
     /// The id's sequence reached `u64::MAX`: no larger value exists to hand out. Unreachable by
     /// allocation alone (2^64 values); only a corrupt loaded `max_seq` can get here.
     #[error("sequence space exhausted for id {id} of namespace `{ns}`")]

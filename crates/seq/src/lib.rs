@@ -41,7 +41,8 @@ mod error;
 mod namespace;
 
 pub use allocator::{
-    Alloc, Allocator, AllocatorOptions, BATCH_IDS_MAX_DEFAULT, Raise, headroom_min,
+    Alloc, Allocator, AllocatorOptions, BATCH_IDS_MAX_DEFAULT, Raise, SECTIONS_MAX_DEFAULT,
+    headroom_min,
 };
 pub use error::SeqError;
 pub use namespace::{

@@ -16,6 +16,7 @@
 
 mod admin;
 pub mod edge;
+pub mod limits;
 mod presence;
 mod sequence;
 
@@ -64,7 +65,9 @@ pub fn error_code(error: &NodeError) -> tonic::Code {
         NodeError::Seq(error) => match error {
             SeqError::UnknownNamespace(_) => Code::NotFound,
             SeqError::NamespaceExists(_) => Code::AlreadyExists,
-            SeqError::BatchTooLarge { .. } => Code::ResourceExhausted,
+            SeqError::BatchTooLarge { .. } | SeqError::SectionsExhausted { .. } => {
+                Code::ResourceExhausted
+            }
             SeqError::SequenceExhausted { .. } => Code::OutOfRange,
             SeqError::IdOutOfRange { .. }
             | SeqError::EmptyBatch

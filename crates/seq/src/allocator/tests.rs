@@ -293,7 +293,10 @@ fn reports_for_unknown_namespaces_or_sections_are_ignored() {
 
 #[test]
 fn errors_name_the_range_and_the_limit() {
-    let mut allocator = Allocator::new(AllocatorOptions { batch_ids_max: 3 });
+    let mut allocator = Allocator::new(AllocatorOptions {
+        batch_ids_max: 3,
+        ..AllocatorOptions::default()
+    });
     allocator.add_namespace(small_def()).unwrap();
     let error = allocator.next(NS, 200).unwrap_err();
     assert_eq!(
@@ -451,4 +454,37 @@ fn planted_bug_serves_before_durable_and_check_invariants_reports_s2() {
     assert_eq!(allocator.durable_max(ns, 0), 0);
     let error = allocator.check_invariants().unwrap_err();
     assert!(error.contains("S2"), "{error}");
+}
+
+#[test]
+fn requests_never_create_sections_beyond_sections_max_but_loads_always_load() {
+    let mut allocator = Allocator::new(AllocatorOptions {
+        sections_max: 3,
+        ..AllocatorOptions::default()
+    });
+    let ns = allocator.add_namespace(small_def()).unwrap();
+    next_settled(&mut allocator, 100);
+    next_settled(&mut allocator, 110);
+    // A batch that would create two more sections is refused whole; one more fits.
+    assert_eq!(
+        allocator.next_batch(NS, &[120, 130, 101]),
+        Err(SeqError::SectionsExhausted { max: 3 })
+    );
+    assert_eq!(allocator.sections_loaded(), 2);
+    assert!(matches!(
+        allocator.next_batch(NS, &[120, 121, 101]).unwrap(),
+        Alloc::Wait { .. } | Alloc::Served { .. }
+    ));
+    assert_eq!(allocator.sections_loaded(), 3);
+    assert_eq!(
+        allocator.next(NS, 130),
+        Err(SeqError::SectionsExhausted { max: 3 })
+    );
+    // Sections already in memory keep serving.
+    assert!(next_settled(&mut allocator, 111) > 0);
+    // Durable history always loads, and counts.
+    allocator.load_section(ns, 5, 40);
+    assert_eq!(allocator.sections_loaded(), 4);
+    assert!(next_settled(&mut allocator, 150) > 40);
+    allocator.check_invariants().unwrap();
 }
