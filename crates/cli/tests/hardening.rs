@@ -368,3 +368,80 @@ fn damaged_checkpoints_and_logs_are_named_by_path_and_reported_once() {
         "said once: {stderr}"
     );
 }
+
+/// Sequence history that went missing is detected: with `seq/*.log` deleted but a checkpoint
+/// kept, or with `seq/` wiped while `presence/` remains, the node used to start and hand out
+/// `1` again for ids it had served. It now refuses, naming what is missing; removing the whole
+/// data directory is the one way to start afresh.
+#[test]
+fn missing_sequence_history_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let stderr_file = dir.path().join("stderr");
+    let next = |server: &Server, id: &str| -> u64 {
+        let output = server.cli(&["seq", "next", id]);
+        assert!(output.status.success(), "{}", stderr_of(&output));
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let mut server = Server::start(&data, None);
+    assert_eq!(next(&server, "7"), 1);
+    assert!(server.cli(&["ctl", "checkpoint"]).status.success());
+    // A raise in another section after the checkpoint: history the checkpoint does not hold.
+    assert_eq!(next(&server, "100007"), 1);
+    assert!(server.terminate().success());
+
+    // 1. The log files deleted, the checkpoint kept.
+    let saved = dir.path().join("saved-seq");
+    copy_dir(&data.join("seq"), &saved);
+    for entry in std::fs::read_dir(data.join("seq")).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("wal-")
+        {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let Err((status, stderr)) = serve_with_stderr(&data, &stderr_file) else {
+        panic!("started with its sequence log files deleted");
+    };
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("seq/HISTORY records"), "{stderr}");
+    assert!(
+        stderr.contains("remove the whole data directory"),
+        "{stderr}"
+    );
+
+    // 2. seq/ wiped whole while presence/ remains.
+    std::fs::remove_dir_all(data.join("seq")).unwrap();
+    let Err((status, stderr)) = serve_with_stderr(&data, &stderr_file) else {
+        panic!("started with seq/ wiped");
+    };
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("seq/HISTORY is missing"), "{stderr}");
+
+    // The full history back: the node starts and goes on above what it served.
+    std::fs::remove_dir_all(data.join("seq")).ok();
+    copy_dir(&saved, &data.join("seq"));
+    server.restart();
+    assert!(next(&server, "7") > 1);
+    assert!(server.terminate().success());
+
+    // 3. The deliberate way to start afresh: remove the whole data directory.
+    std::fs::remove_dir_all(&data).unwrap();
+    server.restart();
+    assert_eq!(next(&server, "7"), 1);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}

@@ -12,6 +12,8 @@
 //! Layout:
 //! - [`config`]: the node's configuration (TOML file and flags), with defaults that run.
 //! - [`datadir`]: the data directory, locked against a second process.
+//! - [`history`]: identity and history markers: refuse to start on a log whose history went
+//!   missing.
 //! - [`seqstore`]: the sequence service's state machine: allocator + log, persist before serve.
 //! - [`presencestore`]: the presence registry + its log, expiry and checkpoint threads.
 //! - [`autocheckpoint`]: when a store starts an automatic checkpoint (one at a time).
@@ -39,6 +41,7 @@ pub mod config;
 pub mod datadir;
 pub mod error;
 pub mod grpc;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod presencestore;

@@ -37,6 +37,7 @@ use crate::datadir::DataDir;
 use crate::grpc::edge::{EdgeLayer, Tokens};
 use crate::grpc::limits;
 use crate::grpc::{AdminService, PresenceService, SequenceService};
+use crate::history::{History, LogKind};
 use crate::http::Health;
 use crate::metrics::{LOG_PRESENCE, LOG_SEQ};
 use crate::presencestore::PresenceStore;
@@ -115,6 +116,8 @@ pub struct Node {
     config: NodeConfig,
     /// Held for the life of the node: the data directory lock.
     _data_dir: DataDir,
+    /// The history markers, recorded again at clean shutdown.
+    history: History,
     seq: Arc<SeqStore>,
     presence: Arc<PresenceStore>,
     health: Arc<Health>,
@@ -137,6 +140,7 @@ impl Node {
         security: Security,
         health: Arc<Health>,
     ) -> Result<Self, NodeError> {
+        let mut history = History::check(data_dir.root())?;
         let started = Instant::now();
         let storage =
             FileStorage::new(data_dir.seq_dir()).map_err(|error| NodeError::DataDir {
@@ -152,6 +156,7 @@ impl Node {
         let declared: Vec<_> = config.seq.namespaces.iter().map(|n| n.to_def()).collect();
         let (seq, stats) = SeqStore::open(storage, options, &declared).await?;
         warn_skipped_checkpoints("sequence", &stats);
+        history.check_recovered(LogKind::Seq, stats.last_lsn, seq.log().last_lsn())?;
         crate::metrics::recovered(LOG_SEQ, &stats, started.elapsed());
         crate::metrics::observe_log(seq.log(), LOG_SEQ);
         tracing::info!(
@@ -173,6 +178,7 @@ impl Node {
         let options = config.presence.to_options()?;
         let (presence, stats) = PresenceStore::open(storage, options, Arc::new(SystemClock))?;
         warn_skipped_checkpoints("presence", &stats);
+        history.check_recovered(LogKind::Presence, stats.last_lsn, presence.log().last_lsn())?;
         crate::metrics::recovered(LOG_PRESENCE, &stats, started.elapsed());
         crate::metrics::observe_log(presence.log(), LOG_PRESENCE);
         tracing::info!(
@@ -188,6 +194,7 @@ impl Node {
         Ok(Self {
             config,
             _data_dir: data_dir,
+            history,
             seq,
             presence,
             health,
@@ -360,6 +367,10 @@ impl Node {
         }
         self.seq.shutdown()?;
         self.presence.shutdown()?;
+        self.history
+            .record(LogKind::Seq, self.seq.log().last_lsn())?;
+        self.history
+            .record(LogKind::Presence, self.presence.log().last_lsn())?;
         tracing::info!("stopped cleanly; the log is flushed");
         Ok(())
     }
