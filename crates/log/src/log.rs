@@ -168,6 +168,10 @@ struct Shared {
     queue_has_work: Condvar,
     /// Appenders wait here while the queue is full (backpressure).
     queue_has_room: Condvar,
+    /// Async admission ([`Log::admit`]) waits here for the flusher to take records.
+    room_notify: tokio::sync::Notify,
+    /// Records queued for the flusher (mirrors `Queue::pending.len()` for lock-free reads).
+    queued: AtomicU64,
     progress: Mutex<Progress>,
     progress_changed: Condvar,
     /// For async waiters; needs no runtime, only `tokio::sync`.
@@ -230,7 +234,9 @@ impl Shared {
             queue.pending.clear();
         }
         self.poisoned.store(true, Ordering::Release);
+        self.queued.store(0, Ordering::Release);
         self.queue_has_room.notify_all();
+        self.room_notify.notify_waiters();
         self.queue_has_work.notify_all();
         self.update_progress(|progress| {
             if progress.poison.is_none() {
@@ -339,6 +345,8 @@ impl Log {
             }),
             queue_has_work: Condvar::new(),
             queue_has_room: Condvar::new(),
+            room_notify: tokio::sync::Notify::new(),
+            queued: AtomicU64::new(0),
             progress: Mutex::new(progress),
             progress_changed: Condvar::new(),
             progress_watch,
@@ -387,6 +395,64 @@ impl Log {
     /// poisoned or closed, or the payload is larger than `record_bytes_max`. LSN assignment
     /// order is on-disk order.
     pub fn append(&self, payload: Vec<u8>) -> Result<Lsn, LogError> {
+        self.push(payload, true)
+    }
+
+    /// [`Log::append`] that never waits: when the queue is full the record is queued beyond
+    /// `queue_records_max`. For appends under a lock that others (async tasks) wait for: the
+    /// caller applies back-pressure before it takes the lock, with [`Log::admit`] (async) or
+    /// [`Log::wait_room`] (a thread), so the queue goes over its limit by at most the records
+    /// of the writers admitted at once.
+    pub fn append_unblocked(&self, payload: Vec<u8>) -> Result<Lsn, LogError> {
+        self.push(payload, false)
+    }
+
+    /// Resolves once the queue is under `queue_records_max` (at once if it is), or with the
+    /// poison or closed error: back-pressure for an async writer, taken before the locks under
+    /// which it will append with [`Log::append_unblocked`].
+    pub async fn admit(&self) -> Result<(), LogError> {
+        let max = self.shared.options.queue_records_max as u64;
+        loop {
+            let notified = self.shared.room_notify.notified();
+            if let Some(error) = self.unusable() {
+                return Err(error);
+            }
+            if self.shared.queued.load(Ordering::Acquire) < max {
+                return Ok(());
+            }
+            notified.await;
+        }
+    }
+
+    /// Blocks until the queue is under `queue_records_max` (a thread's [`Log::admit`]).
+    pub fn wait_room(&self) -> Result<(), LogError> {
+        let mut queue = self.shared.queue.lock();
+        loop {
+            if let Some(message) = &queue.poison {
+                return Err(LogError::Poisoned(message.clone()));
+            }
+            if queue.closing {
+                return Err(LogError::Closed);
+            }
+            if queue.pending.len() < self.shared.options.queue_records_max {
+                return Ok(());
+            }
+            self.shared.queue_has_room.wait(&mut queue);
+        }
+    }
+
+    /// The error every operation gets once the log is poisoned. (A closed log admits: the
+    /// append that follows fails with [`LogError::Closed`].)
+    fn unusable(&self) -> Option<LogError> {
+        if self.is_poisoned() {
+            return Some(LogError::Poisoned(
+                self.shared.poison_message().unwrap_or_default(),
+            ));
+        }
+        None
+    }
+
+    fn push(&self, payload: Vec<u8>, wait_for_room: bool) -> Result<Lsn, LogError> {
         let max = self.shared.options.record_bytes_max;
         if payload.len() > max as usize {
             return Err(LogError::RecordTooLarge {
@@ -405,7 +471,7 @@ impl Log {
             if queue.closing {
                 return Err(LogError::Closed);
             }
-            if queue.pending.len() < self.shared.options.queue_records_max {
+            if !wait_for_room || queue.pending.len() < self.shared.options.queue_records_max {
                 break;
             }
             self.shared.queue_has_room.wait(&mut queue);
@@ -414,6 +480,9 @@ impl Log {
         queue.next_lsn += 1;
         let header = record::header_from_payload_crc(lsn, len, payload_crc);
         queue.pending.push_back(Pending { header, payload });
+        self.shared
+            .queued
+            .store(queue.pending.len() as u64, Ordering::Release);
         self.shared.last_lsn.store(lsn, Ordering::Release);
         let was_idle = queue.pending.len() == 1;
         drop(queue);
@@ -665,6 +734,7 @@ impl Log {
         }
         self.shared.queue_has_work.notify_all();
         self.shared.queue_has_room.notify_all();
+        self.shared.room_notify.notify_waiters();
         let handle = self.flusher.lock().take();
         if let Some(handle) = handle
             && handle.join().is_err()
@@ -942,9 +1012,13 @@ impl Flusher {
             }
         }
         let closing = queue.closing && queue.pending.is_empty();
+        self.shared
+            .queued
+            .store(queue.pending.len() as u64, Ordering::Release);
         drop(queue);
         if !self.batch.is_empty() {
             self.shared.queue_has_room.notify_all();
+            self.shared.room_notify.notify_waiters();
         }
         Some(closing)
     }

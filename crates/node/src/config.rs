@@ -289,6 +289,7 @@ impl PresenceConfig {
                 subscribers_max: self.watch_subscribers_max,
                 uids_max: self.watch_uids_max,
             },
+            ..crate::presencestore::PresenceStoreOptions::default()
         })
     }
 }

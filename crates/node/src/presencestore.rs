@@ -209,6 +209,8 @@ pub struct PresenceStoreOptions {
     pub checkpoint_log_bytes: u64,
     /// Bounds of Watch: buffer, subscribers, filter size.
     pub watch: WatchLimits,
+    /// Records queued for the log's flusher before writers wait (before their shard lock).
+    pub log_queue_records_max: usize,
 }
 
 impl Default for PresenceStoreOptions {
@@ -220,6 +222,7 @@ impl Default for PresenceStoreOptions {
             tick_ms: 250,
             checkpoint_log_bytes: 128 * 1024 * 1024,
             watch: WatchLimits::default(),
+            log_queue_records_max: LogOptions::default().queue_records_max,
         }
     }
 }
@@ -247,8 +250,10 @@ impl Journal for NodeJournal {
             let _ = log;
             return;
         }
+        // Never waits under the shard lock: writers were admitted (back-pressure) before they
+        // took it, so a full queue only grows by the records of writers already admitted.
         #[cfg(not(feature = "planted-presence-ack-before-log"))]
-        match log.append(bytes) {
+        match log.append_unblocked(bytes) {
             Ok(lsn) => {
                 if let Entry::Event(event) = &entry {
                     count_event(event);
@@ -323,6 +328,7 @@ impl PresenceStore {
         );
         let log_options = LogOptions {
             fsync: options.fsync,
+            queue_records_max: options.log_queue_records_max,
             ..LogOptions::default()
         };
         // Sessions restored already overdue then wait in the wheel slot of now, so the first
@@ -408,9 +414,11 @@ impl PresenceStore {
         let now_ms = self.clock.now_ms();
         let mut expired = self.registry.tick_gateways(now_ms).len();
         for shard in 0..self.registry.shard_count() {
-            while let Ok(progress) =
-                self.registry
-                    .tick_shard(shard, now_ms, EXPIRY_VISITS_PER_LOCK)
+            // Back-pressure between steps, never under a shard lock (see `admit`).
+            while self.log.wait_room().is_ok()
+                && let Ok(progress) =
+                    self.registry
+                        .tick_shard(shard, now_ms, EXPIRY_VISITS_PER_LOCK)
             {
                 expired += progress.events.len();
                 if progress.done {
@@ -468,6 +476,13 @@ impl PresenceStore {
         })?)
     }
 
+    /// Back-pressure, taken before any shard lock: resolves once the log's queue has room
+    /// (`queue_records_max`), so an append under a shard lock never has to wait for the
+    /// flusher and an async worker never blocks there. Every write path calls it first.
+    pub async fn admit(&self) -> Result<(), NodeError> {
+        Ok(self.log.admit().await?)
+    }
+
     /// Waits until every change made so far is durable under the policy. Callers of the
     /// `*_applied` methods must wait here before they acknowledge, and readers before they
     /// answer: a change is applied (visible) before its record is durable, and a read must
@@ -491,6 +506,7 @@ impl PresenceStore {
         ttl_ms: u32,
         meta: Option<&[u8]>,
     ) -> Result<LoginOutcome, NodeError> {
+        self.admit().await?;
         let outcome = self.login_applied(&LoginRequest {
             uid,
             device,
@@ -516,6 +532,7 @@ impl PresenceStore {
 
     /// Removes the session of (uid, conn).
     pub async fn logout(&self, uid: u64, conn: u64) -> Result<Session, NodeError> {
+        self.admit().await?;
         let session = self.logout_applied(uid, conn)?;
         self.durable().await?;
         Ok(session)
@@ -528,6 +545,7 @@ impl PresenceStore {
 
     /// Renews the session of (uid, conn).
     pub async fn heartbeat(&self, uid: u64, conn: u64) -> Result<(), NodeError> {
+        self.admit().await?;
         self.heartbeat_applied(uid, conn)?;
         self.durable().await
     }
@@ -544,6 +562,7 @@ impl PresenceStore {
         gateway: &str,
         sessions: &[(u64, u64)],
     ) -> Result<Vec<(u64, u64)>, NodeError> {
+        self.admit().await?;
         let unknown = self.heartbeat_batch_applied(gateway, sessions)?;
         self.durable().await?;
         Ok(unknown)
@@ -590,6 +609,7 @@ impl PresenceStore {
     /// Drops every session of `gateway`; returns how many.
     pub async fn gateway_down(&self, gateway: &str) -> Result<usize, NodeError> {
         imstate_presence::check_gateway_name(gateway)?;
+        self.admit().await?;
         let outcome: GatewayDownOutcome = self.registry.gateway_down(gateway);
         self.durable().await?;
         Ok(outcome.dropped())
@@ -597,6 +617,7 @@ impl PresenceStore {
 
     /// Registers a gateway lease.
     pub async fn gateway_register(&self, gateway: &str, ttl_ms: u32) -> Result<(), NodeError> {
+        self.admit().await?;
         self.registry
             .gateway_register(gateway, ttl_ms, self.clock.now_ms())?;
         self.durable().await
@@ -604,6 +625,7 @@ impl PresenceStore {
 
     /// Renews a gateway lease.
     pub async fn gateway_heartbeat(&self, gateway: &str) -> Result<(), NodeError> {
+        self.admit().await?;
         self.registry
             .gateway_heartbeat(gateway, self.clock.now_ms())?;
         self.durable().await

@@ -579,6 +579,18 @@ impl<'c> Connection<'c> {
             }
         };
         let op = request.op();
+        if matches!(
+            request,
+            Request::Login(_)
+                | Request::Logout { .. }
+                | Request::Heartbeat { .. }
+                | Request::HeartbeatBatch { .. }
+        ) && self.hello
+            && let Err(error) = self.context.presence.admit().await
+        {
+            // Back-pressure before the shard lock (an atomic load while the log keeps up).
+            return self.failed(op, &error);
+        }
         match request {
             Request::Hello { token } => return self.hello(token),
             _ if !self.hello => {

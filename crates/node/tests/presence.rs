@@ -327,3 +327,39 @@ async fn reads_never_show_a_change_whose_record_did_not_become_durable() {
     assert!(store.online_count().await.is_err());
     assert!(store.log().is_poisoned());
 }
+
+/// A full log queue makes writers wait before they take a shard lock, never under it: with the
+/// flusher held up by slow fsyncs and a queue of 4 records, 12 logins on a one-thread runtime
+/// leave that thread free (a 10 ms timer fires at once). An append that blocked under the shard
+/// lock used to stop the whole worker until the disk caught up.
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_log_queue_applies_back_pressure_before_the_shard_lock() {
+    let storage = FaultyStorage::new();
+    let options = PresenceStoreOptions {
+        log_queue_records_max: 4,
+        ..options(FsyncPolicy::Always)
+    };
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = PresenceStore::open(storage.clone(), options, clock)
+        .unwrap()
+        .0;
+    storage.stall_fsync(Duration::from_millis(300));
+    let logins: Vec<_> = (0..12u64)
+        .map(|uid| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.login(uid, "phone", "gw", uid, 60_000, None).await })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let timer = started.elapsed();
+    storage.stall_fsync(Duration::ZERO);
+    for login in logins {
+        login.await.unwrap().unwrap();
+    }
+    assert!(
+        timer < Duration::from_millis(250),
+        "the runtime thread was blocked for {timer:?} behind a full log queue"
+    );
+    assert_eq!(store.online_count().await.unwrap(), 12);
+}
