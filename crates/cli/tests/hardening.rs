@@ -56,18 +56,7 @@ fn sigterm_ends_open_watch_streams_and_exits_promptly() {
     });
     // Traffic for the streams, so some have unread events queued.
     for uid in 0..20 {
-        let output = server.cli(&[
-            "presence",
-            "login",
-            "--uid",
-            &uid.to_string(),
-            "--device",
-            "d",
-            "--gateway",
-            "g",
-            "--conn",
-            "1",
-        ]);
+        let output = server.login(&uid.to_string(), "d", "g", "1");
         assert!(output.status.success());
     }
     let (status, took) = server
@@ -182,18 +171,7 @@ fn bad_names_and_absurd_namespace_parameters_get_short_clear_errors() {
         );
     }
 
-    let output = server.cli(&[
-        "presence",
-        "login",
-        "--uid",
-        "1",
-        "--device",
-        "ph\none",
-        "--gateway",
-        "gw",
-        "--conn",
-        "1",
-    ]);
+    let output = server.login("1", "ph\none", "gw", "1");
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("control character"), "{stderr}");
@@ -213,18 +191,7 @@ fn bad_names_and_absurd_namespace_parameters_get_short_clear_errors() {
 
     // Two gateways reusing one conn id for one uid: the error says the rule.
     for (gateway, expect_ok) in [("gwA", true), ("gwB", false)] {
-        let output = server.cli(&[
-            "presence",
-            "login",
-            "--uid",
-            "51",
-            "--device",
-            gateway,
-            "--gateway",
-            gateway,
-            "--conn",
-            "7",
-        ]);
+        let output = server.login("51", gateway, gateway, "7");
         assert_eq!(output.status.success(), expect_ok, "{}", stderr_of(&output));
         if !expect_ok {
             let stderr = stderr_of(&output);
@@ -311,18 +278,7 @@ fn damaged_checkpoints_and_logs_are_named_by_path_and_reported_once() {
     let stderr_file = dir.path().join("stderr");
     let mut server = Server::start(&data, None);
     for uid in 1..=10 {
-        let output = server.cli(&[
-            "presence",
-            "login",
-            "--uid",
-            &uid.to_string(),
-            "--device",
-            "d",
-            "--gateway",
-            "g",
-            "--conn",
-            "1",
-        ]);
+        let output = server.login(&uid.to_string(), "d", "g", "1");
         assert!(output.status.success());
     }
     assert!(server.cli(&["ctl", "checkpoint"]).status.success());

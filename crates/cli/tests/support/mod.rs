@@ -192,6 +192,22 @@ impl Server {
         self.child.as_ref().map(Child::id)
     }
 
+    /// `imstate presence login` against this server (the output, checked by the caller).
+    pub fn login(&self, uid: &str, device: &str, gateway: &str, conn: &str) -> Output {
+        self.cli(&[
+            "presence",
+            "login",
+            "--uid",
+            uid,
+            "--device",
+            device,
+            "--gateway",
+            gateway,
+            "--conn",
+            conn,
+        ])
+    }
+
     /// Runs the CLI against this server.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut command = Command::new(binary());
