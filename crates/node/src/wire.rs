@@ -137,11 +137,6 @@ impl WireContext {
         })
     }
 
-    /// Bytes of the input budget in use now.
-    pub fn input_budget_used(&self) -> usize {
-        self.budget_used.load(Ordering::Relaxed)
-    }
-
     /// Counts a connection from `source`, or returns how many are open from it if the limit
     /// is reached (and counts nothing).
     fn admit_source(&self, source: IpAddr) -> Result<(), usize> {
