@@ -305,6 +305,64 @@ fn full_queue_applies_backpressure_and_keeps_order() {
     assert_eq!(replayed.records, issued);
 }
 
+/// `admit` waits while the queue is full and resolves once the flusher takes records;
+/// `append_unblocked` queues past the limit instead of waiting, in LSN order; a poisoned log
+/// fails `admit` at once.
+#[test]
+fn admit_waits_for_room_and_unblocked_appends_never_wait() {
+    let options = LogOptions {
+        queue_records_max: 2,
+        ..small_segments()
+    };
+    let storage = FaultyStorage::new();
+    let (log, _, _) = open(storage.clone(), options.clone()).expect("open");
+    let log = Arc::new(log);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // A stalled fsync holds the flusher, so the queue fills and stays full for a while.
+    storage.stall_fsync(Duration::from_millis(300));
+    let mut issued = vec![(
+        log.append(b"first".to_vec()).expect("append"),
+        b"first".to_vec(),
+    )];
+    // Let the flusher take the first record into its stalled fsync; the rest then queue.
+    std::thread::sleep(Duration::from_millis(50));
+    let started = Instant::now();
+    for index in 0..10u32 {
+        let body = index.to_le_bytes().to_vec();
+        issued.push((log.append_unblocked(body.clone()).expect("queued"), body));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "append_unblocked waited for the flusher"
+    );
+    let waited = runtime.block_on(async {
+        let started = Instant::now();
+        log.admit().await.expect("admitted");
+        started.elapsed()
+    });
+    assert!(
+        waited >= Duration::from_millis(100),
+        "admit did not wait for room ({waited:?})"
+    );
+    storage.stall_fsync(Duration::ZERO);
+    log.wait_durable(issued.last().unwrap().0).expect("durable");
+    runtime.block_on(async { log.admit().await.expect("room at once") });
+    storage.fail_fsync(true);
+    let lsn = log.append(b"doomed".to_vec()).expect("queued");
+    assert!(log.wait_durable(lsn).is_err());
+    assert!(matches!(
+        runtime.block_on(log.admit()),
+        Err(LogError::Poisoned(_))
+    ));
+    drop(log);
+    storage.fail_fsync(false);
+    let (_log, replayed, _) = open(storage, options).expect("reopen");
+    assert_eq!(replayed.records[..issued.len()], issued[..]);
+}
+
 #[test]
 fn record_too_large_and_closed_errors() {
     let options = LogOptions {

@@ -80,7 +80,8 @@ pub const WIRE_CONNECTIONS: &str = "imstate_wire_connections";
 /// `hello_timeout`, `idle_timeout`, `input_budget`).
 pub const WIRE_REFUSED: &str = "imstate_wire_refused_total";
 
-/// The listener's limits (configuration section `[wire]`).
+/// The listener's limits, from the configuration section `[wire]` (`WireConfig::to_limits`,
+/// which holds the defaults).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WireLimits {
     /// Time from accept to a complete `Hello`.
@@ -91,17 +92,6 @@ pub struct WireLimits {
     pub connections_per_source_max: usize,
     /// Bytes all connections may buffer for frames larger than one read.
     pub input_budget_bytes: usize,
-}
-
-impl Default for WireLimits {
-    fn default() -> Self {
-        Self {
-            hello_timeout: Duration::from_secs(10),
-            idle_timeout: Some(Duration::from_secs(300)),
-            connections_per_source_max: 1_000,
-            input_budget_bytes: 256 << 20,
-        }
-    }
 }
 
 /// What every connection shares.
