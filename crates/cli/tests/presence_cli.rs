@@ -17,18 +17,7 @@ fn err(output: &std::process::Output) -> String {
 }
 
 fn login(server: &Server, uid: &str, device: &str, gateway: &str, conn: &str) -> String {
-    let output = server.cli(&[
-        "presence",
-        "login",
-        "--uid",
-        uid,
-        "--device",
-        device,
-        "--gateway",
-        gateway,
-        "--conn",
-        conn,
-    ]);
+    let output = server.login(uid, device, gateway, conn);
     assert!(output.status.success(), "{}", err(&output));
     out(&output)
 }
