@@ -15,15 +15,7 @@ use imstate_client::{LoginArgs, WireClient};
 use imstate_wire::codec::{self, Frame};
 use imstate_wire::{Code, Op};
 use rand::{Rng, SeedableRng};
-use support::Server;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use support::{Server, runtime, wire_error_of};
 
 /// Resident set size of a process, in MiB.
 fn rss_mib(pid: u32) -> f64 {
@@ -141,16 +133,6 @@ fn read_frames(stream: &mut TcpStream, limit: Duration) -> (Vec<(u8, Vec<u8>)>, 
     (frames, closed)
 }
 
-fn error_of(frame: &(u8, Vec<u8>)) -> (Code, String) {
-    Frame {
-        op: frame.0,
-        body: &frame.1,
-    }
-    .reply_body(Op::Next)
-    .expect("a valid reply")
-    .expect_err("an error reply")
-}
-
 /// A normal client still gets served.
 fn served(server: &Server, token: &str) {
     runtime().block_on(async {
@@ -216,7 +198,7 @@ fn unauthenticated_clients_cannot_make_the_node_buffer_large_frames() {
         // The refusal may be lost when the node closes on unread bytes (a TCP reset); if it
         // arrives, it names the limit.
         if let Some(frame) = frames.first() {
-            let (code, message) = error_of(frame);
+            let (code, message) = wire_error_of(frame);
             assert_eq!(code, Code::RESOURCE_EXHAUSTED, "{message}");
             assert!(message.contains("HELLO_FRAME_BYTES_MAX"), "{message}");
         }
@@ -274,7 +256,7 @@ fn large_frames_of_many_clients_stay_within_the_input_budget() {
         .iter()
         .filter(|(_, frames, _)| {
             frames.get(1).is_some_and(|frame| {
-                let (code, message) = error_of(frame);
+                let (code, message) = wire_error_of(frame);
                 code == Code::RESOURCE_EXHAUSTED && message.contains("wire.input_budget_bytes")
             })
         })
@@ -320,7 +302,7 @@ fn slow_and_silent_clients_are_closed_by_deadlines() {
     let mut silent = TcpStream::connect(&server.wire_addr).unwrap();
     let (frames, closed) = read_frames(&mut silent, Duration::from_secs(10));
     assert!(closed, "a client without Hello was not closed");
-    let (code, message) = error_of(&frames[0]);
+    let (code, message) = wire_error_of(&frames[0]);
     assert_eq!(code, Code::DEADLINE_EXCEEDED);
     assert!(message.contains("wire.hello_timeout_ms"), "{message}");
 
@@ -329,7 +311,7 @@ fn slow_and_silent_clients_are_closed_by_deadlines() {
     let (frames, closed) = read_frames(&mut idle, Duration::from_secs(10));
     assert!(closed, "an idle client was not closed");
     assert_eq!(frames[0].0, Op::Hello.reply());
-    let (code, message) = error_of(&frames[1]);
+    let (code, message) = wire_error_of(&frames[1]);
     assert_eq!(code, Code::DEADLINE_EXCEEDED);
     assert!(message.contains("wire.idle_timeout_ms"), "{message}");
 
@@ -356,7 +338,7 @@ fn slow_and_silent_clients_are_closed_by_deadlines() {
     assert!(cut || closed, "a trickling client was not closed");
     assert!(started.elapsed() < Duration::from_secs(10));
     if let Some(frame) = frames.get(1) {
-        assert_eq!(error_of(frame).0, Code::DEADLINE_EXCEEDED);
+        assert_eq!(wire_error_of(frame).0, Code::DEADLINE_EXCEEDED);
     }
     served(&server, "");
 }
@@ -402,7 +384,7 @@ fn one_source_cannot_take_every_connection() {
     for stream in &mut flood {
         let (frames, closed) = read_frames(stream, Duration::from_secs(5));
         assert!(closed, "a flood connection outlived wire.hello_timeout_ms");
-        let (code, message) = error_of(frames.first().expect("a reason before closing"));
+        let (code, message) = wire_error_of(frames.first().expect("a reason before closing"));
         match code {
             Code::RESOURCE_EXHAUSTED => {
                 assert!(

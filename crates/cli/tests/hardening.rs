@@ -5,17 +5,9 @@ mod support;
 
 use std::time::Duration;
 
-use imstate_client::{Client, LoginArgs, WireClient};
-use support::Server;
+use imstate_client::{Client, WireClient};
+use support::{Server, login_args, runtime};
 use tokio_stream::StreamExt;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// SIGTERM with 100 Watch streams open (one of them never read) ends every stream with
 /// UNAVAILABLE "stopping" and exits 0 within the drain timeout. It used to wait for the watch
@@ -77,17 +69,6 @@ fn sigterm_ends_open_watch_streams_and_exits_promptly() {
     drop(streams);
 }
 
-fn login(uid: u64, device: &str, conn: u64) -> LoginArgs {
-    LoginArgs {
-        uid,
-        device: device.into(),
-        gateway: "gw1".into(),
-        conn,
-        ttl_ms: 60_000,
-        meta: Vec::new(),
-    }
-}
-
 /// A Watch subscriber filtered to one uid is held to account only for that uid's events: other
 /// uids' traffic far beyond `watch_buffer_events` does not cut it off (it used to, with the
 /// message "fell behind by 673 events (limit 8192)"). And a retried identical login emits no
@@ -105,15 +86,15 @@ fn a_one_uid_watcher_survives_other_uids_traffic_and_sees_no_retry_event() {
         let client = Client::connect(&server.addr).await.unwrap();
         let mut mine = client.watch(vec![7]).await.unwrap();
         let wire = WireClient::connect(&server.wire_addr, "").await.unwrap();
-        wire.login(&login(7, "ios", 1)).await.unwrap();
+        wire.login(&login_args(7, "ios", 1)).await.unwrap();
         // 1,000 events for other uids, none read by the subscriber meanwhile.
         for uid in 100..1_100 {
-            wire.login(&login(uid, "ios", 1)).await.unwrap();
+            wire.login(&login_args(uid, "ios", 1)).await.unwrap();
         }
         // The same login again (a gateway's retry), then a real change.
-        let retried = wire.login(&login(7, "ios", 1)).await.unwrap();
+        let retried = wire.login(&login_args(7, "ios", 1)).await.unwrap();
         assert!(retried.replaced.is_none());
-        wire.login(&login(7, "pc", 2)).await.unwrap();
+        wire.login(&login_args(7, "pc", 2)).await.unwrap();
         let mut seen = Vec::new();
         for _ in 0..2 {
             let event = tokio::time::timeout(Duration::from_secs(10), mine.next())

@@ -8,29 +8,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use imstate_client::{ClientError, LoginArgs, WireClient};
+use imstate_client::{ClientError, WireClient};
 use imstate_wire::codec::{self, Frame};
 use imstate_wire::{Code, Op};
-use support::Server;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn login(uid: u64, device: &str, conn: u64) -> LoginArgs {
-    LoginArgs {
-        uid,
-        device: device.into(),
-        gateway: "gw1".into(),
-        conn,
-        ttl_ms: 60_000,
-        meta: Vec::new(),
-    }
-}
+use support::{Server, login_args, runtime, wire_error_of};
 
 fn code(error: &ClientError) -> Option<tonic::Code> {
     error.code()
@@ -55,17 +36,6 @@ fn raw_exchange(address: &str, bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
     }
     assert_eq!(at, received.len(), "only whole frames");
     frames
-}
-
-fn error_of(frame: &(u8, Vec<u8>)) -> (Code, String) {
-    let frame = Frame {
-        op: frame.0,
-        body: &frame.1,
-    };
-    frame
-        .reply_body(Op::Next)
-        .expect("a valid reply")
-        .expect_err("an error reply")
 }
 
 #[test]
@@ -96,17 +66,17 @@ fn every_operation_works_over_the_wire_and_errors_carry_grpc_codes() {
         assert!(error.to_string().contains("batch_ids_max"), "{error}");
 
         // Presence: login, replace, lookup, heartbeats, logout.
-        let stored = client.login(&login(42, "ios", 1)).await.unwrap();
+        let stored = client.login(&login_args(42, "ios", 1)).await.unwrap();
         assert_eq!(stored.session.conn, 1);
         assert!(stored.replaced.is_none());
-        let replaced = client.login(&login(42, "ios", 2)).await.unwrap();
+        let replaced = client.login(&login_args(42, "ios", 2)).await.unwrap();
         assert_eq!(replaced.replaced.unwrap().conn, 1);
-        let retried = client.login(&login(42, "ios", 2)).await.unwrap();
+        let retried = client.login(&login_args(42, "ios", 2)).await.unwrap();
         assert!(
             retried.replaced.is_none(),
             "a retried login replaced itself"
         );
-        let mut with_meta = login(42, "web", 3);
+        let mut with_meta = login_args(42, "web", 3);
         with_meta.meta = b"v=2".to_vec();
         client.login(&with_meta).await.unwrap();
         let found = client.lookup_batch(&[42, 43, 42]).await.unwrap();
@@ -138,12 +108,12 @@ fn every_operation_works_over_the_wire_and_errors_carry_grpc_codes() {
 
         // Bad input: a clear error, and the connection goes on.
         let error = client
-            .login(&login(1, &"d".repeat(65), 1))
+            .login(&login_args(1, &"d".repeat(65), 1))
             .await
             .unwrap_err();
         assert_eq!(code(&error), Some(tonic::Code::InvalidArgument), "{error}");
         let error = client
-            .login(&login(1, &"d".repeat(300), 1))
+            .login(&login_args(1, &"d".repeat(300), 1))
             .await
             .unwrap_err();
         assert!(error.to_string().contains("device"), "{error}");
@@ -186,7 +156,7 @@ fn pipelined_requests_are_answered_in_order() {
         })
         .collect();
     assert!(seqs.windows(2).all(|pair| pair[1] > pair[0]), "{seqs:?}");
-    assert_eq!(error_of(&replies[101]).0, Code::NOT_FOUND);
+    assert_eq!(wire_error_of(&replies[101]).0, Code::NOT_FOUND);
     assert!(codec::decode_next(&replies[102].1).unwrap() > seqs[99]);
 }
 
@@ -200,14 +170,14 @@ fn a_client_that_breaks_the_protocol_gets_an_error_and_is_closed_while_others_ar
     codec::next(&mut bytes, "", 1).unwrap();
     let frames = raw_exchange(&server.wire_addr, &bytes);
     assert_eq!(frames.len(), 1);
-    let (code, message) = error_of(&frames[0]);
+    let (code, message) = wire_error_of(&frames[0]);
     assert_eq!(code, Code::UNAUTHENTICATED);
     assert!(message.contains("Hello"), "{message}");
 
     // Not the wire protocol at all (an HTTP request on the wrong port).
     let frames = raw_exchange(&server.wire_addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(frames.len(), 1);
-    let (code, message) = error_of(&frames[0]);
+    let (code, message) = wire_error_of(&frames[0]);
     assert!(
         code == Code::RESOURCE_EXHAUSTED || code == Code::INVALID_ARGUMENT,
         "{code:?} {message}"
@@ -220,7 +190,7 @@ fn a_client_that_breaks_the_protocol_gets_an_error_and_is_closed_while_others_ar
     let frames = raw_exchange(&server.wire_addr, &bytes);
     assert_eq!(frames.len(), 2);
     assert_eq!(frames[0].0, Op::Hello.reply());
-    let (code, message) = error_of(&frames[1]);
+    let (code, message) = wire_error_of(&frames[1]);
     assert_eq!(code, Code::RESOURCE_EXHAUSTED);
     assert!(message.contains("FRAME_BYTES_MAX"), "{message}");
 
@@ -231,7 +201,7 @@ fn a_client_that_breaks_the_protocol_gets_an_error_and_is_closed_while_others_ar
     bytes.extend_from_slice(&[9, 0, 0]);
     codec::end(&mut bytes, start);
     let frames = raw_exchange(&server.wire_addr, &bytes);
-    let (_, message) = error_of(&frames[0]);
+    let (_, message) = wire_error_of(&frames[0]);
     assert!(message.contains("version 9"), "{message}");
 
     // Everyone else is still served.

@@ -261,3 +261,35 @@ pub async fn reconnect(
     }
     client.clone()
 }
+
+/// A two-worker runtime for tests that drive async clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A login on gateway `gw1` with a 60 s ttl and no metadata.
+pub fn login_args(uid: u64, device: &str, conn: u64) -> imstate_client::LoginArgs {
+    imstate_client::LoginArgs {
+        uid,
+        device: device.into(),
+        gateway: "gw1".into(),
+        conn,
+        ttl_ms: 60_000,
+        meta: Vec::new(),
+    }
+}
+
+/// The code and message of a wire error reply (op byte and body as read off the socket).
+pub fn wire_error_of(frame: &(u8, Vec<u8>)) -> (imstate_wire::Code, String) {
+    imstate_wire::Frame {
+        op: frame.0,
+        body: &frame.1,
+    }
+    .reply_body(imstate_wire::Op::Next)
+    .expect("a valid reply")
+    .expect_err("an error reply")
+}
