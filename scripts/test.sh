@@ -45,6 +45,9 @@ run_tests -p imstate-node --features planted-ack-before-fsync --test seq_crash
 step "negative control: acknowledge a presence change before its log write"
 run_tests -p imstate --features planted-presence-ack-before-log --test kill9_presence
 
+step "negative control: a gateway-id reclaim frees ids that sessions hold"
+run_tests -p imstate-presence --features planted-reclaim-frees-used-gateways --test model
+
 step "negative control: the wire listener answers before its durability wait"
 run_tests -p imstate --features planted-wire-ack-before-durable --test kill9_presence
 

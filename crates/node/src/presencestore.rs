@@ -142,6 +142,10 @@ impl<'r> ReplayBatch<'r> {
     }
 
     /// Decodes and applies everything queued, each shard's records in log order.
+    ///
+    /// A thread that meets the gateway id ceiling stops where it is; once both have stopped,
+    /// unused gateway ids are reclaimed (no shard lock is held then) and each resumes at the
+    /// record it stopped at. Only a reclaim that frees nothing makes the ceiling an error.
     fn flush(&mut self) -> Result<(), String> {
         if self.entries.is_empty() {
             return Ok(());
@@ -150,19 +154,27 @@ impl<'r> ReplayBatch<'r> {
         self.entries.sort_unstable();
         let registry = self.registry;
         let bytes = &self.bytes;
-        let apply = |entries: &[(u32, u32)]| -> Result<(), String> {
+        // Applies `entries` in order; on error, how many were applied and the error.
+        let apply = |entries: &[(u32, u32)]| -> Result<(), (usize, String, bool)> {
+            let fail = |applied: usize, error: PresenceError| {
+                let exceeded = matches!(error, PresenceError::GatewaysExceeded { .. });
+                (applied, error.to_string(), exceeded)
+            };
+            let mut applied = 0;
             for run in entries.chunk_by(|a, b| a.0 == b.0) {
                 let mut shard = registry
                     .shard(run[0].0 as usize)
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| fail(applied, e))?
                     .lock();
                 for &(_, offset) in run {
                     let start = offset as usize + 4;
                     let mut len = [0u8; 4];
                     len.copy_from_slice(&bytes[offset as usize..start]);
                     let payload = &bytes[start..start + u32::from_le_bytes(len) as usize];
-                    let change = Change::decode(payload).map_err(|error| error.to_string())?;
-                    shard.apply_change(&change).map_err(|e| e.to_string())?;
+                    let change = Change::decode(payload)
+                        .map_err(|error| (applied, error.to_string(), false))?;
+                    shard.apply_change(&change).map_err(|e| fail(applied, e))?;
+                    applied += 1;
                 }
             }
             Ok(())
@@ -176,18 +188,43 @@ impl<'r> ReplayBatch<'r> {
             entries.len()
         };
         let (first, second) = entries.split_at(split);
-        let result = std::thread::scope(|scope| {
-            let other = (!second.is_empty()).then(|| scope.spawn(|| apply(second)));
-            let mut result = apply(first);
-            if let Some(handle) = other {
-                let outcome = match handle.join() {
-                    Ok(outcome) => outcome,
-                    Err(panic) => std::panic::resume_unwind(panic),
+        let mut pending = [first, second];
+        let result = loop {
+            let [first, second] = pending;
+            let (one, two) = std::thread::scope(|scope| {
+                let other = (!second.is_empty()).then(|| scope.spawn(|| apply(second)));
+                let one = apply(first);
+                let two = match other {
+                    Some(handle) => match handle.join() {
+                        Ok(outcome) => outcome,
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    },
+                    None => Ok(()),
                 };
-                result = result.and(outcome);
+                (one, two)
+            });
+            let mut exceeded = None;
+            for (part, outcome) in pending.iter_mut().zip([one, two]) {
+                match outcome {
+                    Ok(()) => *part = &[],
+                    Err((applied, error, true)) => {
+                        *part = &part[applied..];
+                        exceeded = Some(error);
+                    }
+                    Err((_, error, false)) => return self.cleared(Err(error)),
+                }
             }
-            result
-        });
+            match exceeded {
+                None => break Ok(()),
+                Some(error) if registry.reclaim_gateways() == 0 => break Err(error),
+                Some(_) => {}
+            }
+        };
+        self.cleared(result)
+    }
+
+    /// Empties the batch and passes `result` on.
+    fn cleared(&mut self, result: Result<(), String>) -> Result<(), String> {
         self.bytes.clear();
         self.entries.clear();
         result
@@ -790,6 +827,51 @@ mod tests {
         let (live, changes) = recorded_run();
         assert!(live.online_count() > 0);
         for (shards, bytes_max) in [(4, 64), (4, REPLAY_BATCH_BYTES), (3, 200), (1, 1_000)] {
+            let replica = registry(shards);
+            let mut batch = ReplayBatch::new(&replica, bytes_max);
+            for change in &changes {
+                batch.push(&change.to_bytes()).unwrap();
+            }
+            batch.flush().unwrap();
+            assert_eq!(replica.sessions(), live.sessions(), "{shards} shards");
+            assert_eq!(replica.gateway_leases(), live.gateway_leases());
+            replica.check_invariants().unwrap();
+        }
+    }
+
+    /// More gateway names over a history than the 16-bit id space holds: replay reclaims ids
+    /// between and within batches (one thread may stop while the other goes on).
+    #[test]
+    fn replay_of_more_gateways_than_ids_reclaims_and_rebuilds() {
+        let recorder = Arc::new(Recorder::default());
+        let live = ShardedRegistry::with_journal(
+            RegistryOptions {
+                shards: 4,
+                ..RegistryOptions::default()
+            },
+            recorder.clone(),
+        )
+        .unwrap();
+        live.gateway_register("gw-leased", 600_000, T0).unwrap();
+        let names = imstate_presence::GATEWAY_IDS_MAX as u64 + 10_000;
+        for n in 0..names {
+            let gateway = format!("gw-{n}");
+            let request = LoginRequest {
+                uid: n % 500,
+                device: "pc",
+                gateway: &gateway,
+                conn: n,
+                ttl_ms: 600_000,
+                meta: None,
+            };
+            live.login(&request, T0).unwrap();
+            // One in a thousand stays logged in.
+            if n % 1_000 != 0 {
+                live.logout(n % 500, n).unwrap();
+            }
+        }
+        let changes = recorder.0.lock().clone();
+        for (shards, bytes_max) in [(4, REPLAY_BATCH_BYTES), (3, 4_096)] {
             let replica = registry(shards);
             let mut batch = ReplayBatch::new(&replica, bytes_max);
             for change in &changes {

@@ -46,8 +46,11 @@ pub enum PresenceError {
         /// The configured `sessions_per_uid_max`.
         max: usize,
     },
-    /// A new gateway name would exceed `gateways_max`.
-    #[error("gateway {gateway:?} is new and {max} gateway names exist (limit gateways_max)")]
+    /// A new gateway name would exceed `gateways_max` gateways in use (after a reclaim of
+    /// those with no session and no lease).
+    #[error(
+        "gateway {gateway:?} is new and {max} gateways have sessions or leases (limit gateways_max)"
+    )]
     GatewaysExceeded {
         /// The gateway name refused.
         gateway: String,

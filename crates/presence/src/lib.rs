@@ -69,8 +69,11 @@
 //!
 //! # Limits of the compact layout (B1)
 //!
-//! - [`GATEWAY_IDS_MAX`]: 65,536 gateway names per registry, ever (ids are 16 bits); beyond
-//!   it, [`PresenceError::GatewaysExceeded`] names the limit, on replay too.
+//! - [`GATEWAY_IDS_MAX`]: 65,536 gateway names bound at once (ids are 16 bits). Ids of
+//!   gateways with no session and no lease are reclaimed when a limit is met
+//!   ([`ShardedRegistry::reclaim_gateways`]); `gateways_max` is at most half of it
+//!   ([`GATEWAYS_MAX_LIMIT`]) so that replay keeps headroom. Beyond either,
+//!   [`PresenceError::GatewaysExceeded`] names the limit.
 //! - 33,554,431 records per shard (25-bit record indices in the uid index): beyond it,
 //!   [`PresenceError::ShardFull`].
 //! - [`TIME_MS_MAX`]: heartbeat times are 48-bit milliseconds; a later time is stored as
@@ -80,6 +83,10 @@
 
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+// A planted bug exists only to prove that the tests catch it; it must never ship.
+#[cfg(all(feature = "planted-reclaim-frees-used-gateways", not(debug_assertions)))]
+compile_error!("the `planted-reclaim-frees-used-gateways` feature is for test builds only");
 
 mod codec;
 mod error;
@@ -95,7 +102,7 @@ mod types;
 
 pub use codec::{CHANGE_FORMAT_VERSION, DecodeError};
 pub use error::PresenceError;
-pub use gateways::{GATEWAY_IDS_MAX, GatewayId, Gateways};
+pub use gateways::{GATEWAY_IDS_MAX, GATEWAYS_MAX_LIMIT, GatewayId, Gateways};
 pub use registry::RESTORE_THREADS;
 pub use registry::{Entry, Journal, NoJournal, ShardedRegistry};
 pub use shard::{Shard, TickProgress, WHEEL_SLOT_MS, WHEEL_SLOTS, check_gateway_name};
@@ -119,7 +126,7 @@ pub const HEARTBEAT_BATCH_MAX_DEFAULT: usize = 10_000;
 /// Default for [`RegistryOptions::lookup_ids_max`].
 pub const LOOKUP_IDS_MAX_DEFAULT: usize = 10_000;
 /// Default for [`RegistryOptions::gateways_max`].
-pub const GATEWAYS_MAX_DEFAULT: usize = 65_536;
+pub const GATEWAYS_MAX_DEFAULT: usize = 16_384;
 /// Default for [`RegistryOptions::ttl_ms_max`]: one day.
 pub const TTL_MS_MAX_DEFAULT: u32 = 86_400_000;
 /// Hard ceiling for any ttl: `i32::MAX` ms, about 24.8 days.
@@ -145,7 +152,8 @@ pub struct RegistryOptions {
     pub heartbeat_batch_max: usize,
     /// Ids in one `lookup_batch` call.
     pub lookup_ids_max: usize,
-    /// Distinct gateway names ever interned; names are kept for the life of the registry.
+    /// Gateways in use at once (with a session or a lease), at most [`GATEWAYS_MAX_LIMIT`];
+    /// names no longer in use are reclaimed when the limit is met.
     pub gateways_max: usize,
     /// Largest session or gateway ttl accepted (at most [`TTL_MS_MAX_LIMIT`]).
     pub ttl_ms_max: u32,
@@ -181,7 +189,7 @@ impl RegistryOptions {
                 u32::MAX as usize,
             ),
             ("lookup_ids_max", self.lookup_ids_max, u32::MAX as usize),
-            ("gateways_max", self.gateways_max, gateways::GATEWAY_IDS_MAX),
+            ("gateways_max", self.gateways_max, GATEWAYS_MAX_LIMIT),
         ];
         for (name, value, max) in fields {
             if value == 0 || value > max {

@@ -198,6 +198,12 @@ pub struct Shard {
     /// (no cache-line ping-pong between cores). `None` also tells `gateway_down` that this
     /// shard never held a session of that gateway.
     gateway_names: Vec<Option<Arc<str>>>,
+    /// Live sessions in this shard by gateway id (as long as `gateway_names`): tells a
+    /// reclaim which ids are unused ([`crate::ShardedRegistry::reclaim_gateways`]).
+    gateway_sessions: Vec<u32>,
+    /// Whether `gateways` is this shard's own (a standalone shard): then the shard alone
+    /// decides which gateway ids are unused, and reclaims them itself.
+    owns_gateways: bool,
     /// Per slot: first record, or [`NIL`].
     wheel_heads: Box<[u32]>,
     /// Per slot: last record, or [`NIL`] (appends go to the tail so a walk in progress still
@@ -271,12 +277,14 @@ impl Shard {
     pub fn new(options: RegistryOptions) -> Result<Self, PresenceError> {
         options.validate()?;
         let gateways = Arc::new(Gateways::new(options.gateways_max));
-        Ok(Self::with_parts(
+        let mut shard = Self::with_parts(
             options,
             ShardScope::ALL,
             gateways,
             Arc::new(AtomicU64::new(0)),
-        ))
+        );
+        shard.owns_gateways = true;
+        Ok(shard)
     }
 
     /// Creates a shard of a sharded registry.
@@ -298,6 +306,8 @@ impl Shard {
             profiles: ProfileTable::default(),
             meta: HashMap::with_hasher(IntHashBuilder),
             gateway_names: Vec::new(),
+            gateway_sessions: Vec::new(),
+            owns_gateways: false,
             wheel_heads: vec![NIL; WHEEL_SLOTS as usize].into_boxed_slice(),
             wheel_tails: vec![NIL; WHEEL_SLOTS as usize].into_boxed_slice(),
             wheel_cursor_s: 0,
@@ -413,8 +423,8 @@ impl Shard {
             });
         }
         // Last check: interning is the only step with an effect outside this shard, and a
-        // name interned for a login that then fails would be harmless anyway.
-        let gateway = self.gateways.intern(request.gateway)?;
+        // name interned for a login that then fails is freed by the next reclaim.
+        let gateway = self.intern(request.gateway, false)?;
         let mut login_s = login_s(now_ms);
         let mut refreshed = false;
         let mut replaced = None;
@@ -649,7 +659,7 @@ impl Shard {
         in_scope: impl Fn(u64) -> bool,
     ) -> Vec<Session> {
         let mut sessions = Vec::new();
-        if !matches!(self.gateway_names.get(id as usize), Some(Some(_))) {
+        if self.gateway_sessions.get(id as usize).copied().unwrap_or(0) == 0 {
             return sessions;
         }
         for index in 0..self.slab.high_water() {
@@ -771,7 +781,7 @@ impl Shard {
                 max: RECORDS_MAX as usize,
             });
         }
-        let gateway = self.gateways.intern_unbounded(&session.gateway)?;
+        let gateway = self.intern(&session.gateway, true)?;
         let profile = self.profiles.acquire(&session.device, session.ttl_ms);
         self.insert(
             session.uid,
@@ -878,7 +888,9 @@ impl Shard {
         let mut gateway_local = vec![NIL; self.gateway_names.len()];
         let mut gateways = Vec::new();
         for (id, name) in self.gateway_names.iter().enumerate() {
-            if let Some(name) = name {
+            if let Some(name) = name
+                && self.gateway_sessions[id] > 0
+            {
                 gateway_local[id] = gateways.len() as u32;
                 gateways.push(name.clone());
             }
@@ -921,6 +933,8 @@ impl Shard {
         reader: &mut impl std::io::Read,
     ) -> Result<RestoreStats, SnapshotError> {
         let gateways = Arc::clone(&self.gateways);
+        // A snapshot's tables may name gateways that no restored session uses.
+        gateways.note_maybe_unused();
         let mut stats = RestoreStats::default();
         while let Some(raw) = crate::snapshot::read_section(reader)? {
             match raw.shard(&gateways)? {
@@ -1027,6 +1041,8 @@ impl Shard {
         self.reserve(1);
         let Some(index) = self.slab.insert(rec) else {
             self.profiles.release(profile);
+            // The gateway may have been interned for this record alone.
+            self.gateways.note_maybe_unused();
             return Err(PresenceError::ShardFull {
                 max: RECORDS_MAX as usize,
             });
@@ -1043,14 +1059,78 @@ impl Shard {
         Ok(index)
     }
 
-    /// Keeps a shard-local copy of a gateway's name (see the `gateway_names` field).
+    /// Counts a new session of `gateway` and keeps a shard-local copy of its name (see the
+    /// `gateway_names` field).
     fn note_gateway(&mut self, gateway: GatewayId) {
         let slot = gateway as usize;
         if self.gateway_names.len() <= slot {
             self.gateway_names.resize(slot + 1, None);
+            self.gateway_sessions.resize(slot + 1, 0);
         }
         if self.gateway_names[slot].is_none() {
             self.gateway_names[slot] = self.gateways.name(gateway).map(|name| Arc::from(&*name));
+        }
+        self.gateway_sessions[slot] += 1;
+    }
+
+    /// Counts a session of `gateway` gone; the last one hints that the id may be reclaimed.
+    fn forget_session_of(&mut self, gateway: GatewayId) {
+        let count = &mut self.gateway_sessions[gateway as usize];
+        *count -= 1;
+        if *count == 0 {
+            self.gateways.note_maybe_unused();
+        }
+    }
+
+    /// Interns a gateway name (for replay with only the hard ceiling). A standalone shard
+    /// that meets the limit reclaims its unused ids and tries once more.
+    fn intern(&mut self, name: &str, replay: bool) -> Result<GatewayId, PresenceError> {
+        let intern = |gateways: &Gateways| {
+            if replay {
+                gateways.intern_unbounded(name)
+            } else {
+                gateways.intern(name)
+            }
+        };
+        match intern(&self.gateways) {
+            Err(PresenceError::GatewaysExceeded { .. })
+                if self.owns_gateways && self.reclaim_own_gateways() > 0 =>
+            {
+                intern(&self.gateways)
+            }
+            other => other,
+        }
+    }
+
+    /// Frees the ids of gateways with no session here, when the interner is this shard's own.
+    fn reclaim_own_gateways(&mut self) -> usize {
+        debug_assert!(self.owns_gateways);
+        if !self.gateways.take_maybe_unused() {
+            return 0;
+        }
+        let mut in_use = vec![false; self.gateways.id_bound()];
+        self.mark_gateways_in_use(&mut in_use);
+        let freed = self.gateways.release_unused(&in_use);
+        self.forget_gateways(&freed);
+        freed.len()
+    }
+
+    /// Sets `in_use[id]` for every gateway id with a live session in this shard.
+    pub(crate) fn mark_gateways_in_use(&self, in_use: &mut [bool]) {
+        for (id, &count) in self.gateway_sessions.iter().enumerate() {
+            if count > 0 {
+                in_use[id] = true;
+            }
+        }
+    }
+
+    /// Drops the shard-local names of freed gateway ids (none has a session here).
+    pub(crate) fn forget_gateways(&mut self, freed: &[GatewayId]) {
+        for &id in freed {
+            if let Some(name) = self.gateway_names.get_mut(id as usize) {
+                debug_assert_eq!(self.gateway_sessions[id as usize], 0);
+                *name = None;
+            }
         }
     }
 
@@ -1065,6 +1145,7 @@ impl Shard {
             .remove(rec.uid.get(), index, |other| slab.get(other).uid.get());
         debug_assert!(found, "a live record is indexed");
         self.profiles.release(rec.profile());
+        self.forget_session_of(GatewayId::from(rec.gateway()));
         if rec.has_meta() {
             self.meta.remove(&index);
         }
@@ -1257,11 +1338,16 @@ impl Shard {
 
     fn check_profiles_and_meta(&self, high_water: u32) -> Result<(), String> {
         let mut refs = vec![0u32; self.profiles.entries.len()];
+        let mut per_gateway = vec![0u32; self.gateway_sessions.len()];
         let mut with_meta = 0usize;
         for index in 0..high_water {
             let rec = self.slab.get(index);
             if !rec.is_live() {
                 continue;
+            }
+            match per_gateway.get_mut(usize::from(rec.gateway())) {
+                Some(count) => *count += 1,
+                None => return Err(format!("record {index} has an uncounted gateway")),
             }
             match refs.get_mut(rec.profile() as usize) {
                 Some(count) => *count += 1,
@@ -1278,6 +1364,19 @@ impl Shard {
                 Some(Some(_))
             ) {
                 return Err(format!("record {index} has a gateway with no local name"));
+            }
+        }
+        if per_gateway != self.gateway_sessions {
+            return Err("per-gateway session counts do not match the records".into());
+        }
+        for (id, name) in self.gateway_names.iter().enumerate() {
+            if let Some(name) = name
+                && per_gateway[id] > 0
+                && self.gateways.name(id as GatewayId).as_deref() != Some(&**name)
+            {
+                return Err(format!(
+                    "gateway {id} is {name:?} here and not in the interner"
+                ));
             }
         }
         let mut indexed = 0usize;

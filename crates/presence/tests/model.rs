@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use common::{DEVICES, GATEWAYS, Op, Outcome, UIDS, apply_op, op_strategy, sorted};
@@ -17,6 +17,9 @@ use proptest::prelude::*;
 const SESSIONS_PER_UID_MAX: usize = 3;
 const HEARTBEAT_BATCH_MAX: usize = 3;
 const LOOKUP_IDS_MAX: usize = 2;
+/// Fewer than the generators' gateways: logins and registrations meet the limit, and ids of
+/// gateways no longer in use are reclaimed and rebound to other names.
+const GATEWAYS_MAX: usize = 2;
 
 fn options() -> RegistryOptions {
     RegistryOptions {
@@ -24,6 +27,7 @@ fn options() -> RegistryOptions {
         sessions_per_uid_max: SESSIONS_PER_UID_MAX,
         heartbeat_batch_max: HEARTBEAT_BATCH_MAX,
         lookup_ids_max: LOOKUP_IDS_MAX,
+        gateways_max: GATEWAYS_MAX,
         ..RegistryOptions::default()
     }
 }
@@ -50,6 +54,19 @@ impl Model {
         removed
     }
 
+    /// The gateway limit: a gateway with no session and no lease is new, and refused when
+    /// `GATEWAYS_MAX` others have sessions or leases.
+    fn gateway_limit(&self, gateway: &str) -> Option<PresenceError> {
+        let mut in_use: BTreeSet<&str> = self.leases.keys().copied().collect();
+        in_use.extend(self.sessions.values().flatten().map(|s| &*s.gateway));
+        (!in_use.contains(gateway) && in_use.len() >= GATEWAYS_MAX).then(|| {
+            PresenceError::GatewaysExceeded {
+                gateway: gateway.to_owned(),
+                max: GATEWAYS_MAX,
+            }
+        })
+    }
+
     fn find(&mut self, uid: u64, conn: u64) -> Option<&mut Session> {
         self.sessions
             .get_mut(&uid)?
@@ -69,6 +86,7 @@ impl Model {
                 meta,
             } => {
                 let device: Arc<str> = Arc::from(DEVICES[*device]);
+                let limit = self.gateway_limit(GATEWAYS[*gateway]);
                 let list = self.sessions.entry(*uid).or_default();
                 if let Some(other) = list.iter().find(|s| s.conn == *conn && s.device != device) {
                     let error = PresenceError::ConnectionInUse {
@@ -86,6 +104,10 @@ impl Model {
                         uid: *uid,
                         max: SESSIONS_PER_UID_MAX,
                     }));
+                }
+                if let Some(error) = limit {
+                    self.sessions.retain(|_, list| !list.is_empty());
+                    return Outcome::Login(Err(error));
                 }
                 let mut replaced = same.map(|position| list.remove(position));
                 // A retry of the stored session (same device, gateway and conn) refreshes it:
@@ -164,6 +186,9 @@ impl Model {
                 Outcome::GatewayDown(self.remove_where(|s| &*s.gateway == name).len())
             }
             Op::GatewayRegister { gateway, ttl_ms } => {
+                if let Some(error) = self.gateway_limit(GATEWAYS[*gateway]) {
+                    return Outcome::Gateway(Err(error));
+                }
                 self.leases.insert(GATEWAYS[*gateway], (*ttl_ms, now));
                 Outcome::Gateway(Ok(()))
             }
@@ -252,14 +277,36 @@ fn run(ops: &[Op], start_ms: u64) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+fn ops_strategy() -> impl Strategy<Value = (Vec<Op>, u64)> {
+    (
+        proptest::collection::vec(op_strategy(), 1..150),
+        prop_oneof![Just(0u64), 1_000_000u64..2_000_000, Just(1_700_000_000_000)],
+    )
+}
+
+#[cfg(not(feature = "planted-reclaim-frees-used-gateways"))]
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
-    fn registry_matches_model_under_random_operations(
-        ops in proptest::collection::vec(op_strategy(), 1..150),
-        start_ms in prop_oneof![Just(0u64), 1_000_000u64..2_000_000, Just(1_700_000_000_000)],
-    ) {
+    fn registry_matches_model_under_random_operations((ops, start_ms) in ops_strategy()) {
         run(&ops, start_ms)?;
     }
+}
+
+/// Negative control: with a reclaim that frees ids sessions still hold, the same model test
+/// must fail (sessions then show another gateway's name, or the invariants break).
+#[cfg(feature = "planted-reclaim-frees-used-gateways")]
+#[test]
+fn planted_reclaim_of_used_gateway_ids_is_caught() {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 512,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&ops_strategy(), |(ops, start_ms)| run(&ops, start_ms));
+    assert!(
+        result.is_err(),
+        "the model test missed a reclaim that frees gateway ids in use"
+    );
 }

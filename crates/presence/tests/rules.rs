@@ -281,6 +281,97 @@ fn gateways_max_refuses_a_new_gateway() {
 }
 
 #[test]
+fn gateways_max_counts_gateways_in_use_and_reclaims_the_others() {
+    let options = RegistryOptions {
+        shards: 3,
+        gateways_max: 1,
+        ..Default::default()
+    };
+    let registry = ShardedRegistry::new(options).unwrap();
+    registry
+        .login(&request(1, "ios", "gw-a", 1, 1_000), 0)
+        .unwrap();
+    registry.logout(1, 1).unwrap();
+    // gw-a has no session and no lease any more: its id goes to gw-b.
+    registry
+        .login(&request(2, "ios", "gw-b", 2, 1_000), 0)
+        .unwrap();
+    let error = registry.gateway_register("gw-c", 1_000, 0).unwrap_err();
+    assert!(matches!(
+        error,
+        PresenceError::GatewaysExceeded { max: 1, .. }
+    ));
+    registry.logout(2, 2).unwrap();
+    registry.gateway_register("gw-c", 1_000, 0).unwrap();
+    // A lease holds its gateway as a session does.
+    let error = registry
+        .login(&request(3, "ios", "gw-d", 3, 1_000), 0)
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        PresenceError::GatewaysExceeded { max: 1, .. }
+    ));
+    registry.gateway_down("gw-c");
+    registry
+        .login(&request(3, "ios", "gw-d", 3, 1_000), 0)
+        .unwrap();
+    assert_eq!(&*registry.lookup(3)[0].gateway, "gw-d");
+    registry.check_invariants().unwrap();
+}
+
+/// The 16-bit id space is no limit on names over time: far more gateways than ids come and
+/// go, while a gateway with a session and one with only a lease keep theirs.
+#[test]
+fn gateway_churn_beyond_the_id_space_keeps_every_name_right() {
+    let registry = registry(4);
+    registry
+        .login(&request(1, "ios", "gw-stays", 1, 60_000), 0)
+        .unwrap();
+    registry.gateway_register("gw-leased", 60_000, 0).unwrap();
+    let names = imstate_presence::GATEWAY_IDS_MAX as u64 + 20_000;
+    for n in 0..names {
+        let gateway = format!("gw-{n}");
+        let uid = 10 + n % 1_000;
+        registry
+            .login(&request(uid, "pc", &gateway, n, 60_000), 0)
+            .unwrap();
+        if n % 997 == 0 {
+            assert_eq!(&*registry.lookup(uid)[0].gateway, gateway);
+            assert_eq!(&*registry.lookup(1)[0].gateway, "gw-stays");
+        }
+        registry.logout(uid, n).unwrap();
+    }
+    assert_eq!(&*registry.lookup(1)[0].gateway, "gw-stays");
+    let leases = registry.gateway_leases();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(&*leases[0].gateway, "gw-leased");
+    assert!(registry.gateways().len() <= imstate_presence::GATEWAYS_MAX_DEFAULT);
+    registry.check_invariants().unwrap();
+}
+
+#[test]
+fn a_standalone_shard_reclaims_its_own_gateway_ids() {
+    let mut shard = Shard::new(RegistryOptions {
+        gateways_max: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    shard
+        .login(&request(1, "ios", "gw-stays", 1, 60_000), 0)
+        .unwrap();
+    for n in 0..100u64 {
+        let gateway = format!("gw-{n}");
+        shard
+            .login(&request(2, "ios", &gateway, n, 60_000), 0)
+            .unwrap();
+        assert_eq!(&*shard.lookup(2)[0].gateway, gateway);
+        shard.logout(2, n).unwrap();
+    }
+    assert_eq!(&*shard.lookup(1)[0].gateway, "gw-stays");
+    shard.check_invariants().unwrap();
+}
+
+#[test]
 fn unknown_logout_and_heartbeat_are_not_found_errors() {
     let registry = registry(2);
     registry

@@ -36,7 +36,7 @@ use proptest::prelude::*;
 /// Devices, gateways and id ranges are small so that random operations collide often.
 pub const DEVICES: [&str; 3] = ["ios", "android", "pc"];
 /// Gateway names used by the generators.
-pub const GATEWAYS: [&str; 3] = ["gw-0", "gw-1", "gw-2"];
+pub const GATEWAYS: [&str; 4] = ["gw-0", "gw-1", "gw-2", "gw-3"];
 /// Uids used by the generators: `0..UIDS`.
 pub const UIDS: u64 = 8;
 
