@@ -66,16 +66,10 @@ impl Security {
         Ok(Client::connect_with(address, &self.options()?).await?)
     }
 
-    /// Connects to a wire listener at `address` with the token of these options (the wire
-    /// protocol has no TLS: a TLS flag is an error rather than silently plaintext).
+    /// Connects to a wire listener at `address` with these options: TLS (mTLS) with
+    /// `--tls-ca` (`--tls-cert/--tls-key`), Hello with the token.
     pub async fn connect_wire(&self, address: &str) -> anyhow::Result<imstate_client::WireClient> {
-        if self.tls_ca.is_some() || self.tls_cert.is_some() {
-            anyhow::bail!(
-                "the wire protocol has no TLS; use an imstate+grpc:// target with --tls-ca/--tls-cert"
-            );
-        }
-        let token = self.options()?.token.unwrap_or_default();
-        Ok(imstate_client::WireClient::connect(address, &token).await?)
+        Ok(imstate_client::WireClient::connect_with(address, &self.options()?).await?)
     }
 }
 

@@ -1,11 +1,12 @@
-//! TLS, mTLS and bearer tokens on the gRPC port of the real binary, driven through the CLI's
-//! `--tls-ca`, `--tls-cert/--tls-key` and `--token-file`. Certificates are made per test with
+//! TLS, mTLS and bearer tokens on the gRPC and wire ports of the real binary, driven through
+//! the CLI's `--tls-ca`, `--tls-cert/--tls-key` and `--token-file` (and the wire client). Certificates are made per test with
 //! `rcgen` (a CA, a server certificate for 127.0.0.1, a client certificate).
 
 mod support;
 
 use std::path::{Path, PathBuf};
 
+use imstate_client::{ClientOptions, WireClient};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use support::{Server, http_get};
 
@@ -294,4 +295,152 @@ fn bench_reaches_a_token_protected_node_with_token_file() {
         ops == 0 && errors > 0,
         "without a token: {ops} ops, {errors} errors"
     );
+}
+
+// ----- the wire port ------------------------------------------------------------------------
+
+fn client_options(ca: Option<&Path>, identity: Option<(&Path, &Path)>) -> ClientOptions {
+    ClientOptions::from_files(
+        ca,
+        identity.map(|(cert, _)| cert),
+        identity.map(|(_, key)| key),
+        None,
+    )
+    .unwrap()
+}
+
+/// Connects to the wire port and allocates one value; the error's text on failure.
+async fn wire_next(address: &str, options: &ClientOptions) -> Result<u64, String> {
+    let client = WireClient::connect_with(address, options)
+        .await
+        .map_err(|error| error.to_string())?;
+    client
+        .next("default", 7)
+        .await
+        .map_err(|error| error.to_string())
+}
+
+/// With `[tls]`, the wire port speaks TLS with the same certificates as gRPC: a client with
+/// the node's CA is served (also when the port listens beyond loopback, which TLS now
+/// allows), a plaintext client or one trusting another CA is not, and the node goes on.
+#[test]
+fn the_wire_port_speaks_tls_with_the_grpc_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path(), "w");
+    let other = make_pki(dir.path(), "w-other");
+    let mut server = Server::new(
+        &dir.path().join("data"),
+        None,
+        &[],
+        &[
+            ("IMSTATE_TLS__CERT_FILE", path(&pki.server_cert)),
+            ("IMSTATE_TLS__KEY_FILE", path(&pki.server_key)),
+            ("IMSTATE_WIRE__HELLO_TIMEOUT_MS", "1000"),
+        ],
+    );
+    let port = server.wire_addr.rsplit_once(':').unwrap().1.to_owned();
+    server.wire_addr = format!("0.0.0.0:{port}");
+    server.restart();
+    let address = format!("127.0.0.1:{port}");
+    support::runtime().block_on(async {
+        let good = client_options(Some(&pki.ca), None);
+        assert_eq!(wire_next(&address, &good).await, Ok(1));
+
+        let plaintext = wire_next(&address, &ClientOptions::default()).await;
+        assert!(plaintext.is_err(), "plaintext must not be served");
+        let foreign = wire_next(&address, &client_options(Some(&other.ca), None)).await;
+        let error = foreign.expect_err("a foreign CA must not trust the node");
+        assert!(error.contains("TLS handshake"), "{error}");
+
+        // A client that connects and never starts the handshake is closed by the Hello
+        // deadline (1 s here), which the handshake counts against.
+        let mut idle = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(&mut idle, &mut byte),
+        )
+        .await
+        .expect("the Hello deadline closes a silent TLS client");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+        // Every path above left the node serving, and the login path works over TLS.
+        let client = WireClient::connect_with(&address, &good).await.unwrap();
+        let login = client
+            .login(&support::login_args(5, "phone", 1))
+            .await
+            .unwrap();
+        assert!(login.replaced.is_none());
+        assert_eq!(client.next("default", 7).await.unwrap(), 2);
+    });
+    let metrics = http_get(&server.metrics_addr, "/metrics").unwrap().1;
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("imstate_wire_refused_total") && line.contains("tls")),
+        "{metrics}"
+    );
+}
+
+/// With `tls.client_ca_file`, the wire port requires a client certificate that CA signed.
+#[test]
+fn the_wire_port_requires_client_certificates_under_mtls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path(), "wm");
+    let rogue = make_pki(dir.path(), "wm-rogue");
+    let config = write(
+        dir.path(),
+        "imstate.toml",
+        &format!(
+            "[tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n",
+            pki.server_cert, pki.server_key, pki.ca
+        ),
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&config));
+    support::runtime().block_on(async {
+        let address = &server.wire_addr;
+        let no_cert = wire_next(address, &client_options(Some(&pki.ca), None)).await;
+        assert!(no_cert.is_err(), "no client certificate must fail");
+        let rogue_cert =
+            client_options(Some(&pki.ca), Some((&rogue.client_cert, &rogue.client_key)));
+        assert!(
+            wire_next(address, &rogue_cert).await.is_err(),
+            "a certificate of another CA must fail"
+        );
+        let good = client_options(Some(&pki.ca), Some((&pki.client_cert, &pki.client_key)));
+        assert_eq!(wire_next(address, &good).await, Ok(1));
+    });
+}
+
+/// `imstate bench` drives a TLS wire port with the CLI's TLS flags.
+#[test]
+fn bench_reaches_a_tls_wire_port_with_the_tls_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path(), "wb");
+    let config = write(
+        dir.path(),
+        "imstate.toml",
+        &format!(
+            "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            pki.server_cert, pki.server_key
+        ),
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&config));
+    let output = std::process::Command::new(support::binary())
+        .args(["bench", "--workload", "seq-next", "--duration", "1"])
+        .args([
+            "--connections",
+            "2",
+            "--inflight",
+            "2",
+            "--warmup",
+            "0",
+            "--tls-ca",
+        ])
+        .arg(&pki.ca)
+        .arg("--target")
+        .arg(format!("imstate://{}", server.wire_addr))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
 }

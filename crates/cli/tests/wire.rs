@@ -245,27 +245,3 @@ fn tokens_guard_the_wire_port_like_the_grpc_port() {
         "{metrics}"
     );
 }
-
-#[test]
-fn the_wire_port_is_refused_beyond_loopback_when_tls_is_configured() {
-    let dir = tempfile::tempdir().unwrap();
-    let output = std::process::Command::new(support::binary())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--wire-listen",
-            "0.0.0.0:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("IMSTATE_TLS__CERT_FILE", "/nonexistent/cert.pem")
-        .env("IMSTATE_TLS__KEY_FILE", "/nonexistent/key.pem")
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("wire_listen"), "{stderr}");
-}

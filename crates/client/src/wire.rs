@@ -1,5 +1,6 @@
 //! The wire-protocol client: the hot path (Next, NextBatch, Login, Logout, Heartbeat,
-//! HeartbeatBatch, LookupBatch) in pipelined binary frames on one TCP connection.
+//! HeartbeatBatch, LookupBatch) in pipelined binary frames on one TCP connection, or one TLS
+//! connection when [`ClientOptions`] carry a CA ([`WireClient::connect_with`]).
 //!
 //! A [`WireClient`] is one connection; share it behind an `Arc` (or clone it: clones share the
 //! connection). Calls made concurrently are coalesced into single writes and are in flight
@@ -10,11 +11,12 @@ use std::sync::Arc;
 
 use imstate_wire::codec::{self, Frame};
 use imstate_wire::pipeline::{PipelineError, Pipelined, ReplyParser};
+use imstate_wire::tls::{self, TlsConnector, rustls::pki_types::ServerName};
 use imstate_wire::{LoginFields, Op, WireSession};
 use tokio::net::TcpStream;
 
-use crate::ClientError;
 use crate::presence::{LoginArgs, LoginResult, Session};
+use crate::{CONNECT_TIMEOUT, ClientError, ClientOptions};
 
 /// A reply frame, owned.
 pub struct OwnedFrame {
@@ -79,14 +81,58 @@ impl WireClient {
     /// Connects to a node's wire listener (`host:port`) and says Hello with `token` (empty
     /// when the node has no token file).
     pub async fn connect(address: &str, token: &str) -> Result<Self, ClientError> {
+        let options = ClientOptions {
+            token: (!token.is_empty()).then(|| token.to_owned()),
+            ..ClientOptions::default()
+        };
+        Self::connect_with(address, &options).await
+    }
+
+    /// Connects as `options` say: TLS when they carry a CA (mTLS with a client certificate;
+    /// the node's certificate must name `tls_domain`, else the host of `address`), and Hello
+    /// with their token. Connecting and the TLS handshake together get `CONNECT_TIMEOUT`.
+    pub async fn connect_with(
+        address: &str,
+        options: &ClientOptions,
+    ) -> Result<Self, ClientError> {
         let connect_error = |reason: String| ClientError::Connect {
             address: address.to_string(),
             reason,
         };
-        let stream = TcpStream::connect(address)
-            .await
-            .map_err(|error| connect_error(error.to_string()))?;
-        let connection = Arc::new(Pipelined::start(stream, FrameParser));
+        let token = options.token.as_deref().unwrap_or_default();
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let stream = TcpStream::connect(address)
+                .await
+                .map_err(|error| connect_error(error.to_string()))?;
+            let _ = stream.set_nodelay(true);
+            let Some(ca) = &options.tls_ca_pem else {
+                return Ok::<_, ClientError>(Pipelined::start(stream, FrameParser));
+            };
+            let identity = options
+                .tls_identity_pem
+                .as_ref()
+                .map(|(cert, key)| (&cert[..], &key[..]));
+            let config =
+                tls::client_config(ca, identity).map_err(|error| ClientError::Options {
+                    what: error.what,
+                    reason: error.reason,
+                })?;
+            let name =
+                server_name(address, options.tls_domain.as_deref()).map_err(&connect_error)?;
+            let stream = TlsConnector::from(config)
+                .connect(name, stream)
+                .await
+                .map_err(|error| connect_error(format!("TLS handshake: {error}")))?;
+            Ok(Pipelined::start_stream(stream, FrameParser))
+        })
+        .await
+        .map_err(|_| {
+            connect_error(format!(
+                "no connection within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        })??;
+        let connection = Arc::new(connected);
         let mut hello = Vec::new();
         codec::hello(&mut hello, token.as_bytes()).map_err(|error| ClientError::Options {
             what: "token".into(),
@@ -246,5 +292,35 @@ impl WireClient {
             .await?;
         let (_, sessions) = codec::count_lookup_batch(&body).map_err(protocol)?;
         Ok(sessions)
+    }
+}
+
+/// The name the node's certificate must carry: `domain` if given, else the host of `address`
+/// (`host:port`, `[v6]:port`); an IP address is checked as one.
+fn server_name(address: &str, domain: Option<&str>) -> Result<ServerName<'static>, String> {
+    let host = match domain {
+        Some(domain) => domain,
+        None => {
+            let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+            host.trim_start_matches('[').trim_end_matches(']')
+        }
+    };
+    ServerName::try_from(host.to_owned()).map_err(|error| {
+        format!("{host:?} is not a name to check a certificate against ({error})")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_name_is_the_domain_or_the_host_of_the_address() {
+        let name = |address, domain| server_name(address, domain).unwrap().to_str().into_owned();
+        assert_eq!(name("127.0.0.1:7702", None), "127.0.0.1");
+        assert_eq!(name("[::1]:7702", None), "::1");
+        assert_eq!(name("node-1.example:7702", None), "node-1.example");
+        assert_eq!(name("127.0.0.1:7702", Some("localhost")), "localhost");
+        assert!(server_name("bad name:1", None).is_err());
     }
 }

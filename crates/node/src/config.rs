@@ -57,13 +57,13 @@ pub struct NodeConfig {
     /// recovery, so `/readyz` answers 503 while a long log replays.
     pub metrics_listen: SocketAddr,
     /// Address of the wire-protocol listener: Next, NextBatch, Login, Logout, Heartbeat,
-    /// HeartbeatBatch and LookupBatch in pipelined binary frames (`imstate-wire`). Plaintext
-    /// with the same bearer tokens as gRPC; it has no TLS, so with TLS configured it must stay
-    /// on loopback. Port 0 picks a free port.
+    /// HeartbeatBatch and LookupBatch in pipelined binary frames (`imstate-wire`). Same bearer
+    /// tokens as gRPC, and TLS (mTLS) with the same `[tls]` certificates when they are set.
+    /// Port 0 picks a free port.
     pub wire_listen: SocketAddr,
     /// Log output format on stderr: `human` or `json`. Levels come from `RUST_LOG`.
     pub log_format: LogFormat,
-    /// TLS on the gRPC port.
+    /// TLS on the gRPC and wire ports.
     pub tls: TlsConfig,
     /// Bearer-token authentication of gRPC calls.
     pub auth: AuthConfig,
@@ -143,7 +143,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// TLS on the gRPC port. Empty paths mean "not set".
+/// TLS on the gRPC and wire ports (one set of files for both). Empty paths mean "not set".
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
@@ -490,13 +490,6 @@ impl NodeConfig {
                 "tls.client_ca_file needs tls.cert_file and tls.key_file".into(),
             ));
         }
-        if self.tls.enabled() && !self.wire_listen.ip().is_loopback() {
-            return Err(NodeError::Config(format!(
-                "wire_listen {} is beyond loopback, but the wire protocol has no TLS and [tls] \
-                 is configured: keep wire_listen on loopback (or put a TLS proxy in front)",
-                self.wire_listen
-            )));
-        }
         for namespace in &self.seq.namespaces {
             namespace.to_def().validate().map_err(|error| {
                 NodeError::Config(format!("seq.namespaces `{}`: {error}", namespace.name))
@@ -747,5 +740,14 @@ mod tests {
         assert!(error.to_string().contains("tls.key_file"), "{error}");
         let error = NodeConfig::parse("[tls]\nclient_ca_file = \"c\"\n").unwrap_err();
         assert!(error.to_string().contains("tls.client_ca_file"), "{error}");
+    }
+
+    #[test]
+    fn with_tls_the_wire_port_may_listen_beyond_loopback() {
+        let config = NodeConfig::parse(
+            "wire_listen = \"0.0.0.0:7702\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n",
+        )
+        .unwrap();
+        assert!(!config.wire_listen.ip().is_loopback());
     }
 }

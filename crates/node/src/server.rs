@@ -9,7 +9,8 @@
 //! an fsync.
 //!
 //! The wire port (`wire_listen`) carries the hot path in the lean binary protocol of
-//! [`crate::wire`], with the same tokens; it is stopped before the gRPC server drains.
+//! [`crate::wire`], with the same tokens and the same TLS certificates (rustls directly);
+//! it is stopped before the gRPC server drains.
 //!
 //! The gRPC port carries Sequence, Presence, Admin and the standard `grpc.health.v1.Health`
 //! service, all behind [`EdgeLayer`] (bearer tokens when configured, per-call metrics), over
@@ -49,10 +50,12 @@ use crate::wire::WireContext;
 /// is still running, or a client that stopped reading its replies, takes this long.
 pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The TLS and token material of the gRPC port, read from the files the configuration names.
+/// The TLS and token material of the client ports, read from the files the configuration
+/// names: one set of certificates for gRPC (tonic) and the wire port (rustls directly).
 #[derive(Clone, Default)]
 struct Security {
     tls: Option<ServerTlsConfig>,
+    wire_tls: Option<imstate_wire::tls::TlsAcceptor>,
     tokens: Option<Arc<Tokens>>,
 }
 
@@ -76,21 +79,27 @@ fn read_file(key: &str, path: &std::path::Path) -> Result<Vec<u8>, NodeError> {
 
 impl Security {
     fn load(config: &NodeConfig) -> Result<Self, NodeError> {
-        let tls = if config.tls.enabled() {
+        let (tls, wire_tls) = if config.tls.enabled() {
             let cert = read_file("tls.cert_file", &config.tls.cert_file)?;
             let key = read_file("tls.key_file", &config.tls.key_file)?;
+            let client_ca = if config.tls.client_ca_file.as_os_str().is_empty() {
+                None
+            } else {
+                Some(read_file("tls.client_ca_file", &config.tls.client_ca_file)?)
+            };
+            // Parse the PEM now, so bad material fails before a long recovery, not after.
+            let wire = imstate_wire::tls::server_config(&cert, &key, client_ca.as_deref())
+                .map_err(|error| NodeError::Config(error.to_string()))?;
             let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-            if !config.tls.client_ca_file.as_os_str().is_empty() {
-                let ca = read_file("tls.client_ca_file", &config.tls.client_ca_file)?;
+            if let Some(ca) = client_ca {
                 tls = tls.client_ca_root(Certificate::from_pem(ca));
             }
-            // Parse the PEM now, so bad material fails before a long recovery, not after.
             tonic::transport::Server::builder()
                 .tls_config(tls.clone())
                 .map_err(|error| NodeError::Config(format!("tls: {}", error_chain(&error))))?;
-            Some(tls)
+            (Some(tls), Some(imstate_wire::tls::TlsAcceptor::from(wire)))
         } else {
-            None
+            (None, None)
         };
         let tokens = if config.auth.enabled() {
             let text = read_file("auth.token_file", &config.auth.token_file)?;
@@ -107,7 +116,11 @@ impl Security {
         } else {
             None
         };
-        Ok(Self { tls, tokens })
+        Ok(Self {
+            tls,
+            wire_tls,
+            tokens,
+        })
     }
 }
 
@@ -259,6 +272,7 @@ impl Node {
                 Arc::clone(&self.presence),
                 self.security.tokens.clone(),
                 self.config.wire.to_limits()?,
+                self.security.wire_tls.clone(),
             ),
             wire_stopped,
         ));

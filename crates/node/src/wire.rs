@@ -19,6 +19,10 @@
 //! crash or a failed log could take back. Sequence values need no wait here: `SeqStore` never
 //! hands out a value above a durable `max_seq` (S2).
 //!
+//! With `[tls]` configured the listener speaks TLS (mTLS with `tls.client_ca_file`), with the
+//! same certificates as gRPC; the handshake counts against the Hello deadline, and a client
+//! that fails it is closed without a reply (a TLS alert says why).
+//!
 //! The first frame must be `Hello` (magic, version, token). With a token file configured, the
 //! token must be one of it, as for gRPC; a wrong one gets `UNAUTHENTICATED` and the connection
 //! is closed.
@@ -43,11 +47,12 @@ use std::time::Duration;
 
 use imstate_presence::{LoginRequest, SessionRef};
 use imstate_wire::codec::{self, LookupReply};
+use imstate_wire::tls::TlsAcceptor;
 use imstate_wire::{
     Code, DecodeError, FRAME_BYTES_MAX, Frame, HELLO_FRAME_BYTES_MAX, Request, SessionFields,
 };
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -77,7 +82,7 @@ pub const WIRE_REQUESTS: &str = "imstate_wire_requests_total";
 /// Metric: open wire connections.
 pub const WIRE_CONNECTIONS: &str = "imstate_wire_connections";
 /// Metric: wire connections refused or closed by a limit, by `reason` (`connections`,
-/// `hello_timeout`, `idle_timeout`, `input_budget`).
+/// `hello_timeout`, `idle_timeout`, `input_budget`, `tls`: a failed TLS handshake).
 pub const WIRE_REFUSED: &str = "imstate_wire_refused_total";
 
 /// The listener's limits, from the configuration section `[wire]` (`WireConfig::to_limits`,
@@ -100,6 +105,8 @@ pub struct WireContext {
     presence: Arc<PresenceStore>,
     tokens: Option<Arc<Tokens>>,
     limits: WireLimits,
+    /// TLS (and mTLS) of the listener; `None` for plain TCP.
+    tls: Option<TlsAcceptor>,
     connections: AtomicUsize,
     /// Open connections by source address. A mutex, not atomics per address: it is taken once
     /// per connect and once per close, never per request.
@@ -115,12 +122,14 @@ impl WireContext {
         presence: Arc<PresenceStore>,
         tokens: Option<Arc<Tokens>>,
         limits: WireLimits,
+        tls: Option<TlsAcceptor>,
     ) -> Arc<Self> {
         Arc::new(Self {
             seq,
             presence,
             tokens,
             limits,
+            tls,
             connections: AtomicUsize::new(0),
             per_source: Mutex::new(HashMap::new()),
             budget_used: AtomicUsize::new(0),
@@ -162,6 +171,56 @@ impl WireContext {
     fn release_budget(&self, bytes: usize) {
         self.budget_used.fetch_sub(bytes, Ordering::AcqRel);
     }
+
+    /// Serves one admitted connection, after the TLS handshake when TLS is on. `deadline` is
+    /// the Hello deadline, which the handshake counts against.
+    async fn serve_connection(
+        &self,
+        stream: TcpStream,
+        deadline: tokio::time::Instant,
+        mut stop: watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        let Some(acceptor) = &self.tls else {
+            return Connection::new(self).run(stream, deadline, stop).await;
+        };
+        let accepted = tokio::select! {
+            accepted = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => accepted,
+            _ = stop.wait_for(|stop| *stop) => return Ok(()),
+        };
+        match accepted {
+            Ok(Ok(stream)) => Connection::new(self).run(stream, deadline, stop).await,
+            Ok(Err(error)) => {
+                metrics::counter!(WIRE_REFUSED, "reason" => "tls").increment(1);
+                tracing::debug!(%error, "wire: TLS handshake failed");
+                Ok(())
+            }
+            Err(_) => {
+                metrics::counter!(WIRE_REFUSED, "reason" => "hello_timeout").increment(1);
+                Ok(())
+            }
+        }
+    }
+
+    /// Refuses a connection over a limit with a `RESOURCE_EXHAUSTED` frame (after a handshake
+    /// of at most [`CLOSE_WRITE_TIMEOUT`] when TLS is on, so the client can read it).
+    async fn refuse(&self, stream: TcpStream, reason: &str) -> std::io::Result<()> {
+        metrics::counter!(WIRE_REFUSED, "reason" => "connections").increment(1);
+        let mut out = Vec::new();
+        codec::reply_error(
+            &mut out,
+            Code::RESOURCE_EXHAUSTED,
+            &format!("{reason}; closing"),
+        );
+        match &self.tls {
+            None => write_before_close(stream, &out).await,
+            Some(acceptor) => {
+                match tokio::time::timeout(CLOSE_WRITE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => write_before_close(stream, &out).await,
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
 }
 
 /// Accepts connections until `stop` turns true; each connection stops at its next read then.
@@ -183,19 +242,25 @@ pub async fn serve(listener: TcpListener, context: Arc<WireContext>, stop: watch
         };
         let context = Arc::clone(&context);
         let stop = stop.clone();
+        let deadline = tokio::time::Instant::now() + context.limits.hello_timeout;
+        // Requests are small and latency-bound: never wait for Nagle.
+        let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let open = context.connections.fetch_add(1, Ordering::Relaxed) + 1;
             metrics::gauge!(WIRE_CONNECTIONS).increment(1.0);
             let result = if open > CONNECTIONS_MAX {
-                refuse(
-                    stream,
-                    &format!("{open} wire connections open; CONNECTIONS_MAX is {CONNECTIONS_MAX}"),
-                )
-                .await
+                context
+                    .refuse(
+                        stream,
+                        &format!(
+                            "{open} wire connections open; CONNECTIONS_MAX is {CONNECTIONS_MAX}"
+                        ),
+                    )
+                    .await
             } else {
                 match context.admit_source(peer.ip()) {
                     Ok(()) => {
-                        let result = Connection::new(&context).run(stream, stop).await;
+                        let result = context.serve_connection(stream, deadline, stop).await;
                         context.release_source(peer.ip());
                         result
                     }
@@ -206,7 +271,7 @@ pub async fn serve(listener: TcpListener, context: Arc<WireContext>, stop: watch
                              wire.connections_per_source_max is {max}",
                             peer.ip()
                         );
-                        refuse(stream, &reason).await
+                        context.refuse(stream, &reason).await
                     }
                 }
             };
@@ -219,20 +284,23 @@ pub async fn serve(listener: TcpListener, context: Arc<WireContext>, stop: watch
     }
 }
 
-async fn refuse(mut stream: TcpStream, reason: &str) -> std::io::Result<()> {
-    metrics::counter!(WIRE_REFUSED, "reason" => "connections").increment(1);
-    let mut out = Vec::new();
-    codec::reply_error(
-        &mut out,
-        Code::RESOURCE_EXHAUSTED,
-        &format!("{reason}; closing"),
-    );
-    write_before_close(&mut stream, &out).await
+/// Writes replies. The flush is a no-op on TCP; TLS may hold encrypted records until it.
+async fn write_out<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
 }
 
-/// Writes a last frame, waiting at most [`CLOSE_WRITE_TIMEOUT`] for a client that does not read.
-async fn write_before_close(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
-    match tokio::time::timeout(CLOSE_WRITE_TIMEOUT, stream.write_all(bytes)).await {
+/// Writes a last frame, waiting at most [`CLOSE_WRITE_TIMEOUT`] for a client that does not
+/// read; on TLS, also closes the session (close_notify) so the client reads the frame.
+async fn write_before_close<S: AsyncWrite + Unpin>(
+    mut stream: S,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let write = async {
+        stream.write_all(bytes).await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write).await {
         Ok(written) => written,
         Err(_) => Ok(()),
     }
@@ -340,12 +408,14 @@ impl<'c> Connection<'c> {
         }
     }
 
-    async fn run(
+    /// Serves the connection on `stream` (TCP or TLS) until it closes, fails a limit or
+    /// `stop` turns true; `hello_deadline` is when a complete Hello must have arrived.
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         mut self,
-        mut stream: TcpStream,
+        mut stream: S,
+        hello_deadline: tokio::time::Instant,
         mut stop: watch::Receiver<bool>,
     ) -> std::io::Result<()> {
-        stream.set_nodelay(true)?;
         let limits = self.context.limits;
         // One wait for the whole connection: a new one per read would register with the
         // channel every time.
@@ -355,7 +425,7 @@ impl<'c> Connection<'c> {
         tokio::pin!(stopped);
         let mut input: Vec<u8> = Vec::new();
         // Before Hello: the hello deadline; after it, the idle deadline from the last frame.
-        let mut deadline = Some(tokio::time::Instant::now() + limits.hello_timeout);
+        let mut deadline = Some(hello_deadline);
         loop {
             let mut start = 0;
             let mut close = false;
@@ -414,16 +484,16 @@ impl<'c> Connection<'c> {
                 // A client that does not take its replies is as idle as one that sends nothing.
                 match limits.idle_timeout {
                     Some(idle) => {
-                        if tokio::time::timeout(idle, stream.write_all(&self.out))
-                            .await
-                            .is_err()
-                        {
-                            metrics::counter!(WIRE_REFUSED, "reason" => "idle_timeout")
-                                .increment(1);
-                            return Ok(());
+                        match tokio::time::timeout(idle, write_out(&mut stream, &self.out)).await {
+                            Ok(written) => written?,
+                            Err(_) => {
+                                metrics::counter!(WIRE_REFUSED, "reason" => "idle_timeout")
+                                    .increment(1);
+                                return Ok(());
+                            }
                         }
                     }
-                    None => stream.write_all(&self.out).await?,
+                    None => write_out(&mut stream, &self.out).await?,
                 }
                 self.out.clear();
             }

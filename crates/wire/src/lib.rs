@@ -2,8 +2,8 @@
 //!
 //! gRPC over HTTP/2 costs about 60 µs of server CPU per request on the project machine (HPACK,
 //! HTTP/2 framing, one task per stream), while the work behind a `Next` is 42 ns. This protocol
-//! carries only the hot-path operations in length-prefixed binary frames on a plain TCP
-//! connection, pipelined like RESP: a client writes any number of requests without waiting, and
+//! carries only the hot-path operations in length-prefixed binary frames on a TCP connection
+//! (TLS or mTLS when the node configures `[tls]`: [`tls`]), pipelined like RESP: a client writes any number of requests without waiting, and
 //! the node answers each, in order. Everything else (admin, namespaces, watch, current) stays
 //! on gRPC.
 //!
@@ -42,12 +42,14 @@
 //! - [`codec`]: encoding and decoding of every frame; pure, tested without I/O.
 //! - [`pipeline`]: a pipelined client connection (one writer task coalescing requests, one
 //!   reader task completing them in order), generic over the reply parser, so the bench drives
-//!   imstate and Redis with the same machinery.
+//!   imstate and Redis with the same machinery; over TCP or over TLS.
+//! - [`tls`]: rustls configurations of both ends from PEM files (TLS and mTLS).
 
 #![deny(missing_docs)]
 
 pub mod codec;
 pub mod pipeline;
+pub mod tls;
 
 pub use codec::{
     Code, DecodeError, Frame, LoginFields, LookupReply, Op, Pairs, Request, SessionFields, U64s,

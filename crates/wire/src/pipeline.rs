@@ -16,7 +16,7 @@
 //! `send`. When the connection fails, every waiting caller gets the error and later calls fail
 //! at once.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -70,6 +70,26 @@ impl<R: Send + 'static> Pipelined<R> {
         // Requests are small and latency-bound: never wait for Nagle.
         let _ = stream.set_nodelay(true);
         let (reader, writer) = stream.into_split();
+        Self::start_halves(reader, writer, parser)
+    }
+
+    /// Starts on any byte stream, e.g. a TLS connection (whose halves share a lock, so a
+    /// plain TCP stream goes through [`Self::start`]). Set `TCP_NODELAY` before wrapping.
+    pub fn start_stream<S, P>(stream: S, parser: P) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+        P: ReplyParser<Reply = R>,
+    {
+        let (reader, writer) = tokio::io::split(stream);
+        Self::start_halves(reader, writer, parser)
+    }
+
+    fn start_halves<Rd, Wr, P>(reader: Rd, writer: Wr, parser: P) -> Self
+    where
+        Rd: AsyncRead + Unpin + Send + 'static,
+        Wr: AsyncWrite + Unpin + Send + 'static,
+        P: ReplyParser<Reply = R>,
+    {
         let (queue, requests) = mpsc::channel(QUEUE_REQUESTS_MAX);
         let (waiters_in, waiters) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(writer, requests, waiters_in));
@@ -106,8 +126,8 @@ impl<R: Send + 'static> Pipelined<R> {
 
 /// Coalesces queued requests into single writes; hands each caller to the reader before its
 /// bytes leave, so the reader always knows whose reply comes next.
-async fn write_loop<R>(
-    mut writer: tokio::net::tcp::OwnedWriteHalf,
+async fn write_loop<R, Wr: AsyncWrite + Unpin>(
+    mut writer: Wr,
     mut requests: mpsc::Receiver<Queued<R>>,
     waiters: mpsc::UnboundedSender<Waiter<R>>,
 ) {
@@ -128,7 +148,12 @@ async fn write_loop<R>(
                 next = requests.try_recv().ok();
             }
         }
-        if writer.write_all(&buffer).await.is_err() {
+        // The flush is a no-op on TCP; TLS may hold encrypted records until it.
+        let written = match writer.write_all(&buffer).await {
+            Ok(()) => writer.flush().await,
+            Err(error) => Err(error),
+        };
+        if written.is_err() {
             // The reader sees the connection end and fails the waiters.
             return;
         }
@@ -136,8 +161,8 @@ async fn write_loop<R>(
 }
 
 /// Parses replies in order and completes each waiter once all of its replies arrived.
-async fn read_loop<P: ReplyParser>(
-    mut reader: tokio::net::tcp::OwnedReadHalf,
+async fn read_loop<P: ReplyParser, Rd: AsyncRead + Unpin>(
+    mut reader: Rd,
     mut parser: P,
     mut waiters: mpsc::UnboundedReceiver<Waiter<P::Reply>>,
 ) {
