@@ -562,3 +562,79 @@ fn random_bytes_never_take_the_node_down() {
         after - before
     );
 }
+
+/// The TLS wire port under garbage: 100 unauthenticated connections each declare a full
+/// 16 KiB TLS record, send half of it and hold on. rustls buffers at most one record per
+/// connection before the handshake, the Hello deadline (1 s here) closes them all, and a TLS
+/// client is served throughout; plain random bytes are refused at once.
+#[test]
+fn garbage_on_the_tls_wire_port_is_bounded_and_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = support::make_pki(dir.path(), "abuse");
+    let config = support::write(
+        dir.path(),
+        "imstate.toml",
+        &format!(
+            "[tls]\ncert_file = {:?}\nkey_file = {:?}\n[wire]\nhello_timeout_ms = 1000\n",
+            pki.server_cert, pki.server_key
+        ),
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&config));
+    let pid = server.pid().unwrap();
+    let options =
+        imstate_client::ClientOptions::from_files(Some(&pki.ca), None, None, None).unwrap();
+    let tls_served = || {
+        runtime().block_on(async {
+            let client = WireClient::connect_with(&server.wire_addr, &options)
+                .await
+                .expect("a TLS client is served");
+            client.next("default", 1).await.unwrap();
+        })
+    };
+    tls_served();
+    let before = rss_mib(pid);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        let mut stream = TcpStream::connect(&server.wire_addr).unwrap();
+        // A handshake record header declaring 16,384 bytes, then half of them at random.
+        let mut bytes = vec![0x16, 0x03, 0x01, 0x40, 0x00];
+        bytes.extend((0..8_192).map(|_| rng.r#gen::<u8>()));
+        let _ = stream.write_all(&bytes);
+        held.push(stream);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let during = rss_mib(pid);
+    tls_served();
+    // Raw random bytes (not a TLS record) are refused at once, well before the deadline.
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(&server.wire_addr).unwrap();
+        let bytes: Vec<u8> = (0..512).map(|_| rng.r#gen::<u8>() | 0x80).collect();
+        let _ = stream.write_all(&bytes);
+        // The node answers with a TLS alert, never a frame, and closes.
+        let (_, closed) = read_frames(&mut stream, Duration::from_millis(900));
+        assert!(closed, "garbage must be closed at once");
+    }
+    // The Hello deadline closes every held connection.
+    for stream in &mut held {
+        let (_, closed) = read_frames(stream, Duration::from_secs(5));
+        assert!(
+            closed,
+            "the Hello deadline must close a held TLS connection"
+        );
+    }
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    tls_served();
+    let after = rss_mib(pid);
+    println!(
+        "100 held half TLS records: RSS {before:.1} MiB before, {during:.1} MiB during, \
+         {after:.1} MiB after"
+    );
+    assert!(
+        during - before < 32.0,
+        "RSS grew by {:.1} MiB",
+        during - before
+    );
+    assert!(after - before < 16.0, "RSS kept {:.1} MiB", after - before);
+}

@@ -4,68 +4,13 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use imstate_client::{ClientOptions, WireClient};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
-use support::{Server, http_get};
+use support::{Server, http_get, make_pki, write};
 
 fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// A CA and a certificate it signed, written as PEM files.
-struct Pki {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// Writes a CA, a server certificate for 127.0.0.1/localhost and a client certificate, all
-/// prefixed with `prefix`, into `dir`.
-fn make_pki(dir: &Path, prefix: &str) -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("{prefix} test CA"));
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-
-    let server_key = KeyPair::generate().unwrap();
-    let mut server_params =
-        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let server = server_params.signed_by(&server_key, &ca, &ca_key).unwrap();
-
-    let client_key = KeyPair::generate().unwrap();
-    let mut client_params = CertificateParams::new(vec!["client".to_string()]).unwrap();
-    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let client = client_params.signed_by(&client_key, &ca, &ca_key).unwrap();
-
-    Pki {
-        ca: write(dir, &format!("{prefix}-ca.pem"), &ca.pem()),
-        server_cert: write(dir, &format!("{prefix}-server.pem"), &server.pem()),
-        server_key: write(
-            dir,
-            &format!("{prefix}-server.key"),
-            &server_key.serialize_pem(),
-        ),
-        client_cert: write(dir, &format!("{prefix}-client.pem"), &client.pem()),
-        client_key: write(
-            dir,
-            &format!("{prefix}-client.key"),
-            &client_key.serialize_pem(),
-        ),
-    }
 }
 
 fn path(path: &Path) -> &str {

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+
 /// Path of the binary under test.
 /// `serve` flags that put every listener on a free port (for runs that fail before serving, or
 /// that read the addresses from stdout).
@@ -292,4 +294,58 @@ pub fn wire_error_of(frame: &(u8, Vec<u8>)) -> (imstate_wire::Code, String) {
     .reply_body(imstate_wire::Op::Next)
     .expect("a valid reply")
     .expect_err("an error reply")
+}
+
+/// A CA and the certificates it signed (server, client), written as PEM files.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Writes a CA, a server certificate for 127.0.0.1/localhost and a client certificate, all
+/// prefixed with `prefix`, into `dir`.
+pub fn make_pki(dir: &Path, prefix: &str) -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{prefix} test CA"));
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+
+    let server_key = KeyPair::generate().unwrap();
+    let mut server_params =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server = server_params.signed_by(&server_key, &ca, &ca_key).unwrap();
+
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(vec!["client".to_string()]).unwrap();
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params.signed_by(&client_key, &ca, &ca_key).unwrap();
+
+    Pki {
+        ca: write(dir, &format!("{prefix}-ca.pem"), &ca.pem()),
+        server_cert: write(dir, &format!("{prefix}-server.pem"), &server.pem()),
+        server_key: write(
+            dir,
+            &format!("{prefix}-server.key"),
+            &server_key.serialize_pem(),
+        ),
+        client_cert: write(dir, &format!("{prefix}-client.pem"), &client.pem()),
+        client_key: write(
+            dir,
+            &format!("{prefix}-client.key"),
+            &client_key.serialize_pem(),
+        ),
+    }
 }
