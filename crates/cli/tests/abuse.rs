@@ -638,3 +638,55 @@ fn garbage_on_the_tls_wire_port_is_bounded_and_closed() {
     );
     assert!(after - before < 16.0, "RSS kept {:.1} MiB", after - before);
 }
+
+/// The gRPC port under abuse: a header list over `GRPC_HEADER_LIST_BYTES_MAX` (a 32 KiB
+/// bearer token), raw random bytes instead of HTTP/2, and a connection that sends the HTTP/2
+/// preface and then nothing. Each fails alone; the node's RSS stays flat and it serves.
+#[test]
+fn grpc_abuse_fails_alone_and_the_node_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None);
+    let pid = server.pid().unwrap();
+    let before = rss_mib(pid);
+    runtime().block_on(async {
+        let options = imstate_client::ClientOptions {
+            token: Some("t".repeat(32 * 1024)),
+            ..Default::default()
+        };
+        let client = imstate_client::Client::connect_with(&server.addr, &options)
+            .await
+            .unwrap();
+        assert!(
+            client.next_batch("", vec![1]).await.is_err(),
+            "a 32 KiB header list must be refused"
+        );
+    });
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for _ in 0..50 {
+        let mut stream = TcpStream::connect(&server.addr).unwrap();
+        let bytes: Vec<u8> = (0..rng.gen_range(1..4096)).map(|_| rng.r#gen()).collect();
+        let _ = stream.write_all(&bytes);
+        let (_, closed) = read_frames(&mut stream, Duration::from_secs(3));
+        assert!(closed, "random bytes on the gRPC port must be closed");
+    }
+    let mut silent = Vec::new();
+    for _ in 0..50 {
+        let mut stream = TcpStream::connect(&server.addr).unwrap();
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .unwrap();
+        silent.push(stream);
+    }
+    runtime().block_on(async {
+        let client = imstate_client::Client::connect(&server.addr).await.unwrap();
+        assert_eq!(client.next_batch("", vec![1]).await.unwrap(), vec![1]);
+    });
+    drop(silent);
+    let after = rss_mib(pid);
+    println!("gRPC abuse: RSS {before:.1} MiB before, {after:.1} MiB after");
+    assert!(
+        after - before < 16.0,
+        "RSS grew by {:.1} MiB",
+        after - before
+    );
+}
