@@ -582,6 +582,25 @@ impl Allocator {
         state.debug_check();
     }
 
+    /// Forgets a section (cluster mode: it moved to another node). Its values continue only
+    /// from a later [`Self::load_section`] of the ceiling the coordinator holds then; reports
+    /// about it that arrive meanwhile recreate it with `floor` 0, which a load then raises.
+    /// Returns whether the section was in memory.
+    pub fn unload_section(&mut self, ns: NsId, section: u64) -> bool {
+        let Some(namespace) = self.namespaces.get_mut(ns as usize) else {
+            return false;
+        };
+        let Some(slot) = namespace.slots.remove(&section) else {
+            return false;
+        };
+        namespace.sections.swap_remove(slot);
+        if let Some(moved) = namespace.sections.get(slot) {
+            namespace.slots.insert(moved.index, slot);
+        }
+        self.sections_total -= 1;
+        true
+    }
+
     /// The section a storage report or a recovery load is about, created if needed: those
     /// are durable history, so they are never refused by `sections_max`, but they count.
     fn report_target(&mut self, ns: NsId, section: u64) -> Option<&mut Section> {

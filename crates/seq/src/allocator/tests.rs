@@ -488,3 +488,26 @@ fn requests_never_create_sections_beyond_sections_max_but_loads_always_load() {
     assert!(next_settled(&mut allocator, 150) > 40);
     allocator.check_invariants().unwrap();
 }
+
+#[test]
+fn an_unloaded_section_continues_only_above_the_ceiling_loaded_again() {
+    let (mut allocator, ns) = allocator();
+    for _ in 0..3 {
+        next_settled(&mut allocator, 105);
+    }
+    next_settled(&mut allocator, 115);
+    let other = allocator.durable_max(ns, 1);
+    assert!(allocator.unload_section(ns, 0));
+    assert!(!allocator.unload_section(ns, 0), "already gone");
+    assert_eq!(allocator.durable_max(ns, 0), 0);
+    assert_eq!(
+        allocator.durable_max(ns, 1),
+        other,
+        "the other section stays"
+    );
+    assert_eq!(allocator.sections_loaded(), 1);
+    // Another node raised the section to 40 meanwhile; this one loads that ceiling.
+    allocator.load_section(ns, 0, 40);
+    assert_eq!(next_settled(&mut allocator, 105), 41);
+    allocator.check_invariants().unwrap();
+}

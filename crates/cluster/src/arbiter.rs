@@ -1,0 +1,246 @@
+//! The arbiter, sans I/O: every member campaigns; the one whose lease-bound `arbiter` key the
+//! coordinator created leads, and alone writes the route table.
+//!
+//! While it leads, every `period_ms` (and at once when elected) it reads the members, the
+//! drain requests, the namespaces and the table in one txn fenced on its election (the create
+//! revision of the `arbiter` key), plans ([`crate::placement::plan`]) and writes the next
+//! table with a txn fenced on the same election and on the table's revision, so that a
+//! deposed arbiter's write fails and two arbiters never interleave. A follower campaigns again
+//! every period; the node's driver may call [`Arbiter::vacant`] when a watch sees the key go,
+//! to campaign at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use imstate_coord::{Compare, LeaseId, Millis, Op, Request, Response, Txn, TxnResponse};
+
+use crate::keys::Keys;
+use crate::member::{Effect, Token};
+use crate::placement::{Inputs, plan};
+use crate::route::{NodeId, RouteTable};
+
+/// Tokens of the arbiter start here, apart from the member's.
+pub const ARBITER_TOKENS: Token = 1 << 62;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Candidate,
+    Leader { election: i64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Campaign,
+    Read,
+    Write,
+}
+
+/// The arbiter state machine of one node.
+#[derive(Debug)]
+pub struct Arbiter {
+    keys: Keys,
+    node: NodeId,
+    period_ms: Millis,
+    moves_max: u64,
+    phase: Phase,
+    lease: Option<LeaseId>,
+    inflight: Option<(Token, Kind, Millis)>,
+    next_token: Token,
+    last_round: Option<Millis>,
+    /// Tables written by this node while it led (for status and metrics).
+    pub writes: u64,
+}
+
+impl Arbiter {
+    /// The arbiter of `node` in `cluster`: a round every `period_ms`, at most `moves_max`
+    /// sections moved by drains and balancing per round.
+    pub fn new(cluster: &str, node: &str, period_ms: Millis, moves_max: u64) -> Self {
+        Self {
+            keys: Keys::new(cluster),
+            node: node.to_owned(),
+            period_ms: period_ms.max(1),
+            moves_max,
+            phase: Phase::Candidate,
+            lease: None,
+            inflight: None,
+            next_token: ARBITER_TOKENS,
+            last_round: None,
+            writes: 0,
+        }
+    }
+
+    /// Whether this node leads.
+    pub fn is_leader(&self) -> bool {
+        matches!(self.phase, Phase::Leader { .. })
+    }
+
+    /// The `arbiter` key is gone: campaign at the next poll.
+    pub fn vacant(&mut self) {
+        self.last_round = None;
+    }
+
+    fn send(&mut self, now: Millis, kind: Kind, txn: Txn) -> Vec<Effect> {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.inflight = Some((token, kind, now));
+        vec![Effect::Send {
+            token,
+            request: Request::Txn(txn),
+        }]
+    }
+
+    /// Runs a round when due. `lease` is the member's current lease (`None` while it has none:
+    /// then the arbiter steps down).
+    pub fn poll(&mut self, now: Millis, lease: Option<LeaseId>) -> Vec<Effect> {
+        if lease != self.lease {
+            self.lease = lease;
+            self.phase = Phase::Candidate;
+            self.inflight = None;
+            self.last_round = None;
+        }
+        let Some(lease) = lease else {
+            return Vec::new();
+        };
+        if let Some((_, _, sent_at)) = self.inflight {
+            if now < sent_at + 4 * self.period_ms {
+                return Vec::new();
+            }
+            self.inflight = None;
+        }
+        if self.last_round.is_some_and(|at| now < at + self.period_ms) {
+            return Vec::new();
+        }
+        self.last_round = Some(now);
+        let arbiter = self.keys.arbiter();
+        match self.phase {
+            Phase::Candidate => {
+                let txn = Txn {
+                    compare: vec![Compare::created(arbiter.clone(), 0)],
+                    success: vec![Op::Put {
+                        key: arbiter.clone(),
+                        value: self.node.clone().into_bytes(),
+                        lease: Some(lease),
+                    }],
+                    failure: vec![Op::get(arbiter)],
+                };
+                self.send(now, Kind::Campaign, txn)
+            }
+            Phase::Leader { election } => {
+                let txn = Txn {
+                    compare: vec![Compare::created(arbiter.clone(), election)],
+                    success: vec![
+                        Op::get(self.keys.route()),
+                        Op::get_prefix(self.keys.members()),
+                        Op::get_prefix(self.keys.drains()),
+                        Op::get_prefix(self.keys.namespaces()),
+                    ],
+                    failure: vec![Op::get(arbiter)],
+                };
+                self.send(now, Kind::Read, txn)
+            }
+        }
+    }
+
+    /// Handles the response to `token`.
+    pub fn on_response(&mut self, now: Millis, token: Token, response: &Response) -> Vec<Effect> {
+        let Some((expected, kind, _)) = self.inflight else {
+            return Vec::new();
+        };
+        if expected != token {
+            return Vec::new();
+        }
+        self.inflight = None;
+        let Response::Txn(txn) = response else {
+            return Vec::new();
+        };
+        match kind {
+            Kind::Campaign => {
+                if txn.succeeded {
+                    self.phase = Phase::Leader {
+                        election: txn.revision,
+                    };
+                    self.last_round = None;
+                } else if let Some(holder) = txn.got(0)
+                    && Some(holder.lease) == self.lease
+                {
+                    // Our earlier campaign won; its answer was lost.
+                    self.phase = Phase::Leader {
+                        election: holder.create_revision,
+                    };
+                    self.last_round = None;
+                }
+                Vec::new()
+            }
+            Kind::Read => {
+                if !txn.succeeded {
+                    self.phase = Phase::Candidate;
+                    return Vec::new();
+                }
+                self.plan_from(now, txn)
+            }
+            Kind::Write => {
+                if txn.succeeded {
+                    self.writes += 1;
+                    // Go on at once: a drain or a rebalance takes several bounded rounds.
+                    self.last_round = None;
+                } else if txn.got(0).is_none_or(|kv| Some(kv.lease) != self.lease) {
+                    self.phase = Phase::Candidate;
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    fn plan_from(&mut self, now: Millis, txn: &TxnResponse) -> Vec<Effect> {
+        let Phase::Leader { election } = self.phase else {
+            return Vec::new();
+        };
+        let cluster = self.cluster();
+        let (current, revision) = match txn.got(0) {
+            None => (RouteTable::empty(&cluster), 0),
+            Some(kv) => match RouteTable::decode(&kv.value) {
+                Ok(table) => (table, kv.mod_revision),
+                // Never overwrite a table this version cannot read.
+                Err(_) => return Vec::new(),
+            },
+        };
+        let names = |index: usize| -> BTreeSet<NodeId> {
+            txn.gets
+                .get(index)
+                .into_iter()
+                .flatten()
+                .map(|kv| Keys::leaf(&kv.key).to_owned())
+                .collect()
+        };
+        let mut namespaces = BTreeMap::new();
+        for kv in txn.gets.get(3).into_iter().flatten() {
+            if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&kv.value)
+                && let Some(sections) = value.get("sections").and_then(|v| v.as_u64())
+            {
+                namespaces.insert(Keys::leaf(&kv.key).to_owned(), sections);
+            }
+        }
+        let inputs = Inputs {
+            live: names(1),
+            draining: names(2),
+            namespaces,
+            moves_max: self.moves_max,
+        };
+        let Some(next) = plan(&current, &inputs) else {
+            return Vec::new();
+        };
+        let write = Txn {
+            compare: vec![
+                Compare::created(self.keys.arbiter(), election),
+                Compare::modified(self.keys.route(), revision),
+            ],
+            success: vec![Op::put(self.keys.route(), next.encode())],
+            failure: vec![Op::get(self.keys.arbiter())],
+        };
+        self.send(now, Kind::Write, write)
+    }
+
+    fn cluster(&self) -> String {
+        let prefix = self.keys.prefix();
+        prefix["/imstate/".len()..prefix.len() - 1].to_owned()
+    }
+}

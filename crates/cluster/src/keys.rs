@@ -1,0 +1,80 @@
+//! The coordinator keys of one cluster, all under `/imstate/<cluster>/`:
+//!
+//! | key | value | written by |
+//! |---|---|---|
+//! | `members/<node>` | the node's [`crate::MemberInfo`] (JSON), bound to its lease | the node |
+//! | `arbiter` | the arbiter's node id, bound to its lease | the elected node |
+//! | `route` | the [`crate::RouteTable`] (JSON) | the arbiter only |
+//! | `namespaces/<name>` | the namespace's definition (JSON with at least `sections`) | any node |
+//! | `drain/<node>` | empty: the node should give its sections away | `imstate ctl drain` |
+//! | `maxseq/<namespace>/<section>` | the section's `max_seq` ([`imstate_coord::encode_u64`]) | the owner, fenced |
+
+/// Builds the keys of one cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// The keys of cluster `cluster`.
+    pub fn new(cluster: &str) -> Self {
+        Self {
+            prefix: format!("/imstate/{cluster}/"),
+        }
+    }
+
+    /// The cluster's prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A member's key.
+    pub fn member(&self, node: &str) -> String {
+        format!("{}members/{node}", self.prefix)
+    }
+
+    /// The prefix of every member key.
+    pub fn members(&self) -> String {
+        format!("{}members/", self.prefix)
+    }
+
+    /// The arbiter election key.
+    pub fn arbiter(&self) -> String {
+        format!("{}arbiter", self.prefix)
+    }
+
+    /// The route table key.
+    pub fn route(&self) -> String {
+        format!("{}route", self.prefix)
+    }
+
+    /// A namespace's key.
+    pub fn namespace(&self, name: &str) -> String {
+        format!("{}namespaces/{name}", self.prefix)
+    }
+
+    /// The prefix of every namespace key.
+    pub fn namespaces(&self) -> String {
+        format!("{}namespaces/", self.prefix)
+    }
+
+    /// A drain request's key.
+    pub fn drain(&self, node: &str) -> String {
+        format!("{}drain/{node}", self.prefix)
+    }
+
+    /// The prefix of every drain key.
+    pub fn drains(&self) -> String {
+        format!("{}drain/", self.prefix)
+    }
+
+    /// A section's `max_seq` key (the section in 16 hex digits, so keys sort by section).
+    pub fn max_seq(&self, namespace: &str, section: u64) -> String {
+        format!("{}maxseq/{namespace}/{section:016x}", self.prefix)
+    }
+
+    /// The last path element of `key` (a node or namespace name).
+    pub fn leaf(key: &str) -> &str {
+        key.rsplit('/').next().unwrap_or(key)
+    }
+}

@@ -1,0 +1,634 @@
+//! A node's side of cluster mode, sans I/O: its lease, its registration, the route table it
+//! serves under, which sections it may serve right now ([`Member::access`]), and the fenced
+//! txns of its raises.
+//!
+//! The driver (the node, or the simulation) calls [`Member::poll`] on a timer and hands every
+//! coordinator response to [`Member::on_response`]; both return [`Effect`]s: requests to send
+//! and sections to unload. Time is the node's monotonic clock, in ms.
+//!
+//! ```text
+//!  Granting ──lease──► Registering ──member key created──► Registered
+//!      ▲                    │ key held by another lease: wait (it may be our previous run)
+//!      └──── keep-alive says the lease is gone, or a confirm finds the member key gone
+//!            (every section is lost: Effect::LostAll)
+//! ```
+//!
+//! While registered, every [`LeaseRules::renew_every_ms`] the member sends a keep-alive (which
+//! keeps the lease, for liveness) and a confirm txn (which proves the member key alive and
+//! reads the route table, for safety: see [`crate::lease`]).
+
+use std::collections::BTreeMap;
+
+use imstate_coord::{
+    Compare, KeyValue, LeaseId, Millis, Op, Request, Response, Txn, TxnResponse, decode_u64,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::Keys;
+use crate::lease::LeaseRules;
+use crate::route::{NodeId, RouteTable};
+
+/// What a node publishes about itself under its member key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// The node id.
+    pub node: NodeId,
+    /// Its gRPC address (`--advertise`).
+    pub grpc: String,
+    /// Its wire-protocol address.
+    pub wire: String,
+    /// Its software version.
+    pub version: String,
+}
+
+/// A request id, unique per member.
+pub type Token = u64;
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Send `request` to the coordinator; hand its response (or a failure) back with `token`.
+    Send {
+        /// Identifies the response.
+        token: Token,
+        /// The request.
+        request: Request,
+    },
+    /// Sections `[start, end)` of `namespace` are no longer this node's: forget their state
+    /// (a later gain reloads their `max_seq` from the coordinator).
+    Lost {
+        /// The namespace.
+        namespace: String,
+        /// First section.
+        start: u64,
+        /// One past the last.
+        end: u64,
+    },
+    /// The lease is gone: every section is lost.
+    LostAll,
+}
+
+/// Whether a request for a section may be served here now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Serve it. `tenure` identifies this node's current ownership of the section (the table
+    /// version at which it got it).
+    Serve {
+        /// The version at which the owner got the section.
+        tenure: u64,
+    },
+    /// Another node owns it.
+    Redirect {
+        /// The owner.
+        owner: NodeId,
+        /// The version of the table that says so.
+        version: u64,
+    },
+    /// Nobody can serve it here now; try again (here or elsewhere) later.
+    Unavailable {
+        /// Why, for the client.
+        reason: String,
+    },
+}
+
+/// The ownership a raise is fenced on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fence {
+    /// The create revision of this node's member key (its lease is alive while it exists).
+    pub member_revision: i64,
+    /// The mod revision of the route table this node serves under.
+    pub route_revision: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Grant,
+    Register,
+    KeepAlive,
+    Confirm,
+}
+
+const KINDS: usize = 4;
+
+#[derive(Clone, Copy, Debug)]
+struct Inflight {
+    kind: Kind,
+    sent_at: Millis,
+}
+
+/// Sections this node owns under the installed table, and when it may serve them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Span {
+    namespace: String,
+    start: u64,
+    end: u64,
+    since: u64,
+    ready_at: Millis,
+}
+
+/// A node's membership state machine.
+#[derive(Debug)]
+pub struct Member {
+    keys: Keys,
+    node: NodeId,
+    info: Vec<u8>,
+    rules: LeaseRules,
+    lease: Option<LeaseId>,
+    member_revision: Option<i64>,
+    inflight: BTreeMap<Token, Inflight>,
+    next_token: Token,
+    last_sent: [Option<Millis>; KINDS],
+    confirmed_until: Millis,
+    route: Option<(RouteTable, i64)>,
+    route_error: Option<String>,
+    spans: Vec<Span>,
+    /// No table installed since this registration: every owned range waits the lock-delay.
+    fresh: bool,
+    blocked_by: Option<String>,
+}
+
+impl Member {
+    /// A member of `cluster` for node `info.node`.
+    pub fn new(cluster: &str, info: &MemberInfo, rules: LeaseRules) -> Self {
+        Self {
+            keys: Keys::new(cluster),
+            node: info.node.clone(),
+            info: serde_json::to_vec(info).expect("member info serializes"),
+            rules,
+            lease: None,
+            member_revision: None,
+            inflight: BTreeMap::new(),
+            next_token: 1,
+            last_sent: [None; KINDS],
+            confirmed_until: 0,
+            route: None,
+            route_error: None,
+            spans: Vec::new(),
+            fresh: true,
+            blocked_by: None,
+        }
+    }
+
+    /// The node id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The cluster's keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The timing rules.
+    pub fn rules(&self) -> LeaseRules {
+        self.rules
+    }
+
+    /// The lease, once granted.
+    pub fn lease(&self) -> Option<LeaseId> {
+        self.lease
+    }
+
+    /// Whether the member key is registered.
+    pub fn registered(&self) -> bool {
+        self.member_revision.is_some()
+    }
+
+    /// The member key's holder when registration is refused because the id is taken.
+    pub fn blocked_by(&self) -> Option<&str> {
+        self.blocked_by.as_deref()
+    }
+
+    /// The installed route table.
+    pub fn route(&self) -> Option<&RouteTable> {
+        self.route.as_ref().map(|(table, _)| table)
+    }
+
+    /// Until when (this node's clock) the lease and the table are confirmed.
+    pub fn confirmed_until(&self) -> Millis {
+        self.confirmed_until
+    }
+
+    fn token(&mut self, kind: Kind, now: Millis) -> Token {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.inflight.insert(token, Inflight { kind, sent_at: now });
+        self.last_sent[kind as usize] = Some(now);
+        token
+    }
+
+    /// Whether a request of `kind` should go out now: none in flight younger than the request
+    /// timeout, and none sent in the last `every` ms.
+    fn due(&self, kind: Kind, now: Millis, every: Millis) -> bool {
+        let timeout = self.rules.request_timeout_ms();
+        let waiting = self
+            .inflight
+            .values()
+            .any(|inflight| inflight.kind == kind && now < inflight.sent_at + timeout);
+        !waiting && self.last_sent[kind as usize].is_none_or(|at| now >= at + every)
+    }
+
+    /// Sends what is due at `now`.
+    pub fn poll(&mut self, now: Millis) -> Vec<Effect> {
+        // Responses that never came (lost requests) stop counting after a while.
+        let horizon = 20 * self.rules.ttl_ms;
+        self.inflight
+            .retain(|_, inflight| now < inflight.sent_at.saturating_add(horizon));
+        let every = self.rules.renew_every_ms();
+        let mut effects = Vec::new();
+        match (self.lease, self.member_revision) {
+            (None, _) => {
+                if self.due(Kind::Grant, now, 0) {
+                    let token = self.token(Kind::Grant, now);
+                    let request = Request::LeaseGrant {
+                        ttl_ms: self.rules.ttl_ms,
+                    };
+                    effects.push(Effect::Send { token, request });
+                }
+            }
+            (Some(lease), None) => {
+                if self.due(Kind::Register, now, every) {
+                    let token = self.token(Kind::Register, now);
+                    let key = self.keys.member(&self.node);
+                    let txn = Txn {
+                        compare: vec![Compare::created(key.clone(), 0)],
+                        success: vec![Op::Put {
+                            key: key.clone(),
+                            value: self.info.clone(),
+                            lease: Some(lease),
+                        }],
+                        failure: vec![Op::get(key)],
+                    };
+                    effects.push(Effect::Send {
+                        token,
+                        request: Request::Txn(txn),
+                    });
+                }
+            }
+            (Some(lease), Some(member_revision)) => {
+                if self.due(Kind::KeepAlive, now, every) {
+                    let token = self.token(Kind::KeepAlive, now);
+                    let request = Request::KeepAlive { lease };
+                    effects.push(Effect::Send { token, request });
+                }
+                if self.due(Kind::Confirm, now, every) {
+                    let token = self.token(Kind::Confirm, now);
+                    let member = self.keys.member(&self.node);
+                    let txn = Txn {
+                        compare: vec![Compare::created(member.clone(), member_revision)],
+                        success: vec![Op::get(self.keys.route())],
+                        failure: vec![Op::get(member)],
+                    };
+                    effects.push(Effect::Send {
+                        token,
+                        request: Request::Txn(txn),
+                    });
+                }
+            }
+        }
+        effects
+    }
+
+    /// Handles the response to `token`, received at `now`.
+    pub fn on_response(&mut self, now: Millis, token: Token, response: &Response) -> Vec<Effect> {
+        let Some(inflight) = self.inflight.remove(&token) else {
+            return Vec::new();
+        };
+        if let Response::Failed(_) = response {
+            // Sent again at the next poll; a failed confirm is not a lost lease (a lapse is).
+            self.last_sent[inflight.kind as usize] = None;
+            return Vec::new();
+        }
+        match (inflight.kind, response) {
+            (Kind::Grant, Response::Granted { lease }) => {
+                if self.lease.is_none() {
+                    self.lease = Some(*lease);
+                }
+                Vec::new()
+            }
+            (Kind::Register, Response::Txn(txn)) => {
+                if self.member_revision.is_some() {
+                    return Vec::new();
+                }
+                let holder = txn.got(0);
+                if txn.succeeded {
+                    self.registered_at(txn.revision);
+                } else if let Some(holder) = holder.filter(|kv| Some(kv.lease) == self.lease) {
+                    // Our own earlier attempt won; its response was lost.
+                    self.registered_at(holder.create_revision);
+                } else {
+                    self.blocked_by = Some(match holder {
+                        Some(kv) => String::from_utf8_lossy(&kv.value).into_owned(),
+                        None => "an unknown holder".into(),
+                    });
+                }
+                Vec::new()
+            }
+            (Kind::KeepAlive, Response::KeptAlive { alive: false }) => self.restart(),
+            (Kind::KeepAlive, _) => Vec::new(),
+            (Kind::Confirm, Response::Txn(txn)) => {
+                if txn.succeeded {
+                    self.install(now, txn.got(0), Some(inflight.sent_at))
+                } else {
+                    self.restart()
+                }
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn registered_at(&mut self, revision: i64) {
+        self.member_revision = Some(revision);
+        self.blocked_by = None;
+        self.fresh = true;
+        self.last_sent[Kind::Confirm as usize] = None;
+    }
+
+    /// The lease is gone: start over with a new one.
+    fn restart(&mut self) -> Vec<Effect> {
+        self.lease = None;
+        self.member_revision = None;
+        self.inflight.clear();
+        self.last_sent = [None; KINDS];
+        self.confirmed_until = 0;
+        self.route = None;
+        self.spans.clear();
+        self.fresh = true;
+        vec![Effect::LostAll]
+    }
+
+    /// Installs the route table read at `now` (`kv` is the route key, `None` when absent). With
+    /// `confirmed_at`, the read was a confirm sent then: the node may serve until
+    /// `confirmed_at + window`.
+    fn install(
+        &mut self,
+        now: Millis,
+        kv: Option<&KeyValue>,
+        confirmed_at: Option<Millis>,
+    ) -> Vec<Effect> {
+        let revision = kv.map_or(0, |kv| kv.mod_revision);
+        let installed = self.route.as_ref().map(|(_, revision)| *revision);
+        if installed.is_some_and(|installed| revision < installed) {
+            // A late answer about an older table: it confirms nothing current.
+            return Vec::new();
+        }
+        let mut effects = Vec::new();
+        if installed != Some(revision) {
+            let table = match kv {
+                None => Ok(RouteTable::empty(self.cluster())),
+                Some(kv) => RouteTable::decode(&kv.value).and_then(|table| {
+                    if table.cluster == self.cluster() {
+                        Ok(table)
+                    } else {
+                        Err(format!(
+                            "the route table belongs to cluster `{}`, not `{}`",
+                            table.cluster,
+                            self.cluster()
+                        ))
+                    }
+                }),
+            };
+            let table = match table {
+                Ok(table) => {
+                    self.route_error = None;
+                    table
+                }
+                Err(error) => {
+                    // Serve nothing rather than guess.
+                    self.route_error = Some(error);
+                    RouteTable::empty(self.cluster())
+                }
+            };
+            effects = self.take_table(now, table, revision);
+        }
+        if let Some(sent_at) = confirmed_at {
+            self.confirmed_until = self.confirmed_until.max(sent_at + self.rules.window_ms());
+        }
+        effects
+    }
+
+    fn cluster(&self) -> &str {
+        let prefix = self.keys.prefix();
+        &prefix["/imstate/".len()..prefix.len() - 1]
+    }
+
+    /// Replaces the spans with the new table's, emitting what was lost.
+    fn take_table(&mut self, now: Millis, table: RouteTable, revision: i64) -> Vec<Effect> {
+        let lock_delay = self.rules.lock_delay_ms();
+        let mut spans = Vec::new();
+        for (namespace, range) in table.ranges_of(&self.node) {
+            let carried = if self.fresh {
+                None
+            } else {
+                carry(&self.spans, namespace, range.start, range.end, range.since)
+            };
+            let ready_at = carried.unwrap_or(if self.fresh || range.handover {
+                now + lock_delay
+            } else {
+                now
+            });
+            spans.push(Span {
+                namespace: namespace.to_owned(),
+                start: range.start,
+                end: range.end,
+                since: range.since,
+                ready_at,
+            });
+        }
+        let mut effects = Vec::new();
+        for old in &self.spans {
+            let mut section = old.start;
+            while section < old.end {
+                let kept = table
+                    .range(&old.namespace, section)
+                    .filter(|range| range.owner == self.node && range.since == old.since);
+                let (end, keep) = match (kept, table.range(&old.namespace, section)) {
+                    (Some(range), _) => (range.end.min(old.end), true),
+                    (None, Some(range)) => (range.end.min(old.end), false),
+                    (None, None) => (old.end, false),
+                };
+                if !keep {
+                    push_lost(&mut effects, &old.namespace, section, end);
+                }
+                section = end;
+            }
+        }
+        self.spans = spans;
+        self.route = Some((table, revision));
+        self.fresh = false;
+        effects
+    }
+
+    /// Whether `section` of `namespace` may be served at `now`.
+    pub fn access(&self, now: Millis, namespace: &str, section: u64) -> Access {
+        if self.member_revision.is_none() {
+            let reason = match &self.blocked_by {
+                Some(holder) => format!(
+                    "node id `{}` is registered by another process ({holder}); waiting for it \
+                     to leave",
+                    self.node
+                ),
+                None => "joining the cluster".into(),
+            };
+            return Access::Unavailable { reason };
+        }
+        let Some((table, _)) = &self.route else {
+            return Access::Unavailable {
+                reason: "no route table read yet".into(),
+            };
+        };
+        if let Some(error) = &self.route_error {
+            return Access::Unavailable {
+                reason: error.clone(),
+            };
+        }
+        let Some(range) = table.range(namespace, section) else {
+            return Access::Unavailable {
+                reason: format!(
+                    "namespace `{namespace}` has no route for section {section} in table version {}",
+                    table.version
+                ),
+            };
+        };
+        if range.owner != self.node {
+            return Access::Redirect {
+                owner: range.owner.clone(),
+                version: table.version,
+            };
+        }
+        if !cfg!(feature = "planted-serve-without-lease") && now >= self.confirmed_until {
+            return Access::Unavailable {
+                reason: "this node's lease is not confirmed by the coordinator; it serves \
+                         nothing until it is"
+                    .into(),
+            };
+        }
+        let span = self
+            .spans
+            .iter()
+            .find(|span| span.namespace == namespace && (span.start..span.end).contains(&section));
+        match span {
+            Some(span) if now >= span.ready_at => Access::Serve {
+                tenure: range.since,
+            },
+            Some(span) => Access::Unavailable {
+                reason: format!(
+                    "taking the section over: serving in {} ms (lock-delay)",
+                    span.ready_at - now
+                ),
+            },
+            None => Access::Unavailable {
+                reason: "the route table is being installed".into(),
+            },
+        }
+    }
+
+    /// The ownership a raise must be fenced on, when registered with a table.
+    pub fn fence(&self) -> Option<Fence> {
+        Some(Fence {
+            member_revision: self.member_revision?,
+            route_revision: self.route.as_ref()?.1,
+        })
+    }
+
+    /// The txn that persists `raises` (`(namespace, section, max_seq)`) if this node still
+    /// owns what `fence` says: its member key is the one it registered, and the route table
+    /// has not changed since it read it.
+    pub fn raise_txn(&self, fence: Fence, raises: &[(&str, u64, u64)]) -> Txn {
+        let compare = if cfg!(feature = "planted-raise-without-fence") {
+            Vec::new()
+        } else {
+            vec![
+                Compare::created(self.keys.member(&self.node), fence.member_revision),
+                Compare::modified(self.keys.route(), fence.route_revision),
+            ]
+        };
+        Txn {
+            compare,
+            success: raises
+                .iter()
+                .map(|(namespace, section, max_seq)| {
+                    Op::put(
+                        self.keys.max_seq(namespace, *section),
+                        imstate_coord::encode_u64(*max_seq),
+                    )
+                })
+                .collect(),
+            failure: vec![
+                Op::get(self.keys.route()),
+                Op::get(self.keys.member(&self.node)),
+            ],
+        }
+    }
+
+    /// Handles the answer to a raise txn received at `now`: `true` when the raises are durable;
+    /// otherwise the ownership changed and the effects say what was lost.
+    pub fn on_raise_response(&mut self, now: Millis, txn: &TxnResponse) -> (bool, Vec<Effect>) {
+        if txn.succeeded {
+            return (true, Vec::new());
+        }
+        let member_alive = txn.got(1).is_some_and(|kv| {
+            Some(kv.create_revision) == self.member_revision && Some(kv.lease) == self.lease
+        });
+        if !member_alive {
+            return (false, self.restart());
+        }
+        (false, self.install(now, txn.got(0), None))
+    }
+
+    /// The txn that reads a section's `max_seq`.
+    pub fn load_txn(&self, namespace: &str, section: u64) -> Txn {
+        Txn {
+            success: vec![Op::get(self.keys.max_seq(namespace, section))],
+            ..Txn::default()
+        }
+    }
+
+    /// The `max_seq` in the answer to [`Self::load_txn`] (0 when never raised).
+    pub fn loaded_max_seq(txn: &TxnResponse) -> Result<u64, String> {
+        match txn.got(0) {
+            None => Ok(0),
+            Some(kv) => decode_u64(&kv.value)
+                .ok_or_else(|| format!("{}: not a max_seq: {:?}", kv.key, kv.value)),
+        }
+    }
+}
+
+/// The readiness carried from the old spans when they cover `[start, end)` of `namespace`
+/// with the same tenure; `None` otherwise.
+fn carry(spans: &[Span], namespace: &str, start: u64, end: u64, since: u64) -> Option<Millis> {
+    let mut covered = start;
+    let mut ready_at = 0;
+    let mut overlapping: Vec<&Span> = spans
+        .iter()
+        .filter(|span| span.namespace == namespace && span.start < end && span.end > start)
+        .collect();
+    overlapping.sort_by_key(|span| span.start);
+    for span in overlapping {
+        if span.since != since || span.start > covered {
+            return None;
+        }
+        covered = covered.max(span.end);
+        ready_at = ready_at.max(span.ready_at);
+    }
+    (covered >= end).then_some(ready_at)
+}
+
+fn push_lost(effects: &mut Vec<Effect>, namespace: &str, start: u64, end: u64) {
+    if let Some(Effect::Lost {
+        namespace: last_namespace,
+        end: last_end,
+        ..
+    }) = effects.last_mut()
+        && last_namespace == namespace
+        && *last_end == start
+    {
+        *last_end = end;
+        return;
+    }
+    effects.push(Effect::Lost {
+        namespace: namespace.to_owned(),
+        start,
+        end,
+    });
+}

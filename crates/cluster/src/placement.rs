@@ -1,0 +1,314 @@
+//! The arbiter's planning, pure: from the current table, the live members, the draining ones
+//! and the namespaces, the next table (or none when nothing should change).
+//!
+//! Rules, in order:
+//! 1. a namespace without routes is split into contiguous ranges over the targets (live and
+//!    not draining), as evenly as sections allow: no one owned them, so no lock-delay;
+//! 2. every range of a node that is not live goes, whole, to the least-loaded target at once
+//!    (failover is not rate-limited: those sections are unavailable until moved);
+//! 3. draining nodes give up to `moves_max` sections per plan, tail first, to the least loaded;
+//! 4. then, with what is left of `moves_max`, the most loaded target gives sections to the
+//!    least loaded while they differ by more than one section.
+//!
+//! Rules 3 and 4 run only in a plan where 1 and 2 changed nothing.
+//!
+//! Every moved range gets `since` = the new version and `handover` = true. Adjacent ranges
+//! merge only when owner, `since` and `handover` are equal, so a node's readiness for what it
+//! kept is never reset by a move of its neighbours.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::route::{NamespaceRoute, NodeId, Range, RouteTable};
+
+/// The arbiter's inputs besides the current table.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    /// Nodes whose lease is alive.
+    pub live: BTreeSet<NodeId>,
+    /// Nodes asked to give their sections away (`imstate ctl drain`).
+    pub draining: BTreeSet<NodeId>,
+    /// Every namespace and its section count.
+    pub namespaces: BTreeMap<String, u64>,
+    /// Most sections moved by rules 3 and 4 in one plan.
+    pub moves_max: u64,
+}
+
+/// The next table, or `None` when `current` is already right (or no node can own anything).
+pub fn plan(current: &RouteTable, inputs: &Inputs) -> Option<RouteTable> {
+    let mut targets: BTreeSet<&str> = inputs
+        .live
+        .iter()
+        .filter(|node| !inputs.draining.contains(*node))
+        .map(String::as_str)
+        .collect();
+    if targets.is_empty() {
+        // Everyone drains: keep serving where we are rather than nowhere.
+        targets = inputs.live.iter().map(String::as_str).collect();
+    }
+    if targets.is_empty() {
+        return None;
+    }
+    let version = current.version + 1;
+    let mut next = current.clone();
+    next.version = version;
+    let mut load: BTreeMap<String, u64> =
+        targets.iter().map(|node| (node.to_string(), 0)).collect();
+    for (node, sections) in current.load() {
+        if let Some(entry) = load.get_mut(node) {
+            *entry = sections;
+        }
+    }
+    let mut changed = false;
+
+    // 1. New namespaces.
+    for (name, &sections) in &inputs.namespaces {
+        if next.namespaces.contains_key(name) || sections == 0 {
+            continue;
+        }
+        let owners: Vec<&str> = targets.iter().copied().collect();
+        let parts = (owners.len() as u64).min(sections);
+        let mut ranges = Vec::new();
+        let mut start = 0;
+        // Fill the least loaded first so that many namespaces spread too.
+        let mut order = owners.clone();
+        order.sort_by_key(|node| (load[*node], *node));
+        for part in 0..parts {
+            let size = sections / parts + u64::from(part < sections % parts);
+            let owner = order[part as usize];
+            ranges.push(Range {
+                start,
+                end: start + size,
+                owner: owner.to_owned(),
+                since: version,
+                handover: false,
+            });
+            *load.get_mut(owner).expect("a target") += size;
+            start += size;
+        }
+        next.namespaces
+            .insert(name.clone(), NamespaceRoute { sections, ranges });
+        changed = true;
+    }
+
+    // 2. Ranges of nodes that are gone.
+    for route in next.namespaces.values_mut() {
+        for range in &mut route.ranges {
+            if !inputs.live.contains(&range.owner) {
+                let owner = least_loaded(&load);
+                *load.get_mut(&owner).expect("a target") += range.len();
+                range.owner = owner;
+                range.since = version;
+                range.handover = true;
+                changed = true;
+            }
+        }
+    }
+
+    // 3 and 4. Bounded moves: drains first, then balance; not in a plan that already
+    // assigned or failed sections over (those sections should settle first).
+    let mut budget = if changed { 0 } else { inputs.moves_max };
+    while budget > 0 {
+        let draining = next
+            .load()
+            .into_iter()
+            .filter(|(node, sections)| {
+                *sections > 0 && inputs.draining.contains(*node) && !targets.contains(node)
+            })
+            .map(|(node, _)| node.to_owned())
+            .next();
+        let (from, count) = match draining {
+            Some(from) => (from, budget),
+            None => {
+                let (most, most_load) = load
+                    .iter()
+                    .max_by_key(|(node, sections)| (**sections, std::cmp::Reverse(*node)))
+                    .map(|(node, sections)| (node.clone(), *sections))
+                    .expect("targets are not empty");
+                let least_load = load.values().copied().min().unwrap_or(0);
+                if most_load <= least_load + 1 {
+                    break;
+                }
+                (most, ((most_load - least_load) / 2).min(budget))
+            }
+        };
+        let to = least_loaded(&load);
+        if to == from {
+            break;
+        }
+        let moved = move_tail(&mut next, &from, &to, count, version);
+        if moved == 0 {
+            break;
+        }
+        if let Some(sections) = load.get_mut(&from) {
+            *sections -= moved;
+        }
+        *load.get_mut(&to).expect("a target") += moved;
+        budget -= moved;
+        changed = true;
+    }
+    if !changed {
+        return None;
+    }
+    for route in next.namespaces.values_mut() {
+        merge(&mut route.ranges);
+    }
+    debug_assert!(next.check().is_ok(), "{:?}", next.check());
+    Some(next)
+}
+
+fn least_loaded(load: &BTreeMap<String, u64>) -> NodeId {
+    load.iter()
+        .min_by_key(|(node, sections)| (**sections, *node))
+        .map(|(node, _)| node.clone())
+        .expect("targets are not empty")
+}
+
+/// Moves up to `count` sections of `from`'s largest range (its tail) to `to`.
+fn move_tail(table: &mut RouteTable, from: &str, to: &str, count: u64, version: u64) -> u64 {
+    let mut best: Option<(String, usize, u64)> = None;
+    for (name, route) in &table.namespaces {
+        for (index, range) in route.ranges.iter().enumerate() {
+            if range.owner == from && best.as_ref().is_none_or(|(_, _, len)| range.len() > *len) {
+                best = Some((name.clone(), index, range.len()));
+            }
+        }
+    }
+    let Some((name, index, len)) = best else {
+        return 0;
+    };
+    let moved = count.min(len);
+    let ranges = &mut table.namespaces.get_mut(&name).expect("found above").ranges;
+    let range = &mut ranges[index];
+    let split = range.end - moved;
+    let tail = Range {
+        start: split,
+        end: range.end,
+        owner: to.to_owned(),
+        since: version,
+        handover: true,
+    };
+    if moved == len {
+        *range = tail;
+    } else {
+        range.end = split;
+        ranges.insert(index + 1, tail);
+    }
+    moved
+}
+
+fn merge(ranges: &mut Vec<Range>) {
+    let mut merged: Vec<Range> = Vec::with_capacity(ranges.len());
+    for range in ranges.drain(..) {
+        match merged.last_mut() {
+            Some(last)
+                if last.owner == range.owner
+                    && last.since == range.since
+                    && last.handover == range.handover =>
+            {
+                last.end = range.end;
+            }
+            _ => merged.push(range),
+        }
+    }
+    *ranges = merged;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(live: &[&str], draining: &[&str], namespaces: &[(&str, u64)]) -> Inputs {
+        Inputs {
+            live: live.iter().map(|node| node.to_string()).collect(),
+            draining: draining.iter().map(|node| node.to_string()).collect(),
+            namespaces: namespaces
+                .iter()
+                .map(|(name, sections)| (name.to_string(), *sections))
+                .collect(),
+            moves_max: 4,
+        }
+    }
+
+    /// Plans until nothing changes (at most 100 rounds), checking every table.
+    fn settle(mut table: RouteTable, inputs: &Inputs) -> RouteTable {
+        for _ in 0..100 {
+            match plan(&table, inputs) {
+                Some(next) => {
+                    next.check().unwrap();
+                    assert_eq!(next.version, table.version + 1);
+                    table = next;
+                }
+                None => return table,
+            }
+        }
+        panic!("the plan never settles: {table:?}");
+    }
+
+    #[test]
+    fn a_new_namespace_is_split_evenly_without_handover() {
+        let table = plan(
+            &RouteTable::empty("c"),
+            &inputs(&["a", "b", "c"], &[], &[("inbox", 10)]),
+        )
+        .unwrap();
+        let load = table.load();
+        assert_eq!((load["a"], load["b"], load["c"]), (4, 3, 3));
+        assert!(table.namespaces["inbox"].ranges.iter().all(|r| !r.handover));
+        assert!(plan(&table, &inputs(&["a", "b", "c"], &[], &[("inbox", 10)])).is_none());
+    }
+
+    #[test]
+    fn a_dead_nodes_ranges_move_at_once_with_handover_and_the_rest_stays() {
+        let all = inputs(&["a", "b", "c"], &[], &[("inbox", 30)]);
+        let table = settle(RouteTable::empty("c"), &all);
+        let before = table.clone();
+        let without_b = inputs(&["a", "c"], &[], &[("inbox", 30)]);
+        let next = plan(&table, &without_b).unwrap();
+        assert!(next.ranges_of("b").next().is_none());
+        for section in 0..30 {
+            let (old, new) = (
+                before.range("inbox", section).unwrap(),
+                next.range("inbox", section).unwrap(),
+            );
+            if old.owner == "b" {
+                assert!(new.handover && new.since == next.version);
+            } else {
+                assert_eq!(old.owner, new.owner, "section {section} moved needlessly");
+                assert_eq!(old.since, new.since);
+            }
+        }
+        // Then balancing, a bounded number of sections per plan.
+        let settled = settle(next, &without_b);
+        let load = settled.load();
+        assert!(load["a"].abs_diff(load["c"]) <= 1, "{load:?}");
+    }
+
+    #[test]
+    fn draining_moves_at_most_moves_max_per_plan_until_empty() {
+        let all = inputs(&["a", "b"], &[], &[("inbox", 20)]);
+        let table = settle(RouteTable::empty("c"), &all);
+        let drain = inputs(&["a", "b"], &["b"], &[("inbox", 20)]);
+        let mut table = table;
+        let mut plans = 0;
+        while let Some(next) = plan(&table, &drain) {
+            let moved: u64 = (0..20)
+                .filter(|&s| table.owner("inbox", s) != next.owner("inbox", s))
+                .count() as u64;
+            assert!(moved <= drain.moves_max, "moved {moved}");
+            table = next;
+            plans += 1;
+        }
+        assert_eq!(table.ranges_of("b").count(), 0);
+        assert!(plans >= 3, "10 sections at 4 per plan take 3 plans");
+    }
+
+    #[test]
+    fn a_joining_node_gets_sections_and_nobody_is_planned_for_when_none_is_live() {
+        let two = inputs(&["a", "b"], &[], &[("inbox", 12)]);
+        let table = settle(RouteTable::empty("c"), &two);
+        let three = inputs(&["a", "b", "c"], &[], &[("inbox", 12)]);
+        let table = settle(table, &three);
+        assert_eq!(table.load()["c"], 4);
+        assert!(plan(&table, &inputs(&[], &[], &[("inbox", 12)])).is_none());
+    }
+}

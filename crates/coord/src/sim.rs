@@ -1,0 +1,292 @@
+//! A deterministic, in-memory coordinator with etcd's semantics for the subset in
+//! [`crate::Request`]: revisions, leases that delete their keys when they lapse, and atomic
+//! txns. The simulation drives it with its own notion of time (`now`, in the coordinator's
+//! milliseconds) and can end a lease early or late, as etcd may around leader changes.
+//!
+//! It is single-threaded and has no I/O: the simulation decides when a request arrives and
+//! when its response is delivered (or lost).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::{KeyValue, LeaseId, Millis, Op, Request, Response, Target, Txn, TxnResponse};
+
+#[derive(Clone, Copy, Debug)]
+struct Lease {
+    ttl_ms: u64,
+    expires_at: Millis,
+}
+
+/// The simulated coordinator.
+#[derive(Debug, Default)]
+pub struct SimCoordinator {
+    revision: i64,
+    kv: BTreeMap<String, KeyValue>,
+    leases: HashMap<LeaseId, Lease>,
+    next_lease: LeaseId,
+    /// Writes (puts and deletes, lease expiry included) applied so far.
+    writes: u64,
+}
+
+impl SimCoordinator {
+    /// An empty store at revision 1 (etcd starts there too).
+    pub fn new() -> Self {
+        Self {
+            revision: 1,
+            next_lease: 0x1000,
+            ..Self::default()
+        }
+    }
+
+    /// The current revision.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Writes applied so far (each put or delete counts one).
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// Reads a key (for checkers and tests; nodes go through [`Self::handle`]).
+    pub fn get(&self, key: &str) -> Option<&KeyValue> {
+        self.kv.get(key)
+    }
+
+    /// Every key under `prefix`, in key order.
+    pub fn range(&self, prefix: &str) -> Vec<KeyValue> {
+        self.kv
+            .range(prefix.to_owned()..)
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .map(|(_, kv)| kv.clone())
+            .collect()
+    }
+
+    /// Live leases, in id order, with their expiry.
+    pub fn leases(&self) -> Vec<(LeaseId, Millis)> {
+        let mut leases: Vec<_> = self
+            .leases
+            .iter()
+            .map(|(id, lease)| (*id, lease.expires_at))
+            .collect();
+        leases.sort_unstable();
+        leases
+    }
+
+    /// Moves a lease's expiry to `at` (a fault: etcd ending a lease early or late).
+    pub fn set_lease_expiry(&mut self, lease: LeaseId, at: Millis) {
+        if let Some(lease) = self.leases.get_mut(&lease) {
+            lease.expires_at = at;
+        }
+    }
+
+    /// Ends every lease whose expiry is at or before `now`, deleting its keys. Returns the
+    /// leases ended.
+    pub fn expire(&mut self, now: Millis) -> Vec<LeaseId> {
+        let mut ended: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, lease)| lease.expires_at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        ended.sort_unstable();
+        for lease in &ended {
+            self.end_lease(*lease);
+        }
+        ended
+    }
+
+    fn end_lease(&mut self, lease: LeaseId) {
+        self.leases.remove(&lease);
+        let keys: Vec<String> = self
+            .kv
+            .iter()
+            .filter(|(_, kv)| kv.lease == lease)
+            .map(|(key, _)| key.clone())
+            .collect();
+        if !keys.is_empty() {
+            // One revision for the whole revoke, as etcd does.
+            self.revision += 1;
+            for key in keys {
+                self.kv.remove(&key);
+                self.writes += 1;
+            }
+        }
+    }
+
+    /// Handles one request that arrived at `now`.
+    pub fn handle(&mut self, now: Millis, request: &Request) -> Response {
+        self.expire(now);
+        match request {
+            Request::LeaseGrant { ttl_ms } => {
+                self.next_lease += 1;
+                let lease = self.next_lease;
+                self.leases.insert(
+                    lease,
+                    Lease {
+                        ttl_ms: *ttl_ms,
+                        expires_at: now + ttl_ms,
+                    },
+                );
+                Response::Granted { lease }
+            }
+            Request::KeepAlive { lease } => match self.leases.get_mut(lease) {
+                Some(lease) => {
+                    lease.expires_at = lease.expires_at.max(now + lease.ttl_ms);
+                    Response::KeptAlive { alive: true }
+                }
+                None => Response::KeptAlive { alive: false },
+            },
+            Request::Revoke { lease } => {
+                self.end_lease(*lease);
+                Response::Revoked
+            }
+            Request::Txn(txn) => Response::Txn(self.txn(txn)),
+        }
+    }
+
+    fn txn(&mut self, txn: &Txn) -> TxnResponse {
+        let holds = txn.compare.iter().all(|compare| {
+            let kv = self.kv.get(&compare.key);
+            match &compare.target {
+                Target::CreateRevision(revision) => {
+                    kv.map_or(0, |kv| kv.create_revision) == *revision
+                }
+                Target::ModRevision(revision) => kv.map_or(0, |kv| kv.mod_revision) == *revision,
+                Target::Value(value) => kv.is_some_and(|kv| kv.value == *value),
+            }
+        });
+        let ops = if holds { &txn.success } else { &txn.failure };
+        let writes = ops.iter().any(|op| !matches!(op, Op::Get { .. }));
+        // A txn with writes takes one revision, shared by all of them.
+        let revision = if writes {
+            self.revision + 1
+        } else {
+            self.revision
+        };
+        let mut gets = Vec::new();
+        let mut wrote = false;
+        for op in ops {
+            match op {
+                Op::Put { key, value, lease } => {
+                    if let Some(id) = lease
+                        && !self.leases.contains_key(id)
+                    {
+                        // etcd refuses a put with a missing lease; the txn's other writes
+                        // still count in this model only if they ran before (none do here).
+                        continue;
+                    }
+                    let create_revision = self
+                        .kv
+                        .get(key)
+                        .map_or(revision, |existing| existing.create_revision);
+                    self.kv.insert(
+                        key.clone(),
+                        KeyValue {
+                            key: key.clone(),
+                            value: value.clone(),
+                            create_revision,
+                            mod_revision: revision,
+                            lease: lease.unwrap_or(0),
+                        },
+                    );
+                    self.writes += 1;
+                    wrote = true;
+                }
+                Op::Delete { key } => {
+                    if self.kv.remove(key).is_some() {
+                        self.writes += 1;
+                        wrote = true;
+                    }
+                }
+                Op::Get { key, prefix } => {
+                    if *prefix {
+                        gets.push(self.range(key));
+                    } else {
+                        gets.push(self.kv.get(key).cloned().into_iter().collect());
+                    }
+                }
+            }
+        }
+        if wrote {
+            self.revision = revision;
+        }
+        TxnResponse {
+            succeeded: holds,
+            revision: self.revision,
+            gets,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Compare;
+
+    fn txn(coord: &mut SimCoordinator, now: Millis, txn: Txn) -> TxnResponse {
+        match coord.handle(now, &Request::Txn(txn)) {
+            Response::Txn(response) => response,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_create_if_absent_txn_succeeds_once_and_revisions_grow() {
+        let mut coord = SimCoordinator::new();
+        let create = Txn {
+            compare: vec![Compare::created("k", 0)],
+            success: vec![Op::put("k", "a")],
+            failure: vec![Op::get("k")],
+        };
+        let first = txn(&mut coord, 0, create.clone());
+        assert!(first.succeeded);
+        let kv = coord.get("k").unwrap().clone();
+        assert_eq!((kv.create_revision, kv.mod_revision), (2, 2));
+        let second = txn(&mut coord, 0, create);
+        assert!(!second.succeeded);
+        assert_eq!(second.got(0).unwrap().value, b"a");
+        txn(
+            &mut coord,
+            0,
+            Txn {
+                success: vec![Op::put("k", "b")],
+                ..Txn::default()
+            },
+        );
+        let kv = coord.get("k").unwrap();
+        assert_eq!((kv.create_revision, kv.mod_revision), (2, 3));
+    }
+
+    #[test]
+    fn leased_keys_go_when_the_lease_lapses_and_keep_alive_extends_it() {
+        let mut coord = SimCoordinator::new();
+        let Response::Granted { lease } = coord.handle(0, &Request::LeaseGrant { ttl_ms: 100 })
+        else {
+            panic!()
+        };
+        txn(
+            &mut coord,
+            0,
+            Txn {
+                success: vec![Op::Put {
+                    key: "m".into(),
+                    value: b"x".to_vec(),
+                    lease: Some(lease),
+                }],
+                ..Txn::default()
+            },
+        );
+        assert_eq!(
+            coord.handle(90, &Request::KeepAlive { lease }),
+            Response::KeptAlive { alive: true }
+        );
+        coord.expire(150);
+        assert!(coord.get("m").is_some(), "renewed at 90 until 190");
+        coord.expire(190);
+        assert!(coord.get("m").is_none());
+        assert_eq!(
+            coord.handle(191, &Request::KeepAlive { lease }),
+            Response::KeptAlive { alive: false }
+        );
+    }
+}
