@@ -45,6 +45,11 @@ run_tests -p imstate-node --features planted-ack-before-fsync --test seq_crash
 step "negative control: acknowledge a presence change before its log write"
 run_tests -p imstate --features planted-presence-ack-before-log --test kill9_presence
 
+step "negative controls: the cluster simulation catches each planted ownership bug"
+run_tests -p imstate-sim --features planted-serve-without-lease --test simulation
+run_tests -p imstate-sim --features planted-no-lock-delay --test simulation
+run_tests -p imstate-sim --features planted-raise-without-fence --test simulation
+
 step "negative control: a gateway-id reclaim frees ids that sessions hold"
 run_tests -p imstate-presence --features planted-reclaim-frees-used-gateways --test model
 

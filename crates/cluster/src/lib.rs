@@ -36,5 +36,5 @@ pub mod route;
 pub use arbiter::Arbiter;
 pub use keys::Keys;
 pub use lease::{LeaseRules, RATE_SKEW_MAX};
-pub use member::{Access, Effect, Fence, Member, MemberInfo, Token};
+pub use member::{Access, Effect, Fence, Member, MemberInfo, RaiseOp, RaiseOutcome, Token};
 pub use route::{NodeId, Range, RouteTable};

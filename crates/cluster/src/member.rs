@@ -91,6 +91,44 @@ pub enum Access {
     },
 }
 
+/// One section's raise: persist `max_seq` if the section's key is still at `revision` (the
+/// mod revision this node last saw it at: from its load, or its own last raise; 0 when the
+/// key did not exist).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaiseOp {
+    /// The namespace.
+    pub namespace: String,
+    /// The section.
+    pub section: u64,
+    /// The new ceiling.
+    pub max_seq: u64,
+    /// The key's mod revision as this node last saw it.
+    pub revision: i64,
+}
+
+/// What became of a raise txn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RaiseOutcome {
+    /// Every ceiling is durable; the keys' new mod revision is `revision`.
+    Durable {
+        /// The mod revision of every written key.
+        revision: i64,
+    },
+    /// This node still owns what it raised, but a section's key moved since it was read (an
+    /// earlier raise of this node whose answer was lost, or a late one): here is what the
+    /// coordinator holds, `(namespace, section, max_seq, revision)`, durable and safe to
+    /// serve below; raise again from there.
+    Stale {
+        /// The keys as they are.
+        current: Vec<(String, u64, u64, i64)>,
+    },
+    /// The ownership changed: the effects say what was lost.
+    Fenced {
+        /// Sections to unload.
+        effects: Vec<Effect>,
+    },
+}
+
 /// The ownership a raise is fenced on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fence {
@@ -531,49 +569,90 @@ impl Member {
         })
     }
 
-    /// The txn that persists `raises` (`(namespace, section, max_seq)`) if this node still
-    /// owns what `fence` says: its member key is the one it registered, and the route table
-    /// has not changed since it read it.
-    pub fn raise_txn(&self, fence: Fence, raises: &[(&str, u64, u64)]) -> Txn {
-        let compare = if cfg!(feature = "planted-raise-without-fence") {
-            Vec::new()
-        } else {
-            vec![
-                Compare::created(self.keys.member(&self.node), fence.member_revision),
-                Compare::modified(self.keys.route(), fence.route_revision),
-            ]
-        };
+    /// The txn that persists `raises` if this node still owns what `fence` says (its member
+    /// key is the one it registered, the route table has not changed since it read it) and
+    /// every section's key is still at the revision this node last saw. The last compare is
+    /// what keeps a raise that the network delayed from landing after a later one and
+    /// lowering `max_seq`; the first two keep a deposed owner out.
+    pub fn raise_txn(&self, fence: Fence, raises: &[RaiseOp]) -> Txn {
+        let mut compare = Vec::new();
+        if !cfg!(feature = "planted-raise-without-fence") {
+            compare.push(Compare::created(
+                self.keys.member(&self.node),
+                fence.member_revision,
+            ));
+            compare.push(Compare::modified(self.keys.route(), fence.route_revision));
+            for raise in raises {
+                compare.push(Compare::modified(
+                    self.keys.max_seq(&raise.namespace, raise.section),
+                    raise.revision,
+                ));
+            }
+        }
+        let mut failure = vec![
+            Op::get(self.keys.route()),
+            Op::get(self.keys.member(&self.node)),
+        ];
+        failure.extend(
+            raises
+                .iter()
+                .map(|raise| Op::get(self.keys.max_seq(&raise.namespace, raise.section))),
+        );
         Txn {
             compare,
             success: raises
                 .iter()
-                .map(|(namespace, section, max_seq)| {
+                .map(|raise| {
                     Op::put(
-                        self.keys.max_seq(namespace, *section),
-                        imstate_coord::encode_u64(*max_seq),
+                        self.keys.max_seq(&raise.namespace, raise.section),
+                        imstate_coord::encode_u64(raise.max_seq),
                     )
                 })
                 .collect(),
-            failure: vec![
-                Op::get(self.keys.route()),
-                Op::get(self.keys.member(&self.node)),
-            ],
+            failure,
         }
     }
 
-    /// Handles the answer to a raise txn received at `now`: `true` when the raises are durable;
-    /// otherwise the ownership changed and the effects say what was lost.
-    pub fn on_raise_response(&mut self, now: Millis, txn: &TxnResponse) -> (bool, Vec<Effect>) {
+    /// Handles the answer to the raise txn of `raises`, received at `now`.
+    pub fn on_raise_response(
+        &mut self,
+        now: Millis,
+        raises: &[RaiseOp],
+        txn: &TxnResponse,
+    ) -> RaiseOutcome {
         if txn.succeeded {
-            return (true, Vec::new());
+            return RaiseOutcome::Durable {
+                revision: txn.revision,
+            };
         }
         let member_alive = txn.got(1).is_some_and(|kv| {
             Some(kv.create_revision) == self.member_revision && Some(kv.lease) == self.lease
         });
         if !member_alive {
-            return (false, self.restart());
+            return RaiseOutcome::Fenced {
+                effects: self.restart(),
+            };
         }
-        (false, self.install(now, txn.got(0), None))
+        let route_revision = txn.got(0).map_or(0, |kv| kv.mod_revision);
+        if self.route.as_ref().map(|(_, revision)| *revision) != Some(route_revision) {
+            return RaiseOutcome::Fenced {
+                effects: self.install(now, txn.got(0), None),
+            };
+        }
+        let current = raises
+            .iter()
+            .enumerate()
+            .map(|(index, raise)| {
+                let kv = txn.got(2 + index);
+                (
+                    raise.namespace.clone(),
+                    raise.section,
+                    kv.and_then(|kv| decode_u64(&kv.value)).unwrap_or(0),
+                    kv.map_or(0, |kv| kv.mod_revision),
+                )
+            })
+            .collect();
+        RaiseOutcome::Stale { current }
     }
 
     /// The txn that reads a section's `max_seq`.
@@ -584,11 +663,13 @@ impl Member {
         }
     }
 
-    /// The `max_seq` in the answer to [`Self::load_txn`] (0 when never raised).
-    pub fn loaded_max_seq(txn: &TxnResponse) -> Result<u64, String> {
+    /// The `max_seq` and the key's mod revision in the answer to [`Self::load_txn`]
+    /// (`(0, 0)` when never raised).
+    pub fn loaded_max_seq(txn: &TxnResponse) -> Result<(u64, i64), String> {
         match txn.got(0) {
-            None => Ok(0),
+            None => Ok((0, 0)),
             Some(kv) => decode_u64(&kv.value)
+                .map(|max_seq| (max_seq, kv.mod_revision))
                 .ok_or_else(|| format!("{}: not a max_seq: {:?}", kv.key, kv.value)),
         }
     }
@@ -631,4 +712,179 @@ fn push_lost(effects: &mut Vec<Effect>, namespace: &str, start: u64, end: u64) {
         start,
         end,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imstate_coord::sim::SimCoordinator;
+
+    const TTL: u64 = 3_000;
+
+    fn info(node: &str) -> MemberInfo {
+        MemberInfo {
+            node: node.into(),
+            ..MemberInfo::default()
+        }
+    }
+
+    /// Polls `member` at `now` and answers every request at once; returns the effects that
+    /// were not sends.
+    fn step(member: &mut Member, coord: &mut SimCoordinator, now: Millis) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let mut effects = member.poll(now);
+        while let Some(effect) = effects.pop() {
+            match effect {
+                Effect::Send { token, request } => {
+                    let response = coord.handle(now, &request);
+                    effects.extend(member.on_response(now, token, &response));
+                }
+                other => out.push(other),
+            }
+        }
+        out
+    }
+
+    fn put_route(coord: &mut SimCoordinator, table: &RouteTable) {
+        let keys = Keys::new(&table.cluster);
+        let txn = Txn {
+            success: vec![Op::put(keys.route(), table.encode())],
+            ..Txn::default()
+        };
+        coord.handle(0, &Request::Txn(txn));
+    }
+
+    fn table(version: u64, owner: &str, handover: bool) -> RouteTable {
+        let mut table = RouteTable::empty("c");
+        table.version = version;
+        table.namespaces.insert(
+            "ns".into(),
+            crate::route::NamespaceRoute {
+                sections: 4,
+                ranges: vec![crate::Range {
+                    start: 0,
+                    end: 4,
+                    owner: owner.into(),
+                    since: version,
+                    handover,
+                }],
+            },
+        );
+        table
+    }
+
+    #[test]
+    fn a_node_serves_after_its_first_lock_delay_and_only_while_confirmed() {
+        let mut coord = SimCoordinator::new();
+        put_route(&mut coord, &table(1, "a", false));
+        let mut member = Member::new("c", &info("a"), LeaseRules::new(TTL));
+        assert!(matches!(
+            member.access(0, "ns", 0),
+            Access::Unavailable { .. }
+        ));
+        // Grant, register, confirm: three polls (each answered at once).
+        for now in [0, 1, 2] {
+            step(&mut member, &mut coord, now);
+        }
+        assert!(member.registered());
+        let lock_delay = member.rules().lock_delay_ms();
+        let Access::Unavailable { reason } = member.access(10, "ns", 0) else {
+            panic!("the first table of a run waits the lock-delay")
+        };
+        assert!(reason.contains("lock-delay"), "{reason}");
+        // Keep confirming every renew period until past the lock-delay.
+        let mut now = 2;
+        while now < lock_delay + 10 {
+            now += member.rules().renew_every_ms();
+            step(&mut member, &mut coord, now);
+        }
+        assert_eq!(member.access(now, "ns", 0), Access::Serve { tenure: 1 });
+        // No confirm for a whole window: the node stops serving by its own clock.
+        let last_confirm = now;
+        assert!(matches!(
+            member.access(last_confirm + TTL, "ns", 0),
+            Access::Unavailable { .. }
+        ));
+    }
+
+    #[test]
+    fn a_moved_range_is_lost_at_once_and_gained_only_after_the_lock_delay() {
+        let mut coord = SimCoordinator::new();
+        put_route(&mut coord, &table(1, "a", false));
+        let mut a = Member::new("c", &info("a"), LeaseRules::new(TTL));
+        let mut b = Member::new("c", &info("b"), LeaseRules::new(TTL));
+        let every = a.rules().renew_every_ms();
+        let mut now = 0;
+        while now < 2 * TTL {
+            step(&mut a, &mut coord, now);
+            step(&mut b, &mut coord, now);
+            now += every;
+        }
+        assert!(matches!(a.access(now, "ns", 1), Access::Serve { .. }));
+        assert!(matches!(b.access(now, "ns", 1), Access::Redirect { .. }));
+        put_route(&mut coord, &table(2, "b", true));
+        now += every;
+        let lost = step(&mut a, &mut coord, now);
+        assert_eq!(
+            lost,
+            vec![Effect::Lost {
+                namespace: "ns".into(),
+                start: 0,
+                end: 4
+            }]
+        );
+        step(&mut b, &mut coord, now);
+        assert!(matches!(a.access(now, "ns", 1), Access::Redirect { .. }));
+        assert!(matches!(b.access(now, "ns", 1), Access::Unavailable { .. }));
+        let ready = now + b.rules().lock_delay_ms();
+        while now < ready {
+            now += every;
+            step(&mut b, &mut coord, now);
+        }
+        assert_eq!(b.access(now, "ns", 1), Access::Serve { tenure: 2 });
+    }
+
+    #[test]
+    fn raises_are_fenced_on_membership_route_and_the_sections_revision() {
+        let mut coord = SimCoordinator::new();
+        put_route(&mut coord, &table(1, "a", false));
+        let mut a = Member::new("c", &info("a"), LeaseRules::new(TTL));
+        for now in [0, 1, 2] {
+            step(&mut a, &mut coord, now);
+        }
+        let fence = a.fence().unwrap();
+        let raise = |max_seq, revision| RaiseOp {
+            namespace: "ns".into(),
+            section: 1,
+            max_seq,
+            revision,
+        };
+        let run = |coord: &mut SimCoordinator, txn: Txn| match coord.handle(3, &Request::Txn(txn))
+        {
+            Response::Txn(response) => response,
+            other => panic!("{other:?}"),
+        };
+        let first = run(&mut coord, a.raise_txn(fence, &[raise(10, 0)]));
+        let RaiseOutcome::Durable { revision } = a.on_raise_response(3, &[raise(10, 0)], &first)
+        else {
+            panic!("the first raise is durable")
+        };
+        // A second raise still carrying revision 0 (sent before the first was answered) must
+        // not land: it would lower max_seq after a later raise.
+        let late = run(&mut coord, a.raise_txn(fence, &[raise(10, 0)]));
+        assert_eq!(
+            a.on_raise_response(3, &[raise(10, 0)], &late),
+            RaiseOutcome::Stale {
+                current: vec![("ns".into(), 1, 10, revision)]
+            }
+        );
+        // The route moves: the old fence fails, and the answer carries the new table.
+        put_route(&mut coord, &table(2, "b", true));
+        let fenced = run(&mut coord, a.raise_txn(fence, &[raise(20, revision)]));
+        assert!(matches!(
+            a.on_raise_response(4, &[raise(20, revision)], &fenced),
+            RaiseOutcome::Fenced { effects } if !effects.is_empty()
+        ));
+        assert!(matches!(a.access(4, "ns", 1), Access::Redirect { .. }));
+    }
 }

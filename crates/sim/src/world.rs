@@ -1,0 +1,1061 @@
+//! The simulated world: a scheduler of timed events over nodes, clients, the coordinator and
+//! the fault schedule. Everything random comes from one `SmallRng` seeded by the config.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use imstate_check::seq::{Outcome, SeqCall};
+use imstate_cluster::{
+    Access, Arbiter, Effect, LeaseRules, Member, MemberInfo, RATE_SKEW_MAX, RaiseOp, RaiseOutcome,
+    Token,
+};
+use imstate_coord::sim::SimCoordinator;
+use imstate_coord::{Millis, Op, Request, Response, Txn};
+use imstate_seq::{Alloc, Allocator, AllocatorOptions, NamespaceDef, NsId, Raise};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::Serve;
+
+const NAMESPACE: &str = "default";
+const CLUSTER: &str = "sim";
+
+/// What one run simulates.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// The seed: the same seed replays the same run.
+    pub seed: u64,
+    /// Nodes in the cluster.
+    pub nodes: usize,
+    /// Clients, each with one call in flight at a time.
+    pub clients: usize,
+    /// Simulated time, ms.
+    pub duration_ms: u64,
+    /// The lease TTL, ms.
+    pub ttl_ms: u64,
+    /// Fault events over the run (at least this many).
+    pub faults: usize,
+    /// Sections of the namespace.
+    pub sections: u64,
+    /// Ids per section.
+    pub section_size: u64,
+    /// The namespace's step: small, so raises (and their fence) are frequent.
+    pub step: u64,
+}
+
+impl SimConfig {
+    /// The CI configuration for `seed`: 3 nodes, 3 clients, 40 simulated seconds, a 3 s lease,
+    /// 16 fault events scheduled (a few fall on a node already down and do nothing), 12
+    /// sections of 4 ids, step 5.
+    pub fn for_seed(seed: u64) -> Self {
+        Self {
+            seed,
+            nodes: 3,
+            clients: 3,
+            duration_ms: 40_000,
+            ttl_ms: 3_000,
+            faults: 16,
+            sections: 12,
+            section_size: 4,
+            step: 5,
+        }
+    }
+}
+
+/// What a run found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// S1 violations in the clients' history.
+    pub s1: Vec<String>,
+    /// S3 violations in the serve log.
+    pub s3: Vec<String>,
+    /// Calls that returned a value.
+    pub calls_ok: usize,
+    /// Calls that failed or timed out (outcome unknown).
+    pub calls_unknown: usize,
+    /// The faults injected (and restarts), in order, for the replay log.
+    pub faults: Vec<String>,
+    /// Fault events injected (restarts and heals not counted).
+    pub fault_events: usize,
+    /// Coordinator writes over the run.
+    pub coordinator_writes: u64,
+    /// Raise txns that the coordinator refused on their fence.
+    pub raises_fenced: u64,
+    /// Route tables written by arbiters.
+    pub route_writes: u64,
+}
+
+impl Report {
+    /// Whether no invariant was violated.
+    pub fn clean(&self) -> bool {
+        self.s1.is_empty() && self.s3.is_empty()
+    }
+}
+
+#[derive(Debug)]
+enum NodeMsg {
+    Coord { token: Token, response: Response },
+    Call { client: usize, call: u64, id: u64 },
+}
+
+#[derive(Debug)]
+enum Reply {
+    Ok(u64),
+    Redirect(usize),
+    Unavailable,
+}
+
+#[derive(Debug)]
+enum Fault {
+    Crash { node: usize, down_ms: u64 },
+    Restart { node: usize },
+    Pause { node: usize, ms: u64 },
+    Resume { node: usize },
+    Partition { node: usize, ms: u64 },
+    Heal { node: usize },
+    Slow { node: usize, extra_ms: u64, ms: u64 },
+    Fast { node: usize },
+    Stall { node: usize, ms: u64 },
+    EarlyLeaseEnd { node: usize },
+}
+
+#[derive(Debug)]
+enum Event {
+    Tick {
+        node: usize,
+    },
+    CoordExpire,
+    AtCoord {
+        node: usize,
+        incarnation: u32,
+        token: Token,
+        request: Request,
+    },
+    AtNode {
+        node: usize,
+        incarnation: u32,
+        msg: NodeMsg,
+    },
+    AtClient {
+        client: usize,
+        call: u64,
+        reply: Reply,
+    },
+    ClientSend {
+        client: usize,
+    },
+    ClientRetry {
+        client: usize,
+        call: u64,
+    },
+    ClientTimeout {
+        client: usize,
+        call: u64,
+        attempt: u32,
+    },
+    RequestTimeout {
+        node: usize,
+        incarnation: u32,
+        token: Token,
+    },
+    Fault(Fault),
+}
+
+/// Why a node sent a coordinator request.
+#[derive(Debug)]
+enum Purpose {
+    Member,
+    Arbiter,
+    Raise(Vec<Raise>, Vec<RaiseOp>),
+    Load(u64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LoadState {
+    Loading,
+    /// Loaded; the section key's mod revision as this node last saw it.
+    Loaded(i64),
+}
+
+struct Pending {
+    client: usize,
+    call: u64,
+    id: u64,
+    section: u64,
+    deadline: Millis,
+}
+
+struct Node {
+    incarnation: u32,
+    alive: bool,
+    paused: bool,
+    deferred: Vec<NodeMsg>,
+    partitioned: bool,
+    extra_delay_ms: u64,
+    /// The next raise sent is held this long on its way (a stalled request).
+    stall_next_raise_ms: Option<u64>,
+    epoch_us: u64,
+    offset_ms: u64,
+    rate: f64,
+    member: Member,
+    arbiter: Arbiter,
+    allocator: Allocator,
+    ns: NsId,
+    loaded: BTreeMap<u64, LoadState>,
+    pending: Vec<Pending>,
+    purposes: BTreeMap<Token, Purpose>,
+    next_token: Token,
+}
+
+impl Node {
+    fn new(
+        index: usize,
+        incarnation: u32,
+        config: &SimConfig,
+        now_us: u64,
+        rng: &mut SmallRng,
+    ) -> Self {
+        let rules = LeaseRules::new(config.ttl_ms);
+        let info = MemberInfo {
+            node: format!("n{index}"),
+            grpc: format!("10.0.0.{index}:7700"),
+            wire: format!("10.0.0.{index}:7702"),
+            version: "sim".into(),
+        };
+        let mut allocator = Allocator::new(AllocatorOptions::default());
+        let ns = allocator
+            .add_namespace(namespace_def(config))
+            .expect("valid namespace");
+        Self {
+            incarnation,
+            alive: true,
+            paused: false,
+            deferred: Vec::new(),
+            partitioned: false,
+            extra_delay_ms: 0,
+            stall_next_raise_ms: None,
+            epoch_us: now_us,
+            offset_ms: rng.gen_range(1_000_000..2_000_000),
+            rate: 1.0 + rng.gen_range(-RATE_SKEW_MAX..=RATE_SKEW_MAX),
+            member: Member::new(CLUSTER, &info, rules),
+            arbiter: Arbiter::new(CLUSTER, &info.node, config.ttl_ms / 10, 4),
+            allocator,
+            ns,
+            loaded: BTreeMap::new(),
+            pending: Vec::new(),
+            purposes: BTreeMap::new(),
+            next_token: 1 << 60,
+        }
+    }
+
+    fn now(&self, real_us: u64) -> Millis {
+        self.offset_ms + ((real_us - self.epoch_us) as f64 * self.rate / 1000.0) as u64
+    }
+}
+
+fn namespace_def(config: &SimConfig) -> NamespaceDef {
+    NamespaceDef {
+        name: NAMESPACE.into(),
+        id_lo: 0,
+        id_hi: config.sections * config.section_size,
+        section_size: config.section_size,
+        step: config.step,
+    }
+}
+
+struct Call {
+    id: u64,
+    start_us: u64,
+    attempt: u32,
+    target: usize,
+}
+
+struct Client {
+    hint: BTreeMap<u64, usize>,
+    call: Option<(u64, Call)>,
+    next_call: u64,
+}
+
+struct World {
+    config: SimConfig,
+    rng: SmallRng,
+    now_us: u64,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: BTreeMap<u64, Event>,
+    next_event: u64,
+    coord: SimCoordinator,
+    nodes: Vec<Node>,
+    clients: Vec<Client>,
+    history: Vec<SeqCall>,
+    serves: Vec<Serve>,
+    report: Report,
+}
+
+/// Runs one simulation and checks it.
+pub fn run(config: &SimConfig) -> Report {
+    let mut rng = SmallRng::seed_from_u64(config.seed);
+    let mut coord = SimCoordinator::new();
+    let spec = serde_json::json!({ "sections": config.sections, "section_size": config.section_size, "step": config.step });
+    coord.handle(
+        0,
+        &Request::Txn(Txn {
+            success: vec![Op::put(
+                imstate_cluster::Keys::new(CLUSTER).namespace(NAMESPACE),
+                serde_json::to_vec(&spec).expect("json"),
+            )],
+            ..Txn::default()
+        }),
+    );
+    let nodes = (0..config.nodes)
+        .map(|index| Node::new(index, 0, config, 0, &mut rng))
+        .collect();
+    let clients = (0..config.clients)
+        .map(|_| Client {
+            hint: BTreeMap::new(),
+            call: None,
+            next_call: 0,
+        })
+        .collect();
+    let mut world = World {
+        config: config.clone(),
+        rng,
+        now_us: 0,
+        queue: BinaryHeap::new(),
+        events: BTreeMap::new(),
+        next_event: 0,
+        coord,
+        nodes,
+        clients,
+        history: Vec::new(),
+        serves: Vec::new(),
+        report: Report {
+            seed: config.seed,
+            ..Report::default()
+        },
+    };
+    world.start();
+    world.run();
+    world.finish()
+}
+
+impl World {
+    fn at(&mut self, delay_us: u64, event: Event) {
+        let id = self.next_event;
+        self.next_event += 1;
+        self.queue.push(Reverse((self.now_us + delay_us, id)));
+        self.events.insert(id, event);
+    }
+
+    fn start(&mut self) {
+        for node in 0..self.nodes.len() {
+            let jitter = self.rng.gen_range(0..10_000);
+            self.at(jitter, Event::Tick { node });
+        }
+        self.at(10_000, Event::CoordExpire);
+        // Clients start once the cluster had time to form; faults after that.
+        for client in 0..self.clients.len() {
+            let start = 4_000_000 + self.rng.gen_range(0..100_000);
+            self.at(start, Event::ClientSend { client });
+        }
+        let duration_us = self.config.duration_ms * 1000;
+        let first = 8_000_000u64.min(duration_us / 4);
+        let last = duration_us.saturating_sub(8_000_000).max(first + 1);
+        let ttl = self.config.ttl_ms;
+        for _ in 0..self.config.faults {
+            let when = self.rng.gen_range(first..last);
+            let node = self.rng.gen_range(0..self.nodes.len());
+            let fault = match self.rng.gen_range(0..7) {
+                0 => Fault::Crash {
+                    node,
+                    down_ms: self.rng.gen_range(500..2 * ttl),
+                },
+                1 => Fault::Pause {
+                    node,
+                    ms: self.rng.gen_range(ttl * 3 / 2..ttl * 3),
+                },
+                2 => Fault::Partition {
+                    node,
+                    ms: self.rng.gen_range(ttl / 2..ttl * 3),
+                },
+                3 => Fault::Slow {
+                    node,
+                    extra_ms: self.rng.gen_range(50..2 * ttl),
+                    ms: self.rng.gen_range(1_000..5_000),
+                },
+                4 => Fault::EarlyLeaseEnd { node },
+                5 => Fault::Stall {
+                    node,
+                    ms: self.rng.gen_range(ttl..4 * ttl),
+                },
+                _ => Fault::Pause {
+                    node,
+                    ms: self.rng.gen_range(ttl / 4..ttl),
+                },
+            };
+            self.at(when, Event::Fault(fault));
+        }
+    }
+
+    fn run(&mut self) {
+        let end_us = self.config.duration_ms * 1000;
+        while let Some(Reverse((at, id))) = self.queue.pop() {
+            if at > end_us {
+                break;
+            }
+            self.now_us = at;
+            let event = self.events.remove(&id).expect("scheduled");
+            self.handle(event);
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Tick { node } => self.tick(node),
+            Event::CoordExpire => {
+                self.coord.expire(self.now_us / 1000);
+                self.at(10_000, Event::CoordExpire);
+            }
+            Event::AtCoord {
+                node,
+                incarnation,
+                token,
+                request,
+            } => {
+                let response = self.coord.handle(self.now_us / 1000, &request);
+                let delay = self.link_delay(node);
+                if let Some(delay) = delay {
+                    self.at(
+                        delay,
+                        Event::AtNode {
+                            node,
+                            incarnation,
+                            msg: NodeMsg::Coord { token, response },
+                        },
+                    );
+                }
+            }
+            Event::AtNode {
+                node,
+                incarnation,
+                msg,
+            } => {
+                let target = &mut self.nodes[node];
+                if !target.alive || target.incarnation != incarnation {
+                    return;
+                }
+                if target.paused {
+                    target.deferred.push(msg);
+                    return;
+                }
+                self.deliver(node, msg);
+            }
+            Event::AtClient {
+                client,
+                call,
+                reply,
+            } => self.client_reply(client, call, reply),
+            Event::ClientSend { client } => self.client_send(client),
+            Event::ClientRetry { client, call } => self.client_attempt(client, call),
+            Event::ClientTimeout {
+                client,
+                call,
+                attempt,
+            } => {
+                let current = self.clients[client]
+                    .call
+                    .as_ref()
+                    .is_some_and(|(id, c)| *id == call && c.attempt == attempt);
+                if current {
+                    // No answer: try another node.
+                    let target = self.rng.gen_range(0..self.nodes.len());
+                    if let Some((_, c)) = self.clients[client].call.as_mut() {
+                        c.target = target;
+                    }
+                    self.client_attempt(client, call);
+                }
+            }
+            Event::RequestTimeout {
+                node,
+                incarnation,
+                token,
+            } => {
+                let target = &mut self.nodes[node];
+                if !target.alive || target.incarnation != incarnation || target.paused {
+                    return;
+                }
+                match target.purposes.remove(&token) {
+                    Some(Purpose::Raise(raises, _)) => {
+                        for raise in raises {
+                            target.allocator.raise_failed(raise);
+                        }
+                    }
+                    Some(Purpose::Load(section))
+                        if target.loaded.get(&section) == Some(&LoadState::Loading) =>
+                    {
+                        target.loaded.remove(&section);
+                    }
+                    Some(Purpose::Load(_)) => {}
+                    Some(other) => {
+                        target.purposes.insert(token, other);
+                    }
+                    None => {}
+                }
+            }
+            Event::Fault(fault) => self.fault(fault),
+        }
+    }
+
+    /// Delay of one message between node `node` and the coordinator, `None` when dropped.
+    fn link_delay(&mut self, node: usize) -> Option<u64> {
+        let target = &self.nodes[node];
+        if target.partitioned {
+            return None;
+        }
+        let base = self.rng.gen_range(500..4_000);
+        Some(base + target.extra_delay_ms * 1000)
+    }
+
+    fn tick(&mut self, node: usize) {
+        let target = &self.nodes[node];
+        if !target.alive || target.paused {
+            return;
+        }
+        let now = target.now(self.now_us);
+        let effects = self.nodes[node].member.poll(now);
+        self.apply(node, effects, Purpose::Member);
+        let lease = self.nodes[node]
+            .member
+            .registered()
+            .then(|| self.nodes[node].member.lease())
+            .flatten();
+        let effects = self.nodes[node].arbiter.poll(now, lease);
+        self.apply(node, effects, Purpose::Arbiter);
+        self.retry_pending(node);
+        self.at(10_000, Event::Tick { node });
+    }
+
+    /// Sends requests and unloads lost sections.
+    fn apply(&mut self, node: usize, effects: Vec<Effect>, purpose: Purpose) {
+        let mut purpose = Some(purpose);
+        for effect in effects {
+            match effect {
+                Effect::Send { token, request } => {
+                    let purpose = match purpose.take() {
+                        Some(purpose) => purpose,
+                        None => Purpose::Member,
+                    };
+                    self.send(node, token, request, purpose);
+                }
+                Effect::Lost { start, end, .. } => {
+                    for section in start..end {
+                        self.unload(node, section);
+                    }
+                }
+                Effect::LostAll => {
+                    let sections: Vec<u64> = (0..self.config.sections).collect();
+                    for section in sections {
+                        self.unload(node, section);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, node: usize, token: Token, request: Request, purpose: Purpose) {
+        let target = &mut self.nodes[node];
+        let mut stall = 0;
+        if matches!(purpose, Purpose::Raise(..) | Purpose::Load(_)) {
+            if matches!(purpose, Purpose::Raise(..)) {
+                stall = target.stall_next_raise_ms.take().unwrap_or(0) * 1000;
+            }
+            // A node gives up on a raise or a load after a second (its own clock, roughly).
+            let incarnation = target.incarnation;
+            self.at(
+                1_000_000,
+                Event::RequestTimeout {
+                    node,
+                    incarnation,
+                    token,
+                },
+            );
+        }
+        let target = &mut self.nodes[node];
+        target.purposes.insert(token, purpose);
+        let incarnation = target.incarnation;
+        if let Some(delay) = self.link_delay(node) {
+            let delay = delay + stall;
+            self.at(
+                delay,
+                Event::AtCoord {
+                    node,
+                    incarnation,
+                    token,
+                    request,
+                },
+            );
+        }
+    }
+
+    fn unload(&mut self, node: usize, section: u64) {
+        let target = &mut self.nodes[node];
+        let ns = target.ns;
+        target.allocator.unload_section(ns, section);
+        target.loaded.remove(&section);
+        let (lost, kept): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut target.pending)
+            .into_iter()
+            .partition(|pending| pending.section == section);
+        target.pending = kept;
+        for pending in lost {
+            self.reply(pending.client, pending.call, Reply::Unavailable);
+        }
+    }
+
+    fn deliver(&mut self, node: usize, msg: NodeMsg) {
+        let now = self.nodes[node].now(self.now_us);
+        match msg {
+            NodeMsg::Call { client, call, id } => {
+                let section = id / self.config.section_size;
+                let deadline = now + 1_000;
+                self.nodes[node].pending.push(Pending {
+                    client,
+                    call,
+                    id,
+                    section,
+                    deadline,
+                });
+                self.retry_pending(node);
+            }
+            NodeMsg::Coord { token, response } => {
+                let Some(purpose) = self.nodes[node].purposes.remove(&token) else {
+                    return;
+                };
+                match purpose {
+                    Purpose::Member => {
+                        let effects = self.nodes[node].member.on_response(now, token, &response);
+                        self.apply(node, effects, Purpose::Member);
+                    }
+                    Purpose::Arbiter => {
+                        let before = self.nodes[node].arbiter.writes;
+                        let effects = self.nodes[node].arbiter.on_response(now, token, &response);
+                        self.report.route_writes += self.nodes[node].arbiter.writes - before;
+                        self.apply(node, effects, Purpose::Arbiter);
+                    }
+                    Purpose::Raise(raises, ops) => self.raised(node, now, raises, ops, &response),
+                    Purpose::Load(section) => {
+                        let target = &mut self.nodes[node];
+                        if target.loaded.get(&section) != Some(&LoadState::Loading) {
+                            return;
+                        }
+                        match &response {
+                            Response::Txn(txn) => match Member::loaded_max_seq(txn) {
+                                Ok((max_seq, revision)) => {
+                                    let ns = target.ns;
+                                    target.allocator.load_section(ns, section, max_seq);
+                                    target.loaded.insert(section, LoadState::Loaded(revision));
+                                }
+                                Err(_) => {
+                                    target.loaded.remove(&section);
+                                }
+                            },
+                            _ => {
+                                target.loaded.remove(&section);
+                            }
+                        }
+                        self.retry_pending(node);
+                    }
+                }
+            }
+        }
+    }
+
+    fn raised(
+        &mut self,
+        node: usize,
+        now: Millis,
+        raises: Vec<Raise>,
+        ops: Vec<RaiseOp>,
+        response: &Response,
+    ) {
+        let outcome = match response {
+            Response::Txn(txn) => self.nodes[node].member.on_raise_response(now, &ops, txn),
+            _ => RaiseOutcome::Fenced {
+                effects: Vec::new(),
+            },
+        };
+        let target = &mut self.nodes[node];
+        let ns = target.ns;
+        match outcome {
+            RaiseOutcome::Durable { revision } => {
+                for raise in raises {
+                    if matches!(
+                        target.loaded.get(&raise.section),
+                        Some(LoadState::Loaded(_))
+                    ) {
+                        target.allocator.raise_durable(raise);
+                        target
+                            .loaded
+                            .insert(raise.section, LoadState::Loaded(revision));
+                    }
+                }
+            }
+            RaiseOutcome::Stale { current } => {
+                self.report.raises_fenced += 1;
+                for raise in &raises {
+                    target.allocator.raise_failed(*raise);
+                }
+                for (_, section, max_seq, revision) in current {
+                    if matches!(target.loaded.get(&section), Some(LoadState::Loaded(_))) {
+                        // What the coordinator holds is durable: serve below it, raise above.
+                        target.allocator.raise_durable(Raise {
+                            ns,
+                            section,
+                            max_seq,
+                        });
+                        target.loaded.insert(section, LoadState::Loaded(revision));
+                    }
+                }
+            }
+            RaiseOutcome::Fenced { effects } => {
+                if matches!(response, Response::Txn(_)) {
+                    self.report.raises_fenced += 1;
+                }
+                for raise in &raises {
+                    target.allocator.raise_failed(*raise);
+                }
+                self.apply(node, effects, Purpose::Member);
+            }
+        }
+        self.retry_pending(node);
+    }
+
+    /// Serves what can be served of the node's waiting calls.
+    fn retry_pending(&mut self, node: usize) {
+        let now = self.nodes[node].now(self.now_us);
+        let pending = std::mem::take(&mut self.nodes[node].pending);
+        let mut waiting = Vec::new();
+        let mut raises = Vec::new();
+        for call in pending {
+            if now >= call.deadline {
+                self.reply(call.client, call.call, Reply::Unavailable);
+                continue;
+            }
+            let access = self.nodes[node].member.access(now, NAMESPACE, call.section);
+            let tenure = match access {
+                Access::Redirect { owner, .. } => {
+                    let owner = owner[1..].parse().unwrap_or(0);
+                    self.reply(call.client, call.call, Reply::Redirect(owner));
+                    continue;
+                }
+                Access::Unavailable { .. } => {
+                    self.reply(call.client, call.call, Reply::Unavailable);
+                    continue;
+                }
+                Access::Serve { tenure } => tenure,
+            };
+            let target = &mut self.nodes[node];
+            match target.loaded.get(&call.section) {
+                Some(LoadState::Loaded(_)) => {}
+                Some(LoadState::Loading) => {
+                    waiting.push(call);
+                    continue;
+                }
+                None => {
+                    target.loaded.insert(call.section, LoadState::Loading);
+                    let txn = target.member.load_txn(NAMESPACE, call.section);
+                    let token = target.next_token;
+                    target.next_token += 1;
+                    let section = call.section;
+                    waiting.push(call);
+                    self.send(node, token, Request::Txn(txn), Purpose::Load(section));
+                    continue;
+                }
+            }
+            match target.allocator.next(NAMESPACE, call.id) {
+                Ok(Alloc::Served {
+                    seqs,
+                    raises: ahead,
+                }) => {
+                    raises.extend(ahead);
+                    let incarnation = target.incarnation;
+                    self.serves.push(Serve {
+                        section: call.section,
+                        node,
+                        incarnation,
+                        tenure,
+                        at_us: self.now_us,
+                    });
+                    self.reply(call.client, call.call, Reply::Ok(seqs[0]));
+                }
+                Ok(Alloc::Wait { raises: needed }) => {
+                    raises.extend(needed);
+                    waiting.push(call);
+                }
+                Err(_) => self.reply(call.client, call.call, Reply::Unavailable),
+            }
+        }
+        self.nodes[node].pending.extend(waiting);
+        if !raises.is_empty() {
+            self.send_raises(node, raises);
+        }
+    }
+
+    fn send_raises(&mut self, node: usize, raises: Vec<Raise>) {
+        let target = &mut self.nodes[node];
+        let Some(fence) = target.member.fence() else {
+            for raise in raises {
+                target.allocator.raise_failed(raise);
+            }
+            return;
+        };
+        let mut ops = Vec::new();
+        let mut sent = Vec::new();
+        for raise in raises {
+            match target.loaded.get(&raise.section) {
+                Some(LoadState::Loaded(revision)) => {
+                    ops.push(RaiseOp {
+                        namespace: NAMESPACE.into(),
+                        section: raise.section,
+                        max_seq: raise.max_seq,
+                        revision: *revision,
+                    });
+                    sent.push(raise);
+                }
+                _ => target.allocator.raise_failed(raise),
+            }
+        }
+        if ops.is_empty() {
+            return;
+        }
+        let txn = target.member.raise_txn(fence, &ops);
+        let token = target.next_token;
+        target.next_token += 1;
+        self.send(node, token, Request::Txn(txn), Purpose::Raise(sent, ops));
+    }
+
+    fn reply(&mut self, client: usize, call: u64, reply: Reply) {
+        let delay = self.rng.gen_range(300..3_000);
+        self.at(
+            delay,
+            Event::AtClient {
+                client,
+                call,
+                reply,
+            },
+        );
+    }
+
+    // ----- clients -----------------------------------------------------------------------
+
+    fn client_send(&mut self, client: usize) {
+        let ids = self.config.sections * self.config.section_size;
+        let id = self.rng.gen_range(0..ids);
+        let section = id / self.config.section_size;
+        let target = match self.clients[client].hint.get(&section) {
+            Some(node) => *node,
+            None => self.rng.gen_range(0..self.nodes.len()),
+        };
+        let state = &mut self.clients[client];
+        let call = state.next_call;
+        state.next_call += 1;
+        state.call = Some((
+            call,
+            Call {
+                id,
+                start_us: self.now_us,
+                attempt: 0,
+                target,
+            },
+        ));
+        self.client_attempt(client, call);
+    }
+
+    fn client_attempt(&mut self, client: usize, call: u64) {
+        let Some((current, state)) = self.clients[client].call.as_mut() else {
+            return;
+        };
+        if *current != call {
+            return;
+        }
+        state.attempt += 1;
+        // Give up after 3 s: the outcome is unknown (an attempt may have been served).
+        if self.now_us >= state.start_us + 3_000_000 {
+            self.finish_call(client, Outcome::Unknown);
+            return;
+        }
+        let (node, id, attempt) = (state.target, state.id, state.attempt);
+        let incarnation = self.nodes[node].incarnation;
+        let delay = self.rng.gen_range(300..3_000);
+        self.at(
+            delay,
+            Event::AtNode {
+                node,
+                incarnation,
+                msg: NodeMsg::Call { client, call, id },
+            },
+        );
+        self.at(
+            500_000,
+            Event::ClientTimeout {
+                client,
+                call,
+                attempt,
+            },
+        );
+    }
+
+    fn client_reply(&mut self, client: usize, call: u64, reply: Reply) {
+        let Some((current, state)) = self.clients[client].call.as_mut() else {
+            return;
+        };
+        if *current != call {
+            return;
+        }
+        match reply {
+            Reply::Ok(value) => self.finish_call(client, Outcome::Ok(vec![value])),
+            Reply::Redirect(owner) => {
+                let section = state.id / self.config.section_size;
+                state.target = owner;
+                self.clients[client].hint.insert(section, owner);
+                self.client_attempt(client, call);
+            }
+            Reply::Unavailable => {
+                if self.rng.gen_bool(0.3) {
+                    state.target = self.rng.gen_range(0..self.nodes.len());
+                }
+                self.at(50_000, Event::ClientRetry { client, call });
+            }
+        }
+    }
+
+    fn finish_call(&mut self, client: usize, outcome: Outcome) {
+        let Some((_, state)) = self.clients[client].call.take() else {
+            return;
+        };
+        match outcome {
+            Outcome::Ok(_) => self.report.calls_ok += 1,
+            Outcome::Unknown => self.report.calls_unknown += 1,
+        }
+        self.history.push(SeqCall {
+            ids: vec![state.id],
+            start_ns: state.start_us * 1000,
+            end_ns: self.now_us * 1000,
+            outcome,
+        });
+        let think = self.rng.gen_range(1_000..5_000);
+        self.at(think, Event::ClientSend { client });
+    }
+
+    // ----- faults ------------------------------------------------------------------------
+
+    fn fault(&mut self, fault: Fault) {
+        let at_ms = self.now_us / 1000;
+        let before = self.report.faults.len();
+        let injected = !matches!(
+            fault,
+            Fault::Restart { .. } | Fault::Resume { .. } | Fault::Heal { .. } | Fault::Fast { .. }
+        );
+        self.fault_inner(fault, at_ms);
+        if injected && self.report.faults.len() > before {
+            self.report.fault_events += 1;
+        }
+    }
+
+    fn fault_inner(&mut self, fault: Fault, at_ms: u64) {
+        match fault {
+            Fault::Crash { node, down_ms } => {
+                if !self.nodes[node].alive {
+                    return;
+                }
+                self.report
+                    .faults
+                    .push(format!("{at_ms} ms: kill -9 n{node} for {down_ms} ms"));
+                self.nodes[node].alive = false;
+                self.at(down_ms * 1000, Event::Fault(Fault::Restart { node }));
+            }
+            Fault::Restart { node } => {
+                let incarnation = self.nodes[node].incarnation + 1;
+                self.nodes[node] =
+                    Node::new(node, incarnation, &self.config, self.now_us, &mut self.rng);
+                self.report
+                    .faults
+                    .push(format!("{at_ms} ms: n{node} restarts"));
+                self.at(0, Event::Tick { node });
+            }
+            Fault::Pause { node, ms } => {
+                let target = &mut self.nodes[node];
+                if !target.alive || target.paused {
+                    return;
+                }
+                target.paused = true;
+                self.report
+                    .faults
+                    .push(format!("{at_ms} ms: SIGSTOP n{node} for {ms} ms"));
+                self.at(ms * 1000, Event::Fault(Fault::Resume { node }));
+            }
+            Fault::Resume { node } => {
+                let target = &mut self.nodes[node];
+                if !target.alive || !target.paused {
+                    return;
+                }
+                target.paused = false;
+                let deferred = std::mem::take(&mut target.deferred);
+                for msg in deferred {
+                    self.deliver(node, msg);
+                }
+                self.at(0, Event::Tick { node });
+            }
+            Fault::Partition { node, ms } => {
+                self.nodes[node].partitioned = true;
+                self.report.faults.push(format!(
+                    "{at_ms} ms: n{node} cut from the coordinator for {ms} ms"
+                ));
+                self.at(ms * 1000, Event::Fault(Fault::Heal { node }));
+            }
+            Fault::Heal { node } => self.nodes[node].partitioned = false,
+            Fault::Slow { node, extra_ms, ms } => {
+                self.nodes[node].extra_delay_ms = extra_ms;
+                self.report.faults.push(format!(
+                    "{at_ms} ms: n{node}'s coordinator link delayed {extra_ms} ms for {ms} ms"
+                ));
+                self.at(ms * 1000, Event::Fault(Fault::Fast { node }));
+            }
+            Fault::Fast { node } => self.nodes[node].extra_delay_ms = 0,
+            Fault::Stall { node, ms } => {
+                if !self.nodes[node].alive {
+                    return;
+                }
+                self.nodes[node].stall_next_raise_ms = Some(ms);
+                self.report.faults.push(format!(
+                    "{at_ms} ms: n{node}'s next raise is held {ms} ms on its way"
+                ));
+            }
+            Fault::EarlyLeaseEnd { node } => {
+                if let Some(lease) = self.nodes[node].member.lease() {
+                    self.coord.set_lease_expiry(lease, at_ms);
+                    self.coord.expire(at_ms);
+                    self.report.faults.push(format!(
+                        "{at_ms} ms: the coordinator ends n{node}'s lease early"
+                    ));
+                }
+            }
+        }
+    }
+
+    fn finish(mut self) -> Report {
+        // Calls still open at the end are unknown.
+        for client in 0..self.clients.len() {
+            if self.clients[client].call.is_some() {
+                self.finish_call(client, Outcome::Unknown);
+            }
+        }
+        self.report.s1 = imstate_check::seq::check(&self.history)
+            .iter()
+            .map(|violation| format!("S1: {violation}"))
+            .collect();
+        self.report.s3 = crate::check_s3(&self.serves);
+        self.report.coordinator_writes = self.coord.writes();
+        self.report
+    }
+}
