@@ -17,6 +17,11 @@ if ! command -v python3 >/dev/null 2>&1; then
   step "installing python3"
   apt-get update -q && apt-get install -y -q python3
 fi
+# Cluster tests start a real etcd (Debian's etcd-server, 3.4) on loopback.
+if ! command -v etcd >/dev/null 2>&1; then
+  step "installing etcd-server"
+  apt-get install -y -q etcd-server || { apt-get update -q && apt-get install -y -q etcd-server; }
+fi
 if cargo nextest --version >/dev/null 2>&1; then
   run_tests() { cargo nextest run --no-fail-fast "$@"; }
 else

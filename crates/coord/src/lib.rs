@@ -9,6 +9,9 @@
 //!   and delete operations. This is a subset of etcd's v3 API with the same semantics, so the
 //!   etcd adapter is a translation, and [`sim::SimCoordinator`] is a faithful model for the
 //!   deterministic simulation.
+//! - [`Coordinator`]: the async seam the node calls, with [`LocalCoordinator`] in process and
+//!   the etcd implementation in `imstate-coord-etcd`; [`MonotonicClock`] is the clock of
+//!   leases.
 //! - [`Millis`]: the monotonic time the cluster logic is given. Leases and lock-delays are
 //!   measured only on a node's monotonic clock, never on the wall clock.
 //!
@@ -27,7 +30,10 @@
 
 #![deny(missing_docs)]
 
+pub mod local;
 pub mod sim;
+
+pub use local::{BoxFuture, Coordinator, LocalCoordinator, MonotonicClock, SystemMonotonic};
 
 use std::fmt;
 
