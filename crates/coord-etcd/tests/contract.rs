@@ -148,8 +148,9 @@ async fn an_unreachable_etcd_is_a_clear_error_naming_the_endpoint() {
         .unwrap()
         .port();
     let endpoint = format!("127.0.0.1:{port}");
-    let error = EtcdCoordinator::connect(&[endpoint.clone()], Duration::from_millis(500))
-        .await
-        .unwrap_err();
+    let error =
+        EtcdCoordinator::connect(std::slice::from_ref(&endpoint), Duration::from_millis(500))
+            .await
+            .unwrap_err();
     assert!(error.to_string().contains(&endpoint), "{error}");
 }
