@@ -46,6 +46,24 @@ pub struct ServeArgs {
     /// and flags override its values.
     #[arg(long, env = "IMSTATE_CONFIG")]
     config: Option<PathBuf>,
+    /// Cluster mode: the cluster's name (its prefix in etcd). Without it the node runs
+    /// embedded, alone. Env: IMSTATE_CLUSTER__NAME.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// etcd endpoints, comma-separated (cluster mode). Env: IMSTATE_CLUSTER__ETCD.
+    #[arg(long, value_name = "URL[,URL...]")]
+    etcd: Option<String>,
+    /// This node's id in the cluster, unique. Env: IMSTATE_CLUSTER__NODE_ID.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// gRPC address other nodes and clients reach this node at. Env:
+    /// IMSTATE_CLUSTER__ADVERTISE. [default: the --listen address]
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<String>,
+    /// Wire address clients reach this node at. Env: IMSTATE_CLUSTER__ADVERTISE_WIRE.
+    /// [default: the --wire-listen address]
+    #[arg(long, value_name = "ADDR")]
+    advertise_wire: Option<String>,
 }
 
 /// Allocations from this size up are served by their own mapping and unmapped when freed.
@@ -78,7 +96,7 @@ pub enum ConfigCommand {
     /// Prints every configuration key with its default and what it does.
     Example,
     /// Prints the configuration `serve` would run with, given the same flags and environment.
-    Show(ServeArgs),
+    Show(Box<ServeArgs>),
 }
 
 /// Resolves the configuration: defaults, file, environment, flags (later wins).
@@ -95,6 +113,21 @@ fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
     }
     if let Some(wire_listen) = args.wire_listen {
         config.wire_listen = wire_listen;
+    }
+    if let Some(name) = &args.cluster {
+        config.cluster.name = name.clone();
+    }
+    if let Some(etcd) = &args.etcd {
+        config.cluster.etcd = etcd.clone();
+    }
+    if let Some(node_id) = &args.node_id {
+        config.cluster.node_id = node_id.clone();
+    }
+    if let Some(advertise) = &args.advertise {
+        config.cluster.advertise = advertise.clone();
+    }
+    if let Some(advertise_wire) = &args.advertise_wire {
+        config.cluster.advertise_wire = advertise_wire.clone();
     }
     if let Some(format) = args.log_format {
         config.log_format = match format {

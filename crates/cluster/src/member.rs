@@ -180,6 +180,8 @@ pub struct Member {
     route: Option<(RouteTable, i64)>,
     route_error: Option<String>,
     spans: Vec<Span>,
+    /// The members as the last confirm read them (for the owners' addresses).
+    members: BTreeMap<NodeId, MemberInfo>,
     /// No table installed since this registration: every owned range waits the lock-delay.
     fresh: bool,
     blocked_by: Option<String>,
@@ -202,9 +204,15 @@ impl Member {
             route: None,
             route_error: None,
             spans: Vec::new(),
+            members: BTreeMap::new(),
             fresh: true,
             blocked_by: None,
         }
+    }
+
+    /// The members as last read (id to published info).
+    pub fn members(&self) -> &BTreeMap<NodeId, MemberInfo> {
+        &self.members
     }
 
     /// The node id.
@@ -314,7 +322,10 @@ impl Member {
                     let member = self.keys.member(&self.node);
                     let txn = Txn {
                         compare: vec![Compare::created(member.clone(), member_revision)],
-                        success: vec![Op::get(self.keys.route())],
+                        success: vec![
+                            Op::get(self.keys.route()),
+                            Op::get_prefix(self.keys.members()),
+                        ],
                         failure: vec![Op::get(member)],
                     };
                     effects.push(Effect::Send {
@@ -366,6 +377,13 @@ impl Member {
             (Kind::KeepAlive, _) => Vec::new(),
             (Kind::Confirm, Response::Txn(txn)) => {
                 if txn.succeeded {
+                    if let Some(members) = txn.gets.get(1) {
+                        self.members = members
+                            .iter()
+                            .filter_map(|kv| serde_json::from_slice::<MemberInfo>(&kv.value).ok())
+                            .map(|info| (info.node.clone(), info))
+                            .collect();
+                    }
                     self.install(now, txn.got(0), Some(inflight.sent_at))
                 } else {
                     self.restart()

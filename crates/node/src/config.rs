@@ -73,6 +73,111 @@ pub struct NodeConfig {
     pub presence: PresenceConfig,
     /// Limits of the wire-protocol listener.
     pub wire: WireConfig,
+    /// Cluster mode (etcd); off while `cluster.name` is empty.
+    pub cluster: ClusterConfig,
+}
+
+/// Cluster mode: many nodes serve the sequence space, coordinated through etcd.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The cluster's name (its key prefix in etcd); empty = the embedded single-node mode.
+    pub name: String,
+    /// etcd client endpoints, comma-separated (`host:port` or `http://host:port`).
+    pub etcd: String,
+    /// This node's id, unique in the cluster: 1 to 64 bytes of `[A-Za-z0-9_.-]`.
+    pub node_id: String,
+    /// The gRPC address other nodes and clients reach this node at; empty = `listen`.
+    pub advertise: String,
+    /// The wire address clients reach this node at; empty = `wire_listen`.
+    pub advertise_wire: String,
+    /// The membership lease's TTL: a dead node's sections move within about 2 x this.
+    pub lease_ttl_ms: u64,
+    /// Most sections the arbiter moves per round when draining or rebalancing.
+    pub moves_max: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            etcd: String::new(),
+            node_id: String::new(),
+            advertise: String::new(),
+            advertise_wire: String::new(),
+            lease_ttl_ms: 3_000,
+            moves_max: 64,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.name.is_empty()
+    }
+
+    /// The etcd endpoints.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.etcd
+            .split(',')
+            .map(str::trim)
+            .filter(|endpoint| !endpoint.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn validate(&self, listen: SocketAddr, wire_listen: SocketAddr) -> Result<(), NodeError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let fail = |message: String| Err(NodeError::Config(message));
+        let name_ok = |name: &str| {
+            !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || b"_.-".contains(&byte))
+        };
+        if !name_ok(&self.name) {
+            return fail(format!(
+                "cluster.name `{}` must be 1..=64 bytes of [A-Za-z0-9_.-]",
+                self.name.chars().take(64).collect::<String>()
+            ));
+        }
+        if !name_ok(&self.node_id) {
+            return fail(
+                "cluster.node_id (--node-id) must be 1..=64 bytes of [A-Za-z0-9_.-] in cluster \
+                 mode"
+                    .into(),
+            );
+        }
+        if self.endpoints().is_empty() {
+            return fail("cluster.etcd (--etcd) must name at least one endpoint".into());
+        }
+        if self.lease_ttl_ms < 1_000 || self.lease_ttl_ms > 60_000 {
+            return fail(format!(
+                "cluster.lease_ttl_ms {} must be in 1000..=60000 (etcd counts whole seconds)",
+                self.lease_ttl_ms
+            ));
+        }
+        if self.moves_max == 0 {
+            return fail("cluster.moves_max must be at least 1".into());
+        }
+        for (key, advertised, listening) in [
+            ("cluster.advertise", &self.advertise, listen),
+            ("cluster.advertise_wire", &self.advertise_wire, wire_listen),
+        ] {
+            if advertised.is_empty() && (listening.port() == 0 || listening.ip().is_unspecified())
+            {
+                return fail(format!(
+                    "{key} must be set when the node listens on {listening}: other nodes and \
+                     clients need an address to reach it"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Limits of the wire-protocol listener (B1): what one client, or many, can hold of the node.
@@ -366,6 +471,7 @@ impl Default for NodeConfig {
             seq: SeqConfig::default(),
             presence: PresenceConfig::default(),
             wire: WireConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -495,6 +601,7 @@ impl NodeConfig {
                 NodeError::Config(format!("seq.namespaces `{}`: {error}", namespace.name))
             })?;
         }
+        self.cluster.validate(self.listen, self.wire_listen)?;
         Ok(())
     }
 }
@@ -678,7 +785,10 @@ mod tests {
             gateways_max = 11\nshards = 12\ntick_ms = 13\ncheckpoint_log_bytes = 14\n\
             watch_buffer_events = 15\nwatch_subscribers_max = 16\nwatch_uids_max = 17\n\
             [wire]\nhello_timeout_ms = 18\nidle_timeout_ms = 19\n\
-            connections_per_source_max = 20\ninput_budget_bytes = 9000000\n";
+            connections_per_source_max = 20\ninput_budget_bytes = 9000000\n\
+            [cluster]\nname = \"c1\"\netcd = \"127.0.0.1:2379\"\nnode_id = \"n1\"\n\
+            advertise = \"10.0.0.1:7700\"\nadvertise_wire = \"10.0.0.1:7702\"\n\
+            lease_ttl_ms = 2000\nmoves_max = 8\n";
         let config = NodeConfig::parse(text).unwrap();
         assert_ne!(config, NodeConfig::default());
         assert_eq!(NodeConfig::parse(&config.to_toml()).unwrap(), config);
@@ -740,6 +850,34 @@ mod tests {
         assert!(error.to_string().contains("tls.key_file"), "{error}");
         let error = NodeConfig::parse("[tls]\nclient_ca_file = \"c\"\n").unwrap_err();
         assert!(error.to_string().contains("tls.client_ca_file"), "{error}");
+    }
+
+    #[test]
+    fn cluster_mode_needs_a_node_id_endpoints_and_reachable_addresses() {
+        let ok = "[cluster]\nname = \"c\"\netcd = \"127.0.0.1:2379\"\nnode_id = \"n1\"\n";
+        assert!(NodeConfig::parse(ok).unwrap().cluster.enabled());
+        for (text, key) in [
+            (
+                "[cluster]\nname = \"c\"\netcd = \"e:1\"\n",
+                "cluster.node_id",
+            ),
+            ("[cluster]\nname = \"c\"\nnode_id = \"n\"\n", "cluster.etcd"),
+            (
+                "[cluster]\nname = \"c\"\netcd = \"e:1\"\nnode_id = \"n\"\nlease_ttl_ms = 10\n",
+                "cluster.lease_ttl_ms",
+            ),
+            (
+                "listen = \"0.0.0.0:7700\"\n[cluster]\nname = \"c\"\netcd = \"e:1\"\nnode_id = \"n\"\n",
+                "cluster.advertise",
+            ),
+            (
+                "[cluster]\nname = \"a b\"\netcd = \"e:1\"\nnode_id = \"n\"\n",
+                "cluster.name",
+            ),
+        ] {
+            let error = NodeConfig::parse(text).unwrap_err().to_string();
+            assert!(error.contains(key), "{key}: {error}");
+        }
     }
 
     #[test]

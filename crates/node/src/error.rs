@@ -51,6 +51,25 @@ pub enum NodeError {
     /// The node is stopping or has stopped after a fatal error.
     #[error("node unavailable: {0}")]
     Unavailable(String),
+    /// Cluster mode: another node owns the section; the client should go there.
+    #[error(
+        "section {section} of `{namespace}` is owned by node {owner} (gRPC {grpc}, wire {wire}; \
+         route version {version})"
+    )]
+    Moved {
+        /// The namespace.
+        namespace: String,
+        /// The section.
+        section: u64,
+        /// The owner's node id.
+        owner: String,
+        /// Its gRPC address.
+        grpc: String,
+        /// Its wire address.
+        wire: String,
+        /// The route table version that says so.
+        version: u64,
+    },
     /// Network I/O (binding the listener).
     #[error("{0}")]
     Io(String),

@@ -30,7 +30,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::NodeError;
 use crate::presencestore::PresenceStore;
-use crate::seqstore::SeqStore;
+use crate::sequences::Sequences;
 
 /// How often the recorder's histogram buffers are drained when nobody scrapes.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -44,7 +44,7 @@ pub struct Health {
     started: Instant,
     phase: AtomicU8,
     /// Set once recovery is over.
-    stores: OnceLock<(Arc<SeqStore>, Arc<PresenceStore>)>,
+    stores: OnceLock<(Sequences, Arc<PresenceStore>)>,
 }
 
 impl Default for Health {
@@ -59,7 +59,7 @@ impl Default for Health {
 
 impl Health {
     /// Recovery is over: the stores exist (the node is not serving yet).
-    pub fn recovered(&self, seq: Arc<SeqStore>, presence: Arc<PresenceStore>) {
+    pub fn recovered(&self, seq: Sequences, presence: Arc<PresenceStore>) {
         let _ = self.stores.set((seq, presence));
     }
 
@@ -83,15 +83,36 @@ impl Health {
         let Some((seq, presence)) = self.stores.get() else {
             return Err("recovering".into());
         };
-        for (name, log) in [("seq", seq.log()), ("presence", presence.log())] {
+        let mut logs = vec![("presence", presence.log())];
+        let mut fatals = vec![presence.fatal()];
+        if let Some(store) = seq.embedded() {
+            logs.push(("seq", store.log()));
+            fatals.push(store.fatal());
+        }
+        for (name, log) in logs {
             if log.is_poisoned() {
                 return Err(format!("the {name} log is poisoned"));
             }
         }
-        for fatal in [seq.fatal(), presence.fatal()] {
+        for fatal in fatals {
             if let Some(reason) = &*fatal.borrow() {
                 return Err(format!("failed: {reason}"));
             }
+        }
+        if let Sequences::Cluster(store) = seq
+            && !store.cluster().ready()
+        {
+            let status = store.cluster().status();
+            return Err(match status.blocked_by {
+                Some(holder) => format!(
+                    "node id `{}` is registered by another process: {holder}",
+                    status.node
+                ),
+                None => format!(
+                    "cluster: not a confirmed member with a route table yet ({})",
+                    store.cluster().coordinator().describe()
+                ),
+            });
         }
         match self.phase.load(Ordering::Acquire) {
             PHASE_SERVING => Ok(()),

@@ -26,6 +26,10 @@
 //! - [`wire`]: the wire-protocol listener (the hot path in pipelined binary frames).
 //! - [`server`]: start-up (recovery), TLS, serving, and clean shutdown.
 //! - [`watch`]: the bounded fan-out of presence events to Watch subscribers.
+//! - [`cluster`]: cluster mode's driver: the member and arbiter state machines of
+//!   `imstate-cluster` run against etcd; the one ownership check and route-info source.
+//! - [`clusterseq`]: the sequence service in cluster mode (`max_seq` in etcd, fenced).
+//! - [`sequences`]: the sequence service as the front doors see it, embedded or cluster.
 
 #![deny(missing_docs)]
 
@@ -37,6 +41,8 @@ compile_error!("the `planted-wire-ack-before-durable` feature is for test builds
 
 pub mod autocheckpoint;
 pub mod clock;
+pub mod cluster;
+pub mod clusterseq;
 pub mod config;
 pub mod datadir;
 pub mod error;
@@ -47,6 +53,7 @@ pub mod metrics;
 pub mod presencestore;
 pub mod records;
 pub mod seqstore;
+pub mod sequences;
 pub mod server;
 pub mod watch;
 pub mod wire;

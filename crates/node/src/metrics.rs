@@ -21,7 +21,6 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::presencestore::PresenceStore;
-use crate::seqstore::SeqStore;
 
 /// gRPC calls, by `service`, `method` and `code`.
 pub const GRPC_REQUESTS: &str = "imstate_grpc_requests_total";
@@ -240,13 +239,17 @@ pub fn report_checkpoint(
 }
 
 /// Copies the gauges and log counters of the stores into the recorder; called per scrape.
-pub fn refresh(seq: &SeqStore, presence: &PresenceStore) {
+pub fn refresh(seq: &crate::sequences::Sequences, presence: &PresenceStore) {
     gauge!(SEQ_SECTIONS_LOADED).set(seq.sections_loaded() as f64);
     gauge!(SEQ_NAMESPACES).set(seq.namespaces().len() as f64);
     gauge!(PRESENCE_SESSIONS).set(presence.online_count_now() as f64);
     gauge!(PRESENCE_GATEWAYS).set(presence.registry().gateways().len() as f64);
     gauge!(PRESENCE_GATEWAY_LEASES).set(presence.registry().gateway_leases().len() as f64);
-    for (name, log) in [(LOG_SEQ, seq.log()), (LOG_PRESENCE, presence.log())] {
+    let mut logs = vec![(LOG_PRESENCE, presence.log())];
+    if let Some(store) = seq.embedded() {
+        logs.push((LOG_SEQ, store.log()));
+    }
+    for (name, log) in logs {
         let stats = log.stats();
         counter!(LOG_APPENDS, "log" => name).absolute(stats.appends);
         counter!(LOG_WRITTEN_BYTES, "log" => name).absolute(stats.bytes_written);

@@ -33,6 +33,8 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::NodeError;
 use crate::clock::SystemClock;
+use crate::cluster::{Cluster, ClusterOptions};
+use crate::clusterseq::ClusterSeq;
 use crate::config::NodeConfig;
 use crate::datadir::DataDir;
 use crate::grpc::edge::{EdgeLayer, Tokens};
@@ -43,6 +45,7 @@ use crate::http::Health;
 use crate::metrics::{LOG_PRESENCE, LOG_SEQ};
 use crate::presencestore::PresenceStore;
 use crate::seqstore::{SeqStore, SeqStoreOptions};
+use crate::sequences::Sequences;
 use crate::wire::WireContext;
 
 /// Longest a stopping node waits for in-flight gRPC calls before it flushes the log and exits.
@@ -131,7 +134,7 @@ pub struct Node {
     _data_dir: DataDir,
     /// The history markers, recorded again at clean shutdown.
     history: History,
-    seq: Arc<SeqStore>,
+    seq: Sequences,
     presence: Arc<PresenceStore>,
     health: Arc<Health>,
     security: Security,
@@ -154,12 +157,6 @@ impl Node {
         health: Arc<Health>,
     ) -> Result<Self, NodeError> {
         let mut history = History::check(data_dir.root())?;
-        let started = Instant::now();
-        let storage =
-            FileStorage::new(data_dir.seq_dir()).map_err(|error| NodeError::DataDir {
-                dir: data_dir.seq_dir(),
-                reason: error.to_string(),
-            })?;
         let options = SeqStoreOptions {
             batch_ids_max: config.seq.batch_ids_max,
             raise_wait_timeout: config.seq.raise_wait_timeout(),
@@ -167,21 +164,37 @@ impl Node {
             sections_max: config.seq.sections_max,
         };
         let declared: Vec<_> = config.seq.namespaces.iter().map(|n| n.to_def()).collect();
-        let (seq, stats) = SeqStore::open(storage, options, &declared).await?;
-        warn_skipped_checkpoints("sequence", &stats);
-        history.check_recovered(LogKind::Seq, stats.last_lsn, seq.log().last_lsn())?;
-        crate::metrics::recovered(LOG_SEQ, &stats, started.elapsed());
-        crate::metrics::observe_log(seq.log(), LOG_SEQ);
-        tracing::info!(
-            data_dir = %config.data_dir.display(),
-            checkpoint_lsn = ?stats.checkpoint_lsn,
-            records_replayed = stats.records_replayed,
-            bytes_replayed = stats.bytes_replayed,
-            truncated_tail_bytes = stats.truncated_tail_bytes,
-            sections_loaded = seq.sections_loaded(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "recovered sequence store"
-        );
+        let seq = if config.cluster.enabled() {
+            let cluster = join_cluster(&config).await?;
+            Sequences::Cluster(ClusterSeq::open(cluster, options, &declared).await?)
+        } else {
+            let started = Instant::now();
+            let storage =
+                FileStorage::new(data_dir.seq_dir()).map_err(|error| NodeError::DataDir {
+                    dir: data_dir.seq_dir(),
+                    reason: error.to_string(),
+                })?;
+            let (seq, stats) = SeqStore::open(storage, options, &declared).await?;
+            warn_skipped_checkpoints("sequence", &stats);
+            history.check_recovered(LogKind::Seq, stats.last_lsn, seq.log().last_lsn())?;
+            crate::metrics::recovered(LOG_SEQ, &stats, started.elapsed());
+            crate::metrics::observe_log(seq.log(), LOG_SEQ);
+            tracing::info!(
+                data_dir = %config.data_dir.display(),
+                checkpoint_lsn = ?stats.checkpoint_lsn,
+                records_replayed = stats.records_replayed,
+                bytes_replayed = stats.bytes_replayed,
+                truncated_tail_bytes = stats.truncated_tail_bytes,
+                sections_loaded = seq.sections_loaded(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "recovered sequence store"
+            );
+            Sequences::Embedded {
+                store: seq,
+                advertise: config.listen.to_string(),
+                advertise_wire: config.wire_listen.to_string(),
+            }
+        };
         let started = Instant::now();
         let storage =
             FileStorage::new(data_dir.presence_dir()).map_err(|error| NodeError::DataDir {
@@ -203,7 +216,7 @@ impl Node {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "recovered presence registry"
         );
-        health.recovered(Arc::clone(&seq), Arc::clone(&presence));
+        health.recovered(seq.clone(), Arc::clone(&presence));
         Ok(Self {
             config,
             _data_dir: data_dir,
@@ -225,8 +238,8 @@ impl Node {
         &self.presence
     }
 
-    /// The sequence store.
-    pub fn seq(&self) -> &Arc<SeqStore> {
+    /// The sequence store (embedded or cluster).
+    pub fn seq(&self) -> &Sequences {
         &self.seq
     }
 
@@ -248,10 +261,19 @@ impl Node {
             Ok::<_, std::io::Error>(stream)
         });
         let incoming = limits::limit_connections(incoming, limits::GRPC_CONNECTIONS_MAX);
-        let sequence = SequenceService::new(Arc::clone(&self.seq), address.to_string());
+        let seq = match &self.seq {
+            // The route table names the address actually bound (port 0 picks one).
+            Sequences::Embedded { store, .. } => Sequences::Embedded {
+                store: Arc::clone(store),
+                advertise: address.to_string(),
+                advertise_wire: wire_address.to_string(),
+            },
+            cluster => cluster.clone(),
+        };
+        let sequence = SequenceService::new(seq.clone());
         let presence = PresenceService::new(Arc::clone(&self.presence));
         let admin = AdminService::new(
-            Arc::clone(&self.seq),
+            seq.clone(),
             Arc::clone(&self.presence),
             Arc::clone(&self.health),
             self.config.presence.fsync.clone(),
@@ -268,7 +290,7 @@ impl Node {
         let wire = tokio::spawn(crate::wire::serve(
             wire_listener,
             WireContext::new(
-                Arc::clone(&self.seq),
+                seq.clone(),
                 Arc::clone(&self.presence),
                 self.security.tokens.clone(),
                 self.config.wire.to_limits()?,
@@ -279,15 +301,29 @@ impl Node {
         let health = Arc::clone(&self.health);
         let watch_hub = Arc::clone(self.presence.watch());
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut seq_fatal = self.seq.fatal();
+        let embedded = self.seq.embedded().cloned();
+        // Cluster mode has no sequence log: a channel that never fires (its sender lives in
+        // the stop future), not a closed one, which would stop the node at once.
+        let (never_fatal, never) = tokio::sync::watch::channel(None);
+        let mut seq_fatal = match &embedded {
+            Some(store) => store.fatal(),
+            None => never,
+        };
+        let presence_store = Arc::clone(&self.presence);
         let mut presence_fatal = self.presence.fatal();
-        let (seq_store, presence_store) = (Arc::clone(&self.seq), Arc::clone(&self.presence));
+        let seq_poisoned = async move {
+            match embedded {
+                Some(store) => store.log().poisoned().await,
+                None => std::future::pending().await,
+            }
+        };
         let stop = async move {
+            let _never_fatal = never_fatal;
             tokio::select! {
                 () = shutdown => None,
                 // Whichever path met the failure (a request, the flusher, the syncer, a
                 // checkpoint), a poisoned log stops the node at once.
-                reason = seq_store.log().poisoned() => Some(format!("sequence log: {reason}")),
+                reason = seq_poisoned => Some(format!("sequence log: {reason}")),
                 reason = presence_store.log().poisoned() => {
                     Some(format!("presence log: {reason}"))
                 }
@@ -379,15 +415,93 @@ impl Node {
             tracing::error!(%reason, "stopping: the log failed");
             return Err(NodeError::Unavailable(reason));
         }
-        self.seq.shutdown()?;
+        match &self.seq {
+            Sequences::Embedded { store, .. } => {
+                store.shutdown()?;
+                self.history.record(LogKind::Seq, store.log().last_lsn())?;
+            }
+            // Revoking the lease moves this node's sections at once, not after the TTL.
+            Sequences::Cluster(store) => store.cluster().leave().await,
+        }
         self.presence.shutdown()?;
-        self.history
-            .record(LogKind::Seq, self.seq.log().last_lsn())?;
         self.history
             .record(LogKind::Presence, self.presence.log().last_lsn())?;
         tracing::info!("stopped cleanly; the log is flushed");
         Ok(())
     }
+}
+
+/// Connects to etcd (retrying with backoff while it is unreachable: `/readyz` says why) and
+/// joins the cluster.
+async fn join_cluster(config: &NodeConfig) -> Result<Arc<Cluster>, NodeError> {
+    let endpoints = config.cluster.endpoints();
+    let timeout = std::time::Duration::from_millis((config.cluster.lease_ttl_ms / 3).max(300));
+    let mut backoff = std::time::Duration::from_millis(200);
+    let coordinator = loop {
+        match imstate_coord_etcd::EtcdCoordinator::connect(&endpoints, timeout).await {
+            Ok(coordinator) => break coordinator,
+            Err(error) => {
+                tracing::warn!(%error, retry_ms = backoff.as_millis() as u64, "etcd unreachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    };
+    let advertise = if config.cluster.advertise.is_empty() {
+        config.listen.to_string()
+    } else {
+        config.cluster.advertise.clone()
+    };
+    let advertise_wire = if config.cluster.advertise_wire.is_empty() {
+        config.wire_listen.to_string()
+    } else {
+        config.cluster.advertise_wire.clone()
+    };
+    let cluster = Cluster::start(
+        ClusterOptions {
+            name: config.cluster.name.clone(),
+            node: config.cluster.node_id.clone(),
+            advertise,
+            advertise_wire,
+            lease_ttl_ms: config.cluster.lease_ttl_ms,
+            moves_max: config.cluster.moves_max,
+        },
+        Arc::new(coordinator),
+    );
+    // Registration: a node id held by a live lease of another process is refused, after
+    // waiting long enough for this node's own previous run to lapse.
+    let deadline =
+        Instant::now() + std::time::Duration::from_millis(3 * config.cluster.lease_ttl_ms);
+    loop {
+        let status = cluster.status();
+        if status.registered {
+            break;
+        }
+        if Instant::now() > deadline {
+            let reason = match status.blocked_by {
+                Some(holder) => format!(
+                    "node id `{}` is already registered in cluster `{}` by another live \
+                     process ({holder}); give this node another --node-id",
+                    status.node, status.cluster
+                ),
+                None => format!(
+                    "could not register in cluster `{}` through {}",
+                    status.cluster,
+                    cluster.coordinator().describe()
+                ),
+            };
+            cluster.leave().await;
+            return Err(NodeError::Config(reason));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tracing::info!(
+        cluster = %config.cluster.name,
+        node = %config.cluster.node_id,
+        etcd = %endpoints.join(","),
+        "joined the cluster"
+    );
+    Ok(cluster)
 }
 
 /// Warns once per checkpoint that recovery found invalid and passed over.

@@ -58,9 +58,10 @@ use tokio::sync::watch;
 
 use crate::NodeError;
 use crate::grpc::edge::Tokens;
-use crate::grpc::{EMBEDDED_ROUTE_VERSION, error_code};
+use crate::grpc::error_code;
 use crate::presencestore::PresenceStore;
-use crate::seqstore::{SeqStore, namespace_name};
+use crate::seqstore::namespace_name;
+use crate::sequences::Sequences;
 
 /// Most wire connections open at once (B1).
 pub const CONNECTIONS_MAX: usize = 10_000;
@@ -101,7 +102,7 @@ pub struct WireLimits {
 
 /// What every connection shares.
 pub struct WireContext {
-    seq: Arc<SeqStore>,
+    seq: Sequences,
     presence: Arc<PresenceStore>,
     tokens: Option<Arc<Tokens>>,
     limits: WireLimits,
@@ -118,7 +119,7 @@ pub struct WireContext {
 impl WireContext {
     /// The context of a node's wire listener.
     pub fn new(
-        seq: Arc<SeqStore>,
+        seq: Sequences,
         presence: Arc<PresenceStore>,
         tokens: Option<Arc<Tokens>>,
         limits: WireLimits,
@@ -612,11 +613,18 @@ impl<'c> Connection<'c> {
     fn error(&mut self, op: codec::Op, error: &NodeError) {
         let code = Code(error_code(error) as u8);
         self.tally.errors.push((op, code));
-        codec::reply_error(
-            &mut self.out,
-            code,
-            &crate::grpc::bounded_message(error.to_string()),
-        );
+        let message = match error {
+            // The redirect, machine-readable (imstate_wire::codec::moved_message).
+            NodeError::Moved {
+                owner,
+                grpc,
+                wire,
+                version,
+                ..
+            } => codec::moved_message(owner, wire, grpc, *version, &error.to_string()),
+            _ => error.to_string(),
+        };
+        codec::reply_error(&mut self.out, code, &crate::grpc::bounded_message(message));
     }
 
     async fn handle(&mut self, frame: Frame<'_>) -> After {
@@ -829,7 +837,7 @@ impl<'c> Connection<'c> {
         }
         self.hello = true;
         self.tally.ok[codec::Op::Hello.index()] += 1;
-        codec::reply_hello(&mut self.out, EMBEDDED_ROUTE_VERSION);
+        codec::reply_hello(&mut self.out, self.context.seq.route_version());
         After::Continue
     }
 }

@@ -121,7 +121,7 @@ impl NamespaceDef {
     }
 
     /// Returns the section holding `id`; the caller has checked that `id` is in range.
-    pub(crate) fn section_of(&self, id: u64) -> u64 {
+    pub fn section_of(&self, id: u64) -> u64 {
         (id - self.id_lo) / self.section_size
     }
 
@@ -142,7 +142,7 @@ impl NamespaceDef {
     }
 
     /// Returns whether `id` is inside `[id_lo, id_hi)`.
-    pub(crate) fn contains(&self, id: u64) -> bool {
+    pub fn contains(&self, id: u64) -> bool {
         (self.id_lo..self.id_hi).contains(&id)
     }
 }

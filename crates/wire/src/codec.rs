@@ -769,6 +769,24 @@ pub fn reply_error(out: &mut Vec<u8>, code: Code, message: &str) {
     end(out, start);
 }
 
+/// The message of a redirect (code `FAILED_PRECONDITION`): the section is another node's.
+/// The first line is machine-readable, `moved <node> <wire addr> <grpc addr> <route
+/// version>`; the rest is for people.
+pub fn moved_message(node: &str, wire: &str, grpc: &str, version: u64, text: &str) -> String {
+    format!("moved {node} {wire} {grpc} {version}\n{text}")
+}
+
+/// A redirect read from an error message: `(node, wire addr, grpc addr, route version)`.
+pub fn parse_moved(message: &str) -> Option<(String, String, String, u64)> {
+    let line = message.lines().next()?;
+    let mut parts = line.strip_prefix("moved ")?.split(' ');
+    let node = parts.next()?.to_owned();
+    let wire = parts.next()?.to_owned();
+    let grpc = parts.next()?.to_owned();
+    let version = parts.next()?.parse().ok()?;
+    Some((node, wire, grpc, version))
+}
+
 /// Appends the reply of `Hello`.
 pub fn reply_hello(out: &mut Vec<u8>, route_version: u64) {
     let start = begin(out, Op::Hello.reply());

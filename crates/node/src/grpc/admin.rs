@@ -1,4 +1,5 @@
-//! The Admin service (`imstate ctl`): status of the node and forced checkpoints.
+//! The Admin service (`imstate ctl`): status of the node, forced checkpoints, the route table
+//! and (cluster mode) drains.
 //!
 //! Checkpoints run on tokio's blocking pool (they write and fsync files); each store
 //! serializes its own checkpoints, so a forced one and an automatic one never overlap in the
@@ -12,15 +13,15 @@ use imstate_proto::v1 as pb;
 use imstate_proto::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
-use super::{EMBEDDED_ROUTE_VERSION, status_from};
+use super::status_from;
 use crate::http::Health;
 use crate::metrics::{LOG_PRESENCE, LOG_SEQ, checkpoint_done};
 use crate::presencestore::PresenceStore;
-use crate::seqstore::SeqStore;
+use crate::sequences::Sequences;
 
 /// The Admin service.
 pub struct AdminService {
-    seq: Arc<SeqStore>,
+    seq: Sequences,
     presence: Arc<PresenceStore>,
     health: Arc<Health>,
     /// The presence log's fsync policy as configured (the sequence log is always `always`).
@@ -30,7 +31,7 @@ pub struct AdminService {
 impl AdminService {
     /// Serves status and checkpoints of these stores.
     pub fn new(
-        seq: Arc<SeqStore>,
+        seq: Sequences,
         presence: Arc<PresenceStore>,
         health: Arc<Health>,
         presence_fsync: String,
@@ -88,26 +89,105 @@ impl Admin for AdminService {
                 step: def.step,
             })
             .collect();
-        Ok(Response::new(pb::StatusReply {
+        let mut logs = Vec::new();
+        if let Some(seq) = self.seq.embedded() {
+            logs.push(log_status(LOG_SEQ, seq.log(), "always"));
+        }
+        logs.push(log_status(
+            LOG_PRESENCE,
+            self.presence.log(),
+            &self.presence_fsync,
+        ));
+        let mut reply = pb::StatusReply {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms: self.health.uptime().as_millis() as u64,
             role: "embedded".into(),
-            route_version: EMBEDDED_ROUTE_VERSION,
+            route_version: self.seq.route_version(),
             namespaces,
             sessions_online: self.presence.online_count_now(),
-            logs: vec![
-                log_status(LOG_SEQ, self.seq.log(), "always"),
-                log_status(LOG_PRESENCE, self.presence.log(), &self.presence_fsync),
-            ],
+            logs,
             sections_loaded: self.seq.sections_loaded() as u64,
+            ..pb::StatusReply::default()
+        };
+        if let Sequences::Cluster(store) = &self.seq {
+            let status = store.cluster().status();
+            reply.role = status.role.into();
+            reply.cluster = status.cluster;
+            reply.node_id = status.node;
+            reply.lease_valid_ms = status.lease_valid_ms;
+            reply.sections_owned = status.sections_owned;
+            reply.blocked_by = status.blocked_by.unwrap_or_default();
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn route(
+        &self,
+        _request: Request<pb::RouteRequest>,
+    ) -> Result<Response<pb::RouteReply>, Status> {
+        let table = self.seq.route_table();
+        let nodes = match &self.seq {
+            Sequences::Embedded { .. } => Vec::new(),
+            Sequences::Cluster(store) => {
+                let cluster = store.cluster();
+                let draining = cluster.draining().await.map_err(status_from)?;
+                let members = cluster.members();
+                let mut ids: std::collections::BTreeSet<String> =
+                    members.keys().cloned().collect();
+                ids.extend(table.entries.iter().map(|entry| entry.node_id.clone()));
+                ids.into_iter()
+                    .map(|id| {
+                        let info = members.get(&id);
+                        pb::NodeState {
+                            grpc: info.map(|info| info.grpc.clone()).unwrap_or_default(),
+                            wire: info.map(|info| info.wire.clone()).unwrap_or_default(),
+                            alive: info.is_some(),
+                            draining: draining.contains(&id),
+                            node_id: id,
+                        }
+                    })
+                    .collect()
+            }
+        };
+        Ok(Response::new(pb::RouteReply {
+            table: Some(table),
+            nodes,
         }))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainReply>, Status> {
+        let request = request.into_inner();
+        let Sequences::Cluster(store) = &self.seq else {
+            return Err(Status::failed_precondition(
+                "drain needs cluster mode: this node runs embedded",
+            ));
+        };
+        if request.node_id.is_empty() || request.node_id.len() > 64 {
+            return Err(Status::invalid_argument("node_id must be 1..=64 bytes"));
+        }
+        let cluster = store.cluster();
+        if request.undo {
+            cluster.undrain(&request.node_id).await
+        } else {
+            cluster.drain(&request.node_id).await
+        }
+        .map_err(status_from)?;
+        Ok(Response::new(pb::DrainReply {}))
     }
 
     async fn checkpoint(
         &self,
         _request: Request<pb::CheckpointRequest>,
     ) -> Result<Response<pb::CheckpointReply>, Status> {
-        let seq = Arc::clone(&self.seq);
+        let Some(seq) = self.seq.embedded().cloned() else {
+            return Err(Status::failed_precondition(
+                "cluster mode keeps max_seq in the coordinator: only the presence log has \
+                 checkpoints here",
+            ));
+        };
         let presence = Arc::clone(&self.presence);
         let joined = tokio::task::spawn_blocking(move || {
             let seq_stats = seq.checkpoint();

@@ -33,12 +33,43 @@ use crate::NodeError;
 
 /// The route table version of a node in embedded mode: there is one node and it owns every
 /// section, so the table never changes.
-pub const EMBEDDED_ROUTE_VERSION: u64 = 1;
+pub use crate::sequences::EMBEDDED_ROUTE_VERSION;
 
 /// Maps a domain error to a gRPC status.
 pub fn status_from(error: NodeError) -> Status {
-    Status::new(error_code(&error), bounded_message(error.to_string()))
+    let mut status = Status::new(error_code(&error), bounded_message(error.to_string()));
+    if let NodeError::Moved {
+        owner,
+        grpc,
+        wire,
+        version,
+        ..
+    } = &error
+    {
+        // The redirect, machine-readable: the smart client goes to the owner.
+        let metadata = status.metadata_mut();
+        for (key, value) in [
+            (OWNER_METADATA, owner.as_str()),
+            (OWNER_GRPC_METADATA, grpc.as_str()),
+            (OWNER_WIRE_METADATA, wire.as_str()),
+            (ROUTE_VERSION_METADATA, &version.to_string()),
+        ] {
+            if let Ok(value) = value.parse() {
+                metadata.insert(key, value);
+            }
+        }
+    }
+    status
 }
+
+/// Metadata of a redirect (FAILED_PRECONDITION): the owner's node id.
+pub const OWNER_METADATA: &str = "imstate-owner";
+/// Metadata of a redirect: the owner's gRPC address.
+pub const OWNER_GRPC_METADATA: &str = "imstate-owner-grpc";
+/// Metadata of a redirect: the owner's wire address.
+pub const OWNER_WIRE_METADATA: &str = "imstate-owner-wire";
+/// Metadata of a redirect: the route table version that names the owner.
+pub const ROUTE_VERSION_METADATA: &str = "imstate-route-version";
 
 /// Longest error message sent to a client, in bytes. The cores never echo an unbounded input,
 /// but a message travels in an HTTP/2 header (gRPC) or a frame (wire): past a few KB a gRPC
@@ -90,6 +121,7 @@ pub fn error_code(error: &NodeError) -> tonic::Code {
             PresenceError::ShardOutOfRange { .. } => Code::Internal,
         },
         NodeError::Limit(_) => Code::ResourceExhausted,
+        NodeError::Moved { .. } => Code::FailedPrecondition,
         NodeError::RaiseTimeout(_) | NodeError::Unavailable(_) | NodeError::Log(_) => {
             Code::Unavailable
         }

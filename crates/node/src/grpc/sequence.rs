@@ -1,48 +1,28 @@
 //! The sequence service over gRPC.
 
-use std::sync::Arc;
-
 use imstate_proto::v1 as pb;
 use imstate_proto::v1::sequence_server::Sequence;
 use imstate_seq::NamespaceDef;
 use tonic::{Request, Response, Status};
 
-use super::{EMBEDDED_ROUTE_VERSION, status_from};
-use crate::seqstore::{SeqStore, namespace_name};
+use super::status_from;
+use crate::seqstore::namespace_name;
+use crate::sequences::Sequences;
 
 /// The sequence service.
 pub struct SequenceService {
-    store: Arc<SeqStore>,
-    /// The address clients reach this node at, for the route table.
-    advertise: String,
+    store: Sequences,
 }
 
 impl SequenceService {
-    /// Serves `store`, advertising `advertise` (host:port) in the route table.
-    pub fn new(store: Arc<SeqStore>, advertise: String) -> Self {
-        Self { store, advertise }
+    /// Serves `store` (embedded or cluster).
+    pub fn new(store: Sequences) -> Self {
+        Self { store }
     }
 
     /// Route information for a reply: the version always, the table when the client is stale.
     fn route(&self, client_version: u64) -> Option<pb::RouteInfo> {
-        let table = (client_version < EMBEDDED_ROUTE_VERSION).then(|| pb::RouteTable {
-            version: EMBEDDED_ROUTE_VERSION,
-            entries: self
-                .store
-                .namespaces()
-                .into_iter()
-                .map(|def| pb::RouteEntry {
-                    section_lo: 0,
-                    section_hi: def.section_count(),
-                    namespace: def.name,
-                    node: self.advertise.clone(),
-                })
-                .collect(),
-        });
-        Some(pb::RouteInfo {
-            version: EMBEDDED_ROUTE_VERSION,
-            table,
-        })
+        Some(self.store.route_info(client_version))
     }
 }
 
@@ -116,8 +96,9 @@ impl Sequence for SequenceService {
         let request = request.into_inner();
         let seq = self
             .store
-            .current(namespace_name(&request.namespace), request.id)
-            .map_err(status_from)?;
+            .current_batch(namespace_name(&request.namespace), &[request.id])
+            .await
+            .map_err(status_from)?[0];
         Ok(Response::new(pb::CurrentReply {
             seq,
             route: self.route(request.route_version),
@@ -132,6 +113,7 @@ impl Sequence for SequenceService {
         let seqs = self
             .store
             .current_batch(namespace_name(&request.namespace), &request.ids)
+            .await
             .map_err(status_from)?;
         Ok(Response::new(pb::SeqBatchReply {
             seqs,

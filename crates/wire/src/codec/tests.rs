@@ -259,3 +259,19 @@ fn error_replies_carry_code_and_message() {
         Err(DecodeError::UnexpectedReply { .. })
     ));
 }
+
+#[test]
+fn a_redirect_message_round_trips_and_other_messages_are_not_redirects() {
+    let message = moved_message("n2", "10.0.0.2:7702", "10.0.0.2:7700", 7, "section 3 moved");
+    assert_eq!(
+        parse_moved(&message),
+        Some((
+            "n2".into(),
+            "10.0.0.2:7702".into(),
+            "10.0.0.2:7700".into(),
+            7
+        ))
+    );
+    assert_eq!(parse_moved("namespace `x` not found"), None);
+    assert_eq!(parse_moved("moved n2 only-two"), None);
+}

@@ -1,0 +1,532 @@
+//! Cluster mode's driver: runs the pure [`Member`] and [`Arbiter`] state machines of
+//! `imstate-cluster` against a [`Coordinator`] (etcd in production), on the process's
+//! monotonic clock.
+//!
+//! ```text
+//!  every TICK ──► Member::poll + Arbiter::poll ──► requests, each in its own task
+//!                                                     │ response
+//!  responses channel ◄────────────────────────────────┘
+//!        └──► Member/Arbiter::on_response ──► effects: sections lost ──► listeners (ClusterSeq)
+//! ```
+//!
+//! The front doors ask [`Cluster::access`] before serving a section (the one ownership check),
+//! and take the route version and owners' addresses from here (the one route-info source).
+//! Raises and loads go through [`Cluster::raise`] and [`Cluster::load`]: fenced txns whose
+//! answers also update the member (a fenced raise means the ownership changed).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use imstate_cluster::arbiter::ARBITER_TOKENS;
+use imstate_cluster::{
+    Access, Arbiter, Effect, LeaseRules, Member, MemberInfo, NodeId, RaiseOp, RaiseOutcome,
+    RouteTable, Token,
+};
+use imstate_coord::{
+    Compare, Coordinator, MonotonicClock, Op, Request, Response, SystemMonotonic, Txn,
+};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+
+use crate::NodeError;
+
+/// How often the driver polls the state machines.
+const TICK: Duration = Duration::from_millis(10);
+
+/// Metric: lease renewals (keep-alives) answered, by `outcome` (`alive`, `lost`).
+pub const CLUSTER_RENEWALS: &str = "imstate_cluster_lease_renewals_total";
+/// Metric: times this node lost its lease (every section lost at once).
+pub const CLUSTER_LEASE_LAPSES: &str = "imstate_cluster_lease_lapses_total";
+/// Metric: sections this node owns under its route table.
+pub const CLUSTER_SECTIONS_OWNED: &str = "imstate_cluster_sections_owned";
+/// Metric: section ranges this node lost to a move.
+pub const CLUSTER_MOVES: &str = "imstate_cluster_sections_lost_total";
+/// Metric: requests answered with a redirect to the owner.
+pub const CLUSTER_REDIRECTS: &str = "imstate_cluster_redirects_total";
+/// Metric: coordinator request latency, seconds, by `kind` (`txn`, `lease`).
+pub const CLUSTER_COORD_SECONDS: &str = "imstate_cluster_coordinator_seconds";
+/// Metric: coordinator requests that failed (timeout, unreachable).
+pub const CLUSTER_COORD_FAILURES: &str = "imstate_cluster_coordinator_failures_total";
+/// Metric: raise txns refused by their fence (`ownership`, `stale`).
+pub const CLUSTER_RAISES_FENCED: &str = "imstate_cluster_raises_fenced_total";
+
+/// What a node needs to join a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// The cluster's name (its key prefix in etcd).
+    pub name: String,
+    /// This node's id, unique in the cluster.
+    pub node: NodeId,
+    /// The gRPC address clients reach this node at.
+    pub advertise: String,
+    /// The wire-protocol address clients reach this node at.
+    pub advertise_wire: String,
+    /// The lease TTL.
+    pub lease_ttl_ms: u64,
+    /// Most sections the arbiter moves per round when draining or rebalancing.
+    pub moves_max: u64,
+}
+
+/// A section range lost by this node: `(namespace, start, end)`, or `None` for everything.
+pub type Lost = Option<(String, u64, u64)>;
+
+struct State {
+    member: Member,
+    arbiter: Arbiter,
+}
+
+/// Where this node stands in the cluster, for `ctl status` and `/readyz`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// The cluster's name.
+    pub cluster: String,
+    /// This node.
+    pub node: NodeId,
+    /// `arbiter` or `member` (or `joining`).
+    pub role: &'static str,
+    /// Whether the member key is registered.
+    pub registered: bool,
+    /// How long the lease is still confirmed for, ms (0 when not).
+    pub lease_valid_ms: u64,
+    /// The route table's version (0 before the first).
+    pub route_version: u64,
+    /// Sections owned under it.
+    pub sections_owned: u64,
+    /// Why registration waits, when another process holds the node id.
+    pub blocked_by: Option<String>,
+}
+
+/// A node's membership in a cluster.
+pub struct Cluster {
+    options: ClusterOptions,
+    coordinator: Arc<dyn Coordinator>,
+    clock: SystemMonotonic,
+    state: Mutex<State>,
+    lost: Mutex<Vec<mpsc::UnboundedSender<Lost>>>,
+    /// Bumped whenever the installed route table changes.
+    route_changed: watch::Sender<u64>,
+    stop: watch::Sender<bool>,
+}
+
+impl Cluster {
+    /// Joins the cluster through `coordinator` and starts the driver task.
+    pub fn start(options: ClusterOptions, coordinator: Arc<dyn Coordinator>) -> Arc<Self> {
+        let info = MemberInfo {
+            node: options.node.clone(),
+            grpc: options.advertise.clone(),
+            wire: options.advertise_wire.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let rules = LeaseRules::new(options.lease_ttl_ms);
+        let state = State {
+            member: Member::new(&options.name, &info, rules),
+            arbiter: Arbiter::new(
+                &options.name,
+                &options.node,
+                (options.lease_ttl_ms / 10).max(10),
+                options.moves_max,
+            ),
+        };
+        let (route_changed, _) = watch::channel(0);
+        let (stop, _) = watch::channel(false);
+        let cluster = Arc::new(Self {
+            options,
+            coordinator,
+            clock: SystemMonotonic::default(),
+            state: Mutex::new(state),
+            lost: Mutex::new(Vec::new()),
+            route_changed,
+            stop,
+        });
+        tokio::spawn(Arc::clone(&cluster).drive());
+        cluster
+    }
+
+    /// The options the node joined with.
+    pub fn options(&self) -> &ClusterOptions {
+        &self.options
+    }
+
+    /// What the coordinator is, for messages.
+    pub fn coordinator(&self) -> &Arc<dyn Coordinator> {
+        &self.coordinator
+    }
+
+    /// Monotonic now, ms.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// Receives every range this node loses (and `None` when it loses all).
+    pub fn subscribe_lost(&self) -> mpsc::UnboundedReceiver<Lost> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        self.lost.lock().push(sender);
+        receiver
+    }
+
+    /// A receiver that changes whenever the route table does.
+    pub fn route_changes(&self) -> watch::Receiver<u64> {
+        self.route_changed.subscribe()
+    }
+
+    /// The one ownership check: may this node serve `section` of `namespace` now?
+    pub fn access(&self, namespace: &str, section: u64) -> Access {
+        let now = self.clock.now_ms();
+        self.state.lock().member.access(now, namespace, section)
+    }
+
+    /// The error a front door returns for an access that is not `Serve`.
+    pub fn refusal(&self, namespace: &str, section: u64, access: Access) -> NodeError {
+        match access {
+            Access::Serve { .. } => NodeError::Unavailable("no refusal".into()),
+            Access::Redirect { owner, version } => {
+                metrics::counter!(CLUSTER_REDIRECTS).increment(1);
+                let info = self.state.lock().member.members().get(&owner).cloned();
+                let info = info.unwrap_or_else(|| MemberInfo {
+                    node: owner.clone(),
+                    ..MemberInfo::default()
+                });
+                NodeError::Moved {
+                    namespace: namespace.to_owned(),
+                    section,
+                    owner,
+                    grpc: info.grpc,
+                    wire: info.wire,
+                    version,
+                }
+            }
+            Access::Unavailable { reason } => NodeError::Unavailable(reason),
+        }
+    }
+
+    /// The installed route table.
+    pub fn route(&self) -> Option<RouteTable> {
+        self.state.lock().member.route().cloned()
+    }
+
+    /// The installed route table's version (0 before the first).
+    pub fn route_version(&self) -> u64 {
+        self.state
+            .lock()
+            .member
+            .route()
+            .map_or(0, |table| table.version)
+    }
+
+    /// The members as last read.
+    pub fn members(&self) -> BTreeMap<NodeId, MemberInfo> {
+        self.state.lock().member.members().clone()
+    }
+
+    /// This node's standing.
+    pub fn status(&self) -> ClusterStatus {
+        let now = self.clock.now_ms();
+        let state = self.state.lock();
+        let member = &state.member;
+        let route_version = member.route().map_or(0, |table| table.version);
+        let sections_owned = member.route().map_or(0, |table| {
+            table
+                .load()
+                .get(self.options.node.as_str())
+                .copied()
+                .unwrap_or(0)
+        });
+        ClusterStatus {
+            cluster: self.options.name.clone(),
+            node: self.options.node.clone(),
+            role: if !member.registered() {
+                "joining"
+            } else if state.arbiter.is_leader() {
+                "arbiter"
+            } else {
+                "member"
+            },
+            registered: member.registered(),
+            lease_valid_ms: member.confirmed_until().saturating_sub(now),
+            route_version,
+            sections_owned,
+            blocked_by: member.blocked_by().map(str::to_owned),
+        }
+    }
+
+    /// Whether the node is registered and holds a confirmed lease and a route table.
+    pub fn ready(&self) -> bool {
+        let now = self.clock.now_ms();
+        let state = self.state.lock();
+        state.member.registered()
+            && state.member.route().is_some()
+            && state.member.confirmed_until() > now
+    }
+
+    /// Persists `raises` with the fence of the current ownership.
+    pub async fn raise(&self, raises: Vec<RaiseOp>) -> RaiseOutcome {
+        let txn = {
+            let state = self.state.lock();
+            let Some(fence) = state.member.fence() else {
+                return RaiseOutcome::Fenced {
+                    effects: Vec::new(),
+                };
+            };
+            state.member.raise_txn(fence, &raises)
+        };
+        let response = self.timed("txn", Request::Txn(txn)).await;
+        let Response::Txn(txn) = response else {
+            // Unknown outcome: treated as not durable (a later raise goes higher).
+            return RaiseOutcome::Fenced {
+                effects: Vec::new(),
+            };
+        };
+        let now = self.clock.now_ms();
+        let outcome = self
+            .state
+            .lock()
+            .member
+            .on_raise_response(now, &raises, &txn);
+        match &outcome {
+            RaiseOutcome::Durable { .. } => {}
+            RaiseOutcome::Stale { .. } => {
+                metrics::counter!(CLUSTER_RAISES_FENCED, "fence" => "stale").increment(1);
+            }
+            RaiseOutcome::Fenced { effects } => {
+                metrics::counter!(CLUSTER_RAISES_FENCED, "fence" => "ownership").increment(1);
+                self.apply(effects.clone());
+            }
+        }
+        outcome
+    }
+
+    /// Reads a section's `max_seq` and its key's revision.
+    pub async fn load(&self, namespace: &str, section: u64) -> Result<(u64, i64), NodeError> {
+        let txn = self.state.lock().member.load_txn(namespace, section);
+        match self.timed("txn", Request::Txn(txn)).await {
+            Response::Txn(txn) => Member::loaded_max_seq(&txn).map_err(NodeError::Unavailable),
+            Response::Failed(error) => Err(NodeError::Unavailable(error.to_string())),
+            other => Err(NodeError::Unavailable(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Runs a txn (namespaces, drains, status reads) and returns its answer.
+    pub async fn txn(&self, txn: Txn) -> Result<imstate_coord::TxnResponse, NodeError> {
+        match self.timed("txn", Request::Txn(txn)).await {
+            Response::Txn(txn) => Ok(txn),
+            Response::Failed(error) => Err(NodeError::Unavailable(error.to_string())),
+            other => Err(NodeError::Unavailable(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Asks the arbiter to move every section away from `node` (`ctl drain`).
+    pub async fn drain(&self, node: &str) -> Result<(), NodeError> {
+        let keys = imstate_cluster::Keys::new(&self.options.name);
+        self.txn(Txn {
+            success: vec![Op::put(keys.drain(node), Vec::new())],
+            ..Txn::default()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The nodes asked to drain.
+    pub async fn draining(&self) -> Result<std::collections::BTreeSet<String>, NodeError> {
+        let keys = imstate_cluster::Keys::new(&self.options.name);
+        let response = self
+            .txn(Txn {
+                success: vec![Op::get_prefix(keys.drains())],
+                ..Txn::default()
+            })
+            .await?;
+        Ok(response
+            .gets
+            .first()
+            .into_iter()
+            .flatten()
+            .map(|kv| imstate_cluster::Keys::leaf(&kv.key).to_owned())
+            .collect())
+    }
+
+    /// Withdraws a drain request.
+    pub async fn undrain(&self, node: &str) -> Result<(), NodeError> {
+        let keys = imstate_cluster::Keys::new(&self.options.name);
+        self.txn(Txn {
+            success: vec![Op::Delete {
+                key: keys.drain(node),
+            }],
+            ..Txn::default()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Creates the namespace `name` with `value` (JSON) unless it exists; returns the stored
+    /// value (which may differ: the caller compares).
+    pub async fn ensure_namespace(
+        &self,
+        name: &str,
+        value: Vec<u8>,
+    ) -> Result<Vec<u8>, NodeError> {
+        let key = imstate_cluster::Keys::new(&self.options.name).namespace(name);
+        let response = self
+            .txn(Txn {
+                compare: vec![Compare::created(key.clone(), 0)],
+                success: vec![Op::put(key.clone(), value.clone())],
+                failure: vec![Op::get(key)],
+            })
+            .await?;
+        if response.succeeded {
+            Ok(value)
+        } else {
+            Ok(response
+                .got(0)
+                .map(|kv| kv.value.clone())
+                .unwrap_or_default())
+        }
+    }
+
+    /// Every namespace stored in the coordinator, as `(name, JSON value)`.
+    pub async fn stored_namespaces(&self) -> Result<Vec<(String, Vec<u8>)>, NodeError> {
+        let keys = imstate_cluster::Keys::new(&self.options.name);
+        let response = self
+            .txn(Txn {
+                success: vec![Op::get_prefix(keys.namespaces())],
+                ..Txn::default()
+            })
+            .await?;
+        Ok(response
+            .gets
+            .first()
+            .into_iter()
+            .flatten()
+            .map(|kv| {
+                (
+                    imstate_cluster::Keys::leaf(&kv.key).to_owned(),
+                    kv.value.clone(),
+                )
+            })
+            .collect())
+    }
+
+    /// Leaves the cluster: stops the driver and revokes the lease, so the arbiter moves this
+    /// node's sections at once rather than after the TTL.
+    pub async fn leave(&self) {
+        self.stop.send_replace(true);
+        let lease = self.state.lock().member.lease();
+        if let Some(lease) = lease {
+            let _ = self.coordinator.call(Request::Revoke { lease }).await;
+        }
+    }
+
+    async fn timed(&self, kind: &'static str, request: Request) -> Response {
+        let started = std::time::Instant::now();
+        let response = self.coordinator.call(request).await;
+        metrics::histogram!(CLUSTER_COORD_SECONDS, "kind" => kind)
+            .record(started.elapsed().as_secs_f64());
+        if matches!(response, Response::Failed(_)) {
+            metrics::counter!(CLUSTER_COORD_FAILURES).increment(1);
+        }
+        response
+    }
+
+    fn apply(&self, effects: Vec<Effect>) {
+        let mut lost = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Lost {
+                    namespace,
+                    start,
+                    end,
+                } => {
+                    metrics::counter!(CLUSTER_MOVES).increment(1);
+                    lost.push(Some((namespace, start, end)));
+                }
+                Effect::LostAll => {
+                    metrics::counter!(CLUSTER_LEASE_LAPSES).increment(1);
+                    tracing::warn!(node = %self.options.node, "lease lost: every section is dropped until it is registered again");
+                    lost.push(None);
+                }
+                Effect::Send { .. } => {}
+            }
+        }
+        if !lost.is_empty() {
+            let mut listeners = self.lost.lock();
+            listeners
+                .retain(|listener| lost.iter().all(|item| listener.send(item.clone()).is_ok()));
+        }
+    }
+
+    async fn drive(self: Arc<Self>) {
+        let (responses, mut incoming) = mpsc::unbounded_channel::<(Token, Response)>();
+        let mut stop = self.stop.subscribe();
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut version = 0;
+        loop {
+            let effects = tokio::select! {
+                _ = ticker.tick() => {
+                    let now = self.clock.now_ms();
+                    let mut state = self.state.lock();
+                    let mut effects = state.member.poll(now);
+                    let lease = state.member.registered().then(|| state.member.lease()).flatten();
+                    effects.extend(state.arbiter.poll(now, lease));
+                    effects
+                }
+                Some((token, response)) = incoming.recv() => {
+                    let now = self.clock.now_ms();
+                    let mut state = self.state.lock();
+                    if let Response::KeptAlive { alive } = &response {
+                        let outcome = if *alive { "alive" } else { "lost" };
+                        metrics::counter!(CLUSTER_RENEWALS, "outcome" => outcome).increment(1);
+                    }
+                    if token >= ARBITER_TOKENS {
+                        state.arbiter.on_response(now, token, &response)
+                    } else {
+                        state.member.on_response(now, token, &response)
+                    }
+                }
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            let mut rest = Vec::new();
+            for effect in effects {
+                match effect {
+                    Effect::Send { token, request } => {
+                        let cluster = Arc::clone(&self);
+                        let responses = responses.clone();
+                        tokio::spawn(async move {
+                            let kind = if matches!(request, Request::Txn(_)) {
+                                "txn"
+                            } else {
+                                "lease"
+                            };
+                            let response = cluster.timed(kind, request).await;
+                            let _ = responses.send((token, response));
+                        });
+                    }
+                    other => rest.push(other),
+                }
+            }
+            self.apply(rest);
+            let (now_version, owned) = {
+                let state = self.state.lock();
+                let table = state.member.route();
+                (
+                    table.map_or(0, |table| table.version),
+                    table.map_or(0, |table| {
+                        table
+                            .load()
+                            .get(self.options.node.as_str())
+                            .copied()
+                            .unwrap_or(0)
+                    }),
+                )
+            };
+            if now_version != version {
+                version = now_version;
+                metrics::gauge!(CLUSTER_SECTIONS_OWNED).set(owned as f64);
+                self.route_changed.send_replace(version);
+            }
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The sequence service as the front doors see it, whatever the mode: the embedded store
+//! (`max_seq` in the local log) or the cluster store (`max_seq` in the coordinator, ownership
+//! checked per section). An enum, not a trait object: the wire hot path pays no allocation.
+//!
+//! Also the one route-info source ([`Sequences::route_version`], [`Sequences::route_table`]):
+//! every reply's route version and the table a stale client gets come from here.
+
+use std::sync::Arc;
+
+use imstate_proto::v1 as pb;
+use imstate_seq::NamespaceDef;
+
+use crate::NodeError;
+use crate::clusterseq::ClusterSeq;
+use crate::seqstore::SeqStore;
+
+/// The route version of the embedded mode: one node owns everything, forever.
+pub const EMBEDDED_ROUTE_VERSION: u64 = 1;
+
+/// The sequence store of this node.
+#[derive(Clone)]
+pub enum Sequences {
+    /// One node, the local log.
+    Embedded {
+        /// The store.
+        store: Arc<SeqStore>,
+        /// The gRPC address clients reach this node at.
+        advertise: String,
+        /// The wire address clients reach this node at.
+        advertise_wire: String,
+    },
+    /// A member of a cluster.
+    Cluster(Arc<ClusterSeq>),
+}
+
+impl Sequences {
+    /// Allocates one seq for `id`.
+    pub async fn next(&self, namespace: &str, id: u64) -> Result<u64, NodeError> {
+        match self {
+            Sequences::Embedded { store, .. } => store.next(namespace, id).await,
+            Sequences::Cluster(store) => store.next(namespace, id).await,
+        }
+    }
+
+    /// Allocates one seq per id, in order.
+    pub async fn next_batch(&self, namespace: &str, ids: &[u64]) -> Result<Vec<u64>, NodeError> {
+        match self {
+            Sequences::Embedded { store, .. } => store.next_batch(namespace, ids).await,
+            Sequences::Cluster(store) => store.next_batch(namespace, ids).await,
+        }
+    }
+
+    /// Reads the current seq of each id.
+    pub async fn current_batch(
+        &self,
+        namespace: &str,
+        ids: &[u64],
+    ) -> Result<Vec<u64>, NodeError> {
+        match self {
+            Sequences::Embedded { store, .. } => store.current_batch(namespace, ids),
+            Sequences::Cluster(store) => store.current_batch(namespace, ids).await,
+        }
+    }
+
+    /// Creates a namespace.
+    pub async fn create_namespace(&self, def: NamespaceDef) -> Result<NamespaceDef, NodeError> {
+        match self {
+            Sequences::Embedded { store, .. } => store.create_namespace(def).await,
+            Sequences::Cluster(store) => store.create_namespace(def).await,
+        }
+    }
+
+    /// Every namespace.
+    pub fn namespaces(&self) -> Vec<NamespaceDef> {
+        match self {
+            Sequences::Embedded { store, .. } => store.namespaces(),
+            Sequences::Cluster(store) => store.namespaces(),
+        }
+    }
+
+    /// Sections with a ceiling in memory.
+    pub fn sections_loaded(&self) -> usize {
+        match self {
+            Sequences::Embedded { store, .. } => store.sections_loaded(),
+            Sequences::Cluster(store) => store.sections_loaded(),
+        }
+    }
+
+    /// The embedded store, when this node runs one.
+    pub fn embedded(&self) -> Option<&Arc<SeqStore>> {
+        match self {
+            Sequences::Embedded { store, .. } => Some(store),
+            Sequences::Cluster(_) => None,
+        }
+    }
+
+    /// The version of the route table this node serves under.
+    pub fn route_version(&self) -> u64 {
+        match self {
+            Sequences::Embedded { .. } => EMBEDDED_ROUTE_VERSION,
+            Sequences::Cluster(store) => store.cluster().route_version(),
+        }
+    }
+
+    /// Route information for a reply: the version, and the table when the client's version
+    /// is older.
+    pub fn route_info(&self, client_version: u64) -> pb::RouteInfo {
+        let version = self.route_version();
+        pb::RouteInfo {
+            version,
+            table: (client_version < version).then(|| self.route_table()),
+        }
+    }
+
+    /// The route table in its protocol form.
+    pub fn route_table(&self) -> pb::RouteTable {
+        match self {
+            Sequences::Embedded {
+                store,
+                advertise,
+                advertise_wire,
+            } => pb::RouteTable {
+                version: EMBEDDED_ROUTE_VERSION,
+                entries: store
+                    .namespaces()
+                    .into_iter()
+                    .map(|def| pb::RouteEntry {
+                        section_lo: 0,
+                        section_hi: def.section_count(),
+                        namespace: def.name,
+                        node: advertise.clone(),
+                        node_id: String::new(),
+                        wire: advertise_wire.clone(),
+                    })
+                    .collect(),
+                cluster: String::new(),
+            },
+            Sequences::Cluster(store) => {
+                let cluster = store.cluster();
+                let members = cluster.members();
+                let Some(table) = cluster.route() else {
+                    return pb::RouteTable::default();
+                };
+                let mut entries = Vec::new();
+                for (namespace, route) in &table.namespaces {
+                    for range in &route.ranges {
+                        let info = members.get(&range.owner);
+                        entries.push(pb::RouteEntry {
+                            namespace: namespace.clone(),
+                            section_lo: range.start,
+                            section_hi: range.end,
+                            node: info.map(|info| info.grpc.clone()).unwrap_or_default(),
+                            node_id: range.owner.clone(),
+                            wire: info.map(|info| info.wire.clone()).unwrap_or_default(),
+                        });
+                    }
+                }
+                pb::RouteTable {
+                    version: table.version,
+                    entries,
+                    cluster: table.cluster.clone(),
+                }
+            }
+        }
+    }
+}
