@@ -2,7 +2,10 @@
 //!
 //! `status` prints one `key: value` line per fact (stable, greppable); `checkpoint` prints one
 //! line per log checkpointed; `namespaces` prints one line per namespace, like
-//! `imstate seq namespaces`.
+//! `imstate seq namespaces`; `route` prints one line per section range and one per node;
+//! `drain` asks the arbiter to move a node's sections away and waits until it owns none.
+
+use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 
@@ -26,6 +29,26 @@ pub enum CtlCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// The route table: one line per section range (namespace, sections, owner, its
+    /// address), then one per node (alive or not, draining or not).
+    Route {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Cluster mode: moves every section away from NODE (before maintenance) and waits until
+    /// it owns none; `--undo` lets it take sections again.
+    Drain {
+        #[command(flatten)]
+        target: Target,
+        /// The node id to drain.
+        node: String,
+        /// Withdraw the drain request instead.
+        #[arg(long)]
+        undo: bool,
+        /// Longest wait for the node to be empty, seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
 }
 
 pub async fn run(command: CtlCommand) -> anyhow::Result<()> {
@@ -36,6 +59,18 @@ pub async fn run(command: CtlCommand) -> anyhow::Result<()> {
             out.push_str(&format!("version: {}\n", status.version));
             out.push_str(&format!("uptime_s: {}\n", status.uptime.as_secs()));
             out.push_str(&format!("role: {}\n", status.role));
+            if !status.cluster.is_empty() {
+                out.push_str(&format!("cluster: {}\n", status.cluster));
+                out.push_str(&format!("node_id: {}\n", status.node_id));
+                out.push_str(&format!(
+                    "lease_valid_ms: {}\n",
+                    status.lease_valid.as_millis()
+                ));
+                out.push_str(&format!("sections_owned: {}\n", status.sections_owned));
+                if !status.blocked_by.is_empty() {
+                    out.push_str(&format!("blocked_by: {}\n", status.blocked_by));
+                }
+            }
             out.push_str(&format!("route_version: {}\n", status.route_version));
             let names: Vec<&str> = status.namespaces.iter().map(|n| n.name.as_str()).collect();
             out.push_str(&format!("namespaces: {}\n", names.join(",")));
@@ -76,6 +111,76 @@ pub async fn run(command: CtlCommand) -> anyhow::Result<()> {
         CtlCommand::Namespaces { target } => {
             for namespace in target.connect().await?.list_namespaces().await? {
                 print_namespace(&namespace);
+            }
+        }
+        CtlCommand::Route { target } => {
+            let table = target.connect().await?.route().await?;
+            let cluster = if table.cluster.is_empty() {
+                "(embedded)"
+            } else {
+                &table.cluster
+            };
+            let mut out = format!("cluster: {cluster}\nversion: {}\n", table.version);
+            for route in &table.routes {
+                let owner = if route.node_id.is_empty() {
+                    "this-node"
+                } else {
+                    &route.node_id
+                };
+                out.push_str(&format!(
+                    "route\t{}\tsections=[{}, {})\towner={owner}\tgrpc={}\twire={}\n",
+                    route.namespace, route.section_lo, route.section_hi, route.node, route.wire
+                ));
+            }
+            for node in &table.nodes {
+                let sections: u64 = table
+                    .routes
+                    .iter()
+                    .filter(|route| route.node_id == node.node_id)
+                    .map(|route| route.section_hi - route.section_lo)
+                    .sum();
+                out.push_str(&format!(
+                    "node\t{}\tlease={}\tdraining={}\tsections={sections}\tgrpc={}\twire={}\n",
+                    node.node_id,
+                    if node.alive { "alive" } else { "lapsed" },
+                    node.draining,
+                    node.grpc,
+                    node.wire
+                ));
+            }
+            print!("{out}");
+        }
+        CtlCommand::Drain {
+            target,
+            node,
+            undo,
+            timeout,
+        } => {
+            let client = target.connect().await?;
+            client.drain(&node, undo).await?;
+            if undo {
+                println!("{node}: may take sections again");
+                return Ok(());
+            }
+            let deadline = Instant::now() + Duration::from_secs(timeout);
+            loop {
+                let table = client.route().await?;
+                let owned: u64 = table
+                    .routes
+                    .iter()
+                    .filter(|route| route.node_id == node)
+                    .map(|route| route.section_hi - route.section_lo)
+                    .sum();
+                if owned == 0 {
+                    println!("{node}: drained (route version {})", table.version);
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    anyhow::bail!(
+                        "{node} still owns {owned} sections after {timeout} s; the drain goes on"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }

@@ -11,9 +11,13 @@ use imstate_client::{Client, ClientOptions, Namespace};
 /// Where the node is and how to reach it (TLS, token); shared by every client command.
 #[derive(Args)]
 pub struct Target {
-    /// Node address, host:port.
+    /// Node address, host:port: in cluster mode, any node (requests are routed to owners).
     #[arg(long, default_value = "127.0.0.1:7700", env = "IMSTATE_ADDR")]
     addr: String,
+    /// The cluster the node must belong to; a node of another cluster is refused.
+    /// [default: whichever the node serves]
+    #[arg(long, env = "IMSTATE_CLUSTER", value_name = "NAME")]
+    cluster: Option<String>,
     #[command(flatten)]
     security: Security,
 }
@@ -78,6 +82,16 @@ impl Target {
     pub async fn connect(&self) -> anyhow::Result<Client> {
         self.security.connect(&self.addr).await
     }
+
+    /// Connects the smart client: any node of a cluster, routed by its table.
+    pub async fn connect_cluster(&self) -> anyhow::Result<imstate_client::ClusterClient> {
+        Ok(imstate_client::ClusterClient::connect(
+            &self.addr,
+            &self.security.options()?,
+            self.cluster.as_deref(),
+        )
+        .await?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -136,11 +150,15 @@ pub struct CreateNamespace {
 pub async fn run(command: SeqCommand) -> anyhow::Result<()> {
     match command {
         SeqCommand::Next { target, ns, ids } => {
-            let seqs = target.connect().await?.next_batch(&ns, ids).await?;
+            let seqs = target.connect_cluster().await?.next_batch(&ns, ids).await?;
             print_lines(seqs);
         }
         SeqCommand::Current { target, ns, ids } => {
-            let seqs = target.connect().await?.current_batch(&ns, ids).await?;
+            let seqs = target
+                .connect_cluster()
+                .await?
+                .current_batch(&ns, ids)
+                .await?;
             print_lines(seqs);
         }
         SeqCommand::Namespaces { target } => {

@@ -68,10 +68,44 @@ pub enum ClientError {
         /// The node's message.
         message: String,
     },
+    /// Cluster mode: another node owns the section (the smart client goes there).
+    #[error("{message} (moved)")]
+    Moved {
+        /// The owner's node id.
+        owner: String,
+        /// Its gRPC address.
+        grpc: String,
+        /// Its wire address.
+        wire: String,
+        /// The route version that names it.
+        version: u64,
+        /// The node's message.
+        message: String,
+    },
 }
 
 impl From<tonic::Status> for ClientError {
     fn from(status: tonic::Status) -> Self {
+        let metadata = status.metadata();
+        let text = |key: &str| {
+            metadata
+                .get(key)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        };
+        if status.code() == tonic::Code::FailedPrecondition
+            && let (Some(owner), Some(grpc)) = (text("imstate-owner"), text("imstate-owner-grpc"))
+        {
+            return ClientError::Moved {
+                owner,
+                grpc,
+                wire: text("imstate-owner-wire").unwrap_or_default(),
+                version: text("imstate-route-version")
+                    .and_then(|version| version.parse().ok())
+                    .unwrap_or(0),
+                message: status.message().to_string(),
+            };
+        }
         ClientError::Status {
             code: status.code(),
             message: status.message().to_string(),
@@ -84,6 +118,7 @@ impl ClientError {
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             ClientError::Status { code, .. } => Some(*code),
+            ClientError::Moved { .. } => Some(tonic::Code::FailedPrecondition),
             ClientError::Connect { .. }
             | ClientError::Options { .. }
             | ClientError::Connection { .. } => None,
@@ -115,8 +150,61 @@ pub struct Route {
     pub section_lo: u64,
     /// One past the last section.
     pub section_hi: u64,
-    /// The node's address.
+    /// The node's gRPC address.
     pub node: String,
+    /// The node's id (cluster mode; empty when embedded).
+    pub node_id: String,
+    /// The node's wire address.
+    pub wire: String,
+}
+
+/// A node of the cluster as `Admin/Route` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRoute {
+    /// Its id.
+    pub node_id: String,
+    /// Its gRPC address.
+    pub grpc: String,
+    /// Its wire address.
+    pub wire: String,
+    /// Whether its lease is alive.
+    pub alive: bool,
+    /// Whether it is asked to drain.
+    pub draining: bool,
+}
+
+/// The route table as a node serves under it (`Admin/Route`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RouteTable {
+    /// The cluster's name (empty when the node runs embedded).
+    pub cluster: String,
+    /// The table's version.
+    pub version: u64,
+    /// Section ranges and their owners.
+    pub routes: Vec<Route>,
+    /// The nodes (cluster mode).
+    pub nodes: Vec<NodeRoute>,
+}
+
+/// Converts a protocol route table.
+pub(crate) fn routes_from_pb(table: pb::RouteTable) -> RouteTable {
+    RouteTable {
+        cluster: table.cluster,
+        version: table.version,
+        routes: table
+            .entries
+            .into_iter()
+            .map(|entry| Route {
+                namespace: entry.namespace,
+                section_lo: entry.section_lo,
+                section_hi: entry.section_hi,
+                node: entry.node,
+                node_id: entry.node_id,
+                wire: entry.wire,
+            })
+            .collect(),
+        nodes: Vec::new(),
+    }
 }
 
 mod route_cache {
@@ -155,17 +243,7 @@ mod route_cache {
             if let Ok(mut guard) = self.inner.lock()
                 && table.version > guard.0
             {
-                let routes = table
-                    .entries
-                    .into_iter()
-                    .map(|entry| Route {
-                        namespace: entry.namespace,
-                        section_lo: entry.section_lo,
-                        section_hi: entry.section_hi,
-                        node: entry.node,
-                    })
-                    .collect();
-                *guard = (table.version, routes);
+                *guard = (table.version, super::routes_from_pb(table).routes);
             }
         }
     }
@@ -321,8 +399,18 @@ pub struct NodeStatus {
     pub version: String,
     /// Time since the node started.
     pub uptime: Duration,
-    /// `embedded` (single node).
+    /// `embedded` (single node), or in cluster mode `arbiter`, `member` or `joining`.
     pub role: String,
+    /// Cluster mode: the cluster's name (empty when embedded).
+    pub cluster: String,
+    /// Cluster mode: this node's id.
+    pub node_id: String,
+    /// Cluster mode: how long the node's lease is still confirmed for.
+    pub lease_valid: Duration,
+    /// Cluster mode: sections this node owns.
+    pub sections_owned: u64,
+    /// Cluster mode: who holds this node's id when it cannot register.
+    pub blocked_by: String,
     /// Route table version.
     pub route_version: u64,
     /// Every namespace.
@@ -350,8 +438,10 @@ pub struct CheckpointResult {
     pub segments_removed: u64,
 }
 
+pub mod cluster;
 mod presence;
 pub mod wire;
+pub use cluster::ClusterClient;
 pub use presence::{LoginArgs, LoginResult, Session, WatchEvent, WatchKind};
 pub use wire::WireClient;
 
@@ -444,6 +534,11 @@ impl Client {
             version: reply.version,
             uptime: Duration::from_millis(reply.uptime_ms),
             role: reply.role,
+            cluster: reply.cluster,
+            node_id: reply.node_id,
+            lease_valid: Duration::from_millis(reply.lease_valid_ms),
+            sections_owned: reply.sections_owned,
+            blocked_by: reply.blocked_by,
             route_version: reply.route_version,
             namespaces: reply
                 .namespaces
@@ -489,6 +584,41 @@ impl Client {
                 segments_removed: checkpoint.segments_removed,
             })
             .collect())
+    }
+
+    /// The route table the node serves under, with the cluster's nodes (`Admin/Route`).
+    pub async fn route(&self) -> Result<RouteTable, ClientError> {
+        let reply = self
+            .admin
+            .clone()
+            .route(pb::RouteRequest {})
+            .await?
+            .into_inner();
+        let mut table = routes_from_pb(reply.table.unwrap_or_default());
+        table.nodes = reply
+            .nodes
+            .into_iter()
+            .map(|node| NodeRoute {
+                node_id: node.node_id,
+                grpc: node.grpc,
+                wire: node.wire,
+                alive: node.alive,
+                draining: node.draining,
+            })
+            .collect();
+        Ok(table)
+    }
+
+    /// Asks the arbiter to move every section away from `node` (or, with `undo`, to stop).
+    pub async fn drain(&self, node: &str, undo: bool) -> Result<(), ClientError> {
+        self.admin
+            .clone()
+            .drain(pb::DrainRequest {
+                node_id: node.to_owned(),
+                undo,
+            })
+            .await?;
+        Ok(())
     }
 
     /// The newest route table this client has seen: (version, entries).

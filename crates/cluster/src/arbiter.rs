@@ -46,6 +46,10 @@ pub struct Arbiter {
     inflight: Option<(Token, Kind, Millis)>,
     next_token: Token,
     last_round: Option<Millis>,
+    /// Drains and rebalancing move sections at most once per this long (the lock-delay:
+    /// the sections of one move are served again before the next move starts).
+    cooldown_ms: Millis,
+    last_write: Option<Millis>,
     /// Tables written by this node while it led (for status and metrics).
     pub writes: u64,
 }
@@ -64,8 +68,16 @@ impl Arbiter {
             inflight: None,
             next_token: ARBITER_TOKENS,
             last_round: None,
+            cooldown_ms: 0,
+            last_write: None,
             writes: 0,
         }
+    }
+
+    /// Spaces drain and rebalance moves by `cooldown_ms` (failover is never delayed).
+    pub fn with_cooldown(mut self, cooldown_ms: Millis) -> Self {
+        self.cooldown_ms = cooldown_ms;
+        self
     }
 
     /// Whether this node leads.
@@ -180,6 +192,7 @@ impl Arbiter {
             Kind::Write => {
                 if txn.succeeded {
                     self.writes += 1;
+                    self.last_write = Some(now);
                     // Go on at once: a drain or a rebalance takes several bounded rounds.
                     self.last_round = None;
                 } else if txn.got(0).is_none_or(|kv| Some(kv.lease) != self.lease) {
@@ -223,7 +236,14 @@ impl Arbiter {
             live: names(1),
             draining: names(2),
             namespaces,
-            moves_max: self.moves_max,
+            moves_max: if self
+                .last_write
+                .is_some_and(|at| now < at + self.cooldown_ms)
+            {
+                0
+            } else {
+                self.moves_max
+            },
         };
         let Some(next) = plan(&current, &inputs) else {
             return Vec::new();

@@ -4,11 +4,11 @@
 //! Rules, in order:
 //! 1. a namespace without routes is split into contiguous ranges over the targets (live and
 //!    not draining), as evenly as sections allow: no one owned them, so no lock-delay;
-//! 2. every range of a node that is not live goes, whole, to the least-loaded target at once
-//!    (failover is not rate-limited: those sections are unavailable until moved);
+//! 2. every range of a node that is not live is split over the targets, least loaded first,
+//!    at once (failover is not rate-limited: those sections are unavailable until moved);
 //! 3. draining nodes give up to `moves_max` sections per plan, tail first, to the least loaded;
 //! 4. then, with what is left of `moves_max`, the most loaded target gives sections to the
-//!    least loaded while they differ by more than one section.
+//!    least loaded while they differ by more than one section and 5% of the average load.
 //!
 //! Rules 3 and 4 run only in a plan where 1 and 2 changed nothing.
 //!
@@ -90,18 +90,41 @@ pub fn plan(current: &RouteTable, inputs: &Inputs) -> Option<RouteTable> {
         changed = true;
     }
 
-    // 2. Ranges of nodes that are gone.
+    // 2. Ranges of nodes that are gone: split over the targets so that their loads even out
+    // (water-filling, least loaded first), so that no rebalancing has to follow.
     for route in next.namespaces.values_mut() {
-        for range in &mut route.ranges {
-            if !inputs.live.contains(&range.owner) {
-                let owner = least_loaded(&load);
-                *load.get_mut(&owner).expect("a target") += range.len();
-                range.owner = owner;
-                range.since = version;
-                range.handover = true;
-                changed = true;
+        let mut ranges = Vec::with_capacity(route.ranges.len());
+        for range in route.ranges.drain(..) {
+            if inputs.live.contains(&range.owner) {
+                ranges.push(range);
+                continue;
+            }
+            changed = true;
+            let mut start = range.start;
+            while start < range.end {
+                let remaining = range.end - start;
+                let mut order: Vec<(u64, String)> = load
+                    .iter()
+                    .map(|(node, sections)| (*sections, node.clone()))
+                    .collect();
+                order.sort();
+                let (least, owner) = order[0].clone();
+                // Fill up to the next-least-loaded target's level (at least one section).
+                let level = order.get(1).map_or(u64::MAX, |(sections, _)| *sections);
+                let share = remaining.div_ceil(order.len() as u64);
+                let take = level.saturating_sub(least).max(share).max(1).min(remaining);
+                *load.get_mut(&owner).expect("a target") += take;
+                ranges.push(Range {
+                    start,
+                    end: start + take,
+                    owner,
+                    since: version,
+                    handover: true,
+                });
+                start += take;
             }
         }
+        route.ranges = ranges;
     }
 
     // 3 and 4. Bounded moves: drains first, then balance; not in a plan that already
@@ -125,7 +148,10 @@ pub fn plan(current: &RouteTable, inputs: &Inputs) -> Option<RouteTable> {
                     .map(|(node, sections)| (node.clone(), *sections))
                     .expect("targets are not empty");
                 let least_load = load.values().copied().min().unwrap_or(0);
-                if most_load <= least_load + 1 {
+                // Balanced enough: within one section, or 5% of the average load.
+                let total: u64 = load.values().sum();
+                let tolerance = (total / load.len() as u64 / 20).max(1);
+                if most_load <= least_load + tolerance {
                     break;
                 }
                 (most, ((most_load - least_load) / 2).min(budget))

@@ -126,7 +126,8 @@ impl Cluster {
                 &options.node,
                 (options.lease_ttl_ms / 10).max(10),
                 options.moves_max,
-            ),
+            )
+            .with_cooldown(rules.lock_delay_ms()),
         };
         let (route_changed, _) = watch::channel(0);
         let (stop, _) = watch::channel(false);

@@ -106,7 +106,7 @@ impl Default for ClusterConfig {
             advertise: String::new(),
             advertise_wire: String::new(),
             lease_ttl_ms: 3_000,
-            moves_max: 64,
+            moves_max: 1_024,
         }
     }
 }

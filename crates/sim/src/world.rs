@@ -240,7 +240,8 @@ impl Node {
             offset_ms: rng.gen_range(1_000_000..2_000_000),
             rate: 1.0 + rng.gen_range(-RATE_SKEW_MAX..=RATE_SKEW_MAX),
             member: Member::new(CLUSTER, &info, rules),
-            arbiter: Arbiter::new(CLUSTER, &info.node, config.ttl_ms / 10, 4),
+            arbiter: Arbiter::new(CLUSTER, &info.node, config.ttl_ms / 10, 4)
+                .with_cooldown(rules.lock_delay_ms()),
             allocator,
             ns,
             loaded: BTreeMap::new(),
