@@ -95,7 +95,8 @@ impl TestCluster {
         let nodes = self.nodes.len();
         runtime().block_on(async {
             loop {
-                if let Ok(client) = ClusterClient::connect(&seed, &ClientOptions::default(), None).await
+                if let Ok(client) =
+                    ClusterClient::connect(&seed, &ClientOptions::default(), None).await
                 {
                     let owners: std::collections::BTreeSet<String> = client
                         .table()
@@ -164,32 +165,42 @@ fn cluster_serves_routes_drains_and_refuses_a_duplicate_node_id() {
     runtime().block_on(async {
         // Any node routes every id; a batch across owners is split and reassembled.
         for address in cluster.addresses() {
-            let client = ClusterClient::connect(&address, &ClientOptions::default(), Some(CLUSTER))
-                .await
-                .unwrap();
+            let client =
+                ClusterClient::connect(&address, &ClientOptions::default(), Some(CLUSTER))
+                    .await
+                    .unwrap();
             let values = client.next_batch("", ids.clone()).await.unwrap();
             assert_eq!(values.len(), ids.len());
         }
-        let client = ClusterClient::connect(&cluster.nodes[1].addr, &ClientOptions::default(), None)
-            .await
-            .unwrap();
+        let client =
+            ClusterClient::connect(&cluster.nodes[1].addr, &ClientOptions::default(), None)
+                .await
+                .unwrap();
         let table = client.table().await;
-        let owners: std::collections::BTreeSet<&str> =
-            table.routes.iter().map(|route| route.node_id.as_str()).collect();
+        let owners: std::collections::BTreeSet<&str> = table
+            .routes
+            .iter()
+            .map(|route| route.node_id.as_str())
+            .collect();
         assert_eq!(owners.len(), 3, "three owners: {table:?}");
         // A client pinned to another cluster is refused.
-        let error = ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), Some("other"))
-            .await
-            .err()
-            .expect("another cluster's table is refused");
+        let error = ClusterClient::connect(
+            &cluster.nodes[0].addr,
+            &ClientOptions::default(),
+            Some("other"),
+        )
+        .await
+        .err()
+        .expect("another cluster's table is refused");
         assert!(error.to_string().contains("not `other`"), "{error}");
     });
 
     // Drain n2: it ends with no section, and values keep increasing across the move.
     let before = runtime().block_on(async {
-        let client = ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
-            .await
-            .unwrap();
+        let client =
+            ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
+                .await
+                .unwrap();
         client.next_batch("", ids.clone()).await.unwrap()
     });
     let drained = cluster.nodes[0].cli(&["ctl", "drain", "n2", "--timeout", "60"]);
@@ -203,17 +214,23 @@ fn cluster_serves_routes_drains_and_refuses_a_duplicate_node_id() {
     let route = cluster.nodes[0].cli(&["ctl", "route"]);
     let route = String::from_utf8_lossy(&route.stdout).into_owned();
     assert!(
-        route.lines().any(|line| line.starts_with("node\tn2\t") && line.contains("sections=0")),
+        route
+            .lines()
+            .any(|line| line.starts_with("node\tn2\t") && line.contains("sections=0")),
         "{route}"
     );
     let after = runtime().block_on(async {
-        let client = ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
-            .await
-            .unwrap();
+        let client =
+            ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
+                .await
+                .unwrap();
         client.next_batch("", ids.clone()).await.unwrap()
     });
     for ((id, before), after) in ids.iter().zip(&before).zip(&after) {
-        assert!(after > before, "id {id}: {after} after the drain, {before} before");
+        assert!(
+            after > before,
+            "id {id}: {after} after the drain, {before} before"
+        );
     }
     let undone = cluster.nodes[0].cli(&["ctl", "drain", "n2", "--undo"]);
     assert!(undone.status.success());
@@ -221,9 +238,21 @@ fn cluster_serves_routes_drains_and_refuses_a_duplicate_node_id() {
     // A second process with a live node id is refused, naming the holder.
     let dir = tempfile::tempdir().unwrap();
     let output = std::process::Command::new(support::binary())
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--wire-listen", "127.0.0.1:0", "--advertise", "127.0.0.1:1"])
-        .args(["--advertise-wire", "127.0.0.1:2", "--cluster", CLUSTER, "--etcd"])
+        .args([
+            "--advertise-wire",
+            "127.0.0.1:2",
+            "--cluster",
+            CLUSTER,
+            "--etcd",
+        ])
         .arg(cluster.proxies[0].address())
         .args(["--node-id", "n1", "--data-dir"])
         .arg(dir.path())
@@ -267,14 +296,20 @@ fn nemesis_rounds_keep_s1() {
             while !stop.load(Ordering::Relaxed) {
                 turn += 1;
                 if client.is_none() {
-                    client = ClusterClient::connect(&seed, &ClientOptions::default(), None).await.ok();
+                    client = ClusterClient::connect(&seed, &ClientOptions::default(), None)
+                        .await
+                        .ok();
                     if client.is_none() {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 }
                 let batch: Vec<u64> = if turn % 3 == 0 {
-                    ids.iter().copied().skip((turn % 4) as usize).step_by(4).collect()
+                    ids.iter()
+                        .copied()
+                        .skip((turn % 4) as usize)
+                        .step_by(4)
+                        .collect()
                 } else {
                     vec![ids[(turn * 7 % ids.len() as u64) as usize]]
                 };
@@ -315,7 +350,8 @@ fn nemesis_rounds_keep_s1() {
                     let answered = rt.block_on(async {
                         let client = loop {
                             if let Ok(client) =
-                                ClusterClient::connect(&survivor, &ClientOptions::default(), None).await
+                                ClusterClient::connect(&survivor, &ClientOptions::default(), None)
+                                    .await
                             {
                                 break client;
                             }
@@ -326,12 +362,17 @@ fn nemesis_rounds_keep_s1() {
                                 return killed_at.elapsed();
                             }
                             if killed_at.elapsed() > Duration::from_secs(60) {
-                                panic!("round {round}: id {probe_id} never answered after kill -9");
+                                panic!(
+                                    "round {round}: id {probe_id} never answered after kill -9"
+                                );
                             }
                         }
                     });
                     failovers.push(answered);
-                    println!("round {round}: kill -9 n{victim} (owner of {probe_id}): answered again after {} ms", answered.as_millis());
+                    println!(
+                        "round {round}: kill -9 n{victim} (owner of {probe_id}): answered again after {} ms",
+                        answered.as_millis()
+                    );
                 } else {
                     println!("round {round}: kill -9 n{victim} (arbiter)");
                 }
@@ -368,7 +409,10 @@ fn nemesis_rounds_keep_s1() {
         .count();
     let violations = check(&history);
     failovers.sort();
-    let median = failovers.get(failovers.len() / 2).copied().unwrap_or_default();
+    let median = failovers
+        .get(failovers.len() / 2)
+        .copied()
+        .unwrap_or_default();
     let max = failovers.last().copied().unwrap_or_default();
     println!(
         "{rounds} rounds, {} calls ({ok} ok), {} S1 violations; failover after kill -9 of an \
@@ -380,7 +424,10 @@ fn nemesis_rounds_keep_s1() {
         failovers.len(),
         ttl.as_millis()
     );
-    assert!(ok > 200, "only {ok} calls succeeded: the test proves little");
+    assert!(
+        ok > 200,
+        "only {ok} calls succeeded: the test proves little"
+    );
     assert!(
         violations.is_empty(),
         "S1 violations: {:?}",

@@ -293,6 +293,13 @@ impl Member {
                 }
             }
             (Some(lease), None) => {
+                // The lease must live while registration waits (another holder's lease may
+                // take a TTL to lapse): a put on a lapsed lease fails.
+                if self.due(Kind::KeepAlive, now, every) {
+                    let token = self.token(Kind::KeepAlive, now);
+                    let request = Request::KeepAlive { lease };
+                    effects.push(Effect::Send { token, request });
+                }
                 if self.due(Kind::Register, now, every) {
                     let token = self.token(Kind::Register, now);
                     let key = self.keys.member(&self.node);
@@ -343,7 +350,11 @@ impl Member {
         let Some(inflight) = self.inflight.remove(&token) else {
             return Vec::new();
         };
-        if let Response::Failed(_) = response {
+        if let Response::Failed(error) = response {
+            if inflight.kind == Kind::Register && error.to_string().contains("lease not found") {
+                // Our lease lapsed while registration waited: start over with a new one.
+                return self.restart();
+            }
             // Sent again at the next poll; a failed confirm is not a lost lease (a lapse is).
             self.last_sent[inflight.kind as usize] = None;
             return Vec::new();

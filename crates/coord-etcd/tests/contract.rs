@@ -119,6 +119,36 @@ async fn scenario(coordinator: &dyn Coordinator) -> Vec<String> {
     seen.push(format!("leased key gone after the TTL: {gone}"));
     let after = coordinator.call(Request::KeepAlive { lease }).await;
     seen.push(format!("keep-alive after: {after:?}"));
+    // A put on a lapsed lease fails the whole txn, whatever else it holds.
+    let on_lapsed = coordinator
+        .call(Request::Txn(Txn {
+            success: vec![
+                Op::put("/t/other", "o"),
+                Op::Put {
+                    key: "/t/late".into(),
+                    value: b"l".to_vec(),
+                    lease: Some(lease),
+                },
+            ],
+            ..Txn::default()
+        }))
+        .await;
+    let refused = match &on_lapsed {
+        Response::Failed(error) => error.to_string().contains("lease not found"),
+        _ => false,
+    };
+    let other = txn(
+        coordinator,
+        Txn {
+            success: vec![Op::get("/t/other")],
+            ..Txn::default()
+        },
+    )
+    .await;
+    seen.push(format!(
+        "put on a lapsed lease refused: {refused}, nothing of it applied: {}",
+        other.gets[0].is_empty()
+    ));
     seen
 }
 

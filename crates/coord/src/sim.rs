@@ -8,7 +8,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::{KeyValue, LeaseId, Millis, Op, Request, Response, Target, Txn, TxnResponse};
+use crate::{
+    CoordError, KeyValue, LeaseId, Millis, Op, Request, Response, Target, Txn, TxnResponse,
+};
 
 #[derive(Clone, Copy, Debug)]
 struct Lease {
@@ -140,11 +142,14 @@ impl SimCoordinator {
                 self.end_lease(*lease);
                 Response::Revoked
             }
-            Request::Txn(txn) => Response::Txn(self.txn(txn)),
+            Request::Txn(txn) => match self.txn(txn) {
+                Ok(response) => Response::Txn(response),
+                Err(error) => Response::Failed(error),
+            },
         }
     }
 
-    fn txn(&mut self, txn: &Txn) -> TxnResponse {
+    fn txn(&mut self, txn: &Txn) -> Result<TxnResponse, CoordError> {
         let holds = txn.compare.iter().all(|compare| {
             let kv = self.kv.get(&compare.key);
             match &compare.target {
@@ -156,6 +161,14 @@ impl SimCoordinator {
             }
         });
         let ops = if holds { &txn.success } else { &txn.failure };
+        // etcd refuses the whole txn when a put names a lease that does not exist.
+        if ops.iter().any(
+            |op| matches!(op, Op::Put { lease: Some(id), .. } if !self.leases.contains_key(id)),
+        ) {
+            return Err(CoordError::Refused(
+                "etcdserver: requested lease not found".into(),
+            ));
+        }
         let writes = ops.iter().any(|op| !matches!(op, Op::Get { .. }));
         // A txn with writes takes one revision, shared by all of them.
         let revision = if writes {
@@ -168,13 +181,6 @@ impl SimCoordinator {
         for op in ops {
             match op {
                 Op::Put { key, value, lease } => {
-                    if let Some(id) = lease
-                        && !self.leases.contains_key(id)
-                    {
-                        // etcd refuses a put with a missing lease; the txn's other writes
-                        // still count in this model only if they ran before (none do here).
-                        continue;
-                    }
                     let create_revision = self
                         .kv
                         .get(key)
@@ -210,11 +216,11 @@ impl SimCoordinator {
         if wrote {
             self.revision = revision;
         }
-        TxnResponse {
+        Ok(TxnResponse {
             succeeded: holds,
             revision: self.revision,
             gets,
-        }
+        })
     }
 }
 
