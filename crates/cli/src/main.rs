@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs a node on a data directory (embedded mode: no etcd, no Redis).
+    /// Runs a node on a data directory: embedded by default (no etcd, no Redis), or as a
+    /// member of a cluster with --cluster, --etcd and --node-id.
     Serve(serve::ServeArgs),
     /// Sequence numbers: next, current, namespaces.
     #[command(subcommand)]

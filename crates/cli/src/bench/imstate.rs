@@ -3,10 +3,13 @@
 //!
 //! - `imstate://HOST:PORT`, the wire protocol (the node's `wire_listen`): D requests in flight
 //!   in one pipeline, coalesced into single writes, exactly like the Redis target;
-//! - `imstate+grpc://HOST:PORT`, gRPC (the node's `listen`): one HTTP/2 channel, D streams.
+//! - `imstate+grpc://HOST:PORT`, gRPC (the node's `listen`): one HTTP/2 channel, D streams;
+//! - `imstate+cluster://HOST:PORT`, a cluster through any node, with the smart client
+//!   (`ClusterClient`): each id to its owner, batches split across owners; sequence
+//!   workloads only (presence is per node in cluster mode).
 
 use anyhow::bail;
-use imstate_client::{Client, LoginArgs, WireClient};
+use imstate_client::{Client, ClusterClient, LoginArgs, WireClient};
 
 use super::workload::{SessionKey, gateway_name};
 use super::{Driver, KeyPicker, RunConfig, Target, Workload};
@@ -15,6 +18,15 @@ use super::{Driver, KeyPicker, RunConfig, Target, Workload};
 enum Connection {
     Wire(WireClient),
     Grpc(Box<Client>),
+    Cluster(Box<ClusterClient>),
+}
+
+/// The error of a presence workload against a cluster target.
+fn per_node() -> anyhow::Error {
+    anyhow::anyhow!(
+        "imstate+cluster:// runs the sequence workloads only: presence is per node in cluster \
+         mode (use imstate://HOST:PORT of one node)"
+    )
 }
 
 /// Sends the workload's requests to one imstate node over one connection.
@@ -35,6 +47,9 @@ impl ImstateDriver {
             Target::ImstateGrpc(address) => {
                 Connection::Grpc(Box::new(config.security.connect(address).await?))
             }
+            Target::ImstateCluster(address) => Connection::Cluster(Box::new(
+                ClusterClient::connect(address, &config.security.options()?, None).await?,
+            )),
             Target::Redis(_) => bail!("{} is not an imstate target", target.url()),
         };
         Ok(Self {
@@ -62,6 +77,7 @@ impl ImstateDriver {
         match &self.connection {
             Connection::Wire(client) => client.login(&args).await?,
             Connection::Grpc(client) => client.login(args).await?,
+            Connection::Cluster(_) => return Err(per_node()),
         };
         Ok(())
     }
@@ -70,6 +86,7 @@ impl ImstateDriver {
         Ok(match &self.connection {
             Connection::Wire(client) => client.next_batch(&self.namespace, &ids).await?,
             Connection::Grpc(client) => client.next_batch(&self.namespace, ids).await?,
+            Connection::Cluster(client) => client.next_batch(&self.namespace, ids).await?,
         })
     }
 
@@ -79,6 +96,7 @@ impl ImstateDriver {
         Ok(match &self.connection {
             Connection::Wire(client) => client.lookup_batch_count(&uids).await?,
             Connection::Grpc(client) => client.lookup_batch_count(uids).await?,
+            Connection::Cluster(_) => return Err(per_node()),
         })
     }
 }
@@ -91,6 +109,7 @@ impl Driver for ImstateDriver {
                 match &self.connection {
                     Connection::Wire(client) => client.next(&self.namespace, id).await?,
                     Connection::Grpc(client) => client.next(&self.namespace, id).await?,
+                    Connection::Cluster(client) => client.next(&self.namespace, id).await?,
                 };
                 Ok(1)
             }
@@ -111,6 +130,7 @@ impl Driver for ImstateDriver {
                 let unknown = match &self.connection {
                     Connection::Wire(client) => client.heartbeat_batch(&gateway, &pairs).await?,
                     Connection::Grpc(client) => client.heartbeat_batch(&gateway, &pairs).await?,
+                    Connection::Cluster(_) => return Err(per_node()),
                 };
                 Ok((pairs.len() - unknown.len().min(pairs.len())) as u64)
             }

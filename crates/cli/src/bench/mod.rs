@@ -177,6 +177,9 @@ pub enum Target {
     Imstate(String),
     /// An imstate node's gRPC listener at HOST:PORT (`imstate+grpc://`).
     ImstateGrpc(String),
+    /// A cluster reached through any node's gRPC listener, with the smart client that
+    /// routes each id to its owner (`imstate+cluster://`; sequence workloads only).
+    ImstateCluster(String),
     /// A Redis server at HOST:PORT.
     Redis(String),
 }
@@ -188,12 +191,14 @@ impl Target {
             Target::Imstate(address.to_string())
         } else if let Some(address) = text.strip_prefix("imstate+grpc://") {
             Target::ImstateGrpc(address.to_string())
+        } else if let Some(address) = text.strip_prefix("imstate+cluster://") {
+            Target::ImstateCluster(address.to_string())
         } else if let Some(address) = text.strip_prefix("redis://") {
             Target::Redis(address.to_string())
         } else {
             bail!(
                 "unsupported target `{text}`: use imstate://HOST:PORT (wire protocol), \
-                 imstate+grpc://HOST:PORT or redis://HOST:PORT"
+                 imstate+grpc://HOST:PORT, imstate+cluster://HOST:PORT or redis://HOST:PORT"
             );
         };
         let address = target.address();
@@ -220,9 +225,10 @@ impl Target {
     /// HOST:PORT.
     pub fn address(&self) -> &str {
         match self {
-            Target::Imstate(address) | Target::ImstateGrpc(address) | Target::Redis(address) => {
-                address
-            }
+            Target::Imstate(address)
+            | Target::ImstateGrpc(address)
+            | Target::ImstateCluster(address)
+            | Target::Redis(address) => address,
         }
     }
 
@@ -231,6 +237,7 @@ impl Target {
         match self {
             Target::Imstate(_) => "imstate",
             Target::ImstateGrpc(_) => "imstate+grpc",
+            Target::ImstateCluster(_) => "imstate+cluster",
             Target::Redis(_) => "redis",
         }
     }
@@ -363,7 +370,7 @@ struct Counters {
 pub async fn run(config: &RunConfig) -> anyhow::Result<BenchResult> {
     config.validate()?;
     match &config.target {
-        Target::Imstate(address) | Target::ImstateGrpc(address) => {
+        Target::Imstate(address) | Target::ImstateGrpc(address) | Target::ImstateCluster(address) => {
             let mut drivers = Vec::with_capacity(config.connections);
             for _ in 0..config.connections {
                 drivers.push(Arc::new(
@@ -397,7 +404,7 @@ pub async fn preload(config: &RunConfig, count: u64) -> anyhow::Result<f64> {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..config.connections {
         match &config.target {
-            Target::Imstate(_) | Target::ImstateGrpc(_) => {
+            Target::Imstate(_) | Target::ImstateGrpc(_) | Target::ImstateCluster(_) => {
                 let driver =
                     Arc::new(imstate::ImstateDriver::connect(&config.target, config).await?);
                 for _ in 0..PRELOAD_INFLIGHT {
@@ -578,7 +585,9 @@ async fn drive<D: Driver>(
         rate: config.rate,
         redis_fanout: match config.target {
             Target::Redis(_) => format!("{:?}", config.redis_fanout).to_lowercase(),
-            Target::Imstate(_) | Target::ImstateGrpc(_) => String::new(),
+            Target::Imstate(_) | Target::ImstateGrpc(_) | Target::ImstateCluster(_) => {
+                String::new()
+            }
         },
         first_error,
     })

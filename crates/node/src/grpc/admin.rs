@@ -182,34 +182,36 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::CheckpointRequest>,
     ) -> Result<Response<pb::CheckpointReply>, Status> {
-        let Some(seq) = self.seq.embedded().cloned() else {
-            return Err(Status::failed_precondition(
-                "cluster mode keeps max_seq in the coordinator: only the presence log has \
-                 checkpoints here",
-            ));
-        };
+        // Cluster mode keeps max_seq in etcd: only the presence log is checkpointed there.
+        let seq = self.seq.embedded().cloned();
         let presence = Arc::clone(&self.presence);
         let joined = tokio::task::spawn_blocking(move || {
-            let seq_stats = seq.checkpoint();
-            checkpoint_done(LOG_SEQ, seq_stats.is_ok());
-            let seq_stats = seq_stats?;
+            let mut done = Vec::new();
+            if let Some(seq) = seq {
+                let seq_stats = seq.checkpoint();
+                checkpoint_done(LOG_SEQ, seq_stats.is_ok());
+                done.push((LOG_SEQ, seq_stats?));
+            }
             let presence_stats = presence.checkpoint();
             checkpoint_done(LOG_PRESENCE, presence_stats.is_ok());
-            Ok::<_, crate::NodeError>((seq_stats, presence_stats?))
+            done.push((LOG_PRESENCE, presence_stats?));
+            Ok::<_, crate::NodeError>(done)
         })
         .await
         .map_err(|error| Status::internal(format!("checkpoint task: {error}")))?;
-        let (seq_stats, presence_stats) = joined.map_err(status_from)?;
-        tracing::info!(
-            seq_covered_lsn = seq_stats.covered_lsn,
-            presence_covered_lsn = presence_stats.covered_lsn,
-            "checkpoint forced by Admin/Checkpoint"
-        );
+        let done = joined.map_err(status_from)?;
+        for (name, stats) in &done {
+            tracing::info!(
+                log = name,
+                covered_lsn = stats.covered_lsn,
+                "checkpoint forced by Admin/Checkpoint"
+            );
+        }
         Ok(Response::new(pb::CheckpointReply {
-            checkpoints: vec![
-                checkpoint_to_pb(LOG_SEQ, seq_stats),
-                checkpoint_to_pb(LOG_PRESENCE, presence_stats),
-            ],
+            checkpoints: done
+                .into_iter()
+                .map(|(name, stats)| checkpoint_to_pb(name, stats))
+                .collect(),
         }))
     }
 }
