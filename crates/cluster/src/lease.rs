@@ -3,6 +3,7 @@
 //! ```text
 //!  node A (owner)   confirm sent at T ──► coordinator: my member key is alive and the
 //!                   route table is still version R  ──► A may serve R's sections until T + window
+//!                   (window = 2/3 TTL: two confirm periods)
 //!  arbiter          A's lease lapses, or A is drained: writes version R' moving A's sections
 //!  node B           reads R' at T_B ──► serves the moved sections from T_B + lock_delay
 //! ```
@@ -48,9 +49,11 @@ impl LeaseRules {
         self.ttl_ms / 3
     }
 
-    /// How long after sending a successful confirm a node may serve: one TTL.
+    /// How long after sending a successful confirm a node may serve: two thirds of the TTL,
+    /// two confirm periods (one failed confirm does not stop a node; two in a row do). Safety
+    /// does not depend on it matching the lease; failover time does (it adds a lock-delay).
     pub fn window_ms(&self) -> Millis {
-        self.ttl_ms
+        self.ttl_ms * 2 / 3
     }
 
     /// How long a node waits after reading a table that hands it sections from another owner

@@ -346,21 +346,28 @@ impl ClusterSeq {
             return;
         }
         metrics::counter!(crate::metrics::SEQ_RAISES).increment(raises.len() as u64);
-        let ops: Vec<RaiseOp> = {
+        // Only the raises sent are reported back as durable: a section unloaded since its
+        // raise was requested is not in the txn, and must never be marked durable by the
+        // success of the others (its ceiling would then exceed the coordinator's).
+        let (raises, ops): (Vec<Raise>, Vec<RaiseOp>) = {
             let mut inner = self.inner.lock();
+            let mut sent = Vec::with_capacity(raises.len());
             let mut ops = Vec::with_capacity(raises.len());
-            for raise in &raises {
+            for raise in raises {
                 match inner.loaded.get(&(raise.ns, raise.section)) {
-                    Some(loaded) => ops.push(RaiseOp {
-                        namespace: namespace.to_owned(),
-                        section: raise.section,
-                        max_seq: raise.max_seq,
-                        revision: loaded.revision,
-                    }),
-                    None => inner.allocator.raise_failed(*raise),
+                    Some(loaded) => {
+                        ops.push(RaiseOp {
+                            namespace: namespace.to_owned(),
+                            section: raise.section,
+                            max_seq: raise.max_seq,
+                            revision: loaded.revision,
+                        });
+                        sent.push(raise);
+                    }
+                    None => inner.allocator.raise_failed(raise),
                 }
             }
-            ops
+            (sent, ops)
         };
         let store = Arc::clone(self);
         let started = std::time::Instant::now();

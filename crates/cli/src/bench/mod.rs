@@ -370,7 +370,9 @@ struct Counters {
 pub async fn run(config: &RunConfig) -> anyhow::Result<BenchResult> {
     config.validate()?;
     match &config.target {
-        Target::Imstate(address) | Target::ImstateGrpc(address) | Target::ImstateCluster(address) => {
+        Target::Imstate(address)
+        | Target::ImstateGrpc(address)
+        | Target::ImstateCluster(address) => {
             let mut drivers = Vec::with_capacity(config.connections);
             for _ in 0..config.connections {
                 drivers.push(Arc::new(
