@@ -83,15 +83,18 @@ redis_run() { # redis_run FAULT TIMEOUT_MS
     kill -STOP "${REDIS_PID[$victim]}"; sleep 8; kill -CONT "${REDIS_PID[$victim]}"
   fi
   wait "$drill"
-  cat "$out"
 }
 echo "redis: kill -9 of the master" >&2
-row "Redis + Sentinel" "kill -9 of the master; client timeout 500 ms" "$(redis_run kill 500)"
+# The runs change the pids (restarts): they run in this shell, not in $(...), and leave
+# their result in $WORK/drill.json.
+redis_run kill 500
+row "Redis + Sentinel" "kill -9 of the master; client timeout 500 ms" "$(cat "$WORK/drill.json")"
 sleep 12
 for timeout in 500 10000; do
   echo "redis: SIGSTOP of the master for 8 s, client timeout $timeout ms" >&2
+  redis_run stop "$timeout"
   row "Redis + Sentinel" "SIGSTOP of the master for 8 s (down-after 5 s); client timeout $timeout ms" \
-    "$(redis_run stop "$timeout")"
+    "$(cat "$WORK/drill.json")"
   sleep 12
 done
 
@@ -129,15 +132,16 @@ imstate_run() { # imstate_run FAULT TIMEOUT_MS
     kill -STOP "${NODE_PID[$victim]}"; sleep 4.5; kill -CONT "${NODE_PID[$victim]}"
   fi
   wait "$drill"
-  cat "$out"
 }
 echo "imstate: kill -9 of the owner" >&2
-row "imstate cluster" "kill -9 of the owner; client timeout 500 ms" "$(imstate_run kill 500)"
+imstate_run kill 500
+row "imstate cluster" "kill -9 of the owner; client timeout 500 ms" "$(cat "$WORK/drill.json")"
 sleep 12
 for timeout in 500 10000; do
   echo "imstate: SIGSTOP of the owner for 4.5 s, client timeout $timeout ms" >&2
+  imstate_run stop "$timeout"
   row "imstate cluster" "SIGSTOP of the owner for 4.5 s (1.5 x lease TTL); client timeout $timeout ms" \
-    "$(imstate_run stop "$timeout")"
+    "$(cat "$WORK/drill.json")"
   sleep 12
 done
 
