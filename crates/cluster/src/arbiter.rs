@@ -5,9 +5,10 @@
 //! drain requests, the namespaces and the table in one txn fenced on its election (the create
 //! revision of the `arbiter` key), plans ([`crate::placement::plan`]) and writes the next
 //! table with a txn fenced on the same election and on the table's revision, so that a
-//! deposed arbiter's write fails and two arbiters never interleave. A follower campaigns again
-//! every period; the node's driver may call [`Arbiter::vacant`] when a watch sees the key go,
-//! to campaign at once.
+//! deposed arbiter's write fails and two arbiters never interleave. A follower watches the
+//! leader's key ([`Arbiter::follower_of`]): the node's driver calls [`Arbiter::vacant`] when
+//! the key goes, and the follower campaigns at once; it also campaigns every
+//! `campaign_every_ms` as a fallback (the simulation, which has no watches, polls).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -50,6 +51,11 @@ pub struct Arbiter {
     /// the sections of one move are served again before the next move starts).
     cooldown_ms: Millis,
     last_write: Option<Millis>,
+    /// The campaign period while another node leads and a watch on its key is in place (the
+    /// driver calls [`Arbiter::vacant`] when the key goes); `period_ms` without a watch.
+    campaign_every_ms: Millis,
+    /// The `arbiter` key's mod revision when a campaign found it held by another node.
+    follower_of: Option<i64>,
     /// Tables written by this node while it led (for status and metrics).
     pub writes: u64,
 }
@@ -70,8 +76,26 @@ impl Arbiter {
             last_round: None,
             cooldown_ms: 0,
             last_write: None,
+            campaign_every_ms: period_ms.max(1),
+            follower_of: None,
             writes: 0,
         }
+    }
+
+    /// With a watch on the arbiter key, campaigns again only every `every_ms` as a fallback.
+    pub fn with_campaign_every(mut self, every_ms: Millis) -> Self {
+        self.campaign_every_ms = every_ms.max(1);
+        self
+    }
+
+    /// When another node leads: the revision of its `arbiter` key, to watch for its deletion.
+    pub fn follower_of(&self) -> Option<i64> {
+        self.follower_of
+    }
+
+    /// The key to watch.
+    pub fn key(&self) -> String {
+        self.keys.arbiter()
     }
 
     /// Spaces drain and rebalance moves by `cooldown_ms` (failover is never delayed).
@@ -88,6 +112,7 @@ impl Arbiter {
     /// The `arbiter` key is gone: campaign at the next poll.
     pub fn vacant(&mut self) {
         self.last_round = None;
+        self.follower_of = None;
     }
 
     fn send(&mut self, now: Millis, kind: Kind, txn: Txn) -> Vec<Effect> {
@@ -118,7 +143,11 @@ impl Arbiter {
             }
             self.inflight = None;
         }
-        if self.last_round.is_some_and(|at| now < at + self.period_ms) {
+        let every = match (self.phase, self.follower_of) {
+            (Phase::Candidate, Some(_)) => self.campaign_every_ms,
+            _ => self.period_ms,
+        };
+        if self.last_round.is_some_and(|at| now < at + every) {
             return Vec::new();
         }
         self.last_round = Some(now);
@@ -166,19 +195,22 @@ impl Arbiter {
         };
         match kind {
             Kind::Campaign => {
+                self.follower_of = None;
                 if txn.succeeded {
                     self.phase = Phase::Leader {
                         election: txn.revision,
                     };
                     self.last_round = None;
-                } else if let Some(holder) = txn.got(0)
-                    && Some(holder.lease) == self.lease
-                {
-                    // Our earlier campaign won; its answer was lost.
-                    self.phase = Phase::Leader {
-                        election: holder.create_revision,
-                    };
-                    self.last_round = None;
+                } else if let Some(holder) = txn.got(0) {
+                    if Some(holder.lease) == self.lease {
+                        // Our earlier campaign won; its answer was lost.
+                        self.phase = Phase::Leader {
+                            election: holder.create_revision,
+                        };
+                        self.last_round = None;
+                    } else {
+                        self.follower_of = Some(holder.mod_revision);
+                    }
                 }
                 Vec::new()
             }

@@ -17,8 +17,8 @@ mod process;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, GetOptions, PutOptions,
-    Txn as EtcdTxn, TxnOp, TxnOpResponse,
+    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions,
+    Txn as EtcdTxn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use imstate_coord::{
     BoxFuture, CoordError, Coordinator, KeyValue, Op, Request, Response, Target, Txn, TxnResponse,
@@ -212,5 +212,35 @@ impl Coordinator for EtcdCoordinator {
 
     fn describe(&self) -> String {
         format!("etcd at {}", self.endpoints.join(","))
+    }
+
+    fn wait_deleted(&self, key: String, revision: i64) -> BoxFuture<'_, Result<(), CoordError>> {
+        Box::pin(async move {
+            let fail = |error: etcd_client::Error| {
+                CoordError::Unreachable(format!(
+                    "etcd at {}: watch: {error}",
+                    self.endpoints.join(",")
+                ))
+            };
+            let mut client = self.client.clone();
+            let options = WatchOptions::new().with_start_revision(revision + 1);
+            let mut stream = client.watch(key, Some(options)).await.map_err(fail)?;
+            while let Some(response) = stream.message().await.map_err(fail)? {
+                if response
+                    .events()
+                    .iter()
+                    .any(|event| event.event_type() == EventType::Delete)
+                {
+                    return Ok(());
+                }
+                if response.canceled() {
+                    break;
+                }
+            }
+            Err(CoordError::Unreachable(format!(
+                "etcd at {}: the watch ended",
+                self.endpoints.join(",")
+            )))
+        })
     }
 }

@@ -184,3 +184,39 @@ async fn an_unreachable_etcd_is_a_clear_error_naming_the_endpoint() {
             .unwrap_err();
     assert!(error.to_string().contains(&endpoint), "{error}");
 }
+
+/// The watch behind the arbiter election: `wait_deleted` resolves when the key goes (its lease
+/// lapses), not before.
+#[tokio::test]
+async fn wait_deleted_resolves_when_a_leased_key_goes() {
+    let etcd = EtcdProcess::start().expect("start etcd (apt-get install etcd-server)");
+    let real = EtcdCoordinator::connect(&[etcd.address()], Duration::from_secs(5))
+        .await
+        .unwrap();
+    let Response::Granted { lease } = real.call(Request::LeaseGrant { ttl_ms: 1_000 }).await
+    else {
+        panic!("no lease")
+    };
+    let put = txn(
+        &real,
+        Txn {
+            success: vec![Op::Put {
+                key: "/w/arbiter".into(),
+                value: b"n1".to_vec(),
+                lease: Some(lease),
+            }],
+            ..Txn::default()
+        },
+    )
+    .await;
+    let watch = real.wait_deleted("/w/arbiter".into(), put.revision);
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), watch)
+        .await
+        .expect("the key goes within its TTL")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "not before the lease lapsed"
+    );
+}

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::sim::SimCoordinator;
-use crate::{Millis, Request, Response};
+use crate::{CoordError, Millis, Request, Response};
 
 /// A boxed future, for object-safe async calls.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -24,6 +24,10 @@ pub trait Coordinator: Send + Sync + 'static {
 
     /// What to name in errors: the endpoints.
     fn describe(&self) -> String;
+
+    /// Resolves once `key` is deleted at a revision after `revision` (a watch, not polling,
+    /// on etcd), or when the watch cannot go on (`Err`: the caller falls back to its timer).
+    fn wait_deleted(&self, key: String, revision: i64) -> BoxFuture<'_, Result<(), CoordError>>;
 }
 
 /// A monotonic clock in milliseconds, for leases and lock-delays (never the wall clock).
@@ -88,5 +92,14 @@ impl Coordinator for LocalCoordinator {
 
     fn describe(&self) -> String {
         "the in-process coordinator".into()
+    }
+
+    fn wait_deleted(&self, _key: String, _revision: i64) -> BoxFuture<'_, Result<(), CoordError>> {
+        // The in-process model has no watches: the caller falls back to its timer.
+        Box::pin(async {
+            Err(CoordError::Refused(
+                "the in-process coordinator has no watches".into(),
+            ))
+        })
     }
 }

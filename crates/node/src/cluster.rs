@@ -127,7 +127,9 @@ impl Cluster {
                 (options.lease_ttl_ms / 10).max(10),
                 options.moves_max,
             )
-            .with_cooldown(rules.lock_delay_ms()),
+            .with_cooldown(rules.lock_delay_ms())
+            // A watch on the leader's key triggers the campaign; polling is only a fallback.
+            .with_campaign_every(options.lease_ttl_ms),
         };
         let (route_changed, _) = watch::channel(0);
         let (stop, _) = watch::channel(false);
@@ -464,6 +466,8 @@ impl Cluster {
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut version = 0;
+        let (vacant, mut vacancies) = mpsc::unbounded_channel::<()>();
+        let mut watching: Option<i64> = None;
         loop {
             let effects = tokio::select! {
                 _ = ticker.tick() => {
@@ -487,8 +491,32 @@ impl Cluster {
                         state.member.on_response(now, token, &response)
                     }
                 }
+                Some(()) = vacancies.recv() => {
+                    watching = None;
+                    self.state.lock().arbiter.vacant();
+                    Vec::new()
+                }
                 _ = stop.wait_for(|stop| *stop) => return,
             };
+            // A follower watches the leader's key and campaigns the moment it goes.
+            let follower_of = self.state.lock().arbiter.follower_of();
+            if let Some(revision) = follower_of
+                && watching != Some(revision)
+            {
+                watching = Some(revision);
+                let (cluster, vacant) = (Arc::clone(&self), vacant.clone());
+                let key = self.state.lock().arbiter.key();
+                tokio::spawn(async move {
+                    if cluster
+                        .coordinator
+                        .wait_deleted(key, revision)
+                        .await
+                        .is_ok()
+                    {
+                        let _ = vacant.send(());
+                    }
+                });
+            }
             let mut rest = Vec::new();
             for effect in effects {
                 match effect {
