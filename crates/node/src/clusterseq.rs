@@ -238,12 +238,18 @@ impl ClusterSeq {
             if !fresh {
                 let (max_seq, revision) = self.cluster.load(namespace, section).await?;
                 let mut inner = self.inner.lock();
-                // Another tenure's state (if any) goes: the coordinator's ceiling covers it.
-                inner.allocator.unload_section(ns, section);
-                inner.allocator.load_section(ns, section, max_seq);
-                inner
-                    .loaded
-                    .insert((ns, section), Loaded { revision, tenure });
+                // A concurrent request may have loaded this tenure meanwhile and served from
+                // it: never overwrite that state with this (possibly older) read, which would
+                // wipe its cur_seq and hand its values out again.
+                let loaded_tenure = inner.loaded.get(&(ns, section)).map(|loaded| loaded.tenure);
+                if loaded_tenure != Some(tenure) {
+                    // Another tenure's state (if any) goes: the coordinator's ceiling covers it.
+                    inner.allocator.unload_section(ns, section);
+                    inner.allocator.load_section(ns, section, max_seq);
+                    inner
+                        .loaded
+                        .insert((ns, section), Loaded { revision, tenure });
+                }
             }
             owned.push((section, tenure));
         }
