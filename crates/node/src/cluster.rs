@@ -333,12 +333,11 @@ impl Cluster {
         .map(|_| ())
     }
 
-    /// The nodes asked to drain.
-    pub async fn draining(&self) -> Result<std::collections::BTreeSet<String>, NodeError> {
-        let keys = imstate_cluster::Keys::new(&self.options.name);
+    /// Every key under `prefix` (a path of the cluster's keys), as `(leaf, value)`.
+    async fn under(&self, prefix: String) -> Result<Vec<(String, Vec<u8>)>, NodeError> {
         let response = self
             .txn(Txn {
-                success: vec![Op::get_prefix(keys.drains())],
+                success: vec![Op::get_prefix(prefix)],
                 ..Txn::default()
             })
             .await?;
@@ -347,8 +346,20 @@ impl Cluster {
             .first()
             .into_iter()
             .flatten()
-            .map(|kv| imstate_cluster::Keys::leaf(&kv.key).to_owned())
+            .map(|kv| {
+                (
+                    imstate_cluster::Keys::leaf(&kv.key).to_owned(),
+                    kv.value.clone(),
+                )
+            })
             .collect())
+    }
+
+    /// The nodes asked to drain.
+    pub async fn draining(&self) -> Result<std::collections::BTreeSet<String>, NodeError> {
+        let keys = imstate_cluster::Keys::new(&self.options.name);
+        let drains = self.under(keys.drains()).await?;
+        Ok(drains.into_iter().map(|(node, _)| node).collect())
     }
 
     /// Withdraws a drain request.
@@ -392,24 +403,7 @@ impl Cluster {
     /// Every namespace stored in the coordinator, as `(name, JSON value)`.
     pub async fn stored_namespaces(&self) -> Result<Vec<(String, Vec<u8>)>, NodeError> {
         let keys = imstate_cluster::Keys::new(&self.options.name);
-        let response = self
-            .txn(Txn {
-                success: vec![Op::get_prefix(keys.namespaces())],
-                ..Txn::default()
-            })
-            .await?;
-        Ok(response
-            .gets
-            .first()
-            .into_iter()
-            .flatten()
-            .map(|kv| {
-                (
-                    imstate_cluster::Keys::leaf(&kv.key).to_owned(),
-                    kv.value.clone(),
-                )
-            })
-            .collect())
+        self.under(keys.namespaces()).await
     }
 
     /// Leaves the cluster: stops the driver and revokes the lease, so the arbiter moves this
