@@ -4,7 +4,9 @@
 # etcd, alternating rounds; node CPU per request; etcd writes per million allocations.
 #
 # Usage: scripts/bench-cluster.sh
-# Environment: DURATION [5] s per run, ROUNDS [3], CONNECTIONS [32].
+# Environment: DURATION [5] s per run, ROUNDS [3], CONNECTIONS [32], PROTOCOL [grpc] or wire
+# (the smart client over gRPC, imstate+cluster://, or over the wire protocol,
+# imstate+wire-cluster://).
 # The namespace `bench` (300,000 ids, sections of 10,000, step 1,000: 30 sections spread over
 # the nodes) keeps raises frequent enough to measure etcd writes per allocation (aim 1/step).
 set -euo pipefail
@@ -13,6 +15,8 @@ ROOT=$(pwd)
 DURATION=${DURATION:-5}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-32}
+PROTOCOL=${PROTOCOL:-grpc}
+case $PROTOCOL in grpc|wire) ;; *) echo "error: PROTOCOL is grpc or wire" >&2; exit 1 ;; esac
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 command -v etcd >/dev/null || die "etcd is needed (apt-get install etcd-server)"
 command -v python3 >/dev/null || die "python3 is needed"
@@ -42,17 +46,17 @@ for _ in $(seq 1 100); do (exec 3<>/dev/tcp/${ETCD%:*}/${ETCD#*:}) 2>/dev/null &
 revision() { curl -s -X POST "http://$ETCD/v3/kv/range" -d '{"key":"AA=="}' |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["header"]["revision"])'; }
 
-declare -A GRPC NODE_PIDS
+declare -A GRPC WIRE NODE_PIDS
 start_cluster() { # start_cluster NAME NODES
   local name=$1 nodes=$2 i
   NODE_PIDS[$name]=""
   for i in $(seq 1 "$nodes"); do
-    local grpc=127.0.0.1:$(free_port)
+    local grpc=127.0.0.1:$(free_port) wire=127.0.0.1:$(free_port)
     "$BIN" serve --data-dir "$WORK/$name-n$i" --listen "$grpc" \
-      --metrics-listen "127.0.0.1:$(free_port)" --wire-listen "127.0.0.1:$(free_port)" \
+      --metrics-listen "127.0.0.1:$(free_port)" --wire-listen "$wire" \
       --cluster "$name" --etcd "$ETCD" --node-id "n$i" >"$WORK/$name-n$i.out" 2>"$WORK/$name-n$i.log" &
     PIDS+=("$!"); NODE_PIDS[$name]="${NODE_PIDS[$name]} $!"
-    [[ $i == 1 ]] && GRPC[$name]=$grpc
+    if [[ $i == 1 ]]; then GRPC[$name]=$grpc; WIRE[$name]=$wire; fi
   done
   for _ in $(seq 1 300); do
     "$BIN" seq create-namespace --addr "${GRPC[$name]}" bench --id-hi 300000 --section-size 10000 \
@@ -83,7 +87,7 @@ HZ=$(getconf CLK_TCK)
 field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[0][sys.argv[2]])" "$1" "$2"; }
 median() { python3 -c "import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
 
-echo "| case ($CONNECTIONS connections, smart client) | 1 node ops/s | 3 nodes ops/s | 3/1 | server CPU µs per id, 1 node | 3 nodes | etcd writes per 1M ids, 1 node | 3 nodes |"
+echo "| case ($CONNECTIONS connections, smart client over $PROTOCOL) | 1 node ops/s | 3 nodes ops/s | 3/1 | server CPU µs per id, 1 node | 3 nodes | etcd writes per 1M ids, 1 node | 3 nodes |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 for case in seq-next seq-fanout; do
   declare -A OPS=() CPU=() WRITES=()
@@ -91,7 +95,9 @@ for case in seq-next seq-fanout; do
     for name in one three; do
       # shellcheck disable=SC2086
       before_cpu=$(cpu_ticks ${NODE_PIDS[$name]}); before_rev=$(revision)
-      "$BIN" bench --target "imstate+cluster://${GRPC[$name]}" --workload "$case" --ns bench \
+      if [[ $PROTOCOL == wire ]]; then target="imstate+wire-cluster://${WIRE[$name]}"
+      else target="imstate+cluster://${GRPC[$name]}"; fi
+      "$BIN" bench --target "$target" --workload "$case" --ns bench \
         --keys 300000 --connections "$CONNECTIONS" --duration "$DURATION" --warmup 0 --quiet \
         --json-out "$WORK/run.json" >/dev/null
       # shellcheck disable=SC2086

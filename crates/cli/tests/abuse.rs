@@ -450,7 +450,7 @@ fn a_lookup_reply_larger_than_a_frame_is_refused_and_the_connection_goes_on() {
         }
         for chunk in calls.chunks(512) {
             let logins = chunk.iter().map(|args| client.login(args));
-            for result in futures_join(logins).await {
+            for result in futures::future::join_all(logins).await {
                 result.unwrap();
             }
         }
@@ -478,15 +478,6 @@ fn a_lookup_reply_larger_than_a_frame_is_refused_and_the_connection_goes_on() {
         );
         assert!(grpc.next_batch("", vec![1]).await.is_ok());
     });
-}
-
-async fn futures_join<F: std::future::Future>(calls: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut results = Vec::new();
-    let pinned: Vec<_> = calls.map(Box::pin).collect();
-    for call in pinned {
-        results.push(call.await);
-    }
-    results
 }
 
 /// Random bytes, with and without a Hello first, in random chunk sizes: the node answers with

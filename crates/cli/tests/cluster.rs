@@ -1,14 +1,15 @@
 //! Cluster mode with real processes: a real etcd (Debian's etcd-server, on loopback, temp data
 //! dir) and three `imstate serve --cluster` nodes, each reaching etcd through its own cuttable
-//! proxy, driven through the smart client.
+//! proxy, driven through the smart clients (gRPC and wire).
 //!
-//! - `cluster_serves_routes_drains_and_refuses_a_duplicate_node_id`: routing through any node,
-//!   batches split across owners, a drain that empties a node without a step back, a second
-//!   process with a live node id refused naming the holder, a client pinned to another
-//!   cluster refused.
+//! - `cluster_serves_routes_drains_and_refuses_a_duplicate_node_id`: routing through any node
+//!   over both protocols, batches split across owners, a wire redirect naming the owner, a
+//!   drain that empties a node without a step back, a second process with a live node id
+//!   refused naming the holder, a client pinned to another cluster refused.
 //! - `nemesis_rounds_keep_s1`: concurrent clients while rounds of kill -9 (of an owner, or of
-//!   the arbiter), SIGSTOP for 1.5 x the lease TTL, and a cut between one node and etcd; the
-//!   whole history must have 0 S1 violations and 0 duplicates. It prints the failover times
+//!   the arbiter), SIGSTOP for 1.5 x the lease TTL, and a cut between one node and etcd (two
+//!   clients on gRPC, two on the wire protocol); the whole history must have 0 S1 violations
+//!   and 0 duplicates. It prints the failover times
 //!   (kill -9 of an owner until its sections answer on the new owner).
 //!
 //! Knobs: `IMSTATE_CLUSTER_ROUNDS` (default 10), `IMSTATE_CLUSTER_TTL_MS` (default 2000).
@@ -20,7 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use imstate_check::seq::{Outcome, SeqCall, check};
-use imstate_client::{Client, ClientOptions, ClusterClient};
+use imstate_client::{
+    Client, ClientError, ClientOptions, ClusterClient, WireClient, WireClusterClient,
+};
 use imstate_coord_etcd::EtcdProcess;
 use support::{CutProxy, Server, monotonic_ns, runtime};
 
@@ -152,6 +155,36 @@ impl TestCluster {
     }
 }
 
+/// A smart client over either protocol.
+enum Smart {
+    Grpc(ClusterClient),
+    Wire(WireClusterClient),
+}
+
+impl Smart {
+    async fn connect(seed: &str, wire: bool) -> Option<Smart> {
+        let options = ClientOptions::default();
+        if wire {
+            WireClusterClient::connect(seed, &options, None)
+                .await
+                .ok()
+                .map(Smart::Wire)
+        } else {
+            ClusterClient::connect(seed, &options, None)
+                .await
+                .ok()
+                .map(Smart::Grpc)
+        }
+    }
+
+    async fn next_batch(&self, ids: Vec<u64>) -> Result<Vec<u64>, ClientError> {
+        match self {
+            Smart::Grpc(client) => client.next_batch("", ids).await,
+            Smart::Wire(client) => client.next_batch("", ids).await,
+        }
+    }
+}
+
 fn signal(server: &Server, signal: i32) {
     let pid = server.pid().expect("running") as i32;
     // SAFETY: a signal to our own child process.
@@ -183,6 +216,66 @@ fn cluster_serves_routes_drains_and_refuses_a_duplicate_node_id() {
             .map(|route| route.node_id.as_str())
             .collect();
         assert_eq!(owners.len(), 3, "three owners: {table:?}");
+        // The same over the wire protocol, through any node's wire listener: values go on
+        // increasing after the gRPC ones.
+        let grpc_values = client.next_batch("", ids.clone()).await.unwrap();
+        for node in &cluster.nodes {
+            let wire = WireClusterClient::connect(
+                &node.wire_addr,
+                &ClientOptions::default(),
+                Some(CLUSTER),
+            )
+            .await
+            .unwrap();
+            let values = wire.next_batch("", ids.clone()).await.unwrap();
+            for ((id, before), after) in ids.iter().zip(&grpc_values).zip(&values) {
+                assert!(after > before, "id {id}: wire {after} after gRPC {before}");
+            }
+            assert!(wire.next("", ids[0]).await.unwrap() > values[0]);
+        }
+        // A plain wire connection to a node that does not own an id gets a redirect naming
+        // the owner's wire address; every seq reply carries the route version.
+        let id = ids[0];
+        let owner = table
+            .routes
+            .iter()
+            .find(|route| {
+                route.namespace == "default"
+                    && route.section_lo <= id / 100_000
+                    && id / 100_000 < route.section_hi
+            })
+            .expect("the id's section is routed")
+            .clone();
+        let other = cluster
+            .nodes
+            .iter()
+            .find(|node| node.wire_addr != owner.wire)
+            .unwrap();
+        let plain = WireClient::connect(&other.wire_addr, "").await.unwrap();
+        match plain.next("", id).await {
+            Err(ClientError::Moved {
+                wire, owner: node, ..
+            }) => {
+                assert_eq!((wire, node), (owner.wire.clone(), owner.node_id.clone()));
+            }
+            other => panic!("expected a redirect, got {other:?}"),
+        }
+        let direct = WireClient::connect(&owner.wire, "").await.unwrap();
+        direct.next("", id).await.unwrap();
+        assert!(
+            direct.route_version() >= table.version,
+            "{} < {}",
+            direct.route_version(),
+            table.version
+        );
+        let (wire_table, namespaces) = direct.route().await.unwrap();
+        assert_eq!(wire_table.cluster, CLUSTER);
+        assert!(
+            namespaces
+                .iter()
+                .any(|namespace| namespace.name == "default")
+        );
+
         // A client pinned to another cluster is refused.
         let error = ClusterClient::connect(
             &cluster.nodes[0].addr,
@@ -192,6 +285,15 @@ fn cluster_serves_routes_drains_and_refuses_a_duplicate_node_id() {
         .await
         .err()
         .expect("another cluster's table is refused");
+        assert!(error.to_string().contains("not `other`"), "{error}");
+        let error = WireClusterClient::connect(
+            &cluster.nodes[0].wire_addr,
+            &ClientOptions::default(),
+            Some("other"),
+        )
+        .await
+        .err()
+        .expect("another cluster's table is refused over the wire too");
         assert!(error.to_string().contains("not `other`"), "{error}");
     });
 
@@ -281,14 +383,22 @@ fn nemesis_rounds_keep_s1() {
     let stop = Arc::new(AtomicBool::new(false));
     let history = Arc::new(parking_lot::Mutex::new(Vec::<SeqCall>::new()));
     let addresses = cluster.addresses();
+    let wire_addresses: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|node| node.wire_addr.clone())
+        .collect();
     let rt = runtime();
     let mut workers = Vec::new();
     for worker in 0..4u64 {
+        // Even workers use the gRPC smart client, odd ones the wire smart client.
+        let wire = worker % 2 == 1;
+        let seeds = if wire { &wire_addresses } else { &addresses };
         let (stop, history, ids, seed) = (
             Arc::clone(&stop),
             Arc::clone(&history),
             ids.clone(),
-            addresses[worker as usize % addresses.len()].clone(),
+            seeds[worker as usize % seeds.len()].clone(),
         );
         workers.push(rt.spawn(async move {
             let mut client = None;
@@ -296,9 +406,7 @@ fn nemesis_rounds_keep_s1() {
             while !stop.load(Ordering::Relaxed) {
                 turn += 1;
                 if client.is_none() {
-                    client = ClusterClient::connect(&seed, &ClientOptions::default(), None)
-                        .await
-                        .ok();
+                    client = Smart::connect(&seed, wire).await;
                     if client.is_none() {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -314,7 +422,7 @@ fn nemesis_rounds_keep_s1() {
                     vec![ids[(turn * 7 % ids.len() as u64) as usize]]
                 };
                 let start_ns = monotonic_ns(origin);
-                let result = client.as_ref().unwrap().next_batch("", batch.clone()).await;
+                let result = client.as_ref().unwrap().next_batch(batch.clone()).await;
                 let end_ns = monotonic_ns(origin);
                 let outcome = match result {
                     Ok(values) => Outcome::Ok(values),

@@ -130,7 +130,7 @@ fn fill_until_full(server: &Server, door: Door) -> (BTreeSet<u64>, BTreeSet<u64>
                         let client = client.clone();
                         async move { client.login(&login(uid)).await.is_ok() }
                     });
-                    futures_join(calls).await
+                    futures::future::join_all(calls).await
                 }
                 Door::Grpc => {
                     let Ok(client) = Client::connect(&server.addr).await else {
@@ -140,7 +140,7 @@ fn fill_until_full(server: &Server, door: Door) -> (BTreeSet<u64>, BTreeSet<u64>
                         let client = client.clone();
                         async move { client.login(login(uid)).await.is_ok() }
                     });
-                    futures_join(calls).await
+                    futures::future::join_all(calls).await
                 }
             };
             let mut acked = acked.lock();
@@ -159,18 +159,6 @@ fn fill_until_full(server: &Server, door: Door) -> (BTreeSet<u64>, BTreeSet<u64>
         let seen = seen.lock().clone();
         (acked, seen)
     })
-}
-
-/// Runs every future at once on the current task and collects the outputs in order.
-async fn futures_join<F: std::future::Future<Output = bool>>(
-    calls: impl Iterator<Item = F>,
-) -> Vec<bool> {
-    let handles: Vec<_> = calls.map(|call| Box::pin(call)).collect();
-    let mut results = Vec::with_capacity(handles.len());
-    for handle in handles {
-        results.push(handle.await);
-    }
-    results
 }
 
 fn full_disk_stops_the_node_and_loses_nothing_acknowledged(door: Door) {

@@ -152,12 +152,12 @@ fn pipelined_requests_are_answered_in_order() {
         .iter()
         .map(|(op, body)| {
             assert_eq!(*op, Op::Next.reply());
-            codec::decode_next(body).unwrap()
+            codec::decode_next(body).unwrap().0
         })
         .collect();
     assert!(seqs.windows(2).all(|pair| pair[1] > pair[0]), "{seqs:?}");
     assert_eq!(wire_error_of(&replies[101]).0, Code::NOT_FOUND);
-    assert!(codec::decode_next(&replies[102].1).unwrap() > seqs[99]);
+    assert!(codec::decode_next(&replies[102].1).unwrap().0 > seqs[99]);
 }
 
 #[test]

@@ -1,6 +1,6 @@
-//! The smart client of the sequence service: given any one node, it routes each id to the
-//! node that owns its section, splits a NextBatch across owners, follows redirects and
-//! refreshes its route table; against an embedded node it simply talks to that node.
+//! The smart clients of the sequence service: given any one node, they route each id to the
+//! node that owns its section, split a NextBatch across owners, follow redirects and refresh
+//! their route table; against an embedded node they simply talk to that node.
 //!
 //! ```text
 //!  next_batch(ns, ids) ──► section of each id (namespace layout, cached)
@@ -8,18 +8,24 @@
 //!        ──► reassembled in request order
 //!  a redirect (FAILED_PRECONDITION + owner) or UNAVAILABLE ──► refresh the table, retry
 //!  (bounded: ATTEMPTS_MAX tries within the call's deadline)
+//!  a reply carrying a newer route version than the table ──► refresh the table from that node
 //! ```
+//!
+//! One routing core, [`SmartClient`], over a [`SeqTransport`]: gRPC ([`ClusterClient`], which
+//! also reads current values) or the wire protocol ([`WireClusterClient`], the hot path).
 //!
 //! A table of another cluster than the one the client was pointed at (or told to expect) is
 //! refused: mixing two clusters' sequences would break monotonicity.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
 
-use crate::{Client, ClientError, ClientOptions, Namespace, RouteTable};
+use crate::{Client, ClientError, ClientOptions, Namespace, NodeRoute, Route, RouteTable};
+use crate::{WireClient, default_namespace};
 
 /// Tries per call (redirects and retries of unavailable owners together); the deadline
 /// usually ends a call first.
@@ -29,22 +35,154 @@ pub const CALL_DEADLINE: Duration = Duration::from_secs(15);
 /// Wait between retries when the owner is unavailable (failing over, lock-delay).
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
-struct State {
-    table: RouteTable,
-    namespaces: HashMap<String, Namespace>,
-    clients: HashMap<String, Client>,
+/// One protocol a smart client speaks to each node.
+///
+/// Contract: `connect` dials the address this transport uses (`address_of` a route,
+/// `node_address` of a node, `moved_address` of a redirect); `route` answers the node's route
+/// table with its nodes and the namespaces' layouts; `route_version` is the newest route
+/// version the node's replies on this connection carried.
+pub trait SeqTransport: Clone + Send + Sync + Sized + 'static {
+    /// Dials one node.
+    fn connect(
+        address: &str,
+        options: &ClientOptions,
+    ) -> impl Future<Output = Result<Self, ClientError>> + Send;
+    /// The node's route table, nodes and namespaces.
+    fn route(
+        &self,
+    ) -> impl Future<Output = Result<(RouteTable, Vec<Namespace>), ClientError>> + Send;
+    /// Allocates one seq per id (`allocate`), or reads the current ones.
+    fn call(
+        &self,
+        namespace: &str,
+        ids: Vec<u64>,
+        allocate: bool,
+    ) -> impl Future<Output = Result<Vec<u64>, ClientError>> + Send;
+    /// The newest route version the node's replies carried.
+    fn route_version(&self) -> u64;
+    /// The address of a route's owner in this protocol.
+    fn address_of(route: &Route) -> &str;
+    /// The address of a node in this protocol.
+    fn node_address(node: &NodeRoute) -> &str;
+    /// The owner's address in a redirect, `(grpc, wire)`.
+    fn moved_address<'a>(grpc: &'a str, wire: &'a str) -> &'a str;
 }
 
-/// A client of a whole cluster (or of one embedded node).
-#[derive(Clone)]
-pub struct ClusterClient {
+impl SeqTransport for Client {
+    async fn connect(address: &str, options: &ClientOptions) -> Result<Self, ClientError> {
+        Client::connect_with(address, options).await
+    }
+
+    async fn route(&self) -> Result<(RouteTable, Vec<Namespace>), ClientError> {
+        let table = Client::route(self).await?;
+        Ok((table, self.list_namespaces().await?))
+    }
+
+    async fn call(
+        &self,
+        namespace: &str,
+        ids: Vec<u64>,
+        allocate: bool,
+    ) -> Result<Vec<u64>, ClientError> {
+        if allocate {
+            self.next_batch(namespace, ids).await
+        } else {
+            self.current_batch(namespace, ids).await
+        }
+    }
+
+    fn route_version(&self) -> u64 {
+        self.routes().0
+    }
+
+    fn address_of(route: &Route) -> &str {
+        &route.node
+    }
+
+    fn node_address(node: &NodeRoute) -> &str {
+        &node.grpc
+    }
+
+    fn moved_address<'a>(grpc: &'a str, _wire: &'a str) -> &'a str {
+        grpc
+    }
+}
+
+impl SeqTransport for WireClient {
+    async fn connect(address: &str, options: &ClientOptions) -> Result<Self, ClientError> {
+        WireClient::connect_with(address, options).await
+    }
+
+    async fn route(&self) -> Result<(RouteTable, Vec<Namespace>), ClientError> {
+        WireClient::route(self).await
+    }
+
+    async fn call(
+        &self,
+        namespace: &str,
+        ids: Vec<u64>,
+        allocate: bool,
+    ) -> Result<Vec<u64>, ClientError> {
+        if !allocate {
+            return Err(ClientError::Status {
+                code: tonic::Code::Unimplemented,
+                message: "the wire protocol reads no current values; use gRPC".into(),
+            });
+        }
+        match ids.as_slice() {
+            [id] => Ok(vec![self.next(namespace, *id).await?]),
+            _ => self.next_batch(namespace, &ids).await,
+        }
+    }
+
+    fn route_version(&self) -> u64 {
+        WireClient::route_version(self)
+    }
+
+    fn address_of(route: &Route) -> &str {
+        &route.wire
+    }
+
+    fn node_address(node: &NodeRoute) -> &str {
+        &node.wire
+    }
+
+    fn moved_address<'a>(_grpc: &'a str, wire: &'a str) -> &'a str {
+        wire
+    }
+}
+
+struct State<T> {
+    table: RouteTable,
+    namespaces: HashMap<String, Namespace>,
+    clients: HashMap<String, T>,
+}
+
+/// A client of a whole cluster (or of one embedded node) over one [`SeqTransport`].
+pub struct SmartClient<T> {
     seed: String,
     options: ClientOptions,
     expected_cluster: Option<String>,
-    state: Arc<Mutex<State>>,
+    state: Arc<Mutex<State<T>>>,
 }
 
-impl ClusterClient {
+impl<T> Clone for SmartClient<T> {
+    fn clone(&self) -> Self {
+        Self {
+            seed: self.seed.clone(),
+            options: self.options.clone(),
+            expected_cluster: self.expected_cluster.clone(),
+            state: Arc::clone(&self.state),
+        }
+    }
+}
+
+/// The smart client over gRPC (`listen` addresses).
+pub type ClusterClient = SmartClient<Client>;
+/// The smart client over the wire protocol (`wire_listen` addresses): the hot path.
+pub type WireClusterClient = SmartClient<WireClient>;
+
+impl<T: SeqTransport> SmartClient<T> {
     /// Connects to any node at `address` and reads its route table. With
     /// `expected_cluster`, a node of another cluster is refused.
     pub async fn connect(
@@ -52,7 +190,7 @@ impl ClusterClient {
         options: &ClientOptions,
         expected_cluster: Option<&str>,
     ) -> Result<Self, ClientError> {
-        let seed = Client::connect_with(address, options).await?;
+        let seed = T::connect(address, options).await?;
         let client = Self {
             seed: address.to_owned(),
             options: options.clone(),
@@ -73,8 +211,8 @@ impl ClusterClient {
     }
 
     /// Reads the table from `from` (and the namespaces), checking the cluster's name.
-    async fn refresh(&self, from: &Client) -> Result<(), ClientError> {
-        let table = from.route().await?;
+    async fn refresh(&self, from: &T) -> Result<(), ClientError> {
+        let (table, namespaces) = from.route().await?;
         let expected = match &self.expected_cluster {
             Some(expected) => Some(expected.clone()),
             None => {
@@ -93,7 +231,6 @@ impl ClusterClient {
                 ),
             });
         }
-        let namespaces = from.list_namespaces().await?;
         let mut state = self.state.lock().await;
         if table.version >= state.table.version || table.cluster != state.table.cluster {
             state.table = table;
@@ -104,11 +241,11 @@ impl ClusterClient {
         Ok(())
     }
 
-    async fn client(&self, address: &str) -> Result<Client, ClientError> {
+    async fn client(&self, address: &str) -> Result<T, ClientError> {
         if let Some(client) = self.state.lock().await.clients.get(address) {
             return Ok(client.clone());
         }
-        let client = Client::connect_with(address, &self.options).await?;
+        let client = T::connect(address, &self.options).await?;
         self.state
             .lock()
             .await
@@ -117,14 +254,10 @@ impl ClusterClient {
         Ok(client)
     }
 
-    /// The gRPC address serving each id's section (the seed for an embedded node or when the
+    /// The address serving each id's section (the seed for an embedded node or when the
     /// table does not know the section yet).
     async fn owners(&self, namespace: &str, ids: &[u64]) -> Result<Vec<String>, ClientError> {
-        let name = if namespace.is_empty() {
-            "default"
-        } else {
-            namespace
-        };
+        let name = default_namespace(namespace);
         let mut state = self.state.lock().await;
         if !state.namespaces.contains_key(name) {
             drop(state);
@@ -148,9 +281,9 @@ impl ClusterClient {
                                 && (route.section_lo..route.section_hi).contains(&section)
                         })
                     })
-                    .map(|route| route.node.clone())
+                    .map(T::address_of)
                     .filter(|node| !node.is_empty());
-                owner.unwrap_or_else(|| self.seed.clone())
+                owner.map_or_else(|| self.seed.clone(), str::to_owned)
             })
             .collect())
     }
@@ -171,13 +304,28 @@ impl ClusterClient {
         self.routed(namespace, ids, true).await
     }
 
-    /// Reads the current seq of each id, routed like [`Self::next_batch`].
-    pub async fn current_batch(
-        &self,
-        namespace: &str,
-        ids: Vec<u64>,
-    ) -> Result<Vec<u64>, ClientError> {
-        self.routed(namespace, ids, false).await
+    /// Learns the table again from any node that answers.
+    async fn refresh_any(&self) {
+        let addresses: Vec<String> = {
+            let state = self.state.lock().await;
+            let mut addresses: Vec<String> = state
+                .table
+                .nodes
+                .iter()
+                .filter(|node| node.alive)
+                .map(|node| T::node_address(node).to_owned())
+                .filter(|address| !address.is_empty())
+                .collect();
+            addresses.push(self.seed.clone());
+            addresses
+        };
+        for address in addresses {
+            if let Ok(client) = self.client(&address).await
+                && self.refresh(&client).await.is_ok()
+            {
+                break;
+            }
+        }
     }
 
     async fn routed(
@@ -207,17 +355,14 @@ impl ClusterClient {
                 let group: Vec<u64> = positions.iter().map(|&i| ids[i]).collect();
                 async move {
                     let client = self.client(&owner).await?;
-                    let result = if allocate {
-                        client.next_batch(namespace, group).await
-                    } else {
-                        client.current_batch(namespace, group).await
-                    };
-                    Ok::<_, ClientError>((positions, result))
+                    let result = client.call(namespace, group, allocate).await;
+                    Ok::<_, ClientError>((client, positions, result))
                 }
             });
             let mut retry_pause = false;
-            for outcome in futures_join(calls).await {
-                let (positions, result) = match outcome {
+            let mut newer: Option<T> = None;
+            for outcome in futures::future::join_all(calls).await {
+                let (client, positions, result) = match outcome {
                     Ok(done) => done,
                     Err(error) => {
                         // The owner cannot be reached: it may be failing over.
@@ -231,10 +376,16 @@ impl ClusterClient {
                         for (position, seq) in positions.into_iter().zip(seqs) {
                             values[position] = Some(seq);
                         }
+                        if newer
+                            .as_ref()
+                            .is_none_or(|best| client.route_version() > best.route_version())
+                        {
+                            newer = Some(client);
+                        }
                     }
-                    Err(ClientError::Moved { grpc, .. }) => {
+                    Err(ClientError::Moved { grpc, wire, .. }) => {
                         // The owner's table is newer than ours: learn it there.
-                        let owner = self.client(&grpc).await?;
+                        let owner = self.client(T::moved_address(&grpc, &wire)).await?;
                         if self.refresh(&owner).await.is_err() {
                             retry_pause = true;
                         }
@@ -248,28 +399,16 @@ impl ClusterClient {
                     Err(error) => return Err(error),
                 }
             }
+            // A reply named a newer route version than ours: the table moved on (seed 002:
+            // the version rides on every reply); learn it before the next call routes by it.
+            if let Some(client) = newer
+                && client.route_version() > self.state.lock().await.table.version
+            {
+                let _ = self.refresh(&client).await;
+            }
             if retry_pause {
                 tokio::time::sleep(RETRY_PAUSE).await;
-                // Learn the table again from any node that answers.
-                let addresses: Vec<String> = {
-                    let state = self.state.lock().await;
-                    let mut addresses: Vec<String> = state
-                        .table
-                        .nodes
-                        .iter()
-                        .filter(|node| node.alive)
-                        .map(|node| node.grpc.clone())
-                        .collect();
-                    addresses.push(self.seed.clone());
-                    addresses
-                };
-                for address in addresses {
-                    if let Ok(client) = self.client(&address).await
-                        && self.refresh(&client).await.is_ok()
-                    {
-                        break;
-                    }
-                }
+                self.refresh_any().await;
             }
         }
         Err(last_error.unwrap_or(ClientError::Connection {
@@ -281,37 +420,13 @@ impl ClusterClient {
     }
 }
 
-/// Runs futures concurrently and returns their outputs in order.
-async fn futures_join<F: std::future::Future>(calls: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let handles: Vec<_> = calls.map(Box::pin).collect();
-    let mut outputs = Vec::with_capacity(handles.len());
-    // Few owners per call (at most the cluster's size): polling them in turn is enough.
-    let mut pending: Vec<Option<std::pin::Pin<Box<F>>>> = handles.into_iter().map(Some).collect();
-    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut done = true;
-        for (index, slot) in pending.iter_mut().enumerate() {
-            if let Some(future) = slot {
-                match future.as_mut().poll(cx) {
-                    std::task::Poll::Ready(output) => {
-                        results[index] = Some(output);
-                        *slot = None;
-                    }
-                    std::task::Poll::Pending => done = false,
-                }
-            }
-        }
-        if done {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    outputs.extend(
-        results
-            .into_iter()
-            .map(|output| output.expect("every future finished")),
-    );
-    outputs
+impl SmartClient<Client> {
+    /// Reads the current seq of each id, routed like [`Self::next_batch`] (gRPC only).
+    pub async fn current_batch(
+        &self,
+        namespace: &str,
+        ids: Vec<u64>,
+    ) -> Result<Vec<u64>, ClientError> {
+        self.routed(namespace, ids, false).await
+    }
 }

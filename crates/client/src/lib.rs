@@ -207,6 +207,28 @@ pub(crate) fn routes_from_pb(table: pb::RouteTable) -> RouteTable {
     }
 }
 
+/// The namespace a request names: the empty name is `default`.
+pub(crate) fn default_namespace(name: &str) -> &str {
+    if name.is_empty() { "default" } else { name }
+}
+
+/// Converts an `Admin/Route` reply.
+pub(crate) fn route_from_reply(reply: pb::RouteReply) -> RouteTable {
+    let mut table = routes_from_pb(reply.table.unwrap_or_default());
+    table.nodes = reply
+        .nodes
+        .into_iter()
+        .map(|node| NodeRoute {
+            node_id: node.node_id,
+            grpc: node.grpc,
+            wire: node.wire,
+            alive: node.alive,
+            draining: node.draining,
+        })
+        .collect();
+    table
+}
+
 mod route_cache {
     //! A tiny cache of the newest route table seen, shared by clones of a client.
 
@@ -441,7 +463,7 @@ pub struct CheckpointResult {
 pub mod cluster;
 mod presence;
 pub mod wire;
-pub use cluster::ClusterClient;
+pub use cluster::{ClusterClient, SeqTransport, SmartClient, WireClusterClient};
 pub use presence::{LoginArgs, LoginResult, Session, WatchEvent, WatchKind};
 pub use wire::WireClient;
 
@@ -594,19 +616,7 @@ impl Client {
             .route(pb::RouteRequest {})
             .await?
             .into_inner();
-        let mut table = routes_from_pb(reply.table.unwrap_or_default());
-        table.nodes = reply
-            .nodes
-            .into_iter()
-            .map(|node| NodeRoute {
-                node_id: node.node_id,
-                grpc: node.grpc,
-                wire: node.wire,
-                alive: node.alive,
-                draining: node.draining,
-            })
-            .collect();
-        Ok(table)
+        Ok(route_from_reply(reply))
     }
 
     /// Asks the arbiter to move every section away from `node` (or, with `undo`, to stop).
@@ -740,7 +750,7 @@ fn namespace_to_pb(namespace: Namespace) -> pb::Namespace {
     }
 }
 
-fn namespace_from_pb(namespace: pb::Namespace) -> Namespace {
+pub(crate) fn namespace_from_pb(namespace: pb::Namespace) -> Namespace {
     Namespace {
         name: namespace.name,
         id_lo: namespace.id_lo,

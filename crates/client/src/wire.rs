@@ -8,6 +8,7 @@
 //! [`ClientError`]s as over gRPC: the node's code numbers are gRPC status codes.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use imstate_wire::codec::{self, Frame};
 use imstate_wire::pipeline::{PipelineError, Pipelined, ReplyParser};
@@ -15,8 +16,11 @@ use imstate_wire::tls::{self, TlsConnector, rustls::pki_types::ServerName};
 use imstate_wire::{LoginFields, Op, WireSession};
 use tokio::net::TcpStream;
 
+use imstate_proto::v1 as pb;
+use prost::Message;
+
 use crate::presence::{LoginArgs, LoginResult, Session};
-use crate::{CONNECT_TIMEOUT, ClientError, ClientOptions};
+use crate::{CONNECT_TIMEOUT, ClientError, ClientOptions, Namespace, RouteTable};
 
 /// A reply frame, owned.
 pub struct OwnedFrame {
@@ -74,7 +78,8 @@ fn session(wire: WireSession) -> Session {
 #[derive(Clone)]
 pub struct WireClient {
     connection: Arc<Pipelined<OwnedFrame>>,
-    route_version: u64,
+    /// The newest route version the node's replies carried (Hello, Next, NextBatch).
+    route_version: Arc<AtomicU64>,
 }
 
 impl WireClient {
@@ -152,13 +157,18 @@ impl WireClient {
         let route_version = codec::decode_hello(&body).map_err(protocol)?;
         Ok(Self {
             connection,
-            route_version,
+            route_version: Arc::new(AtomicU64::new(route_version)),
         })
     }
 
-    /// The node's route-table version, from its Hello reply.
+    /// The newest route-table version the node's replies carried (its Hello, then every
+    /// Next and NextBatch).
     pub fn route_version(&self) -> u64 {
-        self.route_version
+        self.route_version.load(Ordering::Relaxed)
+    }
+
+    fn learn(&self, version: u64) {
+        self.route_version.fetch_max(version, Ordering::Relaxed);
     }
 
     fn body(reply: OwnedFrame, op: Op) -> Result<Vec<u8>, ClientError> {
@@ -168,10 +178,23 @@ impl WireClient {
         };
         match frame.reply_body(op).map_err(protocol)? {
             Ok(_) => Ok(reply.body),
-            Err((code, message)) => Err(ClientError::Status {
-                code: tonic::Code::from_i32(i32::from(code.0)),
-                message,
-            }),
+            Err((code, message)) => {
+                if code == imstate_wire::Code::FAILED_PRECONDITION
+                    && let Some((owner, wire, grpc, version)) = codec::parse_moved(&message)
+                {
+                    return Err(ClientError::Moved {
+                        owner,
+                        grpc,
+                        wire,
+                        version,
+                        message,
+                    });
+                }
+                Err(ClientError::Status {
+                    code: tonic::Code::from_i32(i32::from(code.0)),
+                    message,
+                })
+            }
         }
     }
 
@@ -194,7 +217,9 @@ impl WireClient {
         let body = self
             .call(Op::Next, |out| codec::next(out, namespace, id))
             .await?;
-        codec::decode_next(&body).map_err(protocol)
+        let (seq, version) = codec::decode_next(&body).map_err(protocol)?;
+        self.learn(version);
+        Ok(seq)
     }
 
     /// Allocates one seq per id, in order.
@@ -202,7 +227,9 @@ impl WireClient {
         let body = self
             .call(Op::NextBatch, |out| codec::next_batch(out, namespace, ids))
             .await?;
-        codec::decode_next_batch(&body).map_err(protocol)
+        let (seqs, version) = codec::decode_next_batch(&body).map_err(protocol)?;
+        self.learn(version);
+        Ok(seqs)
     }
 
     /// Registers a session; returns it and the session it replaced.
@@ -281,7 +308,35 @@ impl WireClient {
                 Ok(())
             })
             .await?;
-        codec::decode_next(&body).map_err(protocol)
+        codec::decode_online_count(&body).map_err(protocol)
+    }
+
+    /// The route table the node serves under, with the cluster's nodes, and the namespaces'
+    /// layouts (what a smart client needs to route ids; the same messages as gRPC's
+    /// `Admin/Route` and `Sequence/ListNamespaces`).
+    pub async fn route(&self) -> Result<(RouteTable, Vec<Namespace>), ClientError> {
+        let body = self
+            .call(Op::Route, |out| {
+                codec::route(out);
+                Ok(())
+            })
+            .await?;
+        let (route, namespaces) = codec::decode_route(&body).map_err(protocol)?;
+        let bad = |error: prost::DecodeError| ClientError::Connection {
+            reason: format!("protocol error: route reply: {error}"),
+        };
+        let route = pb::RouteReply::decode(route).map_err(bad)?;
+        let namespaces = pb::ListNamespacesReply::decode(namespaces).map_err(bad)?;
+        let table = crate::route_from_reply(route);
+        self.learn(table.version);
+        Ok((
+            table,
+            namespaces
+                .namespaces
+                .into_iter()
+                .map(crate::namespace_from_pb)
+                .collect(),
+        ))
     }
 
     /// Like [`WireClient::lookup_batch`], but validates the reply and returns only the

@@ -17,6 +17,17 @@ use crate::seqstore::SeqStore;
 /// The route version of the embedded mode: one node owns everything, forever.
 pub const EMBEDDED_ROUTE_VERSION: u64 = 1;
 
+/// A namespace in its protocol form.
+pub fn namespace_to_pb(def: NamespaceDef) -> pb::Namespace {
+    pb::Namespace {
+        name: def.name,
+        id_lo: def.id_lo,
+        id_hi: def.id_hi,
+        section_size: def.section_size,
+        step: def.step,
+    }
+}
+
 /// The sequence store of this node.
 #[derive(Clone)]
 pub enum Sequences {
@@ -110,6 +121,46 @@ impl Sequences {
             version,
             table: (client_version < version).then(|| self.route_table()),
         }
+    }
+
+    /// Every namespace with the route information (`Sequence/ListNamespaces`, wire `Route`).
+    pub fn namespaces_reply(&self) -> pb::ListNamespacesReply {
+        pb::ListNamespacesReply {
+            namespaces: self.namespaces().into_iter().map(namespace_to_pb).collect(),
+            route: Some(self.route_info(0)),
+        }
+    }
+
+    /// The route table with the cluster's nodes (`Admin/Route`, wire `Route`).
+    pub async fn route_reply(&self) -> Result<pb::RouteReply, NodeError> {
+        let table = self.route_table();
+        let nodes = match self {
+            Sequences::Embedded { .. } => Vec::new(),
+            Sequences::Cluster(store) => {
+                let cluster = store.cluster();
+                let draining = cluster.draining().await?;
+                let members = cluster.members();
+                let mut ids: std::collections::BTreeSet<String> =
+                    members.keys().cloned().collect();
+                ids.extend(table.entries.iter().map(|entry| entry.node_id.clone()));
+                ids.into_iter()
+                    .map(|id| {
+                        let info = members.get(&id);
+                        pb::NodeState {
+                            grpc: info.map(|info| info.grpc.clone()).unwrap_or_default(),
+                            wire: info.map(|info| info.wire.clone()).unwrap_or_default(),
+                            alive: info.is_some(),
+                            draining: draining.contains(&id),
+                            node_id: id,
+                        }
+                    })
+                    .collect()
+            }
+        };
+        Ok(pb::RouteReply {
+            table: Some(table),
+            nodes,
+        })
     }
 
     /// The route table in its protocol form.

@@ -666,7 +666,9 @@ impl<'c> Connection<'c> {
             }
             Request::Next { namespace, id } => {
                 match self.context.seq.next(namespace_name(namespace), id).await {
-                    Ok(seq) => codec::reply_next(&mut self.out, seq),
+                    Ok(seq) => {
+                        codec::reply_next(&mut self.out, seq, self.context.seq.route_version())
+                    }
                     Err(error) => return self.failed(op, &error),
                 }
             }
@@ -678,7 +680,11 @@ impl<'c> Connection<'c> {
                     .next_batch(namespace_name(namespace), &self.ids)
                     .await
                 {
-                    Ok(seqs) => codec::reply_next_batch(&mut self.out, &seqs),
+                    Ok(seqs) => codec::reply_next_batch(
+                        &mut self.out,
+                        &seqs,
+                        self.context.seq.route_version(),
+                    ),
                     Err(error) => return self.failed(op, &error),
                 }
             }
@@ -797,6 +803,14 @@ impl<'c> Connection<'c> {
                 // Answered only once what it counted is durable (the burst's one wait).
                 self.unsynced = true;
             }
+            Request::Route => match self.context.seq.route_reply().await {
+                Ok(route) => {
+                    use prost::Message;
+                    let namespaces = self.context.seq.namespaces_reply().encode_to_vec();
+                    codec::reply_route(&mut self.out, &route.encode_to_vec(), &namespaces);
+                }
+                Err(error) => return self.failed(op, &error),
+            },
         }
         self.tally.ok[op.index()] += 1;
         After::Continue

@@ -3,8 +3,10 @@
 //! ```text
 //!  request bodies                                   reply bodies (op | 0x80)
 //!  Hello          magic[4] version:u8 token:b16     route_version:u64
-//!  Next           ns:s8 id:u64                      seq:u64
-//!  NextBatch      ns:s8 n:u32 id:u64*n              n:u32 seq:u64*n
+//!  Next           ns:s8 id:u64                      seq:u64 route_version:u64
+//!  NextBatch      ns:s8 n:u32 id:u64*n              route_version:u64 n:u32 seq:u64*n
+//!  Route          (empty)                           route:b32 namespaces:b32 (protobuf
+//!                                                   imstate.v1 RouteReply, ListNamespacesReply)
 //!  Login          uid conn ttl_ms:u32 device:s8     session  replaced:opt(session)
 //!                 gateway:s8 meta:opt(b16)
 //!  Logout         uid:u64 conn:u64                  session
@@ -35,6 +37,8 @@ pub enum Op {
     Next = 0x10,
     /// One seq per id.
     NextBatch = 0x11,
+    /// The route table and the namespaces' layouts (for smart clients).
+    Route = 0x12,
     /// Registers a session.
     Login = 0x20,
     /// Removes a session.
@@ -51,10 +55,11 @@ pub enum Op {
 
 impl Op {
     /// Every op, for metrics and tests.
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 10] = [
         Op::Hello,
         Op::Next,
         Op::NextBatch,
+        Op::Route,
         Op::Login,
         Op::Logout,
         Op::Heartbeat,
@@ -74,6 +79,7 @@ impl Op {
             Op::Hello => "Hello",
             Op::Next => "Next",
             Op::NextBatch => "NextBatch",
+            Op::Route => "Route",
             Op::Login => "Login",
             Op::Logout => "Logout",
             Op::Heartbeat => "Heartbeat",
@@ -524,6 +530,8 @@ pub enum Request<'a> {
     },
     /// The number of sessions online.
     OnlineCount,
+    /// The route table.
+    Route,
 }
 
 impl<'a> Request<'a> {
@@ -576,6 +584,7 @@ impl<'a> Request<'a> {
                 uids: U64s(c.items(8, "uids")?),
             },
             Op::OnlineCount => Request::OnlineCount,
+            Op::Route => Request::Route,
         };
         c.finish()?;
         Ok(request)
@@ -593,6 +602,7 @@ impl<'a> Request<'a> {
             Request::HeartbeatBatch { .. } => Op::HeartbeatBatch,
             Request::LookupBatch { .. } => Op::LookupBatch,
             Request::OnlineCount => Op::OnlineCount,
+            Request::Route => Op::Route,
         }
     }
 }
@@ -754,11 +764,45 @@ pub fn online_count(out: &mut Vec<u8>) {
     end(out, start);
 }
 
+/// Appends a `Route`.
+pub fn route(out: &mut Vec<u8>) {
+    let start = begin(out, Op::Route as u8);
+    end(out, start);
+}
+
+/// Appends the reply of `Route`: two opaque blobs (the node puts the protobuf encodings of
+/// `imstate.v1.RouteReply` and `imstate.v1.ListNamespacesReply` in them).
+pub fn reply_route(out: &mut Vec<u8>, route: &[u8], namespaces: &[u8]) {
+    let start = begin(out, Op::Route.reply());
+    for blob in [route, namespaces] {
+        out.extend_from_slice(&(blob.len() as u32).to_le_bytes());
+        out.extend_from_slice(blob);
+    }
+    end(out, start);
+}
+
+/// Decodes the body of a `Route` reply: (route, namespaces) blobs.
+pub fn decode_route(body: &[u8]) -> Result<(&[u8], &[u8]), DecodeError> {
+    let mut c = Cursor::new(body);
+    let route = c.items(1, "route")?;
+    let namespaces = c.items(1, "namespaces")?;
+    c.finish()?;
+    Ok((route, namespaces))
+}
+
 /// Appends the reply of `OnlineCount`.
 pub fn reply_online_count(out: &mut Vec<u8>, sessions: u64) {
     let start = begin(out, Op::OnlineCount.reply());
     out.extend_from_slice(&sessions.to_le_bytes());
     end(out, start);
+}
+
+/// Decodes the body of an `OnlineCount` reply.
+pub fn decode_online_count(body: &[u8]) -> Result<u64, DecodeError> {
+    let mut c = Cursor::new(body);
+    let sessions = c.u64("sessions")?;
+    c.finish()?;
+    Ok(sessions)
 }
 
 /// Appends an error reply.
@@ -795,15 +839,17 @@ pub fn reply_hello(out: &mut Vec<u8>, route_version: u64) {
 }
 
 /// Appends the reply of `Next`.
-pub fn reply_next(out: &mut Vec<u8>, seq: u64) {
+pub fn reply_next(out: &mut Vec<u8>, seq: u64, route_version: u64) {
     let start = begin(out, Op::Next.reply());
     out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&route_version.to_le_bytes());
     end(out, start);
 }
 
 /// Appends the reply of `NextBatch`.
-pub fn reply_next_batch(out: &mut Vec<u8>, seqs: &[u64]) {
+pub fn reply_next_batch(out: &mut Vec<u8>, seqs: &[u64], route_version: u64) {
     let start = begin(out, Op::NextBatch.reply());
+    out.extend_from_slice(&route_version.to_le_bytes());
     out.extend_from_slice(&(seqs.len() as u32).to_le_bytes());
     for seq in seqs {
         out.extend_from_slice(&seq.to_le_bytes());
@@ -954,23 +1000,28 @@ fn skip_session(c: &mut Cursor<'_>) -> Result<(), DecodeError> {
 
 /// Decodes the body of a `Hello` reply: the node's route-table version.
 pub fn decode_hello(body: &[u8]) -> Result<u64, DecodeError> {
-    decode_next(body)
-}
-
-/// Decodes the body of a `Next` reply.
-pub fn decode_next(body: &[u8]) -> Result<u64, DecodeError> {
     let mut c = Cursor::new(body);
-    let value = c.u64("value")?;
+    let value = c.u64("route_version")?;
     c.finish()?;
     Ok(value)
 }
 
-/// Decodes the body of a `NextBatch` reply.
-pub fn decode_next_batch(body: &[u8]) -> Result<Vec<u64>, DecodeError> {
+/// Decodes the body of a `Next` reply: (seq, route version).
+pub fn decode_next(body: &[u8]) -> Result<(u64, u64), DecodeError> {
     let mut c = Cursor::new(body);
+    let seq = c.u64("seq")?;
+    let route_version = c.u64("route_version")?;
+    c.finish()?;
+    Ok((seq, route_version))
+}
+
+/// Decodes the body of a `NextBatch` reply: (seqs, route version).
+pub fn decode_next_batch(body: &[u8]) -> Result<(Vec<u64>, u64), DecodeError> {
+    let mut c = Cursor::new(body);
+    let route_version = c.u64("route_version")?;
     let seqs = U64s(c.items(8, "seqs")?).iter().collect();
     c.finish()?;
-    Ok(seqs)
+    Ok((seqs, route_version))
 }
 
 /// Decodes the body of a `Login` reply: the session and the one it replaced.

@@ -11,7 +11,7 @@
 //!
 //! ```text
 //!  frame   = len:u32le  op:u8  body          len = 1 + body length, at most FRAME_BYTES_MAX
-//!  request ops: 0x01 Hello  0x10 Next  0x11 NextBatch  0x20 Login  0x21 Logout
+//!  request ops: 0x01 Hello  0x10 Next  0x11 NextBatch  0x12 Route  0x20 Login  0x21 Logout
 //!               0x22 Heartbeat  0x23 HeartbeatBatch  0x24 LookupBatch  0x25 OnlineCount
 //!  reply op  = 0x80 | request op on success, 0xFF (ERROR) on failure:
 //!              ERROR body = code:u8 (the gRPC status code number)  message:utf8
@@ -59,7 +59,8 @@ pub use codec::{
 /// First bytes of a `Hello` body: "IMW" and the protocol generation.
 pub const MAGIC: [u8; 4] = *b"IMW1";
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+/// 2: seq replies carry the route version; the `Route` op.
+pub const VERSION: u8 = 2;
 /// Largest frame accepted, counted from the op byte (B1). 8 MiB holds a batch of a million
 /// ids; the node's own batch limits (`seq.batch_ids_max`, `presence.batch_max`) are lower.
 pub const FRAME_BYTES_MAX: usize = 8 << 20;

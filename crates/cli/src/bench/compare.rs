@@ -180,9 +180,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             for target in order {
                 let result = super::run(&config(args, target, *case)).await?;
                 match target {
-                    Target::Imstate(_) | Target::ImstateGrpc(_) | Target::ImstateCluster(_) => {
-                        imstate_runs.push(result)
-                    }
+                    Target::Imstate(_)
+                    | Target::ImstateGrpc(_)
+                    | Target::ImstateCluster(_)
+                    | Target::ImstateWireCluster(_) => imstate_runs.push(result),
                     Target::Redis(_) => redis_runs.push(result),
                 }
             }

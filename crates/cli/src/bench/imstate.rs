@@ -6,10 +6,12 @@
 //! - `imstate+grpc://HOST:PORT`, gRPC (the node's `listen`): one HTTP/2 channel, D streams;
 //! - `imstate+cluster://HOST:PORT`, a cluster through any node, with the smart client
 //!   (`ClusterClient`): each id to its owner, batches split across owners; sequence
-//!   workloads only (presence is per node in cluster mode).
+//!   workloads only (presence is per node in cluster mode);
+//! - `imstate+wire-cluster://HOST:PORT`, the same over the wire protocol through any node's
+//!   `wire_listen` (`WireClusterClient`).
 
 use anyhow::bail;
-use imstate_client::{Client, ClusterClient, LoginArgs, WireClient};
+use imstate_client::{Client, ClusterClient, LoginArgs, WireClient, WireClusterClient};
 
 use super::workload::{SessionKey, gateway_name};
 use super::{Driver, KeyPicker, RunConfig, Target, Workload};
@@ -19,6 +21,7 @@ enum Connection {
     Wire(WireClient),
     Grpc(Box<Client>),
     Cluster(Box<ClusterClient>),
+    WireCluster(Box<WireClusterClient>),
 }
 
 /// The error of a presence workload against a cluster target.
@@ -50,6 +53,9 @@ impl ImstateDriver {
             Target::ImstateCluster(address) => Connection::Cluster(Box::new(
                 ClusterClient::connect(address, &config.security.options()?, None).await?,
             )),
+            Target::ImstateWireCluster(address) => Connection::WireCluster(Box::new(
+                WireClusterClient::connect(address, &config.security.options()?, None).await?,
+            )),
             Target::Redis(_) => bail!("{} is not an imstate target", target.url()),
         };
         Ok(Self {
@@ -77,7 +83,7 @@ impl ImstateDriver {
         match &self.connection {
             Connection::Wire(client) => client.login(&args).await?,
             Connection::Grpc(client) => client.login(args).await?,
-            Connection::Cluster(_) => return Err(per_node()),
+            Connection::Cluster(_) | Connection::WireCluster(_) => return Err(per_node()),
         };
         Ok(())
     }
@@ -87,6 +93,7 @@ impl ImstateDriver {
             Connection::Wire(client) => client.next_batch(&self.namespace, &ids).await?,
             Connection::Grpc(client) => client.next_batch(&self.namespace, ids).await?,
             Connection::Cluster(client) => client.next_batch(&self.namespace, ids).await?,
+            Connection::WireCluster(client) => client.next_batch(&self.namespace, ids).await?,
         })
     }
 
@@ -96,7 +103,7 @@ impl ImstateDriver {
         Ok(match &self.connection {
             Connection::Wire(client) => client.lookup_batch_count(&uids).await?,
             Connection::Grpc(client) => client.lookup_batch_count(uids).await?,
-            Connection::Cluster(_) => return Err(per_node()),
+            Connection::Cluster(_) | Connection::WireCluster(_) => return Err(per_node()),
         })
     }
 }
@@ -110,6 +117,7 @@ impl Driver for ImstateDriver {
                     Connection::Wire(client) => client.next(&self.namespace, id).await?,
                     Connection::Grpc(client) => client.next(&self.namespace, id).await?,
                     Connection::Cluster(client) => client.next(&self.namespace, id).await?,
+                    Connection::WireCluster(client) => client.next(&self.namespace, id).await?,
                 };
                 Ok(1)
             }
@@ -130,7 +138,7 @@ impl Driver for ImstateDriver {
                 let unknown = match &self.connection {
                     Connection::Wire(client) => client.heartbeat_batch(&gateway, &pairs).await?,
                     Connection::Grpc(client) => client.heartbeat_batch(&gateway, &pairs).await?,
-                    Connection::Cluster(_) => return Err(per_node()),
+                    Connection::Cluster(_) | Connection::WireCluster(_) => return Err(per_node()),
                 };
                 Ok((pairs.len() - unknown.len().min(pairs.len())) as u64)
             }

@@ -65,7 +65,9 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub security: crate::seq::Security,
     /// What to load: imstate://HOST:PORT (the node's wire protocol, `wire_listen`),
-    /// imstate+grpc://HOST:PORT (its gRPC port, `listen`) or redis://HOST:PORT.
+    /// imstate+grpc://HOST:PORT (its gRPC port, `listen`), a cluster through any node with
+    /// the smart client: imstate+cluster://HOST:PORT (gRPC) or imstate+wire-cluster://HOST:PORT
+    /// (wire; sequence workloads only), or redis://HOST:PORT.
     #[arg(long, default_value = "imstate://127.0.0.1:7702")]
     pub target: String,
     /// The workload.
@@ -180,6 +182,9 @@ pub enum Target {
     /// A cluster reached through any node's gRPC listener, with the smart client that
     /// routes each id to its owner (`imstate+cluster://`; sequence workloads only).
     ImstateCluster(String),
+    /// The same through any node's wire listener, with the wire smart client
+    /// (`imstate+wire-cluster://`; sequence workloads only).
+    ImstateWireCluster(String),
     /// A Redis server at HOST:PORT.
     Redis(String),
 }
@@ -193,12 +198,15 @@ impl Target {
             Target::ImstateGrpc(address.to_string())
         } else if let Some(address) = text.strip_prefix("imstate+cluster://") {
             Target::ImstateCluster(address.to_string())
+        } else if let Some(address) = text.strip_prefix("imstate+wire-cluster://") {
+            Target::ImstateWireCluster(address.to_string())
         } else if let Some(address) = text.strip_prefix("redis://") {
             Target::Redis(address.to_string())
         } else {
             bail!(
                 "unsupported target `{text}`: use imstate://HOST:PORT (wire protocol), \
-                 imstate+grpc://HOST:PORT, imstate+cluster://HOST:PORT or redis://HOST:PORT"
+                 imstate+grpc://HOST:PORT, imstate+cluster://HOST:PORT (gRPC), \
+                 imstate+wire-cluster://HOST:PORT or redis://HOST:PORT"
             );
         };
         let address = target.address();
@@ -228,6 +236,7 @@ impl Target {
             Target::Imstate(address)
             | Target::ImstateGrpc(address)
             | Target::ImstateCluster(address)
+            | Target::ImstateWireCluster(address)
             | Target::Redis(address) => address,
         }
     }
@@ -238,6 +247,7 @@ impl Target {
             Target::Imstate(_) => "imstate",
             Target::ImstateGrpc(_) => "imstate+grpc",
             Target::ImstateCluster(_) => "imstate+cluster",
+            Target::ImstateWireCluster(_) => "imstate+wire-cluster",
             Target::Redis(_) => "redis",
         }
     }
@@ -372,7 +382,8 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<BenchResult> {
     match &config.target {
         Target::Imstate(address)
         | Target::ImstateGrpc(address)
-        | Target::ImstateCluster(address) => {
+        | Target::ImstateCluster(address)
+        | Target::ImstateWireCluster(address) => {
             let mut drivers = Vec::with_capacity(config.connections);
             for _ in 0..config.connections {
                 drivers.push(Arc::new(
@@ -406,7 +417,10 @@ pub async fn preload(config: &RunConfig, count: u64) -> anyhow::Result<f64> {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..config.connections {
         match &config.target {
-            Target::Imstate(_) | Target::ImstateGrpc(_) | Target::ImstateCluster(_) => {
+            Target::Imstate(_)
+            | Target::ImstateGrpc(_)
+            | Target::ImstateCluster(_)
+            | Target::ImstateWireCluster(_) => {
                 let driver =
                     Arc::new(imstate::ImstateDriver::connect(&config.target, config).await?);
                 for _ in 0..PRELOAD_INFLIGHT {
@@ -587,9 +601,10 @@ async fn drive<D: Driver>(
         rate: config.rate,
         redis_fanout: match config.target {
             Target::Redis(_) => format!("{:?}", config.redis_fanout).to_lowercase(),
-            Target::Imstate(_) | Target::ImstateGrpc(_) | Target::ImstateCluster(_) => {
-                String::new()
-            }
+            Target::Imstate(_)
+            | Target::ImstateGrpc(_)
+            | Target::ImstateCluster(_)
+            | Target::ImstateWireCluster(_) => String::new(),
         },
         first_error,
     })

@@ -125,34 +125,9 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::RouteRequest>,
     ) -> Result<Response<pb::RouteReply>, Status> {
-        let table = self.seq.route_table();
-        let nodes = match &self.seq {
-            Sequences::Embedded { .. } => Vec::new(),
-            Sequences::Cluster(store) => {
-                let cluster = store.cluster();
-                let draining = cluster.draining().await.map_err(status_from)?;
-                let members = cluster.members();
-                let mut ids: std::collections::BTreeSet<String> =
-                    members.keys().cloned().collect();
-                ids.extend(table.entries.iter().map(|entry| entry.node_id.clone()));
-                ids.into_iter()
-                    .map(|id| {
-                        let info = members.get(&id);
-                        pb::NodeState {
-                            grpc: info.map(|info| info.grpc.clone()).unwrap_or_default(),
-                            wire: info.map(|info| info.wire.clone()).unwrap_or_default(),
-                            alive: info.is_some(),
-                            draining: draining.contains(&id),
-                            node_id: id,
-                        }
-                    })
-                    .collect()
-            }
-        };
-        Ok(Response::new(pb::RouteReply {
-            table: Some(table),
-            nodes,
-        }))
+        Ok(Response::new(
+            self.seq.route_reply().await.map_err(status_from)?,
+        ))
     }
 
     async fn drain(

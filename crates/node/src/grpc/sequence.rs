@@ -26,16 +26,6 @@ impl SequenceService {
     }
 }
 
-fn namespace_to_pb(def: NamespaceDef) -> pb::Namespace {
-    pb::Namespace {
-        name: def.name,
-        id_lo: def.id_lo,
-        id_hi: def.id_hi,
-        section_size: def.section_size,
-        step: def.step,
-    }
-}
-
 fn namespace_from_pb(namespace: pb::Namespace) -> NamespaceDef {
     let defaults = NamespaceDef::default_namespace();
     NamespaceDef {
@@ -134,7 +124,7 @@ impl Sequence for SequenceService {
             .await
             .map_err(status_from)?;
         Ok(Response::new(pb::CreateNamespaceReply {
-            namespace: Some(namespace_to_pb(def)),
+            namespace: Some(crate::sequences::namespace_to_pb(def)),
             route: self.route(0),
         }))
     }
@@ -143,15 +133,6 @@ impl Sequence for SequenceService {
         &self,
         _request: Request<pb::ListNamespacesRequest>,
     ) -> Result<Response<pb::ListNamespacesReply>, Status> {
-        let namespaces = self
-            .store
-            .namespaces()
-            .into_iter()
-            .map(namespace_to_pb)
-            .collect();
-        Ok(Response::new(pb::ListNamespacesReply {
-            namespaces,
-            route: self.route(0),
-        }))
+        Ok(Response::new(self.store.namespaces_reply()))
     }
 }

@@ -117,9 +117,20 @@ proptest! {
         unknown in proptest::collection::vec((any::<u64>(), any::<u64>()), 0..50),
     ) {
         let mut out = Vec::new();
-        reply_next_batch(&mut out, &seqs);
+        reply_next_batch(&mut out, &seqs, 9);
         let body = one_frame(&out).reply_body(Op::NextBatch).unwrap().unwrap();
-        prop_assert_eq!(decode_next_batch(body).unwrap(), seqs);
+        prop_assert_eq!(decode_next_batch(body).unwrap(), (seqs.clone(), 9));
+
+        out.clear();
+        reply_next(&mut out, seqs.first().copied().unwrap_or(1), 3);
+        let body = one_frame(&out).reply_body(Op::Next).unwrap().unwrap();
+        prop_assert_eq!(decode_next(body).unwrap(), (seqs.first().copied().unwrap_or(1), 3));
+
+        out.clear();
+        let route: Vec<u8> = seqs.iter().map(|seq| *seq as u8).collect();
+        reply_route(&mut out, &route, b"ns");
+        let body = one_frame(&out).reply_body(Op::Route).unwrap().unwrap();
+        prop_assert_eq!(decode_route(body).unwrap(), (&route[..], &b"ns"[..]));
 
         out.clear();
         let mut reply = LookupReply::begin(&mut out, sessions.len());
@@ -253,7 +264,7 @@ fn error_replies_carry_code_and_message() {
         )))
     );
     out.clear();
-    reply_next(&mut out, 5);
+    reply_next(&mut out, 5, 1);
     assert!(matches!(
         one_frame(&out).reply_body(Op::NextBatch),
         Err(DecodeError::UnexpectedReply { .. })
