@@ -3,7 +3,7 @@
 //! `serve` with the same flags and environment would run with.
 //!
 //! Configuration precedence is flags > environment (`IMSTATE_...`, see
-//! `imstate_node::config`) > file (`--config`) > defaults.
+//! `imstate_server::config`) > file (`--config`) > defaults.
 //!
 //! The bound addresses are printed on stdout once the node is ready (after recovery), so
 //! scripts and tests can wait for them: `imstate listening on ADDR` (gRPC), then
@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use imstate_node::NodeConfig;
-use imstate_node::config::LogFormat;
+use imstate_server::NodeConfig;
+use imstate_server::config::LogFormat;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -141,7 +141,7 @@ fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
 
 pub fn config_command(command: ConfigCommand) -> anyhow::Result<()> {
     match command {
-        ConfigCommand::Example => print!("{}", imstate_node::config::EXAMPLE_TOML),
+        ConfigCommand::Example => print!("{}", imstate_server::config::EXAMPLE_TOML),
         ConfigCommand::Show(args) => print!("{}", resolve(&args)?.to_toml()),
     }
     Ok(())
@@ -181,7 +181,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
             }
         };
-        imstate_node::run(config, shutdown, |listening| {
+        imstate_server::run(config, shutdown, |listening| {
             let mut stdout = std::io::stdout();
             let _ = writeln!(stdout, "imstate listening on {}", listening.grpc);
             let _ = writeln!(stdout, "imstate wire listening on {}", listening.wire);

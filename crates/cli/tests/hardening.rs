@@ -57,7 +57,7 @@ fn sigterm_ends_open_watch_streams_and_exits_promptly() {
     assert!(status.success(), "{status:?}");
     println!("shutdown with 100 Watch streams open took {took:?}");
     assert!(
-        took < imstate_node::server::DRAIN_TIMEOUT + Duration::from_secs(3),
+        took < imstate_server::server::DRAIN_TIMEOUT + Duration::from_secs(3),
         "shutdown took {took:?}"
     );
     let ended = runtime

@@ -30,7 +30,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Largest reply the client accepts: the node's own ceiling on a gRPC reply
-/// (`imstate_node::grpc::limits::GRPC_REPLY_BYTES_MAX`), so a large LookupBatch that the node
+/// (`imstate_server::grpc::limits::GRPC_REPLY_BYTES_MAX`), so a large LookupBatch that the node
 /// sends is never refused here (tonic's default is 4 MiB).
 pub const REPLY_BYTES_MAX: usize = 64 << 20;
 

@@ -31,6 +31,7 @@
 #![deny(missing_docs)]
 
 pub mod local;
+pub mod maxseq;
 pub mod sim;
 
 pub use local::{BoxFuture, Coordinator, LocalCoordinator, MonotonicClock, SystemMonotonic};

@@ -296,3 +296,163 @@ mod tests {
         );
     }
 }
+
+/// A simulated [`crate::maxseq::MaxSeqStore`]: ceilings in memory, ownership moved by the test.
+///
+/// Like the cluster's txn: a raise whose writer's tenure is not the section's current one (a
+/// move is a route-table write) is [`PersistOutcome::Fenced`]; one whose fence (the section's
+/// mod revision as the writer last saw it) moved meanwhile is [`PersistOutcome::Stale`] with
+/// the current ceiling; otherwise every section of the call is written at one new revision.
+/// `lose_answer` applies a persist and answers `Fenced`, like a txn whose response the network
+/// lost.
+#[derive(Debug, Default)]
+pub struct SimMaxSeqStore {
+    state: std::sync::Mutex<SimMaxSeqState>,
+}
+
+#[derive(Debug, Default)]
+struct SimMaxSeqState {
+    revision: i64,
+    sections: HashMap<(String, u64), SimSection>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct SimSection {
+    max_seq: u64,
+    mod_revision: i64,
+    tenure: u64,
+    /// Whether the node under test owns it (else "another node" does).
+    mine: bool,
+}
+
+impl Default for SimSection {
+    fn default() -> Self {
+        Self {
+            max_seq: 0,
+            mod_revision: 0,
+            tenure: 1,
+            mine: true,
+        }
+    }
+}
+
+use crate::maxseq::{Ceiling, PersistOutcome, SectionRaise};
+
+impl SimMaxSeqStore {
+    /// A store where the node under test owns every section (tenure 1) at ceiling 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<R>(
+        &self,
+        namespace: &str,
+        section: u64,
+        f: impl FnOnce(&mut SimMaxSeqState, (String, u64)) -> R,
+    ) -> R {
+        let mut state = self.state.lock().expect("not poisoned");
+        let key = (namespace.to_owned(), section);
+        state.sections.entry(key.clone()).or_default();
+        f(&mut state, key)
+    }
+
+    /// The tenure under which the node under test owns the section, if it does.
+    pub fn owned(&self, namespace: &str, section: u64) -> Option<u64> {
+        self.with(namespace, section, |state, key| {
+            let section = state.sections[&key];
+            section.mine.then_some(section.tenure)
+        })
+    }
+
+    /// Moves the section to another node (`mine = false`) or back to the node under test: a
+    /// new tenure either way.
+    pub fn move_to(&self, namespace: &str, section: u64, mine: bool) {
+        self.with(namespace, section, |state, key| {
+            let section = state.sections.get_mut(&key).expect("created");
+            section.tenure += 1;
+            section.mine = mine;
+        });
+    }
+
+    /// Another node, owning the section, raises its ceiling by `by`: returns `(old, new)`; it
+    /// may then serve values in `old + 1 ..= new` to each id of the section. `None` when the
+    /// node under test owns the section.
+    pub fn raise_by_other(&self, namespace: &str, section: u64, by: u64) -> Option<(u64, u64)> {
+        self.with(namespace, section, |state, key| {
+            state.revision += 1;
+            let revision = state.revision;
+            let section = state.sections.get_mut(&key).expect("created");
+            if section.mine {
+                return None;
+            }
+            let old = section.max_seq;
+            section.max_seq += by;
+            section.mod_revision = revision;
+            Some((old, section.max_seq))
+        })
+    }
+
+    /// Answers a load now.
+    pub fn load_now(&self, namespace: &str, section: u64) -> Ceiling {
+        self.with(namespace, section, |state, key| {
+            let section = state.sections[&key];
+            Ceiling {
+                max_seq: section.max_seq,
+                fence: section.mod_revision,
+            }
+        })
+    }
+
+    /// Answers a persist now; with `lose_answer`, what was written is answered as `Fenced`.
+    pub fn persist_now(&self, raises: &[SectionRaise], lose_answer: bool) -> PersistOutcome {
+        let mut state = self.state.lock().expect("not poisoned");
+        let mut stale = Vec::new();
+        for raise in raises {
+            let section = state
+                .sections
+                .get(&(raise.namespace.clone(), raise.section))
+                .copied()
+                .unwrap_or_default();
+            if !section.mine || section.tenure != raise.tenure {
+                return PersistOutcome::Fenced;
+            }
+            if section.mod_revision != raise.fence {
+                stale.push((
+                    raise.section,
+                    Ceiling {
+                        max_seq: section.max_seq,
+                        fence: section.mod_revision,
+                    },
+                ));
+            }
+        }
+        if !stale.is_empty() {
+            return PersistOutcome::Stale { current: stale };
+        }
+        state.revision += 1;
+        let revision = state.revision;
+        for raise in raises {
+            let section = state
+                .sections
+                .entry((raise.namespace.clone(), raise.section))
+                .or_default();
+            section.max_seq = section.max_seq.max(raise.max_seq);
+            section.mod_revision = revision;
+        }
+        if lose_answer {
+            PersistOutcome::Fenced
+        } else {
+            PersistOutcome::Durable { fence: revision }
+        }
+    }
+}
+
+impl crate::maxseq::MaxSeqStore for SimMaxSeqStore {
+    async fn load(&self, namespace: &str, section: u64) -> Result<Ceiling, String> {
+        Ok(self.load_now(namespace, section))
+    }
+
+    async fn persist(&self, raises: Vec<SectionRaise>) -> PersistOutcome {
+        self.persist_now(&raises, false)
+    }
+}

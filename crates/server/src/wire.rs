@@ -56,12 +56,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::NodeError;
 use crate::grpc::edge::Tokens;
 use crate::grpc::error_code;
-use crate::presencestore::PresenceStore;
-use crate::seqstore::namespace_name;
-use crate::sequences::Sequences;
+use imstate_node::NodeError;
+use imstate_node::presencestore::PresenceStore;
+use imstate_node::seqstore::namespace_name;
+use imstate_node::sequences::Sequences;
 
 /// Most wire connections open at once (B1).
 pub const CONNECTIONS_MAX: usize = 10_000;
@@ -838,7 +838,8 @@ impl<'c> Connection<'c> {
             } else {
                 "invalid"
             };
-            metrics::counter!(crate::metrics::AUTH_REJECTED, "reason" => reason).increment(1);
+            metrics::counter!(imstate_node::metrics::AUTH_REJECTED, "reason" => reason)
+                .increment(1);
             self.tally
                 .errors
                 .push((codec::Op::Hello, Code::UNAUTHENTICATED));

@@ -31,22 +31,22 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::NodeError;
-use crate::clock::SystemClock;
-use crate::cluster::{Cluster, ClusterOptions};
-use crate::clusterseq::ClusterSeq;
 use crate::config::NodeConfig;
-use crate::datadir::DataDir;
 use crate::grpc::edge::{EdgeLayer, Tokens};
 use crate::grpc::limits;
 use crate::grpc::{AdminService, PresenceService, SequenceService};
-use crate::history::{History, LogKind};
 use crate::http::Health;
-use crate::metrics::{LOG_PRESENCE, LOG_SEQ};
-use crate::presencestore::PresenceStore;
-use crate::seqstore::{SeqStore, SeqStoreOptions};
-use crate::sequences::Sequences;
 use crate::wire::WireContext;
+use imstate_node::NodeError;
+use imstate_node::clock::SystemClock;
+use imstate_node::cluster::{Cluster, ClusterOptions};
+use imstate_node::clusterseq::ClusterSeq;
+use imstate_node::datadir::DataDir;
+use imstate_node::history::{History, LogKind};
+use imstate_node::metrics::{LOG_PRESENCE, LOG_SEQ};
+use imstate_node::presencestore::PresenceStore;
+use imstate_node::seqstore::{SeqStore, SeqStoreOptions};
+use imstate_node::sequences::Sequences;
 
 /// Longest a stopping node waits for in-flight gRPC calls before it flushes the log and exits.
 /// Watch streams are ended at once (UNAVAILABLE, "the node is stopping"), so only a call that
@@ -177,8 +177,8 @@ impl Node {
             let (seq, stats) = SeqStore::open(storage, options, &declared).await?;
             warn_skipped_checkpoints("sequence", &stats);
             history.check_recovered(LogKind::Seq, stats.last_lsn, seq.log().last_lsn())?;
-            crate::metrics::recovered(LOG_SEQ, &stats, started.elapsed());
-            crate::metrics::observe_log(seq.log(), LOG_SEQ);
+            imstate_node::metrics::recovered(LOG_SEQ, &stats, started.elapsed());
+            imstate_node::metrics::observe_log(seq.log(), LOG_SEQ);
             tracing::info!(
                 data_dir = %config.data_dir.display(),
                 checkpoint_lsn = ?stats.checkpoint_lsn,
@@ -205,8 +205,8 @@ impl Node {
         let (presence, stats) = PresenceStore::open(storage, options, Arc::new(SystemClock))?;
         warn_skipped_checkpoints("presence", &stats);
         history.check_recovered(LogKind::Presence, stats.last_lsn, presence.log().last_lsn())?;
-        crate::metrics::recovered(LOG_PRESENCE, &stats, started.elapsed());
-        crate::metrics::observe_log(presence.log(), LOG_PRESENCE);
+        imstate_node::metrics::recovered(LOG_PRESENCE, &stats, started.elapsed());
+        imstate_node::metrics::observe_log(presence.log(), LOG_PRESENCE);
         tracing::info!(
             checkpoint_lsn = ?stats.checkpoint_lsn,
             records_replayed = stats.records_replayed,
@@ -574,7 +574,7 @@ pub async fn run(
     let http = crate::http::start(
         config.metrics_listen,
         Arc::clone(&health),
-        crate::metrics::install(),
+        imstate_node::metrics::install(),
     )?;
     tracing::info!(address = %http.address(), "HTTP listening: /metrics /healthz /readyz");
     let node = Node::recover(config, data_dir, security, health).await?;

@@ -28,9 +28,9 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::NodeError;
-use crate::presencestore::PresenceStore;
-use crate::sequences::Sequences;
+use imstate_node::NodeError;
+use imstate_node::presencestore::PresenceStore;
+use imstate_node::sequences::Sequences;
 
 /// How often the recorder's histogram buffers are drained when nobody scrapes.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -241,11 +241,15 @@ fn render(health: &Health, metrics: Option<&PrometheusHandle>) -> impl IntoRespo
         );
     };
     if let Some((seq, presence)) = health.stores.get() {
-        crate::metrics::refresh(seq, presence);
+        imstate_node::metrics::refresh(seq, presence);
     }
-    crate::metrics::refresh_process();
-    metrics::gauge!(crate::metrics::PROCESS_UPTIME).set(health.uptime().as_secs_f64());
-    metrics::gauge!(crate::metrics::READY).set(if health.ready().is_ok() { 1.0 } else { 0.0 });
+    imstate_node::metrics::refresh_process();
+    metrics::gauge!(imstate_node::metrics::PROCESS_UPTIME).set(health.uptime().as_secs_f64());
+    metrics::gauge!(imstate_node::metrics::READY).set(if health.ready().is_ok() {
+        1.0
+    } else {
+        0.0
+    });
     (
         StatusCode::OK,
         [(

@@ -15,9 +15,9 @@ use tonic::{Request, Response, Status};
 
 use super::status_from;
 use crate::http::Health;
-use crate::metrics::{LOG_PRESENCE, LOG_SEQ, checkpoint_done};
-use crate::presencestore::PresenceStore;
-use crate::sequences::Sequences;
+use imstate_node::metrics::{LOG_PRESENCE, LOG_SEQ, checkpoint_done};
+use imstate_node::presencestore::PresenceStore;
+use imstate_node::sequences::Sequences;
 
 /// The Admin service.
 pub struct AdminService {
@@ -170,7 +170,7 @@ impl Admin for AdminService {
             let presence_stats = presence.checkpoint();
             checkpoint_done(LOG_PRESENCE, presence_stats.is_ok());
             done.push((LOG_PRESENCE, presence_stats?));
-            Ok::<_, crate::NodeError>(done)
+            Ok::<_, imstate_node::NodeError>(done)
         })
         .await
         .map_err(|error| Status::internal(format!("checkpoint task: {error}")))?;

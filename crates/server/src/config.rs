@@ -26,7 +26,7 @@ use std::time::Duration;
 use imstate_seq::NamespaceDef;
 use serde::{Deserialize, Serialize};
 
-use crate::NodeError;
+use imstate_node::NodeError;
 
 /// Default data directory, relative to the working directory.
 pub const DATA_DIR_DEFAULT: &str = "./imstate-data";
@@ -38,12 +38,9 @@ pub const METRICS_LISTEN_DEFAULT: &str = "127.0.0.1:7701";
 pub const WIRE_LISTEN_DEFAULT: &str = "127.0.0.1:7702";
 /// Prefix of the environment variables that set configuration keys.
 pub const ENV_PREFIX: &str = "IMSTATE_";
-/// Default limit on ids in one NextBatch / CurrentBatch call.
-pub const BATCH_IDS_MAX_DEFAULT: usize = 10_000;
-/// Default time a request waits for a max_seq raise to become durable before it fails.
-pub const RAISE_WAIT_TIMEOUT_MS_DEFAULT: u64 = 5_000;
-/// Default log bytes written since the last checkpoint that trigger a new checkpoint.
-pub const CHECKPOINT_LOG_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+pub use imstate_node::seqstore::{
+    BATCH_IDS_MAX_DEFAULT, CHECKPOINT_LOG_BYTES_DEFAULT, RAISE_WAIT_TIMEOUT_MS_DEFAULT,
+};
 
 /// The whole configuration of a node.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -345,7 +342,9 @@ impl Default for PresenceConfig {
 
 impl PresenceConfig {
     /// The store options this section describes, or an error naming the bad key.
-    pub fn to_options(&self) -> Result<crate::presencestore::PresenceStoreOptions, NodeError> {
+    pub fn to_options(
+        &self,
+    ) -> Result<imstate_node::presencestore::PresenceStoreOptions, NodeError> {
         let fsync = self
             .fsync
             .parse()
@@ -383,18 +382,18 @@ impl PresenceConfig {
                 )));
             }
         }
-        Ok(crate::presencestore::PresenceStoreOptions {
+        Ok(imstate_node::presencestore::PresenceStoreOptions {
             registry,
             fsync,
             ttl_ms_default: self.ttl_ms_default,
             tick_ms: self.tick_ms,
             checkpoint_log_bytes: self.checkpoint_log_bytes,
-            watch: crate::watch::WatchLimits {
+            watch: imstate_node::watch::WatchLimits {
                 buffer_events: self.watch_buffer_events,
                 subscribers_max: self.watch_subscribers_max,
                 uids_max: self.watch_uids_max,
             },
-            ..crate::presencestore::PresenceStoreOptions::default()
+            ..imstate_node::presencestore::PresenceStoreOptions::default()
         })
     }
 }

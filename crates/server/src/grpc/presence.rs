@@ -1,6 +1,6 @@
 //! The presence service over gRPC, including the Watch stream.
 //!
-//! Watch streams read from the store's [`crate::watch::WatchHub`] through one forwarding task
+//! Watch streams read from the store's [`imstate_node::watch::WatchHub`] through one forwarding task
 //! each: tonic takes messages only as fast as HTTP/2 flow control lets it send, so a stalled
 //! subscriber falls behind in the hub (memory bounded by `watch_buffer_events` per
 //! subscriber) and then receives RESOURCE_EXHAUSTED and the stream ends. When the node stops,
@@ -17,9 +17,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{presence_route, status_from};
-use crate::NodeError;
-use crate::presencestore::PresenceStore;
-use crate::watch::{Subscriber, WatchEnd, WatchRefused};
+use imstate_node::NodeError;
+use imstate_node::presencestore::PresenceStore;
+use imstate_node::watch::{Subscriber, WatchEnd, WatchRefused};
 
 /// The presence service.
 pub struct PresenceService {

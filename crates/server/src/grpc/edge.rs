@@ -27,7 +27,7 @@ use std::time::Instant;
 use subtle::ConstantTimeEq;
 use tonic::Status;
 
-use crate::metrics::{AUTH_REJECTED, GRPC_DURATION, GRPC_REQUESTS};
+use imstate_node::metrics::{AUTH_REJECTED, GRPC_DURATION, GRPC_REQUESTS};
 
 /// Name of the gRPC health service, exempt from tokens.
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";

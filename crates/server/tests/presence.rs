@@ -8,7 +8,7 @@ use imstate_client::{Client, LoginArgs, WatchKind};
 use imstate_log::{CrashMode, FaultyStorage, FsyncPolicy};
 use imstate_node::clock::ManualClock;
 use imstate_node::presencestore::{PresenceStore, PresenceStoreOptions};
-use imstate_node::{Node, NodeConfig};
+use imstate_server::{Node, NodeConfig};
 use tokio_stream::StreamExt;
 
 const T0: u64 = 1_700_000_000_000;

@@ -6,8 +6,8 @@ use imstate_seq::NamespaceDef;
 use tonic::{Request, Response, Status};
 
 use super::status_from;
-use crate::seqstore::namespace_name;
-use crate::sequences::Sequences;
+use imstate_node::seqstore::namespace_name;
+use imstate_node::sequences::Sequences;
 
 /// The sequence service.
 pub struct SequenceService {
@@ -124,7 +124,7 @@ impl Sequence for SequenceService {
             .await
             .map_err(status_from)?;
         Ok(Response::new(pb::CreateNamespaceReply {
-            namespace: Some(crate::sequences::namespace_to_pb(def)),
+            namespace: Some(imstate_node::sequences::namespace_to_pb(def)),
             route: self.route(0),
         }))
     }

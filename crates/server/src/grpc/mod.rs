@@ -29,11 +29,11 @@ use imstate_proto::v1 as pb;
 use imstate_seq::SeqError;
 use tonic::Status;
 
-use crate::NodeError;
+use imstate_node::NodeError;
 
 /// The route table version of a node in embedded mode: there is one node and it owns every
 /// section, so the table never changes.
-pub use crate::sequences::EMBEDDED_ROUTE_VERSION;
+pub use imstate_node::sequences::EMBEDDED_ROUTE_VERSION;
 
 /// Maps a domain error to a gRPC status.
 pub fn status_from(error: NodeError) -> Status {
