@@ -54,6 +54,11 @@ step "negative controls: the cluster simulation catches each planted ownership b
 run_tests -p imstate-sim --features planted-serve-without-lease --test simulation
 run_tests -p imstate-sim --features planted-no-lock-delay --test simulation
 run_tests -p imstate-sim --features planted-raise-without-fence --test simulation
+run_tests -p imstate-sim --features planted-coalesce-unsettled --test simulation
+
+step "negative controls: the engine simulation catches each planted load/unload race"
+run_tests -p imstate-node --features planted-unload-current-tenure --test engine_sim
+run_tests -p imstate-node --features planted-load-overwrites-tenure --test engine_sim
 
 step "negative control: a gateway-id reclaim frees ids that sessions hold"
 run_tests -p imstate-presence --features planted-reclaim-frees-used-gateways --test model

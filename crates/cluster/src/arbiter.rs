@@ -51,6 +51,9 @@ pub struct Arbiter {
     /// the sections of one move are served again before the next move starts).
     cooldown_ms: Millis,
     last_write: Option<Millis>,
+    /// Table versions this leader read, with when it first read each: a version read a
+    /// cooldown ago is settled (placement rule 5). Cleared when leadership ends.
+    seen: Vec<(Millis, u64)>,
     /// The campaign period while another node leads and a watch on its key is in place (the
     /// driver calls [`Arbiter::vacant`] when the key goes); `period_ms` without a watch.
     campaign_every_ms: Millis,
@@ -75,6 +78,7 @@ impl Arbiter {
             next_token: ARBITER_TOKENS,
             last_round: None,
             cooldown_ms: 0,
+            seen: Vec::new(),
             last_write: None,
             campaign_every_ms: period_ms.max(1),
             follower_of: None,
@@ -264,7 +268,27 @@ impl Arbiter {
                 namespaces.insert(Keys::leaf(&kv.key).to_owned(), sections);
             }
         }
+        // Settled: the newest version first read at least a cooldown (the lock-delay) ago.
+        if self
+            .seen
+            .last()
+            .is_none_or(|(_, version)| *version < current.version)
+        {
+            self.seen.push((now, current.version));
+        }
+        let settled_index = self
+            .seen
+            .iter()
+            .rposition(|(at, _)| self.cooldown_ms > 0 && now >= at + self.cooldown_ms);
+        let settled = settled_index.map_or(0, |index| self.seen[index].1);
+        // The planted bug: coalesce what was just moved, without waiting a lock-delay.
+        #[cfg(feature = "planted-coalesce-unsettled")]
+        let settled = current.version;
+        if let Some(index) = settled_index {
+            self.seen.drain(..index);
+        }
         let inputs = Inputs {
+            settled,
             live: names(1),
             draining: names(2),
             namespaces,

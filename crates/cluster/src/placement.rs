@@ -10,11 +10,23 @@
 //! 4. then, with what is left of `moves_max`, the most loaded target gives sections to the
 //!    least loaded while they differ by more than one section and 5% of the average load.
 //!
+//! 5. in a plan where nothing else changed, adjacent ranges of one owner that are all
+//!    *settled* (`since <= Inputs::settled`) are coalesced into one range with `since` = the
+//!    new version and `handover` = false, so repeated moves do not fragment the table without
+//!    bound.
+//!
 //! Rules 3 and 4 run only in a plan where 1 and 2 changed nothing.
 //!
-//! Every moved range gets `since` = the new version and `handover` = true. Adjacent ranges
-//! merge only when owner, `since` and `handover` are equal, so a node's readiness for what it
-//! kept is never reset by a move of its neighbours.
+//! Every moved range gets `since` = the new version and `handover` = true. Otherwise adjacent
+//! ranges merge only when owner, `since` and `handover` are equal, so a node's readiness for
+//! what it kept is never reset by a move of its neighbours.
+//!
+//! Why rule 5 is safe: `settled` is a table version the arbiter read at least a lock-delay ago
+//! on its own monotonic clock, so every move at or below it was written at least a lock-delay
+//! before the coalesced table, and the old owner of every part has stopped serving it (the
+//! same inequality as the lock-delay itself). The owner may then serve the coalesced range at
+//! once (`handover` = false); its new `since` is a new tenure, so the owner reloads each
+//! section's ceiling from the coordinator (values go on from there).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -31,6 +43,9 @@ pub struct Inputs {
     pub namespaces: BTreeMap<String, u64>,
     /// Most sections moved by rules 3 and 4 in one plan.
     pub moves_max: u64,
+    /// Ranges with `since` at or below this version are settled: rule 5 may coalesce them
+    /// (0: none is).
+    pub settled: u64,
 }
 
 /// The next table, or `None` when `current` is already right (or no node can own anything).
@@ -94,12 +109,16 @@ pub fn plan(current: &RouteTable, inputs: &Inputs) -> Option<RouteTable> {
     // (water-filling, least loaded first), so that no rebalancing has to follow.
     for route in next.namespaces.values_mut() {
         let mut ranges = Vec::with_capacity(route.ranges.len());
-        for range in route.ranges.drain(..) {
+        let mut old = std::mem::take(&mut route.ranges).into_iter().peekable();
+        while let Some(range) = old.next() {
             if inputs.live.contains(&range.owner) {
                 ranges.push(range);
                 continue;
             }
             changed = true;
+            // The chunks first (owner, size), then placed so that a chunk going to the owner
+            // of a neighbouring range lies next to it (rule 5 can then coalesce them).
+            let mut chunks: Vec<(String, u64)> = Vec::new();
             let mut start = range.start;
             while start < range.end {
                 let remaining = range.end - start;
@@ -114,6 +133,31 @@ pub fn plan(current: &RouteTable, inputs: &Inputs) -> Option<RouteTable> {
                 let share = remaining.div_ceil(order.len() as u64);
                 let take = level.saturating_sub(least).max(share).max(1).min(remaining);
                 *load.get_mut(&owner).expect("a target") += take;
+                chunks.push((owner, take));
+                start += take;
+            }
+            let left = ranges.last().map(|left: &Range| left.owner.clone());
+            if let Some(at) = chunks
+                .iter()
+                .position(|(owner, _)| Some(owner) == left.as_ref())
+            {
+                let chunk = chunks.remove(at);
+                chunks.insert(0, chunk);
+            }
+            let right = old
+                .peek()
+                .filter(|right| inputs.live.contains(&right.owner))
+                .map(|right| right.owner.clone());
+            if chunks.len() > 1
+                && let Some(at) = chunks[1..]
+                    .iter()
+                    .position(|(owner, _)| Some(owner) == right.as_ref())
+            {
+                let chunk = chunks.remove(at + 1);
+                chunks.push(chunk);
+            }
+            let mut start = range.start;
+            for (owner, take) in chunks {
                 ranges.push(Range {
                     start,
                     end: start + take,
@@ -172,6 +216,12 @@ pub fn plan(current: &RouteTable, inputs: &Inputs) -> Option<RouteTable> {
         budget -= moved;
         changed = true;
     }
+    // 5. Coalesce settled neighbours, only when nothing else changed.
+    if !changed && inputs.settled > 0 {
+        for route in next.namespaces.values_mut() {
+            changed |= coalesce(&mut route.ranges, inputs.settled, version);
+        }
+    }
     if !changed {
         return None;
     }
@@ -189,37 +239,97 @@ fn least_loaded(load: &BTreeMap<String, u64>) -> NodeId {
         .expect("targets are not empty")
 }
 
-/// Moves up to `count` sections of `from`'s largest range (its tail) to `to`.
+/// Moves up to `count` sections of `from` to `to`: the end of one of `from`'s ranges that
+/// touches a range of `to` (so that the table does not fragment), else the tail of `from`'s
+/// largest range.
 fn move_tail(table: &mut RouteTable, from: &str, to: &str, count: u64, version: u64) -> u64 {
-    let mut best: Option<(String, usize, u64)> = None;
+    // (namespace, index, len, head): `head` moves the start of the range, else its end.
+    let mut best: Option<(String, usize, u64, bool)> = None;
+    let mut touching = false;
     for (name, route) in &table.namespaces {
         for (index, range) in route.ranges.iter().enumerate() {
-            if range.owner == from && best.as_ref().is_none_or(|(_, _, len)| range.len() > *len) {
-                best = Some((name.clone(), index, range.len()));
+            if range.owner != from {
+                continue;
+            }
+            let right = route
+                .ranges
+                .get(index + 1)
+                .is_some_and(|next| next.owner == to);
+            let left = index > 0 && route.ranges[index - 1].owner == to;
+            let edge = right || left;
+            let better = match &best {
+                None => true,
+                Some((_, _, len, _)) => {
+                    (edge && !touching) || (edge == touching && range.len() > *len)
+                }
+            };
+            if better {
+                best = Some((name.clone(), index, range.len(), left && !right));
+                touching = edge;
             }
         }
     }
-    let Some((name, index, len)) = best else {
+    let Some((name, index, len, head)) = best else {
         return 0;
     };
     let moved = count.min(len);
     let ranges = &mut table.namespaces.get_mut(&name).expect("found above").ranges;
     let range = &mut ranges[index];
-    let split = range.end - moved;
-    let tail = Range {
-        start: split,
-        end: range.end,
-        owner: to.to_owned(),
-        since: version,
-        handover: true,
-    };
     if moved == len {
-        *range = tail;
+        *range = Range {
+            owner: to.to_owned(),
+            since: version,
+            handover: true,
+            ..range.clone()
+        };
+    } else if head {
+        let split = range.start + moved;
+        let part = Range {
+            start: range.start,
+            end: split,
+            owner: to.to_owned(),
+            since: version,
+            handover: true,
+        };
+        range.start = split;
+        ranges.insert(index, part);
     } else {
+        let split = range.end - moved;
+        let part = Range {
+            start: split,
+            end: range.end,
+            owner: to.to_owned(),
+            since: version,
+            handover: true,
+        };
         range.end = split;
-        ranges.insert(index + 1, tail);
+        ranges.insert(index + 1, part);
     }
     moved
+}
+
+/// Rule 5: runs of two or more adjacent ranges of one owner, all settled, become one range of
+/// tenure `version` without handover. Returns whether anything changed.
+fn coalesce(ranges: &mut Vec<Range>, settled: u64, version: u64) -> bool {
+    let mut changed = false;
+    let mut out: Vec<Range> = Vec::with_capacity(ranges.len());
+    for range in ranges.drain(..) {
+        match out.last_mut() {
+            Some(last)
+                if last.owner == range.owner
+                    && range.since <= settled
+                    && (last.since <= settled || last.since == version) =>
+            {
+                last.end = range.end;
+                last.since = version;
+                last.handover = false;
+                changed = true;
+            }
+            _ => out.push(range),
+        }
+    }
+    *ranges = out;
+    changed
 }
 
 fn merge(ranges: &mut Vec<Range>) {
@@ -252,6 +362,7 @@ mod tests {
                 .map(|(name, sections)| (name.to_string(), *sections))
                 .collect(),
             moves_max: 4,
+            settled: 0,
         }
     }
 
@@ -268,6 +379,129 @@ mod tests {
             }
         }
         panic!("the plan never settles: {table:?}");
+    }
+
+    #[test]
+    fn settled_neighbours_of_one_owner_are_coalesced_and_unsettled_ones_are_not() {
+        // Fragment the table: a node dies and comes back, twice, with moves of 4 at a time.
+        let all = inputs(&["a", "b", "c"], &[], &[("inbox", 30)]);
+        let mut table = settle(RouteTable::empty("c"), &all);
+        for _ in 0..2 {
+            table = settle(table, &inputs(&["a", "b"], &[], &[("inbox", 30)]));
+            table = settle(table, &all);
+        }
+        let fragments = table.namespaces["inbox"].ranges.len();
+        assert!(fragments > 3, "the moves fragmented the table: {table:?}");
+        // Ranges moved after the settled version keep their tenure and handover.
+        let partly = Inputs {
+            settled: table.version - 1,
+            ..all.clone()
+        };
+        if let Some(next) = plan(&table, &partly) {
+            for section in 0..30 {
+                let (before, after) = (
+                    table.range("inbox", section).unwrap(),
+                    next.range("inbox", section).unwrap(),
+                );
+                assert_eq!(before.owner, after.owner);
+                if before.since > partly.settled {
+                    assert_eq!(
+                        (before.since, before.handover),
+                        (after.since, after.handover),
+                        "section {section}: an unsettled range was coalesced: {next:?}"
+                    );
+                }
+            }
+        }
+        // Everything settled: one range per run of an owner, new tenure, no handover, same
+        // owners and load.
+        let settled = Inputs {
+            settled: table.version,
+            ..all.clone()
+        };
+        let next = plan(&table, &settled)
+            .unwrap_or_else(|| panic!("fragments to coalesce: {:?}", table.namespaces["inbox"]));
+        next.check().unwrap();
+        assert_eq!(next.load(), table.load());
+        let ranges = &next.namespaces["inbox"].ranges;
+        assert!(ranges.len() < fragments, "{ranges:?}");
+        for pair in ranges.windows(2) {
+            assert_ne!(pair[0].owner, pair[1].owner, "{ranges:?}");
+        }
+        for section in 0..30 {
+            assert_eq!(
+                next.range("inbox", section).unwrap().owner,
+                table.range("inbox", section).unwrap().owner
+            );
+        }
+        // And then it is stable.
+        assert_eq!(plan(&next, &settled), None);
+    }
+
+    /// 300 rounds of a random node dying, coming back or draining (seeded), each planned
+    /// until settled, then (with `coalesce`) with every range settled; returns the most ranges
+    /// the table had and the mean over the rounds.
+    fn churn(coalesce: bool) -> (usize, usize) {
+        let nodes = ["a", "b", "c", "d", "e"];
+        let mut rng = 0x1234_5678_u64;
+        let mut next_random = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut live: BTreeSet<&str> = nodes.iter().copied().collect();
+        let mut table = RouteTable::empty("c");
+        let (mut most, mut total, rounds) = (0, 0, 300);
+        for _ in 0..rounds {
+            let node = nodes[next_random(nodes.len() as u64) as usize];
+            if live.len() > 2 && live.contains(node) {
+                live.remove(node);
+            } else {
+                live.insert(node);
+            }
+            let draining: Vec<&str> = if next_random(4) == 0 {
+                live.iter().copied().take(1).collect()
+            } else {
+                Vec::new()
+            };
+            let now = Inputs {
+                moves_max: 64,
+                ..inputs(
+                    &live.iter().copied().collect::<Vec<_>>(),
+                    &draining,
+                    &[("inbox", 1000), ("groups", 64)],
+                )
+            };
+            table = settle(table, &now);
+            if coalesce {
+                let settled = Inputs {
+                    settled: table.version,
+                    ..now
+                };
+                table = settle(table, &settled);
+            }
+            let ranges: usize = table.namespaces.values().map(|r| r.ranges.len()).sum();
+            most = most.max(ranges);
+            total += ranges;
+        }
+        (most, total / rounds)
+    }
+
+    #[test]
+    fn coalescing_keeps_the_table_small_through_long_churn() {
+        let (most, mean) = churn(true);
+        let (most_without, mean_without) = churn(false);
+        eprintln!(
+            "ranges over the churn: most {most}, mean {mean} (without coalescing: most \
+             {most_without}, mean {mean_without})"
+        );
+        // Two namespaces over at most five nodes: tens of ranges, not hundreds.
+        assert!(most <= 128 && mean <= 40, "most {most}, mean {mean}");
+        assert!(
+            mean * 3 < mean_without,
+            "mean {mean} vs {mean_without} without coalescing"
+        );
     }
 
     #[test]

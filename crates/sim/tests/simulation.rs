@@ -7,8 +7,9 @@
 //! `IMSTATE_SIM_SECONDS` (simulated seconds per seed, default 40), `IMSTATE_SIM_SEED` (run
 //! only this seed, printing its fault log). A failing seed prints the command that replays it.
 //!
-//! Negative controls: built with `planted-serve-without-lease`, `planted-no-lock-delay` or
-//! `planted-raise-without-fence`, the same seeds must report violations.
+//! Negative controls: built with `planted-serve-without-lease`, `planted-no-lock-delay`,
+//! `planted-raise-without-fence` or `planted-coalesce-unsettled`, the same seeds must report
+//! violations.
 
 use imstate_sim::{Report, SimConfig, run};
 
@@ -58,6 +59,8 @@ fn planted() -> &'static str {
         " --features planted-no-lock-delay"
     } else if cfg!(feature = "planted-raise-without-fence") {
         " --features planted-raise-without-fence"
+    } else if cfg!(feature = "planted-coalesce-unsettled") {
+        " --features planted-coalesce-unsettled"
     } else {
         ""
     }
@@ -133,7 +136,8 @@ fn s1_and_s3_hold_under_every_seeded_fault_schedule() {
 #[cfg(any(
     feature = "planted-serve-without-lease",
     feature = "planted-no-lock-delay",
-    feature = "planted-raise-without-fence"
+    feature = "planted-raise-without-fence",
+    feature = "planted-coalesce-unsettled"
 ))]
 #[test]
 fn the_planted_bug_is_caught() {
