@@ -10,7 +10,9 @@
 //!  create / rename / remove ──► current entries ──sync_dir──► durable entries
 //!  crash_image(mode) = durable entries -> durable bytes
 //!     Torn: + a seeded subset of the unsynced directory changes
-//!           + a seeded prefix (512-byte aligned) of each file's unsynced tail
+//!           + a seeded prefix (512-byte aligned) of each file's unsynced writes, from the
+//!             first byte they changed (appended, or written over a preallocated file's
+//!             zeros), with the durable bytes after the cut
 //! ```
 //!
 //! Failure injection: every mutating operation is numbered; from number `n` on
@@ -71,6 +73,8 @@ struct Inner {
     /// How long each file sync takes, spent outside the lock (writes go on meanwhile).
     fsync_stall: std::time::Duration,
     fsync_calls: u64,
+    /// Whether the log should preallocate segments here ([`FaultyStorage::preallocating`]).
+    preallocates: bool,
 }
 
 impl Inner {
@@ -134,6 +138,14 @@ impl FaultyStorage {
     /// An empty directory.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty directory where the log preallocates its segments (as on a real disk), so
+    /// that crash tests cover writes over zero-filled files.
+    pub fn preallocating() -> Self {
+        let storage = Self::default();
+        storage.inner.lock().preallocates = true;
+        storage
     }
 
     /// Counts every mutating operation (write, sync, truncate, rename, remove, sync_dir,
@@ -213,6 +225,7 @@ impl FaultyStorage {
             image.entries.insert(name.clone(), id);
         }
         image.durable_entries = image.entries.clone();
+        image.preallocates = inner.preallocates;
         FaultyStorage {
             inner: Arc::new(Mutex::new(image)),
         }
@@ -277,25 +290,36 @@ impl FaultyStorage {
 
 /// The crash image of one file under [`CrashMode::Torn`].
 fn torn(data: &FileData, seed: u64, name: &str) -> Vec<u8> {
-    let durable = data.durable.len();
-    let current = data.current.len();
-    // Only an unsynced tail that extends the durable bytes can be torn; anything else (an
-    // unsynced truncation) falls back to the durable image.
-    if current <= durable || !data.current.starts_with(&data.durable) {
-        return data.durable.clone();
+    let (durable, current) = (&data.durable, &data.current);
+    // Where the unsynced changes start: the first byte where the images differ (writes over a
+    // preallocated file change bytes inside the durable length; appends extend it).
+    let common = durable
+        .iter()
+        .zip(current.iter())
+        .position(|(old, new)| old != new)
+        .unwrap_or_else(|| durable.len().min(current.len()));
+    // Only unsynced writes can be torn; an unsynced truncation falls back to the durable image.
+    if current.len() < durable.len() || common == current.len() {
+        return durable.clone();
     }
-    let mut cuts = vec![durable];
-    let mut boundary = (durable / SECTOR_BYTES + 1) * SECTOR_BYTES;
-    while boundary < current {
+    let mut cuts = vec![common];
+    let mut boundary = (common / SECTOR_BYTES + 1) * SECTOR_BYTES;
+    while boundary < current.len() {
         cuts.push(boundary);
         boundary += SECTOR_BYTES;
     }
-    cuts.push(current);
+    cuts.push(current.len());
     let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
     });
     let pick = splitmix64(seed ^ name_hash) % cuts.len() as u64;
-    data.current[..cuts[pick as usize]].to_vec()
+    let cut = cuts[pick as usize];
+    // The written prefix, then what was durable after it (zeros of a preallocated file).
+    let mut image = current[..cut].to_vec();
+    if cut < durable.len() {
+        image.extend_from_slice(&durable[cut..]);
+    }
+    image
 }
 
 fn splitmix64(mut x: u64) -> u64 {
@@ -309,6 +333,9 @@ struct FaultyFile {
     inner: Arc<Mutex<Inner>>,
     id: u64,
     name: String,
+    /// Where the next write goes: `None` appends (the end), `Some` writes over the bytes at
+    /// that offset (a file from `open_write`).
+    position: Option<usize>,
 }
 
 /// Makes what was written to file `id` so far durable (or fails as the plan says).
@@ -341,7 +368,18 @@ impl StorageFile for FaultyFile {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         let mut inner = self.inner.lock();
         inner.mutate(&format!("write {}", self.name))?;
-        inner.file(self.id).current.extend_from_slice(buf);
+        let current = &mut inner.file(self.id).current;
+        match &mut self.position {
+            None => current.extend_from_slice(buf),
+            Some(position) => {
+                let end = *position + buf.len();
+                if current.len() < end {
+                    current.resize(end, 0);
+                }
+                current[*position..end].copy_from_slice(buf);
+                *position = end;
+            }
+        }
         Ok(())
     }
 
@@ -361,6 +399,9 @@ impl StorageFile for FaultyFile {
         let mut inner = self.inner.lock();
         inner.mutate(&format!("truncate {}", self.name))?;
         inner.file(self.id).current.resize(len as usize, 0);
+        if let Some(position) = &mut self.position {
+            *position = len as usize;
+        }
         Ok(())
     }
 }
@@ -385,6 +426,7 @@ impl Storage for FaultyStorage {
             inner: Arc::clone(&self.inner),
             id,
             name: name.to_string(),
+            position: None,
         }))
     }
 
@@ -396,7 +438,24 @@ impl Storage for FaultyStorage {
             inner: Arc::clone(&self.inner),
             id,
             name: name.to_string(),
+            position: None,
         }))
+    }
+
+    fn open_write(&self, name: &str, at: u64) -> io::Result<Box<dyn StorageFile>> {
+        let inner = self.inner.lock();
+        inner.check_alive()?;
+        let id = inner.id(name)?;
+        Ok(Box::new(FaultyFile {
+            inner: Arc::clone(&self.inner),
+            id,
+            name: name.to_string(),
+            position: Some(at as usize),
+        }))
+    }
+
+    fn preallocates(&self) -> bool {
+        self.inner.lock().preallocates
     }
 
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {

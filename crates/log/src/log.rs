@@ -94,6 +94,10 @@ pub struct LogStats {
     pub segments: usize,
     /// Whether the log is poisoned.
     pub poisoned: bool,
+    /// Segments started from a preallocated spare.
+    pub spares_used: u64,
+    /// Spares that could not be made (the log then grows its segments as it writes).
+    pub prealloc_failures: u64,
 }
 
 /// A record waiting for the flusher. The header (with its checksum) is built by the appender
@@ -191,6 +195,25 @@ struct Shared {
     checkpoint_info: Mutex<CheckpointInfo>,
     /// Set at most once, after open; read by the flusher without a lock.
     observer: std::sync::OnceLock<Arc<dyn LogObserver>>,
+    /// The spare segment: asked for by the flusher, made by the preallocator thread.
+    spare: Mutex<Spare>,
+    spare_changed: Condvar,
+    /// Spare segments that could not be made (say, the disk is full): the log then grows its
+    /// segments as it writes, which is correct, only slower.
+    prealloc_failures: AtomicU64,
+    /// Segments started from a spare.
+    spares_used: AtomicU64,
+}
+
+/// The state of the spare segment ([`record::SPARE_NAME`]).
+#[derive(Default)]
+struct Spare {
+    /// A complete spare exists.
+    ready: bool,
+    /// The flusher wants one (the preallocator is making it, or will).
+    wanted: bool,
+    /// The log is closing: the preallocator stops.
+    stop: bool,
 }
 
 impl Shared {
@@ -254,6 +277,8 @@ impl Shared {
 pub struct Log {
     shared: Arc<Shared>,
     flusher: Mutex<Option<JoinHandle<()>>>,
+    /// Makes spare segments ahead of the flusher (when preallocating).
+    preallocator: Mutex<Option<JoinHandle<()>>>,
     /// Serializes checkpoints; appenders and the flusher never take it.
     checkpoint_lock: Mutex<()>,
 }
@@ -318,7 +343,33 @@ impl Log {
         let stats = recovered.stats;
         let last_lsn = stats.last_lsn;
 
-        let active = SegmentWriter::create(storage.as_ref(), last_lsn + 1)?;
+        let preallocate = options.preallocate && storage.preallocates();
+        // A spare left by the previous run is complete (it was fsynced before its rename) if
+        // it has the segment size; anything else is removed.
+        let mut spare_ready = false;
+        let mut started_from_spare = false;
+        if preallocate
+            && storage
+                .len(record::SPARE_NAME)
+                .is_ok_and(|len| len == options.segment_bytes_max)
+        {
+            spare_ready = true;
+        } else if storage.len(record::SPARE_NAME).is_ok() {
+            storage.remove(record::SPARE_NAME).map_err(|source| {
+                LogError::io(format!("removing {}", record::SPARE_NAME), source)
+            })?;
+        }
+        let active = match spare_ready
+            .then(|| SegmentWriter::from_spare(storage.as_ref(), last_lsn + 1))
+            .transpose()?
+        {
+            Some(active) => {
+                spare_ready = false;
+                started_from_spare = true;
+                active
+            }
+            None => SegmentWriter::create(storage.as_ref(), last_lsn + 1)?,
+        };
         let mut segments = recovered.segments;
         segments.push(SegmentInfo {
             name: active.name.clone(),
@@ -366,7 +417,31 @@ impl Log {
                 ..CheckpointInfo::default()
             }),
             observer: std::sync::OnceLock::new(),
+            // The first spare is asked for at the first roll: a log that never fills a
+            // segment (a short-lived or idle node) never pays for one.
+            spare: Mutex::new(Spare {
+                ready: spare_ready,
+                wanted: false,
+                stop: false,
+            }),
+            spare_changed: Condvar::new(),
+            prealloc_failures: AtomicU64::new(0),
+            spares_used: AtomicU64::new(u64::from(started_from_spare)),
         });
+
+        let preallocator = if preallocate {
+            let preallocator_shared = Arc::clone(&shared);
+            Some(
+                std::thread::Builder::new()
+                    .name("imstate-log-prealloc".to_string())
+                    .spawn(move || preallocate_spares(&preallocator_shared))
+                    .map_err(|source| {
+                        LogError::io("spawning the log preallocator thread", source)
+                    })?,
+            )
+        } else {
+            None
+        };
 
         let flusher_shared = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
@@ -385,6 +460,7 @@ impl Log {
         let log = Log {
             shared,
             flusher: Mutex::new(Some(handle)),
+            preallocator: Mutex::new(preallocator),
             checkpoint_lock: Mutex::new(()),
         };
         Ok((log, stats))
@@ -721,6 +797,8 @@ impl Log {
             last_checkpoint_duration: info.last_duration,
             segments: self.shared.segments.lock().len(),
             poisoned: self.is_poisoned(),
+            spares_used: self.shared.spares_used.load(Ordering::Relaxed),
+            prealloc_failures: self.shared.prealloc_failures.load(Ordering::Relaxed),
         }
     }
 
@@ -745,6 +823,11 @@ impl Log {
         {
             self.shared
                 .poison("the log flusher thread panicked".to_string());
+        }
+        self.shared.spare.lock().stop = true;
+        self.shared.spare_changed.notify_all();
+        if let Some(handle) = self.preallocator.lock().take() {
+            let _ = handle.join();
         }
         self.shared
             .update_progress(|progress| progress.closed = true);
@@ -791,7 +874,90 @@ struct SegmentWriter {
     bytes: u64,
 }
 
+/// Bytes of zeros the preallocator writes per call.
+const PREALLOCATE_CHUNK_BYTES: usize = 1 << 20;
+
+/// The preallocator thread: makes a spare segment whenever the flusher wants one. Failures
+/// (a full disk) are counted, the partial file removed, and the log goes on without a spare.
+fn preallocate_spares(shared: &Shared) {
+    loop {
+        {
+            let mut spare = shared.spare.lock();
+            while !spare.stop && (!spare.wanted || spare.ready) {
+                shared.spare_changed.wait(&mut spare);
+            }
+            if spare.stop {
+                return;
+            }
+        }
+        let stopping = || shared.spare.lock().stop;
+        let made = make_spare(
+            shared.storage.as_ref(),
+            shared.options.segment_bytes_max,
+            &stopping,
+        );
+        let mut spare = shared.spare.lock();
+        spare.wanted = false;
+        match made {
+            Ok(()) => spare.ready = true,
+            Err(_) => {
+                shared.prealloc_failures.fetch_add(1, Ordering::Relaxed);
+                let _ = shared.storage.remove(record::SPARE_TEMP_NAME);
+            }
+        }
+        shared.spare_changed.notify_all();
+    }
+}
+
+/// Writes [`record::SPARE_NAME`]: `bytes` zeros, fsynced under a temp name, renamed, and the
+/// directory fsynced, so a spare that exists under its name is complete.
+fn make_spare(
+    storage: &dyn Storage,
+    bytes: u64,
+    stopping: &dyn Fn() -> bool,
+) -> std::io::Result<()> {
+    let mut file = storage.create(record::SPARE_TEMP_NAME)?;
+    let zeros = vec![0u8; PREALLOCATE_CHUNK_BYTES.min(bytes as usize)];
+    let mut left = bytes;
+    while left > 0 {
+        if stopping() {
+            return Err(std::io::Error::other("the log is closing"));
+        }
+        let chunk = left.min(zeros.len() as u64) as usize;
+        file.write_all(&zeros[..chunk])?;
+        left -= chunk as u64;
+    }
+    file.sync()?;
+    drop(file);
+    storage.rename(record::SPARE_TEMP_NAME, record::SPARE_NAME)?;
+    storage.sync_dir()
+}
+
 impl SegmentWriter {
+    /// The segment for `first_lsn` from the spare: renamed, the directory synced, opened to
+    /// write over its zeros from the start.
+    fn from_spare(storage: &dyn Storage, first_lsn: Lsn) -> Result<Self, LogError> {
+        let name = record::segment_name(first_lsn);
+        storage
+            .rename(record::SPARE_NAME, &name)
+            .map_err(|source| LogError::io(format!("renaming the spare to {name}"), source))?;
+        storage.sync_dir().map_err(|source| {
+            LogError::io(
+                format!("fsync of the log directory after renaming the spare to {name}"),
+                source,
+            )
+        })?;
+        let file = storage
+            .open_write(&name, 0)
+            .map_err(|source| LogError::io(format!("opening segment {name}"), source))?;
+        Ok(SegmentWriter {
+            file,
+            name,
+            first_lsn,
+            bytes: 0,
+        })
+    }
+
     /// Creates the segment for `first_lsn` and makes its directory entry durable, so records
     /// acknowledged in it cannot vanish with the entry.
     fn create(storage: &dyn Storage, first_lsn: Lsn) -> Result<Self, LogError> {
@@ -1110,8 +1276,21 @@ impl Flusher {
     /// before records of the next segment) and starts the next one.
     fn roll(&mut self) -> Result<(), String> {
         self.sync()?;
-        let next = SegmentWriter::create(self.shared.storage.as_ref(), self.written + 1)
-            .map_err(|error| error.to_string())?;
+        let storage = self.shared.storage.as_ref();
+        let spare_ready = std::mem::take(&mut self.shared.spare.lock().ready);
+        let next = if spare_ready {
+            self.shared.spares_used.fetch_add(1, Ordering::Relaxed);
+            SegmentWriter::from_spare(storage, self.written + 1)
+        } else {
+            SegmentWriter::create(storage, self.written + 1)
+        }
+        .map_err(|error| error.to_string())?;
+        if self.shared.options.preallocate && storage.preallocates() {
+            // Ask for the next spare only now that this one is renamed away: it has a whole
+            // segment's worth of writes to get ready.
+            self.shared.spare.lock().wanted = true;
+            self.shared.spare_changed.notify_all();
+        }
         let mut segments = self.shared.segments.lock();
         debug_assert!(
             segments

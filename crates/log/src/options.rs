@@ -105,6 +105,12 @@ pub struct LogOptions {
     /// Appenders block (backpressure) while this many records wait for the flusher; default
     /// 65,536. Values below 1 are treated as 1.
     pub queue_records_max: usize,
+    /// Preallocate segments where the storage says it pays ([`crate::Storage::preallocates`]:
+    /// real files): from the first roll on, a background thread writes the next segment full
+    /// of zeros and fsyncs it, so the writer only overwrites blocks that exist and
+    /// `fdatasync` commits no file-size change. Costs one spare segment of disk per log
+    /// (kept across restarts). Default `true`.
+    pub preallocate: bool,
 }
 
 impl Default for LogOptions {
@@ -114,6 +120,7 @@ impl Default for LogOptions {
             segment_bytes_max: SEGMENT_BYTES_MAX_DEFAULT,
             record_bytes_max: RECORD_BYTES_MAX_DEFAULT,
             queue_records_max: QUEUE_RECORDS_MAX_DEFAULT,
+            preallocate: true,
         }
     }
 }

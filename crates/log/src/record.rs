@@ -15,7 +15,8 @@
 //!
 //! Segment files are named `wal-{first_lsn:020}.log`, checkpoints
 //! `checkpoint-{covered_lsn:020}.ckpt`, and files being written `<final name>.tmp`; the zero
-//! padding makes lexical and numeric order agree.
+//! padding makes lexical and numeric order agree. The preallocated next segment is
+//! `wal-spare.prealloc` (zero-filled, fsynced; renamed to a segment name when the log rolls).
 
 use std::fmt;
 
@@ -34,6 +35,10 @@ const CHECKPOINT_PREFIX: &str = "checkpoint-";
 const CHECKPOINT_SUFFIX: &str = ".ckpt";
 /// Suffix of files that are being written and are not yet valid (checkpoints before rename).
 pub(crate) const TEMP_SUFFIX: &str = ".tmp";
+/// The preallocated, zero-filled, fsynced file the next segment is renamed from.
+pub(crate) const SPARE_NAME: &str = "wal-spare.prealloc";
+/// [`SPARE_NAME`] while it is being filled.
+pub(crate) const SPARE_TEMP_NAME: &str = "wal-spare.prealloc.tmp";
 
 /// The crc32c of a record: over the payload, then the LSN bytes.
 pub(crate) fn record_crc(lsn: Lsn, payload: &[u8]) -> u32 {

@@ -8,7 +8,10 @@
 //!           ─► segments in LSN order, one in memory at a time
 //!           ─► ReplayStream::Record (lsn > covered)
 //!           ─► first invalid record at (file, offset):
+//!                 only zeros from there to the end? ─► a zero tail (the unused part of a
+//!                   preallocated segment): the segment ends there, trimmed; go on
 //!                 anything valid after it (same or later segment)? ─► LogError::Corrupt
+//!                   (a zero run followed by a valid record is damage too)
 //!                 otherwise: torn tail ─► truncate + fsync (later segments emptied)
 //!           ─► empty segments removed, directory fsynced
 //! ```
@@ -97,6 +100,8 @@ pub struct RecoveryStats {
     pub bytes_replayed: u64,
     /// Bytes of torn tail removed.
     pub truncated_tail_bytes: u64,
+    /// Bytes of zero tail (unused preallocation) trimmed from segments.
+    pub zero_tail_bytes: u64,
     /// The highest LSN recovered (from the checkpoint or a record); the next append gets
     /// `last_lsn + 1`.
     pub last_lsn: Lsn,
@@ -208,6 +213,7 @@ pub(crate) fn recover(
         records_replayed: 0,
         bytes_replayed: 0,
         truncated_tail_bytes: 0,
+        zero_tail_bytes: 0,
         last_lsn: covered,
         elapsed: Duration::ZERO,
         skipped_checkpoints,
@@ -266,6 +272,15 @@ pub(crate) fn recover(
                     offset = found.end;
                 }
                 Err(invalid) => {
+                    let written_end = nonzero_end(&buf, offset);
+                    if written_end == offset {
+                        // Zeros to the end: the unused part of a preallocated segment (the
+                        // writer fills it in order). Trimmed, so that the disk space returns
+                        // and the next recovery reads less.
+                        trim(storage, name, offset as u64, &mut stats)?;
+                        break;
+                    }
+                    let buf = &buf[..written_end];
                     let tail_bytes = (buf.len() - offset) as u64;
                     if tail_bytes > TORN_TAIL_BYTES_MAX {
                         // One crash tears at most the flusher's last write; a longer invalid
@@ -282,7 +297,7 @@ pub(crate) fn recover(
                         });
                     }
                     let last_good = last_lsn.unwrap_or(chain_end);
-                    if let Some((at, lsn)) = record::find_valid_record(&buf, offset + 1, last_good)
+                    if let Some((at, lsn)) = record::find_valid_record(buf, offset + 1, last_good)
                     {
                         return Err(LogError::Corrupt {
                             file: storage.describe(name),
@@ -297,7 +312,9 @@ pub(crate) fn recover(
                             "reading segment {}",
                             storage.describe(later)
                         )))?;
-                        let found = record::find_valid_record(&later_buf, 0, last_good);
+                        let later_end = nonzero_end(&later_buf, 0);
+                        let found =
+                            record::find_valid_record(&later_buf[..later_end], 0, last_good);
                         if let Some((at, lsn)) = found {
                             return Err(LogError::Corrupt {
                                 file: storage.describe(name),
@@ -398,6 +415,41 @@ fn check_chain(name: &str, first_lsn: Lsn, chain_end: Lsn, covered: Lsn) -> Resu
             ),
         });
     }
+    Ok(())
+}
+
+/// The offset just past the last non-zero byte of `buf` at or after `from` (`from` when there
+/// is none). Compares 4 KiB blocks with a zero block, so a 64 MiB zero tail costs a few ms.
+fn nonzero_end(buf: &[u8], from: usize) -> usize {
+    const BLOCK: usize = 4096;
+    static ZEROS: [u8; BLOCK] = [0; BLOCK];
+    let mut end = buf.len();
+    while end > from {
+        let start = end.saturating_sub(BLOCK).max(from);
+        let block = &buf[start..end];
+        if block != &ZEROS[..block.len()] {
+            let last = block
+                .iter()
+                .rposition(|&byte| byte != 0)
+                .expect("a non-zero byte");
+            return start + last + 1;
+        }
+        end = start;
+    }
+    from
+}
+
+/// Durably trims a segment's zero tail from `len` on.
+fn trim(
+    storage: &dyn Storage,
+    name: &str,
+    len: u64,
+    stats: &mut RecoveryStats,
+) -> Result<(), LogError> {
+    let before = stats.truncated_tail_bytes;
+    cut(storage, name, len, stats)?;
+    stats.zero_tail_bytes += stats.truncated_tail_bytes - before;
+    stats.truncated_tail_bytes = before;
     Ok(())
 }
 

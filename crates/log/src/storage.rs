@@ -16,17 +16,24 @@
 //!   successful call does not fix that (the fsyncgate lesson): callers must not retry.
 //! - `rename` atomically replaces `to` if it exists.
 //!
+//! - Bytes written over existing bytes by a file from [`Storage::open_write`] are volatile the
+//!   same way: a crash may keep, of the bytes written since the last sync, any prefix cut at a
+//!   sector, with the old bytes after it.
+//!
 //! The log relies on this as follows: a segment is created, then the directory is synced,
 //! before any record in it is acknowledged; a checkpoint is written to a temp name, synced,
-//! renamed, and the directory synced before older files are deleted.
+//! renamed, and the directory synced before older files are deleted. A preallocated segment
+//! is zero-filled and synced under a temp name, renamed, and the directory synced, before the
+//! log writes records over its zeros.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-/// An open file that the log appends to.
+/// An open file that the log appends to (or, from [`Storage::open_write`], writes over).
 pub trait StorageFile: Send {
-    /// Appends all of `buf` at the end of the file (volatile until [`StorageFile::sync`]).
+    /// Writes all of `buf` at the file's position, the end of the file unless it was opened
+    /// with [`Storage::open_write`] (volatile until [`StorageFile::sync`]).
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
     /// Makes every byte and the length of the file durable (`fdatasync`).
     fn sync(&mut self) -> io::Result<()>;
@@ -57,6 +64,15 @@ pub trait Storage: Send + Sync + 'static {
     fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>>;
     /// Opens an existing file for appending at its end.
     fn open_append(&self, name: &str) -> io::Result<Box<dyn StorageFile>>;
+    /// Opens an existing file for writing at offset `at`, over its bytes (a preallocated
+    /// segment); writes past its end extend it.
+    fn open_write(&self, name: &str, at: u64) -> io::Result<Box<dyn StorageFile>>;
+    /// Whether the log should preallocate segments here (write them full of zeros ahead of
+    /// the writer), so that a write does not change the file's size and `fdatasync` commits
+    /// no metadata. The default is `false`.
+    fn preallocates(&self) -> bool {
+        false
+    }
     /// Reads a whole file (the log reads at most one segment at a time this way).
     fn read(&self, name: &str) -> io::Result<Vec<u8>>;
     /// Opens a file for reading from its start, so that a large file (a checkpoint) can be
@@ -89,6 +105,12 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn open_append(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
         (**self).open_append(name)
+    }
+    fn open_write(&self, name: &str, at: u64) -> io::Result<Box<dyn StorageFile>> {
+        (**self).open_write(name, at)
+    }
+    fn preallocates(&self) -> bool {
+        (**self).preallocates()
     }
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
         (**self).read(name)
@@ -209,6 +231,16 @@ impl Storage for FileStorage {
     fn open_append(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
         let file = OpenOptions::new().append(true).open(self.path(name)?)?;
         Ok(Box::new(RealFile { file }))
+    }
+
+    fn open_write(&self, name: &str, at: u64) -> io::Result<Box<dyn StorageFile>> {
+        let mut file = OpenOptions::new().write(true).open(self.path(name)?)?;
+        file.seek(SeekFrom::Start(at))?;
+        Ok(Box::new(RealFile { file }))
+    }
+
+    fn preallocates(&self) -> bool {
+        true
     }
 
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {

@@ -72,6 +72,10 @@ pub const LOG_LAST_LSN: &str = "imstate_log_last_lsn";
 pub const LOG_DURABLE_LSN: &str = "imstate_log_durable_lsn";
 /// Segment files, by `log`.
 pub const LOG_SEGMENTS: &str = "imstate_log_segments";
+/// Segments started from a preallocated spare, by `log`.
+pub const LOG_SPARES_USED: &str = "imstate_log_preallocated_segments_total";
+/// Spare segments that could not be made (a full disk): writes then grow the file, by `log`.
+pub const LOG_PREALLOC_FAILURES: &str = "imstate_log_preallocation_failures_total";
 /// Log bytes since the last checkpoint: what the next start-up replays, by `log`.
 pub const LOG_BYTES_SINCE_CHECKPOINT: &str = "imstate_log_since_checkpoint_bytes";
 /// 1 when the log is poisoned (a write or fsync failed; the node stops), by `log`.
@@ -257,6 +261,8 @@ pub fn refresh(seq: &crate::sequences::Sequences, presence: &PresenceStore) {
         gauge!(LOG_LAST_LSN, "log" => name).set(stats.last_lsn as f64);
         gauge!(LOG_DURABLE_LSN, "log" => name).set(stats.durable_lsn as f64);
         gauge!(LOG_SEGMENTS, "log" => name).set(stats.segments as f64);
+        counter!(LOG_SPARES_USED, "log" => name).absolute(stats.spares_used);
+        counter!(LOG_PREALLOC_FAILURES, "log" => name).absolute(stats.prealloc_failures);
         gauge!(LOG_BYTES_SINCE_CHECKPOINT, "log" => name).set(log.bytes_since_checkpoint() as f64);
         gauge!(LOG_POISONED, "log" => name).set(if stats.poisoned { 1.0 } else { 0.0 });
         gauge!(CHECKPOINT_LSN, "log" => name).set(stats.last_checkpoint_lsn.unwrap_or(0) as f64);
