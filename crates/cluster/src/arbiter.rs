@@ -283,7 +283,7 @@ impl Arbiter {
         let settled = settled_index.map_or(0, |index| self.seen[index].1);
         // The planted bug: coalesce what was just moved, without waiting a lock-delay.
         #[cfg(feature = "planted-coalesce-unsettled")]
-        let settled = current.version;
+        let settled = settled.max(current.version);
         if let Some(index) = settled_index {
             self.seen.drain(..index);
         }

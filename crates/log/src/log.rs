@@ -225,17 +225,23 @@ impl Shared {
     }
 
     fn update_progress(&self, change: impl FnOnce(&mut Progress)) {
-        let snapshot = {
+        let (snapshot, outcome_changed) = {
             let mut progress = self.progress.lock();
+            let before = (progress.durable, progress.poison.is_some(), progress.closed);
             change(&mut progress);
             debug_assert!(progress.synced <= progress.written);
             debug_assert!(progress.written <= self.last_lsn.load(Ordering::Acquire));
             self.durable_lsn.store(progress.durable, Ordering::Release);
             self.synced_lsn.store(progress.synced, Ordering::Release);
-            progress.clone()
+            let after = (progress.durable, progress.poison.is_some(), progress.closed);
+            (progress.clone(), before != after)
         };
         self.progress_changed.notify_all();
-        self.progress_watch.send_replace(snapshot);
+        // Async waiters only care about what `Progress::outcome` reads: a change of `written`
+        // or `synced` alone (the background fsync under `Batch`) wakes nobody.
+        if outcome_changed {
+            self.progress_watch.send_replace(snapshot);
+        }
     }
 
     fn publish(&self, written: Lsn, synced: Lsn) {

@@ -89,7 +89,8 @@ fn summary(reports: &[Report]) -> String {
 #[cfg(not(any(
     feature = "planted-serve-without-lease",
     feature = "planted-no-lock-delay",
-    feature = "planted-raise-without-fence"
+    feature = "planted-raise-without-fence",
+    feature = "planted-coalesce-unsettled"
 )))]
 #[test]
 fn s1_and_s3_hold_under_every_seeded_fault_schedule() {
