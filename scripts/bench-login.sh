@@ -11,6 +11,7 @@
 #   OLD_BIN [unset]    another imstate binary (say, the commit before a change): its rows are
 #                      measured in the same run, against the same Redis, for a before/after
 #   OUT [a temp dir]   where JSON, markdown and logs are kept
+#   PRELOAD_SECONDS [12] untimed logins first, past the first 64 MiB segment
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -20,6 +21,7 @@ WARMUP=${WARMUP:-1}
 CONNECTIONS=${CONNECTIONS:-50}
 SESSIONS=${SESSIONS:-"1000000 10000000"}
 OLD_BIN=${OLD_BIN:-}
+PRELOAD_SECONDS=${PRELOAD_SECONDS:-12}
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -68,7 +70,7 @@ start_imstate() { # start_imstate BIN NAME FSYNC -> sets WP (wire port), IPID
   IPID=$!
   PIDS+=("$IPID")
   for _ in $(seq 1 60000); do
-    grep -q "imstate listening on" "$log" && return 0
+    grep -q "imstate wire listening on" "$log" && return 0
     kill -0 "$IPID" 2>/dev/null || { cat "$log" >&2; die "imstate exited"; }
     sleep 0.001
   done
@@ -83,6 +85,11 @@ compare() { # compare LABEL BIN IMSTATE_FSYNC REDIS_FSYNC
   local label=$1 bin=$2 fsync=$3 rfsync=$4
   start_redis "$label" "$rfsync"
   start_imstate "$bin" "$label" "$fsync"
+  # Past the first segment (64 MiB of log), where a long-running node lives: preallocated
+  # segments start with the second one.
+  step "$label: $PRELOAD_SECONDS s of logins to fill the first segment"
+  "$BIN" bench --target "imstate://127.0.0.1:$WP" --workload presence-login \
+    --duration "$PRELOAD_SECONDS" --warmup 0 --connections "$CONNECTIONS" --quiet >/dev/null
   step "$label: imstate presence.fsync=$fsync vs Redis appendfsync $rfsync"
   "$BIN" bench --compare --imstate "127.0.0.1:$WP" --redis "127.0.0.1:$RP" \
     --cases presence-login --rounds "$ROUNDS" --duration "$DURATION" --warmup "$WARMUP" \

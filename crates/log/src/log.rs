@@ -423,8 +423,8 @@ impl Log {
                 ..CheckpointInfo::default()
             }),
             observer: std::sync::OnceLock::new(),
-            // The first spare is asked for at the first roll: a log that never fills a
-            // segment (a short-lived or idle node) never pays for one.
+            // A spare is asked for when the active segment is half written: a log that never
+            // fills half a segment (a short-lived or idle node) never pays for one.
             spare: Mutex::new(Spare {
                 ready: spare_ready,
                 wanted: false,
@@ -1000,6 +1000,8 @@ struct Flusher {
     last_sync: Instant,
     /// Under `Batch`, the thread that fsyncs while this one keeps writing.
     syncer: Option<Syncer>,
+    /// Whether a spare was asked for since the active segment started (preallocating logs).
+    spare_asked: bool,
 }
 
 /// Under `Batch(T)`, fsyncs run on this thread so the flusher keeps writing (and, since a
@@ -1075,6 +1077,7 @@ impl Flusher {
             sync_requested: last,
             last_sync: Instant::now(),
             syncer: None,
+            spare_asked: false,
         }
     }
 
@@ -1256,6 +1259,16 @@ impl Flusher {
             debug_assert_eq!(active.name, self.segment.name);
             active.last_lsn = Some(last_lsn);
         }
+        drop(segments);
+        // Half the segment written: ask for the spare the next roll will take, so that a busy
+        // log has it in time, while a log that never fills a segment never pays for one.
+        if !self.spare_asked && self.segment.bytes > self.shared.options.segment_bytes_max / 2 {
+            self.spare_asked = true;
+            if self.shared.options.preallocate && self.shared.storage.preallocates() {
+                self.shared.spare.lock().wanted = true;
+                self.shared.spare_changed.notify_all();
+            }
+        }
         Ok(())
     }
 
@@ -1291,12 +1304,8 @@ impl Flusher {
             SegmentWriter::create(storage, self.written + 1)
         }
         .map_err(|error| error.to_string())?;
-        if self.shared.options.preallocate && storage.preallocates() {
-            // Ask for the next spare only now that this one is renamed away: it has a whole
-            // segment's worth of writes to get ready.
-            self.shared.spare.lock().wanted = true;
-            self.shared.spare_changed.notify_all();
-        }
+        // The next spare is asked for when this segment is half written (`flush_buffer`).
+        self.spare_asked = false;
         let mut segments = self.shared.segments.lock();
         debug_assert!(
             segments

@@ -106,8 +106,8 @@ pub struct LogOptions {
     /// 65,536. Values below 1 are treated as 1.
     pub queue_records_max: usize,
     /// Preallocate segments where the storage says it pays ([`crate::Storage::preallocates`]:
-    /// real files): from the first roll on, a background thread writes the next segment full
-    /// of zeros and fsyncs it, so the writer only overwrites blocks that exist and
+    /// real files): once a segment is half written, a background thread writes the next one
+    /// full of zeros and fsyncs it, so the writer only overwrites blocks that exist and
     /// `fdatasync` commits no file-size change. Costs one spare segment of disk per log
     /// (kept across restarts). Default `true`.
     pub preallocate: bool,

@@ -171,8 +171,18 @@ impl UidIndex {
         self.len += 1;
     }
 
-    /// Removes `index`, a record of `uid`; returns whether it was present.
-    pub(crate) fn remove(&mut self, uid: u64, index: u32, uid_of: impl Fn(u32) -> u64) -> bool {
+    /// Removes `index`, a record of `uid`; returns whether it was present. `prefetch` is
+    /// called with the record index of every entry after it in its probe run before any of
+    /// their uids is read (`uid_of`): the backward shift needs each one's home, and issuing
+    /// those cache misses together instead of one after the other made removal (a login that
+    /// replaces a session) 10% of a login-heavy node's CPU.
+    pub(crate) fn remove(
+        &mut self,
+        uid: u64,
+        index: u32,
+        uid_of: impl Fn(u32) -> u64,
+        prefetch: impl Fn(u32),
+    ) -> bool {
         let capacity = self.buckets.len();
         if capacity == 0 {
             return false;
@@ -191,6 +201,16 @@ impl UidIndex {
             }
             hole = (hole + 1) % capacity;
             probed += 1;
+        }
+        // The rest of the run, whose records the shift reads: ask for them all at once.
+        let mut ahead = (hole + 1) % capacity;
+        for _ in 0..capacity {
+            let bucket = self.buckets[ahead];
+            if bucket == EMPTY {
+                break;
+            }
+            prefetch(bucket & INDEX_MASK);
+            ahead = (ahead + 1) % capacity;
         }
         // Backward shift: move later entries of the run into the hole when their home allows.
         let mut next = (hole + 1) % capacity;
@@ -276,12 +296,15 @@ mod tests {
         let mut live: HashMap<u64, Vec<u32>> = HashMap::new();
         for record in 0..3_000u32 {
             if record % 2 == 0 {
-                assert!(index.remove(uid_of(record), record, uid_of));
+                assert!(index.remove(uid_of(record), record, uid_of, |_| {}));
             } else {
                 live.entry(uid_of(record)).or_default().push(record);
             }
         }
-        assert!(!index.remove(uid_of(4), 4, uid_of), "already removed");
+        assert!(
+            !index.remove(uid_of(4), 4, uid_of, |_| {}),
+            "already removed"
+        );
         index.check(uid_of).unwrap();
         assert_eq!(index.len(), 1_500);
         for uid in 0..1_000 {

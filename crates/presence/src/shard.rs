@@ -1140,9 +1140,12 @@ impl Shard {
         let session = self.session_at(index);
         let rec = *self.slab.get(index);
         let slab = &self.slab;
-        let found = self
-            .index
-            .remove(rec.uid.get(), index, |other| slab.get(other).uid.get());
+        let found = self.index.remove(
+            rec.uid.get(),
+            index,
+            |other| slab.get(other).uid.get(),
+            |other| slab.prefetch(other),
+        );
         debug_assert!(found, "a live record is indexed");
         self.profiles.release(rec.profile());
         self.forget_session_of(GatewayId::from(rec.gateway()));
