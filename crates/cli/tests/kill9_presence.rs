@@ -107,7 +107,14 @@ async fn gateway(addr: String, worker: u64, acked: Acked, stop: Arc<AtomicBool>)
 fn kill_loop(fsync: &str, seed: u64, protocol: Protocol) -> (usize, usize) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("imstate.toml");
-    std::fs::write(&config, format!("[presence]\nfsync = \"{fsync}\"\n")).unwrap();
+    // Small segments: the log rolls many times between kills, into preallocated spares once
+    // a segment is half written, so kill -9 lands in writes over zeros, in the middle of
+    // preallocations and around rolls.
+    std::fs::write(
+        &config,
+        format!("[presence]\nfsync = \"{fsync}\"\nsegment_bytes = 65536\n"),
+    )
+    .unwrap();
     let mut server = Server::start(&dir.path().join("data"), Some(&config));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -36,6 +36,9 @@ use crate::{Lsn, ReplayError};
 /// The flusher writes at most this many bytes per batch (at least one record), which bounds
 /// its buffer; the rest of the queue goes into the next batch.
 const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// A batch smaller than this makes the flusher yield once before taking it (more records
+/// per write and per wake-up of their waiters).
+const GATHER_BELOW: usize = 16;
 /// Segments smaller than this are not useful; smaller settings are raised to it.
 const SEGMENT_BYTES_MIN: u64 = 64;
 
@@ -1178,6 +1181,16 @@ impl Flusher {
                     self.shared.queue_has_work.wait_until(&mut queue, deadline);
                 }
                 _ => self.shared.queue_has_work.wait(&mut queue),
+            }
+        }
+        // Woken by the first record of a burst: give the writers that are running a moment to
+        // queue theirs, so that one write and one wake-up serve them all.
+        if !queue.closing && queue.pending.len() < GATHER_BELOW {
+            drop(queue);
+            std::thread::yield_now();
+            queue = self.shared.queue.lock();
+            if queue.poison.is_some() {
+                return None;
             }
         }
         let mut bytes = 0;

@@ -248,6 +248,8 @@ pub struct PresenceStoreOptions {
     pub watch: WatchLimits,
     /// Records queued for the log's flusher before writers wait (before their shard lock).
     pub log_queue_records_max: usize,
+    /// Size of a log segment (and of the preallocated spare).
+    pub segment_bytes: u64,
 }
 
 impl Default for PresenceStoreOptions {
@@ -260,6 +262,7 @@ impl Default for PresenceStoreOptions {
             checkpoint_log_bytes: 128 * 1024 * 1024,
             watch: WatchLimits::default(),
             log_queue_records_max: LogOptions::default().queue_records_max,
+            segment_bytes: LogOptions::default().segment_bytes_max,
         }
     }
 }
@@ -366,6 +369,7 @@ impl PresenceStore {
         let log_options = LogOptions {
             fsync: options.fsync,
             queue_records_max: options.log_queue_records_max,
+            segment_bytes_max: options.segment_bytes,
             ..LogOptions::default()
         };
         // Sessions restored already overdue then wait in the wheel slot of now, so the first

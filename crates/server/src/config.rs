@@ -285,6 +285,12 @@ impl AuthConfig {
 /// subscriber table alone could take gigabytes.
 pub const WATCH_LIMIT_CEILING: usize = 1 << 20;
 
+/// Smallest `presence.segment_bytes`: below it, rolls (each one fsync and a directory fsync)
+/// would come too often.
+pub const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
+/// Largest `presence.segment_bytes`: recovery reads one segment at a time into memory.
+pub const SEGMENT_BYTES_MAX: u64 = 1 << 30;
+
 /// Configuration of the presence registry.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -310,6 +316,9 @@ pub struct PresenceConfig {
     pub tick_ms: u64,
     /// Log bytes since the last checkpoint that trigger one; 0 disables automatic ones.
     pub checkpoint_log_bytes: u64,
+    /// Size of a presence log segment, and of the zero-filled spare the log keeps ready
+    /// (preallocation); [`SEGMENT_BYTES_MIN`] to [`SEGMENT_BYTES_MAX`].
+    pub segment_bytes: u64,
     /// Events meant for a Watch subscriber that it may fall behind by before it is cut off
     /// (B1).
     pub watch_buffer_events: usize,
@@ -333,6 +342,7 @@ impl Default for PresenceConfig {
             shards: registry.shards,
             tick_ms: 250,
             checkpoint_log_bytes: 128 * 1024 * 1024,
+            segment_bytes: 64 * 1024 * 1024,
             watch_buffer_events: 8_192,
             watch_subscribers_max: 1_024,
             watch_uids_max: 10_000,
@@ -371,6 +381,11 @@ impl PresenceConfig {
                 "presence.tick_ms must be in 1..=1000".into(),
             ));
         }
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes) {
+            return Err(NodeError::Config(format!(
+                "presence.segment_bytes must be in {SEGMENT_BYTES_MIN}..={SEGMENT_BYTES_MAX}"
+            )));
+        }
         for (key, value) in [
             ("watch_buffer_events", self.watch_buffer_events),
             ("watch_subscribers_max", self.watch_subscribers_max),
@@ -388,6 +403,7 @@ impl PresenceConfig {
             ttl_ms_default: self.ttl_ms_default,
             tick_ms: self.tick_ms,
             checkpoint_log_bytes: self.checkpoint_log_bytes,
+            segment_bytes: self.segment_bytes,
             watch: imstate_node::watch::WatchLimits {
                 buffer_events: self.watch_buffer_events,
                 subscribers_max: self.watch_subscribers_max,
