@@ -456,3 +456,48 @@ impl crate::maxseq::MaxSeqStore for SimMaxSeqStore {
         self.persist_now(&raises, false)
     }
 }
+
+/// A simulated [`crate::MonotonicClock`]: the simulation's true time (in µs, advanced by its
+/// scheduler through the shared `real_us`) as one node sees it, from its own origin and at
+/// its own rate (the simulation keeps rates within the documented skew bound).
+#[derive(Clone, Debug)]
+pub struct SimClock {
+    real_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    epoch_us: u64,
+    offset_ms: Millis,
+    rate: f64,
+}
+
+impl SimClock {
+    /// A clock reading `offset_ms` at true time `epoch_us` and advancing `rate` times as fast
+    /// as true time from there.
+    pub fn new(
+        real_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        epoch_us: u64,
+        offset_ms: Millis,
+        rate: f64,
+    ) -> Self {
+        Self {
+            real_us,
+            epoch_us,
+            offset_ms,
+            rate,
+        }
+    }
+
+    /// What this clock reads at true time `real_us` (not before its epoch).
+    pub fn at(&self, real_us: u64) -> Millis {
+        self.offset_ms + (real_us.saturating_sub(self.epoch_us) as f64 * self.rate / 1000.0) as u64
+    }
+
+    /// The clock's rate against true time.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+}
+
+impl crate::MonotonicClock for SimClock {
+    fn now_ms(&self) -> Millis {
+        self.at(self.real_us.load(std::sync::atomic::Ordering::Acquire))
+    }
+}

@@ -3,13 +3,15 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use imstate_check::seq::{Outcome, SeqCall};
 use imstate_cluster::{
     Access, Arbiter, Effect, LeaseRules, Member, MemberInfo, RATE_SKEW_MAX, RaiseOp, RaiseOutcome,
     Token,
 };
-use imstate_coord::sim::SimCoordinator;
+use imstate_coord::sim::{SimClock, SimCoordinator};
 use imstate_coord::{Millis, Op, Request, Response, Txn};
 use imstate_seq::{Alloc, Allocator, AllocatorOptions, NamespaceDef, NsId, Raise};
 use rand::rngs::SmallRng;
@@ -196,9 +198,8 @@ struct Node {
     extra_delay_ms: u64,
     /// The next raise sent is held this long on its way (a stalled request).
     stall_next_raise_ms: Option<u64>,
-    epoch_us: u64,
-    offset_ms: u64,
-    rate: f64,
+    /// The node's monotonic clock: true time from its own origin, at its own rate.
+    clock: SimClock,
     member: Member,
     arbiter: Arbiter,
     allocator: Allocator,
@@ -215,6 +216,7 @@ impl Node {
         incarnation: u32,
         config: &SimConfig,
         now_us: u64,
+        true_time: &Arc<AtomicU64>,
         rng: &mut SmallRng,
     ) -> Self {
         let rules = LeaseRules::new(config.ttl_ms);
@@ -236,9 +238,12 @@ impl Node {
             partitioned: false,
             extra_delay_ms: 0,
             stall_next_raise_ms: None,
-            epoch_us: now_us,
-            offset_ms: rng.gen_range(1_000_000..2_000_000),
-            rate: 1.0 + rng.gen_range(-RATE_SKEW_MAX..=RATE_SKEW_MAX),
+            clock: SimClock::new(
+                Arc::clone(true_time),
+                now_us,
+                rng.gen_range(1_000_000..2_000_000),
+                1.0 + rng.gen_range(-RATE_SKEW_MAX..=RATE_SKEW_MAX),
+            ),
             member: Member::new(CLUSTER, &info, rules),
             arbiter: Arbiter::new(CLUSTER, &info.node, config.ttl_ms / 10, 4)
                 .with_cooldown(rules.lock_delay_ms()),
@@ -252,7 +257,7 @@ impl Node {
     }
 
     fn now(&self, real_us: u64) -> Millis {
-        self.offset_ms + ((real_us - self.epoch_us) as f64 * self.rate / 1000.0) as u64
+        self.clock.at(real_us)
     }
 }
 
@@ -283,6 +288,8 @@ struct World {
     config: SimConfig,
     rng: SmallRng,
     now_us: u64,
+    /// `now_us`, shared with the nodes' clocks ([`SimClock`] reads it).
+    true_time: Arc<AtomicU64>,
     queue: BinaryHeap<Reverse<(u64, u64)>>,
     events: BTreeMap<u64, Event>,
     next_event: u64,
@@ -297,6 +304,7 @@ struct World {
 /// Runs one simulation and checks it.
 pub fn run(config: &SimConfig) -> Report {
     let mut rng = SmallRng::seed_from_u64(config.seed);
+    let true_time = Arc::new(AtomicU64::new(0));
     let mut coord = SimCoordinator::new();
     let spec = serde_json::json!({ "sections": config.sections, "section_size": config.section_size, "step": config.step });
     coord.handle(
@@ -310,7 +318,7 @@ pub fn run(config: &SimConfig) -> Report {
         }),
     );
     let nodes = (0..config.nodes)
-        .map(|index| Node::new(index, 0, config, 0, &mut rng))
+        .map(|index| Node::new(index, 0, config, 0, &true_time, &mut rng))
         .collect();
     let clients = (0..config.clients)
         .map(|_| Client {
@@ -323,6 +331,7 @@ pub fn run(config: &SimConfig) -> Report {
         config: config.clone(),
         rng,
         now_us: 0,
+        true_time,
         queue: BinaryHeap::new(),
         events: BTreeMap::new(),
         next_event: 0,
@@ -406,6 +415,7 @@ impl World {
                 break;
             }
             self.now_us = at;
+            self.true_time.store(at, Ordering::Release);
             let event = self.events.remove(&id).expect("scheduled");
             self.handle(event);
         }
@@ -977,8 +987,14 @@ impl World {
             }
             Fault::Restart { node } => {
                 let incarnation = self.nodes[node].incarnation + 1;
-                self.nodes[node] =
-                    Node::new(node, incarnation, &self.config, self.now_us, &mut self.rng);
+                self.nodes[node] = Node::new(
+                    node,
+                    incarnation,
+                    &self.config,
+                    self.now_us,
+                    &self.true_time,
+                    &mut self.rng,
+                );
                 self.report
                     .faults
                     .push(format!("{at_ms} ms: n{node} restarts"));
