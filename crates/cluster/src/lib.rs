@@ -25,6 +25,8 @@ compile_error!("the `planted-serve-without-lease` feature is for test builds onl
 compile_error!("the `planted-no-lock-delay` feature is for test builds only");
 #[cfg(all(feature = "planted-raise-without-fence", not(debug_assertions)))]
 compile_error!("the `planted-raise-without-fence` feature is for test builds only");
+#[cfg(all(feature = "planted-coalesce-unsettled", not(debug_assertions)))]
+compile_error!("the `planted-coalesce-unsettled` feature is for test builds only");
 
 pub mod arbiter;
 pub mod keys;
