@@ -798,6 +798,7 @@ mod tests {
             [presence]\nfsync = \"always\"\nttl_ms_default = 6\nttl_ms_max = 7\n\
             sessions_per_uid_max = 8\nlookup_ids_max = 9\nheartbeat_batch_max = 10\n\
             gateways_max = 11\nshards = 12\ntick_ms = 13\ncheckpoint_log_bytes = 14\n\
+            segment_bytes = 131072\n\
             watch_buffer_events = 15\nwatch_subscribers_max = 16\nwatch_uids_max = 17\n\
             [wire]\nhello_timeout_ms = 18\nidle_timeout_ms = 19\n\
             connections_per_source_max = 20\ninput_budget_bytes = 9000000\n\
@@ -818,6 +819,16 @@ mod tests {
         set.sort();
         all.sort();
         assert_eq!(set, all, "the test sets every key");
+    }
+
+    #[test]
+    fn a_segment_size_out_of_range_is_refused_naming_the_key() {
+        for size in [SEGMENT_BYTES_MIN - 1, SEGMENT_BYTES_MAX + 1] {
+            let config = NodeConfig::parse(&format!("[presence]\nsegment_bytes = {size}\n"))
+                .and_then(|config| config.presence.to_options().map(|_| config));
+            let error = config.expect_err("out of range").to_string();
+            assert!(error.contains("presence.segment_bytes"), "{error}");
+        }
     }
 
     #[test]
