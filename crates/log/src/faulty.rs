@@ -135,6 +135,19 @@ pub struct FaultyStorage {
 }
 
 impl FaultyStorage {
+    /// Opens an existing file: appending (`None`) or writing over its bytes from an offset.
+    fn open_at(&self, name: &str, position: Option<usize>) -> io::Result<Box<dyn StorageFile>> {
+        let inner = self.inner.lock();
+        inner.check_alive()?;
+        let id = inner.id(name)?;
+        Ok(Box::new(FaultyFile {
+            inner: Arc::clone(&self.inner),
+            id,
+            name: name.to_string(),
+            position,
+        }))
+    }
+
     /// An empty directory.
     pub fn new() -> Self {
         Self::default()
@@ -431,27 +444,11 @@ impl Storage for FaultyStorage {
     }
 
     fn open_append(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
-        let inner = self.inner.lock();
-        inner.check_alive()?;
-        let id = inner.id(name)?;
-        Ok(Box::new(FaultyFile {
-            inner: Arc::clone(&self.inner),
-            id,
-            name: name.to_string(),
-            position: None,
-        }))
+        self.open_at(name, None)
     }
 
     fn open_write(&self, name: &str, at: u64) -> io::Result<Box<dyn StorageFile>> {
-        let inner = self.inner.lock();
-        inner.check_alive()?;
-        let id = inner.id(name)?;
-        Ok(Box::new(FaultyFile {
-            inner: Arc::clone(&self.inner),
-            id,
-            name: name.to_string(),
-            position: Some(at as usize),
-        }))
+        self.open_at(name, Some(at as usize))
     }
 
     fn preallocates(&self) -> bool {

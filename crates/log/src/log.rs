@@ -355,29 +355,17 @@ impl Log {
         let preallocate = options.preallocate && storage.preallocates();
         // A spare left by the previous run is complete (it was fsynced before its rename) if
         // it has the segment size; anything else is removed.
-        let mut spare_ready = false;
-        let mut started_from_spare = false;
-        if preallocate
-            && storage
-                .len(record::SPARE_NAME)
-                .is_ok_and(|len| len == options.segment_bytes_max)
-        {
-            spare_ready = true;
-        } else if storage.len(record::SPARE_NAME).is_ok() {
+        let spare_len = storage.len(record::SPARE_NAME).ok();
+        let from_spare = preallocate && spare_len == Some(options.segment_bytes_max);
+        if spare_len.is_some() && !from_spare {
             storage.remove(record::SPARE_NAME).map_err(|source| {
                 LogError::io(format!("removing {}", record::SPARE_NAME), source)
             })?;
         }
-        let active = match spare_ready
-            .then(|| SegmentWriter::from_spare(storage.as_ref(), last_lsn + 1))
-            .transpose()?
-        {
-            Some(active) => {
-                spare_ready = false;
-                started_from_spare = true;
-                active
-            }
-            None => SegmentWriter::create(storage.as_ref(), last_lsn + 1)?,
+        let active = if from_spare {
+            SegmentWriter::from_spare(storage.as_ref(), last_lsn + 1)?
+        } else {
+            SegmentWriter::create(storage.as_ref(), last_lsn + 1)?
         };
         let mut segments = recovered.segments;
         segments.push(SegmentInfo {
@@ -429,13 +417,13 @@ impl Log {
             // A spare is asked for when the active segment is half written: a log that never
             // fills half a segment (a short-lived or idle node) never pays for one.
             spare: Mutex::new(Spare {
-                ready: spare_ready,
+                ready: false,
                 wanted: false,
                 stop: false,
             }),
             spare_changed: Condvar::new(),
             prealloc_failures: AtomicU64::new(0),
-            spares_used: AtomicU64::new(u64::from(started_from_spare)),
+            spares_used: AtomicU64::new(u64::from(from_spare)),
         });
 
         let preallocator = if preallocate {

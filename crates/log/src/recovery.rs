@@ -277,7 +277,7 @@ pub(crate) fn recover(
                         // Zeros to the end: the unused part of a preallocated segment (the
                         // writer fills it in order). Trimmed, so that the disk space returns
                         // and the next recovery reads less.
-                        trim(storage, name, offset as u64, &mut stats)?;
+                        stats.zero_tail_bytes += cut(storage, name, offset as u64)?;
                         break;
                     }
                     let buf = &buf[..written_end];
@@ -327,7 +327,7 @@ pub(crate) fn recover(
                             });
                         }
                     }
-                    cut(storage, name, offset as u64, &mut stats)?;
+                    stats.truncated_tail_bytes += cut(storage, name, offset as u64)?;
                     torn_from = Some(index);
                     break;
                 }
@@ -356,7 +356,7 @@ pub(crate) fn recover(
     if let Some(index) = torn_from {
         // Nothing valid follows the torn record: later segments only hold garbage.
         for &(first_lsn, name) in &segment_names[index + 1..] {
-            cut(storage, name, 0, &mut stats)?;
+            stats.truncated_tail_bytes += cut(storage, name, 0)?;
             segments.push(SegmentInfo {
                 name: name.clone(),
                 first_lsn,
@@ -439,36 +439,18 @@ fn nonzero_end(buf: &[u8], from: usize) -> usize {
     from
 }
 
-/// Durably trims a segment's zero tail from `len` on.
-fn trim(
-    storage: &dyn Storage,
-    name: &str,
-    len: u64,
-    stats: &mut RecoveryStats,
-) -> Result<(), LogError> {
-    let before = stats.truncated_tail_bytes;
-    cut(storage, name, len, stats)?;
-    stats.zero_tail_bytes += stats.truncated_tail_bytes - before;
-    stats.truncated_tail_bytes = before;
-    Ok(())
-}
-
-/// Durably truncates a torn segment to `len` bytes.
-fn cut(
-    storage: &dyn Storage,
-    name: &str,
-    len: u64,
-    stats: &mut RecoveryStats,
-) -> Result<(), LogError> {
+/// Durably truncates a segment (a torn tail, or a zero tail) to `len` bytes; returns the
+/// bytes removed.
+fn cut(storage: &dyn Storage, name: &str, len: u64) -> Result<u64, LogError> {
     let size = storage.len(name).map_err(io_error(format!(
         "stat of segment {}",
         storage.describe(name)
     )))?;
     if size <= len {
-        return Ok(());
+        return Ok(0);
     }
     let mut file = storage.open_append(name).map_err(io_error(format!(
-        "opening segment {} to cut its torn tail",
+        "opening segment {} to cut its tail",
         storage.describe(name)
     )))?;
     file.truncate(len).map_err(io_error(format!(
@@ -479,6 +461,5 @@ fn cut(
         "fsync of segment {} after truncation",
         storage.describe(name)
     )))?;
-    stats.truncated_tail_bytes += size - len;
-    Ok(())
+    Ok(size - len)
 }
