@@ -7,6 +7,12 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# One-shot runs gain nothing from incremental state, and it is the largest part of target/ (a
+# CI run once filled its disk). Set CARGO_INCREMENTAL=1 to keep it when iterating by hand.
+: "${CARGO_INCREMENTAL:=0}"
+export CARGO_INCREMENTAL
+disk() { df -h . | awk 'NR==2 {print "disk: " $4 " free of " $2}'; du -sh target 2>/dev/null || true; }
+
 # Tools. protoc is vendored by the protoc-bin-vendored crate, so no system package is needed.
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
   step "installing rustfmt and clippy"
@@ -28,6 +34,7 @@ else
   run_tests() { cargo test --no-fail-fast "$@"; }
 fi
 
+disk
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -37,6 +44,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "test suite"
 run_tests --workspace
 
+disk
 # Negative controls: each planted bug (a cargo feature, never on in a release build) must make
 # the suite's checkers report violations. These tests assert that they DO.
 step "negative control: serve before max_seq is durable"
@@ -71,4 +79,5 @@ run_tests -p imstate --features planted-wire-ack-before-durable --test kill9_pre
 step "soak (short): SOAK_SECONDS=30 SOAK_SEGMENT=10 scripts/soak.sh"
 SOAK_SECONDS=30 SOAK_SEGMENT=10 scripts/soak.sh
 
+disk
 step "all green"
