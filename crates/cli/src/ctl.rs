@@ -30,7 +30,8 @@ pub enum CtlCommand {
         target: Target,
     },
     /// The route table: one line per section range (namespace, sections, owner, its
-    /// address), then one per node (alive or not, draining or not).
+    /// address), one per presence slot range (primary, replica), then one per node (alive or
+    /// not, draining or not, sections and slots held).
     Route {
         #[command(flatten)]
         target: Target,
@@ -132,6 +133,24 @@ pub async fn run(command: CtlCommand) -> anyhow::Result<()> {
                     route.namespace, route.section_lo, route.section_hi, route.node, route.wire
                 ));
             }
+            if table.presence_slots > 0 {
+                out.push_str(&format!("presence_slots: {}\n", table.presence_slots));
+            }
+            for slots in &table.slots {
+                let replica = if slots.replica_id.is_empty() {
+                    "-"
+                } else {
+                    &slots.replica_id
+                };
+                out.push_str(&format!(
+                    "slots\t[{}, {})\tprimary={}\treplica={replica}\tgrpc={}\twire={}\n",
+                    slots.slot_lo,
+                    slots.slot_hi,
+                    slots.primary_id,
+                    slots.primary,
+                    slots.primary_wire
+                ));
+            }
             for node in &table.nodes {
                 let sections: u64 = table
                     .routes
@@ -139,11 +158,29 @@ pub async fn run(command: CtlCommand) -> anyhow::Result<()> {
                     .filter(|route| route.node_id == node.node_id)
                     .map(|route| route.section_hi - route.section_lo)
                     .sum();
+                let slots = |replica: bool| -> u32 {
+                    table
+                        .slots
+                        .iter()
+                        .filter(|slots| {
+                            let holder = if replica {
+                                &slots.replica_id
+                            } else {
+                                &slots.primary_id
+                            };
+                            *holder == node.node_id
+                        })
+                        .map(|slots| slots.slot_hi - slots.slot_lo)
+                        .sum()
+                };
                 out.push_str(&format!(
-                    "node\t{}\tlease={}\tdraining={}\tsections={sections}\tgrpc={}\twire={}\n",
+                    "node\t{}\tlease={}\tdraining={}\tsections={sections}\tprimary_slots={}\t\
+                     replica_slots={}\tgrpc={}\twire={}\n",
                     node.node_id,
                     if node.alive { "alive" } else { "lapsed" },
                     node.draining,
+                    slots(false),
+                    slots(true),
                     node.grpc,
                     node.wire
                 ));

@@ -1,6 +1,10 @@
 //! `imstate presence ...`: client commands of the presence registry.
 //!
-//! `lookup` sends ONE LookupBatch call and prints one line per uid, in argument order:
+//! Every command but `count` and `watch` goes through the smart client: against a cluster, a
+//! uid's request goes to its presence slot's primary, and gateway operations to every node;
+//! against one embedded node, to that node.
+//!
+//! `lookup` sends ONE LookupBatch call (one per slot primary in a cluster) and prints one line per uid, in argument order:
 //! `UID<TAB>DEVICE,GATEWAY,CONN<TAB>...` (sorted by device) or `UID<TAB>offline`; `--json`
 //! prints a JSON array.
 
@@ -130,7 +134,7 @@ fn seconds_to_ms(seconds: u32) -> anyhow::Result<u32> {
 pub async fn run(command: PresenceCommand) -> anyhow::Result<()> {
     match command {
         PresenceCommand::Login(args) => {
-            let client = args.target.connect().await?;
+            let client = args.target.connect_cluster().await?;
             let result = client
                 .login(LoginArgs {
                     uid: args.uid,
@@ -151,7 +155,7 @@ pub async fn run(command: PresenceCommand) -> anyhow::Result<()> {
             json: as_json,
             uids,
         } => {
-            let client = target.connect().await?;
+            let client = target.connect_cluster().await?;
             let mut found = client.lookup_batch(uids.clone()).await?;
             // The registry keeps no order among a user's sessions; print a stable one.
             for sessions in &mut found {
@@ -187,7 +191,7 @@ pub async fn run(command: PresenceCommand) -> anyhow::Result<()> {
         }
         PresenceCommand::Heartbeat(key) => {
             key.target
-                .connect()
+                .connect_cluster()
                 .await?
                 .heartbeat(key.uid, key.conn)
                 .await?;
@@ -195,7 +199,7 @@ pub async fn run(command: PresenceCommand) -> anyhow::Result<()> {
         PresenceCommand::Logout(key) => {
             let session = key
                 .target
-                .connect()
+                .connect_cluster()
                 .await?
                 .logout(key.uid, key.conn)
                 .await?;
@@ -205,20 +209,31 @@ pub async fn run(command: PresenceCommand) -> anyhow::Result<()> {
             println!("{}", target.connect().await?.online_count().await?);
         }
         PresenceCommand::GatewayDown { target, gateway } => {
-            println!("{}", target.connect().await?.gateway_down(&gateway).await?);
+            println!(
+                "{}",
+                target
+                    .connect_cluster()
+                    .await?
+                    .gateway_down(&gateway)
+                    .await?
+            );
         }
         PresenceCommand::GatewayRegister {
             target,
             gateway,
             ttl,
         } => {
-            let client = target.connect().await?;
+            let client = target.connect_cluster().await?;
             client
                 .gateway_register(&gateway, seconds_to_ms(ttl)?)
                 .await?;
         }
         PresenceCommand::GatewayHeartbeat { target, gateway } => {
-            target.connect().await?.gateway_heartbeat(&gateway).await?;
+            target
+                .connect_cluster()
+                .await?
+                .gateway_heartbeat(&gateway)
+                .await?;
         }
         PresenceCommand::Watch { target, uids } => {
             let client = target.connect().await?;

@@ -14,6 +14,11 @@
 //! One routing core, [`SmartClient`], over a [`SeqTransport`]: gRPC ([`ClusterClient`], which
 //! also reads current values) or the wire protocol ([`WireClusterClient`], the hot path).
 //!
+//! Presence goes the same way by slot: a uid's requests go to the primary of its slot
+//! (`uid % presence_slots`, from the route table); a HeartbeatBatch or LookupBatch is split
+//! by primary and merged back in request order; gateway operations (gRPC) go to every live
+//! node.
+//!
 //! A table of another cluster than the one the client was pointed at (or told to expect) is
 //! refused: mixing two clusters' sequences would break monotonicity.
 
@@ -25,6 +30,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 use crate::{Client, ClientError, ClientOptions, Namespace, NodeRoute, Route, RouteTable};
+use crate::{LoginArgs, LoginResult, Session, SlotRoute};
 use crate::{WireClient, default_namespace};
 
 /// Tries per call (redirects and retries of unavailable owners together); the deadline
@@ -66,6 +72,36 @@ pub trait SeqTransport: Clone + Send + Sync + Sized + 'static {
     fn node_address(node: &NodeRoute) -> &str;
     /// The owner's address in a redirect, `(grpc, wire)`.
     fn moved_address<'a>(grpc: &'a str, wire: &'a str) -> &'a str;
+    /// The address of a presence slot range's primary in this protocol.
+    fn slot_address(slots: &SlotRoute) -> &str;
+    /// Registers a session.
+    fn login(
+        &self,
+        args: &LoginArgs,
+    ) -> impl Future<Output = Result<LoginResult, ClientError>> + Send;
+    /// Removes the session of (uid, conn).
+    fn logout(
+        &self,
+        uid: u64,
+        conn: u64,
+    ) -> impl Future<Output = Result<Session, ClientError>> + Send;
+    /// Renews the session of (uid, conn); an unknown session is an error.
+    fn heartbeat(
+        &self,
+        uid: u64,
+        conn: u64,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send;
+    /// Renews sessions of `gateway`; answers the unknown ones.
+    fn heartbeat_batch(
+        &self,
+        gateway: &str,
+        sessions: &[(u64, u64)],
+    ) -> impl Future<Output = Result<Vec<(u64, u64)>, ClientError>> + Send;
+    /// The sessions of each uid, in order.
+    fn lookup_batch(
+        &self,
+        uids: &[u64],
+    ) -> impl Future<Output = Result<Vec<Vec<Session>>, ClientError>> + Send;
 }
 
 impl SeqTransport for Client {
@@ -105,6 +141,34 @@ impl SeqTransport for Client {
 
     fn moved_address<'a>(grpc: &'a str, _wire: &'a str) -> &'a str {
         grpc
+    }
+
+    fn slot_address(slots: &SlotRoute) -> &str {
+        &slots.primary
+    }
+
+    async fn login(&self, args: &LoginArgs) -> Result<LoginResult, ClientError> {
+        Client::login(self, args.clone()).await
+    }
+
+    async fn logout(&self, uid: u64, conn: u64) -> Result<Session, ClientError> {
+        Client::logout(self, uid, conn).await
+    }
+
+    async fn heartbeat(&self, uid: u64, conn: u64) -> Result<(), ClientError> {
+        Client::heartbeat(self, uid, conn).await
+    }
+
+    async fn heartbeat_batch(
+        &self,
+        gateway: &str,
+        sessions: &[(u64, u64)],
+    ) -> Result<Vec<(u64, u64)>, ClientError> {
+        Client::heartbeat_batch(self, gateway, sessions).await
+    }
+
+    async fn lookup_batch(&self, uids: &[u64]) -> Result<Vec<Vec<Session>>, ClientError> {
+        Client::lookup_batch(self, uids.to_vec()).await
     }
 }
 
@@ -149,6 +213,34 @@ impl SeqTransport for WireClient {
 
     fn moved_address<'a>(_grpc: &'a str, wire: &'a str) -> &'a str {
         wire
+    }
+
+    fn slot_address(slots: &SlotRoute) -> &str {
+        &slots.primary_wire
+    }
+
+    async fn login(&self, args: &LoginArgs) -> Result<LoginResult, ClientError> {
+        WireClient::login(self, args).await
+    }
+
+    async fn logout(&self, uid: u64, conn: u64) -> Result<Session, ClientError> {
+        WireClient::logout(self, uid, conn).await
+    }
+
+    async fn heartbeat(&self, uid: u64, conn: u64) -> Result<(), ClientError> {
+        WireClient::heartbeat(self, uid, conn).await
+    }
+
+    async fn heartbeat_batch(
+        &self,
+        gateway: &str,
+        sessions: &[(u64, u64)],
+    ) -> Result<Vec<(u64, u64)>, ClientError> {
+        WireClient::heartbeat_batch(self, gateway, sessions).await
+    }
+
+    async fn lookup_batch(&self, uids: &[u64]) -> Result<Vec<Vec<Session>>, ClientError> {
+        WireClient::lookup_batch(self, uids).await
     }
 }
 
@@ -334,28 +426,73 @@ impl<T: SeqTransport> SmartClient<T> {
         ids: Vec<u64>,
         allocate: bool,
     ) -> Result<Vec<u64>, ClientError> {
+        self.routed_with(
+            ids,
+            Routing::Section(namespace),
+            |id| *id,
+            |client, group| async move { client.call(namespace, group, allocate).await },
+        )
+        .await
+    }
+
+    /// The address of each uid's presence slot primary (the seed for an embedded node or when
+    /// the table has no slots yet).
+    async fn slot_owners(&self, uids: &[u64]) -> Vec<String> {
+        let state = self.state.lock().await;
+        uids.iter()
+            .map(|&uid| {
+                state
+                    .table
+                    .slot_route(uid)
+                    .map(T::slot_address)
+                    .filter(|address| !address.is_empty())
+                    .map_or_else(|| self.seed.clone(), str::to_owned)
+            })
+            .collect()
+    }
+
+    /// The routing core: sends each item to the node that serves its key (a section of a
+    /// namespace, or a presence slot), all nodes at once, and retries what was redirected or
+    /// unavailable after learning the newer table, within [`CALL_DEADLINE`] and
+    /// [`ATTEMPTS_MAX`]. `call` answers one result per item, in order.
+    async fn routed_with<I, R, F, Fut>(
+        &self,
+        items: Vec<I>,
+        routing: Routing<'_>,
+        key: impl Fn(&I) -> u64,
+        call: F,
+    ) -> Result<Vec<R>, ClientError>
+    where
+        I: Clone,
+        F: Fn(T, Vec<I>) -> Fut,
+        Fut: Future<Output = Result<Vec<R>, ClientError>>,
+    {
         let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
-        let mut values: Vec<Option<u64>> = vec![None; ids.len()];
+        let mut values: Vec<Option<R>> = items.iter().map(|_| None).collect();
         let mut last_error = None;
         for _ in 0..ATTEMPTS_MAX {
-            let pending: Vec<usize> = (0..ids.len()).filter(|&i| values[i].is_none()).collect();
+            let pending: Vec<usize> = (0..items.len()).filter(|&i| values[i].is_none()).collect();
             if pending.is_empty() {
-                return Ok(values.into_iter().map(|value| value.unwrap_or(0)).collect());
+                return Ok(values.into_iter().flatten().collect());
             }
             if tokio::time::Instant::now() >= deadline {
                 break;
             }
-            let pending_ids: Vec<u64> = pending.iter().map(|&i| ids[i]).collect();
-            let owners = self.owners(namespace, &pending_ids).await?;
+            let pending_keys: Vec<u64> = pending.iter().map(|&i| key(&items[i])).collect();
+            let owners = match routing {
+                Routing::Section(namespace) => self.owners(namespace, &pending_keys).await?,
+                Routing::Slot => self.slot_owners(&pending_keys).await,
+            };
             let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
             for (position, owner) in pending.iter().zip(owners) {
                 groups.entry(owner).or_default().push(*position);
             }
+            let call = &call;
             let calls = groups.into_iter().map(|(owner, positions)| {
-                let group: Vec<u64> = positions.iter().map(|&i| ids[i]).collect();
+                let group: Vec<I> = positions.iter().map(|&i| items[i].clone()).collect();
                 async move {
                     let client = self.client(&owner).await?;
-                    let result = client.call(namespace, group, allocate).await;
+                    let result = call(client.clone(), group).await;
                     Ok::<_, ClientError>((client, positions, result))
                 }
             });
@@ -372,9 +509,9 @@ impl<T: SeqTransport> SmartClient<T> {
                     }
                 };
                 match result {
-                    Ok(seqs) => {
-                        for (position, seq) in positions.into_iter().zip(seqs) {
-                            values[position] = Some(seq);
+                    Ok(results) => {
+                        for (position, result) in positions.into_iter().zip(results) {
+                            values[position] = Some(result);
                         }
                         if newer
                             .as_ref()
@@ -418,9 +555,148 @@ impl<T: SeqTransport> SmartClient<T> {
             ),
         }))
     }
+
+    /// Registers a session at the primary of the uid's presence slot.
+    pub async fn login(&self, args: LoginArgs) -> Result<LoginResult, ClientError> {
+        let uid = args.uid;
+        let mut results = self
+            .routed_with(
+                vec![uid],
+                Routing::Slot,
+                |uid| *uid,
+                |client, _| {
+                    let args = args.clone();
+                    async move { Ok(vec![client.login(&args).await?]) }
+                },
+            )
+            .await?;
+        Ok(results.remove(0))
+    }
+
+    /// Removes the session of (uid, conn) at its slot's primary.
+    pub async fn logout(&self, uid: u64, conn: u64) -> Result<Session, ClientError> {
+        let mut results = self
+            .routed_with(
+                vec![uid],
+                Routing::Slot,
+                |uid| *uid,
+                |client, _| async move { Ok(vec![client.logout(uid, conn).await?]) },
+            )
+            .await?;
+        Ok(results.remove(0))
+    }
+
+    /// Renews the session of (uid, conn) at its slot's primary.
+    pub async fn heartbeat(&self, uid: u64, conn: u64) -> Result<(), ClientError> {
+        self.routed_with(
+            vec![uid],
+            Routing::Slot,
+            |uid| *uid,
+            |client, _| async move { client.heartbeat(uid, conn).await.map(|()| vec![()]) },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Renews sessions of `gateway`, each at its slot's primary (one batch per primary, at
+    /// once); returns the (uid, conn) pairs that no primary knows (re-register them).
+    pub async fn heartbeat_batch(
+        &self,
+        gateway: &str,
+        sessions: Vec<(u64, u64)>,
+    ) -> Result<Vec<(u64, u64)>, ClientError> {
+        let known = self
+            .routed_with(
+                sessions.clone(),
+                Routing::Slot,
+                |(uid, _)| *uid,
+                |client, group| async move {
+                    let unknown = client.heartbeat_batch(gateway, &group).await?;
+                    Ok(group.iter().map(|pair| !unknown.contains(pair)).collect())
+                },
+            )
+            .await?;
+        Ok(sessions
+            .into_iter()
+            .zip(known)
+            .filter(|(_, known)| !known)
+            .map(|(pair, _)| pair)
+            .collect())
+    }
+
+    /// The sessions of each uid, in request order: one LookupBatch per slot primary, at once
+    /// (group fan-out).
+    pub async fn lookup_batch(&self, uids: Vec<u64>) -> Result<Vec<Vec<Session>>, ClientError> {
+        self.routed_with(
+            uids,
+            Routing::Slot,
+            |uid| *uid,
+            |client, group| async move { client.lookup_batch(&group).await },
+        )
+        .await
+    }
+}
+
+/// What the routing core routes by.
+#[derive(Clone, Copy)]
+enum Routing<'a> {
+    /// The section of an id in this namespace.
+    Section(&'a str),
+    /// The presence slot of a uid.
+    Slot,
 }
 
 impl SmartClient<Client> {
+    /// The gRPC address of every live node (the seed when the table lists none: embedded).
+    async fn every_node(&self) -> Vec<String> {
+        let table = self.table().await;
+        let mut addresses: Vec<String> = table
+            .nodes
+            .iter()
+            .filter(|node| node.alive)
+            .map(|node| node.grpc.clone())
+            .filter(|address| !address.is_empty())
+            .collect();
+        if addresses.is_empty() {
+            addresses.push(self.seed.clone());
+        }
+        addresses
+    }
+
+    /// Drops every session of `gateway` on every node (each holds the slots it is primary
+    /// of); returns how many in all. Fails if a live node cannot be reached: the caller
+    /// retries (dropping is idempotent).
+    pub async fn gateway_down(&self, gateway: &str) -> Result<u64, ClientError> {
+        let mut dropped = 0;
+        for address in self.every_node().await {
+            dropped += self.client(&address).await?.gateway_down(gateway).await?;
+        }
+        Ok(dropped)
+    }
+
+    /// Gives `gateway` a lease on every node: if it lapses, each node drops the gateway's
+    /// sessions it holds.
+    pub async fn gateway_register(&self, gateway: &str, ttl_ms: u32) -> Result<(), ClientError> {
+        for address in self.every_node().await {
+            self.client(&address)
+                .await?
+                .gateway_register(gateway, ttl_ms)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Renews `gateway`'s lease on every node.
+    pub async fn gateway_heartbeat(&self, gateway: &str) -> Result<(), ClientError> {
+        for address in self.every_node().await {
+            self.client(&address)
+                .await?
+                .gateway_heartbeat(gateway)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Reads the current seq of each id, routed like [`Self::next_batch`] (gRPC only).
     pub async fn current_batch(
         &self,

@@ -173,6 +173,23 @@ pub struct NodeRoute {
     pub draining: bool,
 }
 
+/// Presence slots `[slot_lo, slot_hi)` and where they live (cluster mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotRoute {
+    /// First slot.
+    pub slot_lo: u32,
+    /// One past the last slot.
+    pub slot_hi: u32,
+    /// The primary's node id.
+    pub primary_id: String,
+    /// The primary's gRPC address.
+    pub primary: String,
+    /// The primary's wire address.
+    pub primary_wire: String,
+    /// The replica's node id (empty: none).
+    pub replica_id: String,
+}
+
 /// The route table as a node serves under it (`Admin/Route`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouteTable {
@@ -184,6 +201,24 @@ pub struct RouteTable {
     pub routes: Vec<Route>,
     /// The nodes (cluster mode).
     pub nodes: Vec<NodeRoute>,
+    /// Presence slots (cluster mode; 0 when one node serves every uid).
+    pub presence_slots: u32,
+    /// Presence slot ranges and their primaries and replicas (cluster mode).
+    pub slots: Vec<SlotRoute>,
+}
+
+impl RouteTable {
+    /// The slot range of `uid`'s presence, when slots are placed.
+    pub fn slot_route(&self, uid: u64) -> Option<&SlotRoute> {
+        if self.presence_slots == 0 {
+            return None;
+        }
+        let slot = (uid % u64::from(self.presence_slots)) as u32;
+        let at = self.slots.partition_point(|range| range.slot_hi <= slot);
+        self.slots
+            .get(at)
+            .filter(|range| (range.slot_lo..range.slot_hi).contains(&slot))
+    }
 }
 
 /// Converts a protocol route table.
@@ -204,6 +239,19 @@ pub(crate) fn routes_from_pb(table: pb::RouteTable) -> RouteTable {
             })
             .collect(),
         nodes: Vec::new(),
+        presence_slots: table.presence_slots,
+        slots: table
+            .slots
+            .into_iter()
+            .map(|entry| SlotRoute {
+                slot_lo: entry.slot_lo,
+                slot_hi: entry.slot_hi,
+                primary_id: entry.primary_id,
+                primary: entry.primary,
+                primary_wire: entry.primary_wire,
+                replica_id: entry.replica_id,
+            })
+            .collect(),
     }
 }
 

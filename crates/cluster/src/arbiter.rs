@@ -59,6 +59,8 @@ pub struct Arbiter {
     campaign_every_ms: Millis,
     /// The `arbiter` key's mod revision when a campaign found it held by another node.
     follower_of: Option<i64>,
+    /// Presence slots to place in a table that has none ([`Inputs::presence_slots`]).
+    presence_slots: u32,
     /// Tables written by this node while it led (for status and metrics).
     pub writes: u64,
 }
@@ -82,8 +84,16 @@ impl Arbiter {
             last_write: None,
             campaign_every_ms: period_ms.max(1),
             follower_of: None,
+            presence_slots: 0,
             writes: 0,
         }
+    }
+
+    /// Places `slots` presence slots when the table has none (0, the default: presence is not
+    /// placed). The count in the table wins once written: it is fixed for the cluster's life.
+    pub fn with_presence_slots(mut self, slots: u32) -> Self {
+        self.presence_slots = slots;
+        self
     }
 
     /// With a watch on the arbiter key, campaigns again only every `every_ms` as a fallback.
@@ -288,6 +298,7 @@ impl Arbiter {
             self.seen.drain(..index);
         }
         let inputs = Inputs {
+            presence_slots: self.presence_slots,
             settled,
             live: names(1),
             draining: names(2),

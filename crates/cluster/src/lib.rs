@@ -9,6 +9,7 @@
 //! - [`member`]: a node's state machine: lease, registration, the table it serves under,
 //!   [`member::Member::access`] (the one ownership check every front door calls), and fenced
 //!   raises (S2 across nodes).
+//! - [`slots`]: the same for presence slots: primaries, replicas, promotion.
 //! - [`arbiter`]: the election and the route-table writer.
 //! - [`keys`]: where everything lives in the coordinator.
 //!
@@ -34,9 +35,10 @@ pub mod lease;
 pub mod member;
 pub mod placement;
 pub mod route;
+pub mod slots;
 
 pub use arbiter::Arbiter;
 pub use keys::Keys;
 pub use lease::{LeaseRules, RATE_SKEW_MAX};
 pub use member::{Access, Effect, Fence, Member, MemberInfo, RaiseOp, RaiseOutcome, Token};
-pub use route::{NodeId, Range, RouteTable};
+pub use route::{NodeId, PresenceRoute, Range, RouteTable, SlotRange, slot_of};

@@ -64,7 +64,15 @@ pub enum Effect {
         /// One past the last.
         end: u64,
     },
-    /// The lease is gone: every section is lost.
+    /// Presence slots `[start, end)` are no longer this node's as primary: it takes no write
+    /// for them any more (what it holds of them is stale once another primary serves them).
+    LostSlots {
+        /// First slot.
+        start: u32,
+        /// One past the last.
+        end: u32,
+    },
+    /// The lease is gone: every section and slot is lost.
     LostAll,
 }
 
@@ -154,7 +162,12 @@ struct Inflight {
     sent_at: Millis,
 }
 
-/// Sections this node owns under the installed table, and when it may serve them.
+/// The span namespace of this node's presence slots as primary: not a valid namespace name,
+/// so the sections' and the slots' spans never mix.
+const SLOTS: &str = "/presence-slots";
+
+/// Sections (or, under [`SLOTS`], presence slots as primary) this node owns under the
+/// installed table, and when it may serve them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Span {
     namespace: String,
@@ -502,8 +515,50 @@ impl Member {
                 ready_at,
             });
         }
+        if let Some(presence) = &table.presence {
+            for range in presence
+                .ranges
+                .iter()
+                .filter(|range| range.primary == self.node)
+            {
+                let (start, end) = (u64::from(range.start), u64::from(range.end));
+                let carried = if self.fresh {
+                    None
+                } else {
+                    carry(&self.spans, SLOTS, start, end, range.since)
+                };
+                let ready_at = carried.unwrap_or(if self.fresh || range.handover {
+                    now + lock_delay
+                } else {
+                    now
+                });
+                spans.push(Span {
+                    namespace: SLOTS.to_owned(),
+                    start,
+                    end,
+                    since: range.since,
+                    ready_at,
+                });
+            }
+        }
         let mut effects = Vec::new();
-        for old in &self.spans {
+        for old in self.spans.iter().filter(|span| span.namespace == SLOTS) {
+            // Slots this node was primary of under the same tenure stay; the rest are lost.
+            let mut slot = old.start as u32;
+            while u64::from(slot) < old.end {
+                let range = table.presence.as_ref().and_then(|p| p.range(slot));
+                let end = range.map_or(old.end as u32, |range| range.end.min(old.end as u32));
+                let keep = range.is_some_and(|r| r.primary == self.node && r.since == old.since);
+                if !keep {
+                    match effects.last_mut() {
+                        Some(Effect::LostSlots { end: last, .. }) if *last == slot => *last = end,
+                        _ => effects.push(Effect::LostSlots { start: slot, end }),
+                    }
+                }
+                slot = end;
+            }
+        }
+        for old in self.spans.iter().filter(|span| span.namespace != SLOTS) {
             let mut section = old.start;
             while section < old.end {
                 let kept = table
@@ -526,8 +581,40 @@ impl Member {
         effects
     }
 
-    /// Whether `section` of `namespace` may be served at `now`.
-    pub fn access(&self, now: Millis, namespace: &str, section: u64) -> Access {
+    /// Whether a presence write for `uid` may be taken at `now`: this node is the primary of
+    /// its slot, its lease is confirmed and the lock-delay of a takeover has passed. The same
+    /// rules as [`Member::access`] (S3 for slots); `tenure` is the version at which this node
+    /// became the slot's primary.
+    pub fn access_slot(&self, now: Millis, uid: u64) -> Access {
+        let table = match self.table_for_access() {
+            Ok(table) => table,
+            Err(refused) => return refused,
+        };
+        let Some(presence) = &table.presence else {
+            return Access::Unavailable {
+                reason: format!(
+                    "presence slots are not placed in route table version {}",
+                    table.version
+                ),
+            };
+        };
+        let slot = presence.slot_of(uid);
+        let Some(range) = presence.range(slot) else {
+            return Access::Unavailable {
+                reason: format!("no route for presence slot {slot}"),
+            };
+        };
+        if range.primary != self.node {
+            return Access::Redirect {
+                owner: range.primary.clone(),
+                version: table.version,
+            };
+        }
+        self.serve_span(now, SLOTS, u64::from(slot), range.since)
+    }
+
+    /// The installed table when this node may serve anything from it.
+    fn table_for_access(&self) -> Result<&RouteTable, Access> {
         if self.member_revision.is_none() {
             let reason = match &self.blocked_by {
                 Some(holder) => format!(
@@ -537,18 +624,55 @@ impl Member {
                 ),
                 None => "joining the cluster".into(),
             };
-            return Access::Unavailable { reason };
+            return Err(Access::Unavailable { reason });
         }
         let Some((table, _)) = &self.route else {
-            return Access::Unavailable {
+            return Err(Access::Unavailable {
                 reason: "no route table read yet".into(),
-            };
+            });
         };
         if let Some(error) = &self.route_error {
-            return Access::Unavailable {
+            return Err(Access::Unavailable {
                 reason: error.clone(),
+            });
+        }
+        Ok(table)
+    }
+
+    /// Serve or wait, for a unit this node owns in the table: its lease must be confirmed and
+    /// its span ready (past the lock-delay).
+    fn serve_span(&self, now: Millis, namespace: &str, at: u64, tenure: u64) -> Access {
+        if !cfg!(feature = "planted-serve-without-lease") && now >= self.confirmed_until {
+            return Access::Unavailable {
+                reason: "this node's lease is not confirmed by the coordinator; it serves \
+                         nothing until it is"
+                    .into(),
             };
         }
+        let span = self
+            .spans
+            .iter()
+            .find(|span| span.namespace == namespace && (span.start..span.end).contains(&at));
+        match span {
+            Some(span) if now >= span.ready_at => Access::Serve { tenure },
+            Some(span) => Access::Unavailable {
+                reason: format!(
+                    "taking over: serving in {} ms (lock-delay)",
+                    span.ready_at - now
+                ),
+            },
+            None => Access::Unavailable {
+                reason: "the route table is being installed".into(),
+            },
+        }
+    }
+
+    /// Whether `section` of `namespace` may be served at `now`.
+    pub fn access(&self, now: Millis, namespace: &str, section: u64) -> Access {
+        let table = match self.table_for_access() {
+            Ok(table) => table,
+            Err(refused) => return refused,
+        };
         let Some(range) = table.range(namespace, section) else {
             return Access::Unavailable {
                 reason: format!(
@@ -563,31 +687,7 @@ impl Member {
                 version: table.version,
             };
         }
-        if !cfg!(feature = "planted-serve-without-lease") && now >= self.confirmed_until {
-            return Access::Unavailable {
-                reason: "this node's lease is not confirmed by the coordinator; it serves \
-                         nothing until it is"
-                    .into(),
-            };
-        }
-        let span = self
-            .spans
-            .iter()
-            .find(|span| span.namespace == namespace && (span.start..span.end).contains(&section));
-        match span {
-            Some(span) if now >= span.ready_at => Access::Serve {
-                tenure: range.since,
-            },
-            Some(span) => Access::Unavailable {
-                reason: format!(
-                    "taking the section over: serving in {} ms (lock-delay)",
-                    span.ready_at - now
-                ),
-            },
-            None => Access::Unavailable {
-                reason: "the route table is being installed".into(),
-            },
-        }
+        self.serve_span(now, namespace, section, range.since)
     }
 
     /// The ownership a raise must be fenced on, when registered with a table.
@@ -871,6 +971,72 @@ mod tests {
             step(&mut b, &mut coord, now);
         }
         assert_eq!(b.access(now, "ns", 1), Access::Serve { tenure: 2 });
+    }
+
+    fn slot_table(version: u64, primary: &str, replica: &str, handover: bool) -> RouteTable {
+        let mut table = table(version, "a", false);
+        table.namespaces.clear();
+        table.presence = Some(crate::PresenceRoute {
+            slots: 8,
+            ranges: vec![crate::SlotRange {
+                start: 0,
+                end: 8,
+                primary: primary.into(),
+                since: version,
+                handover,
+                replica: Some(replica.into()),
+                replica_since: version,
+            }],
+        });
+        table
+    }
+
+    #[test]
+    fn a_promoted_replica_takes_slot_writes_only_after_the_lock_delay_and_the_old_primary_stops() {
+        let mut coord = SimCoordinator::new();
+        put_route(&mut coord, &slot_table(1, "a", "b", false));
+        let mut a = Member::new("c", &info("a"), LeaseRules::new(TTL));
+        let mut b = Member::new("c", &info("b"), LeaseRules::new(TTL));
+        let every = a.rules().renew_every_ms();
+        let mut now = 0;
+        while now < 2 * TTL {
+            step(&mut a, &mut coord, now);
+            step(&mut b, &mut coord, now);
+            now += every;
+        }
+        // uid 13 is in slot 5.
+        assert_eq!(a.access_slot(now, 13), Access::Serve { tenure: 1 });
+        let Access::Redirect { owner, .. } = b.access_slot(now, 13) else {
+            panic!("the replica redirects writes to the primary")
+        };
+        assert_eq!(owner, "a");
+        // b is promoted.
+        put_route(&mut coord, &slot_table(2, "b", "a", true));
+        now += every;
+        assert_eq!(
+            step(&mut a, &mut coord, now),
+            vec![Effect::LostSlots { start: 0, end: 8 }]
+        );
+        step(&mut b, &mut coord, now);
+        assert!(matches!(a.access_slot(now, 13), Access::Redirect { .. }));
+        let Access::Unavailable { reason } = b.access_slot(now, 13) else {
+            panic!("a promoted replica waits the lock-delay")
+        };
+        assert!(reason.contains("lock-delay"), "{reason}");
+        let ready = now + b.rules().lock_delay_ms();
+        while now < ready {
+            now += every;
+            step(&mut b, &mut coord, now);
+        }
+        assert_eq!(b.access_slot(now, 13), Access::Serve { tenure: 2 });
+        // A table without slots placed refuses presence writes with the reason.
+        put_route(&mut coord, &table(3, "b", false));
+        now += every;
+        step(&mut b, &mut coord, now);
+        let Access::Unavailable { reason } = b.access_slot(now, 13) else {
+            panic!("no slots, no presence writes")
+        };
+        assert!(reason.contains("not placed"), "{reason}");
     }
 
     #[test]

@@ -17,6 +17,10 @@
 //!
 //! Rules 3 and 4 run only in a plan where 1 and 2 changed nothing.
 //!
+//! Presence slots are planned in the same pass by their own rules ([`crate::slots`]); they
+//! are first placed once the table has settled (no change for a lock-delay), so that nodes
+//! started together all get primaries.
+//!
 //! Every moved range gets `since` = the new version and `handover` = true. Otherwise adjacent
 //! ranges merge only when owner, `since` and `handover` are equal, so a node's readiness for
 //! what it kept is never reset by a move of its neighbours.
@@ -46,6 +50,9 @@ pub struct Inputs {
     /// Ranges with `since` at or below this version are settled: rule 5 may coalesce them
     /// (0: none is).
     pub settled: u64,
+    /// Presence slots to place when the table has none yet (`presence.slots`; 0: do not place
+    /// presence). A table that has slots keeps its count: it is fixed for the cluster's life.
+    pub presence_slots: u32,
 }
 
 /// The next table, or `None` when `current` is already right (or no node can own anything).
@@ -222,6 +229,27 @@ pub fn plan(current: &RouteTable, inputs: &Inputs) -> Option<RouteTable> {
             changed |= coalesce(&mut route.ranges, inputs.settled, version);
         }
     }
+    // Presence slots. They are first placed only over a settled table (unchanged for a
+    // lock-delay), so that nodes starting one after another are all there: a primary role
+    // moves to a live node only through its replica (see `crate::slots`).
+    let slots = if current.presence.is_some()
+        || current.version > 0 && inputs.settled >= current.version
+    {
+        inputs.presence_slots
+    } else {
+        0
+    };
+    if let Some(presence) = crate::slots::plan_slots(
+        current.presence.as_ref(),
+        slots,
+        &inputs.live,
+        &targets,
+        inputs.moves_max,
+        version,
+    ) {
+        next.presence = Some(presence);
+        changed = true;
+    }
     if !changed {
         return None;
     }
@@ -363,6 +391,7 @@ mod tests {
                 .collect(),
             moves_max: 4,
             settled: 0,
+            presence_slots: 0,
         }
     }
 
@@ -502,6 +531,36 @@ mod tests {
             mean * 3 < mean_without,
             "mean {mean} vs {mean_without} without coalescing"
         );
+    }
+
+    #[test]
+    fn presence_slots_are_placed_only_over_a_settled_table_and_then_keep_their_count() {
+        let mut three = inputs(&["a", "b", "c"], &[], &[("inbox", 12)]);
+        three.presence_slots = 30;
+        let first = plan(&RouteTable::empty("c"), &three).unwrap();
+        assert_eq!(first.presence, None, "not in the first plan");
+        assert!(
+            plan(&first, &three).is_none(),
+            "nor before the table settles"
+        );
+        let settled = Inputs {
+            settled: first.version,
+            ..three.clone()
+        };
+        let placed = plan(&first, &settled).unwrap();
+        let load = placed.presence.as_ref().unwrap().load();
+        assert_eq!(load.len(), 3);
+        assert!(
+            load.values()
+                .all(|&(primary, replica)| primary == 10 && replica == 10)
+        );
+        // Another count configured later changes nothing: the count is the cluster's.
+        let other = Inputs {
+            presence_slots: 64,
+            settled: placed.version,
+            ..three
+        };
+        assert!(plan(&placed, &other).is_none());
     }
 
     #[test]

@@ -5,8 +5,14 @@
 //! (`since`, the table version of that move) and whether someone owned it before (`handover`):
 //! a node serves a range it gained from another owner only after the lock-delay.
 //!
+//! The table also places presence ([`PresenceRoute`]): sessions are split into a fixed number
+//! of slots (`uid % slots`), and every slot range has a primary (which takes its writes) and,
+//! when a second node exists, a replica on another node (which follows the primary's changes
+//! and is promoted when the primary dies).
+//!
 //! Invariants ([`RouteTable::check`]): per namespace, ranges are sorted, non-empty, contiguous
-//! and cover `[0, sections)` exactly; `since <= version`.
+//! and cover `[0, sections)` exactly; `since <= version`. The same for slot ranges over
+//! `[0, slots)`, and a slot's replica is never its primary.
 
 use std::collections::BTreeMap;
 
@@ -56,6 +62,88 @@ pub struct NamespaceRoute {
     pub ranges: Vec<Range>,
 }
 
+/// Slots `[start, end)` of presence, their primary and their replica.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotRange {
+    /// First slot.
+    pub start: u32,
+    /// One past the last slot.
+    pub end: u32,
+    /// The node that takes the slots' writes.
+    pub primary: NodeId,
+    /// The table version at which `primary` got them.
+    pub since: u64,
+    /// Whether another node was primary before (then the new one waits the lock-delay before
+    /// it takes a write, so the old one has stopped).
+    pub handover: bool,
+    /// The node that follows the primary's changes, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<NodeId>,
+    /// The table version at which `replica` got them (it syncs from a snapshot then).
+    #[serde(default)]
+    pub replica_since: u64,
+}
+
+impl SlotRange {
+    /// Slots in the range.
+    pub fn len(&self) -> u32 {
+        self.end - self.start
+    }
+
+    /// Whether the range is empty (never in a valid table).
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+
+    /// Whether `slot` is in the range.
+    pub fn contains(&self, slot: u32) -> bool {
+        (self.start..self.end).contains(&slot)
+    }
+}
+
+/// Where presence lives: `slots` slots, as ranges.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceRoute {
+    /// Slots in the cluster (`presence.slots`, fixed for the life of the cluster).
+    pub slots: u32,
+    /// Ranges covering `[0, slots)`, sorted.
+    pub ranges: Vec<SlotRange>,
+}
+
+impl PresenceRoute {
+    /// The slot of `uid`: `uid % slots`. Every client and node computes it the same way.
+    pub fn slot_of(&self, uid: u64) -> u32 {
+        slot_of(uid, self.slots)
+    }
+
+    /// The range holding `slot`.
+    pub fn range(&self, slot: u32) -> Option<&SlotRange> {
+        let at = self.ranges.partition_point(|range| range.end <= slot);
+        self.ranges.get(at).filter(|range| range.contains(slot))
+    }
+
+    /// Slots held as primary and as replica, per node.
+    pub fn load(&self) -> BTreeMap<&str, (u32, u32)> {
+        let mut load: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+        for range in &self.ranges {
+            load.entry(range.primary.as_str()).or_default().0 += range.len();
+            if let Some(replica) = &range.replica {
+                load.entry(replica.as_str()).or_default().1 += range.len();
+            }
+        }
+        load
+    }
+}
+
+/// The presence slot of `uid` among `slots` (`uid % slots`; 0 when `slots` is 0).
+pub fn slot_of(uid: u64, slots: u32) -> u32 {
+    if slots == 0 {
+        0
+    } else {
+        (uid % u64::from(slots)) as u32
+    }
+}
+
 /// The versioned route table of one cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteTable {
@@ -65,6 +153,9 @@ pub struct RouteTable {
     pub version: u64,
     /// Routes by namespace name.
     pub namespaces: BTreeMap<String, NamespaceRoute>,
+    /// Where presence slots live (absent until the arbiter first places them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<PresenceRoute>,
 }
 
 impl RouteTable {
@@ -74,6 +165,7 @@ impl RouteTable {
             cluster: cluster.to_owned(),
             version: 0,
             namespaces: BTreeMap::new(),
+            presence: None,
         }
     }
 
@@ -98,6 +190,12 @@ impl RouteTable {
                 .filter(move |range| range.owner == node)
                 .map(move |range| (name.as_str(), range))
         })
+    }
+
+    /// The slot range holding `uid`'s sessions.
+    pub fn slot_range(&self, uid: u64) -> Option<&SlotRange> {
+        let presence = self.presence.as_ref()?;
+        presence.range(presence.slot_of(uid))
     }
 
     /// Sections owned per node.
@@ -150,6 +248,31 @@ impl RouteTable {
                 ));
             }
         }
+        if let Some(presence) = &self.presence {
+            let mut next = 0;
+            for range in &presence.ranges {
+                let name = format!("presence slots {}..{}", range.start, range.end);
+                if range.start != next || range.is_empty() {
+                    return Err(format!("{name} do not continue at {next}"));
+                }
+                if range.since > self.version || range.replica_since > self.version {
+                    return Err(format!("{name} moved after version {}", self.version));
+                }
+                if range.replica.as_ref() == Some(&range.primary) {
+                    return Err(format!(
+                        "{name}: `{}` is primary and replica",
+                        range.primary
+                    ));
+                }
+                next = range.end;
+            }
+            if next != presence.slots {
+                return Err(format!(
+                    "presence slot ranges end at {next}, slots are {}",
+                    presence.slots
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -189,5 +312,46 @@ mod tests {
         assert_eq!(RouteTable::decode(&table.encode()).unwrap(), table);
         table.namespaces.get_mut("inbox").unwrap().ranges[1].start = 5;
         assert!(RouteTable::decode(&table.encode()).is_err());
+    }
+
+    fn slots(start: u32, end: u32, primary: &str, replica: Option<&str>) -> SlotRange {
+        SlotRange {
+            start,
+            end,
+            primary: primary.into(),
+            since: 1,
+            handover: false,
+            replica: replica.map(Into::into),
+            replica_since: 1,
+        }
+    }
+
+    #[test]
+    fn slot_lookups_find_primary_and_replica_and_bad_slot_tables_are_refused() {
+        let mut table = RouteTable::empty("c");
+        table.version = 2;
+        table.presence = Some(PresenceRoute {
+            slots: 8,
+            ranges: vec![slots(0, 5, "a", Some("b")), slots(5, 8, "b", None)],
+        });
+        table.check().unwrap();
+        assert_eq!(table.slot_range(4).unwrap().primary, "a");
+        assert_eq!(table.slot_range(12).unwrap().replica.as_deref(), Some("b"));
+        assert_eq!(table.slot_range(13).unwrap().primary, "b");
+        assert_eq!(table.presence.as_ref().unwrap().load()["b"], (3, 5));
+        assert_eq!(RouteTable::decode(&table.encode()).unwrap(), table);
+
+        let mut gap = table.clone();
+        gap.presence.as_mut().unwrap().ranges[1].start = 6;
+        assert!(gap.check().unwrap_err().contains("do not continue at 5"));
+        let mut short = table.clone();
+        short.presence.as_mut().unwrap().slots = 9;
+        assert!(short.check().unwrap_err().contains("slots are 9"));
+        let mut same = table.clone();
+        same.presence.as_mut().unwrap().ranges[1].replica = Some("b".into());
+        assert!(same.check().unwrap_err().contains("primary and replica"));
+        // A table written before presence was placed still reads.
+        let old = br#"{"cluster":"c","version":1,"namespaces":{}}"#;
+        assert_eq!(RouteTable::decode(old).unwrap().presence, None);
     }
 }

@@ -42,6 +42,12 @@ pub const CLUSTER_LEASE_LAPSES: &str = "imstate_cluster_lease_lapses_total";
 pub const CLUSTER_SECTIONS_OWNED: &str = "imstate_cluster_sections_owned";
 /// Metric: section ranges this node lost to a move.
 pub const CLUSTER_MOVES: &str = "imstate_cluster_sections_lost_total";
+/// Metric: presence slot ranges this node stopped being primary of.
+pub const CLUSTER_SLOTS_LOST: &str = "imstate_cluster_presence_slots_lost_total";
+/// Metric: presence slots this node is primary of under its route table.
+pub const CLUSTER_SLOTS_PRIMARY: &str = "imstate_cluster_presence_slots_primary";
+/// Metric: presence slots this node is replica of under its route table.
+pub const CLUSTER_SLOTS_REPLICA: &str = "imstate_cluster_presence_slots_replica";
 /// Metric: requests answered with a redirect to the owner.
 pub const CLUSTER_REDIRECTS: &str = "imstate_cluster_redirects_total";
 /// Metric: coordinator request latency, seconds, by `kind` (`txn`, `lease`).
@@ -66,6 +72,8 @@ pub struct ClusterOptions {
     pub lease_ttl_ms: u64,
     /// Most sections the arbiter moves per round when draining or rebalancing.
     pub moves_max: u64,
+    /// Presence slots the arbiter places when the table has none (`presence.slots`).
+    pub presence_slots: u32,
 }
 
 /// A section range lost by this node: `(namespace, start, end)`, or `None` for everything.
@@ -128,6 +136,7 @@ impl Cluster {
                 options.moves_max,
             )
             .with_cooldown(rules.lock_delay_ms())
+            .with_presence_slots(options.presence_slots)
             // A watch on the leader's key triggers the campaign; polling is only a fallback.
             .with_campaign_every(options.lease_ttl_ms),
         };
@@ -179,8 +188,56 @@ impl Cluster {
         self.state.lock().member.access(now, namespace, section)
     }
 
+    /// Whether a presence write for `uid` may be taken here now ([`Member::access_slot`]).
+    pub fn access_slot(&self, uid: u64) -> Access {
+        let now = self.clock.now_ms();
+        self.state.lock().member.access_slot(now, uid)
+    }
+
+    /// The first uid of `uids` this node may not take presence requests for now, with why.
+    fn first_refused(&self, uids: &mut dyn Iterator<Item = u64>) -> Option<(u64, Access)> {
+        let now = self.clock.now_ms();
+        let state = self.state.lock();
+        if let Some(slots) = state
+            .member
+            .route()
+            .and_then(|table| table.presence.as_ref())
+            .map(|presence| presence.slots)
+            .filter(|slots| *slots != self.options.presence_slots)
+        {
+            let reason = format!(
+                "presence.slots is {} on this node but {slots} in the cluster (fixed for its \
+                 life): this node serves no presence until its configuration says {slots}",
+                self.options.presence_slots
+            );
+            return uids.next().map(|uid| (uid, Access::Unavailable { reason }));
+        }
+        uids.map(|uid| (uid, state.member.access_slot(now, uid)))
+            .find(|(_, access)| !matches!(access, Access::Serve { .. }))
+    }
+
+    /// The presence slot of `uid` under the installed table (`None` before slots are placed).
+    pub fn slot_of(&self, uid: u64) -> Option<u32> {
+        let state = self.state.lock();
+        let presence = state.member.route()?.presence.as_ref()?;
+        Some(presence.slot_of(uid))
+    }
+
+    /// The error a front door returns for a presence access of `uid` that is not `Serve`.
+    pub fn slot_refusal(&self, uid: u64, access: Access) -> NodeError {
+        let what = match self.slot_of(uid) {
+            Some(slot) => format!("presence slot {slot} (uid {uid})"),
+            None => format!("the presence slot of uid {uid}"),
+        };
+        self.refusal_of(what, access)
+    }
+
     /// The error a front door returns for an access that is not `Serve`.
     pub fn refusal(&self, namespace: &str, section: u64, access: Access) -> NodeError {
+        self.refusal_of(format!("section {section} of `{namespace}`"), access)
+    }
+
+    fn refusal_of(&self, what: String, access: Access) -> NodeError {
         match access {
             Access::Serve { .. } => NodeError::Unavailable("no refusal".into()),
             Access::Redirect { owner, version } => {
@@ -191,8 +248,7 @@ impl Cluster {
                     ..MemberInfo::default()
                 });
                 NodeError::Moved {
-                    namespace: namespace.to_owned(),
-                    section,
+                    what,
                     owner,
                     grpc: info.grpc,
                     wire: info.wire,
@@ -439,6 +495,10 @@ impl Cluster {
                     metrics::counter!(CLUSTER_MOVES).increment(1);
                     lost.push(Some((namespace, start, end)));
                 }
+                Effect::LostSlots { start, end } => {
+                    metrics::counter!(CLUSTER_SLOTS_LOST).increment(1);
+                    tracing::info!(node = %self.options.node, start, end, "no longer primary of these presence slots");
+                }
                 Effect::LostAll => {
                     metrics::counter!(CLUSTER_LEASE_LAPSES).increment(1);
                     tracing::warn!(node = %self.options.node, "lease lost: every section is dropped until it is registered again");
@@ -531,25 +591,37 @@ impl Cluster {
                 }
             }
             self.apply(rest);
-            let (now_version, owned) = {
+            let (now_version, owned, (primary, replica)) = {
                 let state = self.state.lock();
                 let table = state.member.route();
+                let node = self.options.node.as_str();
                 (
                     table.map_or(0, |table| table.version),
-                    table.map_or(0, |table| {
-                        table
-                            .load()
-                            .get(self.options.node.as_str())
-                            .copied()
-                            .unwrap_or(0)
-                    }),
+                    table.map_or(0, |table| table.load().get(node).copied().unwrap_or(0)),
+                    table
+                        .and_then(|table| table.presence.as_ref())
+                        .and_then(|presence| presence.load().get(node).copied())
+                        .unwrap_or_default(),
                 )
             };
             if now_version != version {
                 version = now_version;
                 metrics::gauge!(CLUSTER_SECTIONS_OWNED).set(owned as f64);
+                metrics::gauge!(CLUSTER_SLOTS_PRIMARY).set(f64::from(primary));
+                metrics::gauge!(CLUSTER_SLOTS_REPLICA).set(f64::from(replica));
                 self.route_changed.send_replace(version);
             }
+        }
+    }
+}
+
+/// Presence in cluster mode: a node takes requests only for the uids whose slot it is primary
+/// of (one lock of the member state per request or batch).
+impl crate::presencestore::SlotGate for Cluster {
+    fn check(&self, uids: &mut dyn Iterator<Item = u64>) -> Result<(), NodeError> {
+        match self.first_refused(uids) {
+            None => Ok(()),
+            Some((uid, access)) => Err(self.slot_refusal(uid, access)),
         }
     }
 }

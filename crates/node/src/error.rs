@@ -51,16 +51,12 @@ pub enum NodeError {
     /// The node is stopping or has stopped after a fatal error.
     #[error("node unavailable: {0}")]
     Unavailable(String),
-    /// Cluster mode: another node owns the section; the client should go there.
-    #[error(
-        "section {section} of `{namespace}` is owned by node {owner} (gRPC {grpc}, wire {wire}; \
-         route version {version})"
-    )]
+    /// Cluster mode: another node owns the section (or is the primary of the presence slot);
+    /// the client should go there.
+    #[error("{what} is owned by node {owner} (gRPC {grpc}, wire {wire}; route version {version})")]
     Moved {
-        /// The namespace.
-        namespace: String,
-        /// The section.
-        section: u64,
+        /// What was asked for: "section 3 of `inbox`", "presence slot 17".
+        what: String,
         /// The owner's node id.
         owner: String,
         /// Its gRPC address.

@@ -332,8 +332,22 @@ fn count_event(event: &Event) {
     }
 }
 
+/// Cluster mode's ownership check for presence (S3 for slots), called by the store itself so
+/// that every front door goes through it.
+///
+/// Contract: `check` returns `Ok` only if this node may take requests for every uid of `uids`
+/// now (it is the primary of each one's slot, its lease is confirmed, a takeover's lock-delay
+/// has passed); otherwise the refusal for the first uid it may not serve (a redirect to the
+/// primary, or unavailable with the reason). It takes no lock that a store operation holds.
+pub trait SlotGate: Send + Sync {
+    /// Whether every uid may be served here now.
+    fn check(&self, uids: &mut dyn Iterator<Item = u64>) -> Result<(), NodeError>;
+}
+
 /// The durable presence registry of one node.
 pub struct PresenceStore {
+    /// Cluster mode: the slot ownership check (unset in embedded mode: one node owns all).
+    gate: OnceLock<Arc<dyn SlotGate>>,
     registry: Arc<ShardedRegistry>,
     journal: Arc<NodeJournal>,
     log: Arc<Log>,
@@ -390,6 +404,7 @@ impl PresenceStore {
         let log = Arc::new(log);
         let _ = journal.log.set(Arc::clone(&log));
         let store = Arc::new(Self {
+            gate: OnceLock::new(),
             registry,
             journal,
             log,
@@ -537,6 +552,18 @@ impl PresenceStore {
         Ok(())
     }
 
+    /// Cluster mode: from now on every request for a uid passes `gate` first. Set once.
+    pub fn set_gate(&self, gate: Arc<dyn SlotGate>) {
+        let _ = self.gate.set(gate);
+    }
+
+    fn admit_uids(&self, uids: impl IntoIterator<Item = u64>) -> Result<(), NodeError> {
+        match self.gate.get() {
+            None => Ok(()),
+            Some(gate) => gate.check(&mut uids.into_iter()),
+        }
+    }
+
     /// Registers a session (ttl 0 = the default); returns it and the session it replaced.
     pub async fn login(
         &self,
@@ -564,6 +591,7 @@ impl PresenceStore {
     /// wire protocol applies a whole pipelined read this way, then waits once with
     /// [`PresenceStore::durable`] before it answers any of it.
     pub fn login_applied(&self, request: &LoginRequest<'_>) -> Result<LoginOutcome, NodeError> {
+        self.admit_uids([request.uid])?;
         let mut request = *request;
         if request.ttl_ms == 0 {
             request.ttl_ms = self.options.ttl_ms_default;
@@ -581,6 +609,7 @@ impl PresenceStore {
 
     /// [`PresenceStore::logout`] without the wait (see [`PresenceStore::login_applied`]).
     pub fn logout_applied(&self, uid: u64, conn: u64) -> Result<Session, NodeError> {
+        self.admit_uids([uid])?;
         Ok(self.registry.logout(uid, conn)?)
     }
 
@@ -593,6 +622,7 @@ impl PresenceStore {
 
     /// [`PresenceStore::heartbeat`] without the wait (see [`PresenceStore::login_applied`]).
     pub fn heartbeat_applied(&self, uid: u64, conn: u64) -> Result<(), NodeError> {
+        self.admit_uids([uid])?;
         self.registry.heartbeat(uid, conn, self.clock.now_ms())?;
         Ok(())
     }
@@ -616,6 +646,7 @@ impl PresenceStore {
         gateway: &str,
         sessions: &[(u64, u64)],
     ) -> Result<Vec<(u64, u64)>, NodeError> {
+        self.admit_uids(sessions.iter().map(|(uid, _)| *uid))?;
         let HeartbeatBatchOutcome { unknown, .. } =
             self.registry
                 .heartbeat_batch(gateway, sessions, self.clock.now_ms())?;
@@ -624,6 +655,7 @@ impl PresenceStore {
 
     /// The sessions of `uid`, once every change they may show is durable.
     pub async fn lookup(&self, uid: u64) -> Result<Vec<Session>, NodeError> {
+        self.admit_uids([uid])?;
         let sessions = self.registry.lookup(uid);
         self.durable().await?;
         Ok(sessions)
@@ -631,6 +663,7 @@ impl PresenceStore {
 
     /// The sessions of each uid, in order, once every change they may show is durable.
     pub async fn lookup_batch(&self, uids: &[u64]) -> Result<Vec<Vec<Session>>, NodeError> {
+        self.admit_uids(uids.iter().copied())?;
         let found = self.registry.lookup_batch(uids)?;
         self.durable().await?;
         Ok(found)
@@ -644,6 +677,7 @@ impl PresenceStore {
         uids: &[u64],
         visit: impl FnMut(usize, imstate_presence::SessionRef<'_>),
     ) -> Result<(), NodeError> {
+        self.admit_uids(uids.iter().copied())?;
         Ok(self.registry.lookup_batch_visit(uids, visit)?)
     }
 

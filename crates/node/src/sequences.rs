@@ -143,6 +143,7 @@ impl Sequences {
                 let mut ids: std::collections::BTreeSet<String> =
                     members.keys().cloned().collect();
                 ids.extend(table.entries.iter().map(|entry| entry.node_id.clone()));
+                ids.extend(table.slots.iter().map(|entry| entry.primary_id.clone()));
                 ids.into_iter()
                     .map(|id| {
                         let info = members.get(&id);
@@ -185,6 +186,8 @@ impl Sequences {
                     })
                     .collect(),
                 cluster: String::new(),
+                presence_slots: 0,
+                slots: Vec::new(),
             },
             Sequences::Cluster(store) => {
                 let cluster = store.cluster();
@@ -206,10 +209,33 @@ impl Sequences {
                         });
                     }
                 }
+                let (presence_slots, slots) = match &table.presence {
+                    None => (0, Vec::new()),
+                    Some(presence) => (
+                        presence.slots,
+                        presence
+                            .ranges
+                            .iter()
+                            .map(|range| {
+                                let info = members.get(&range.primary);
+                                pb::SlotEntry {
+                                    slot_lo: range.start,
+                                    slot_hi: range.end,
+                                    primary_id: range.primary.clone(),
+                                    primary: info.map(|i| i.grpc.clone()).unwrap_or_default(),
+                                    primary_wire: info.map(|i| i.wire.clone()).unwrap_or_default(),
+                                    replica_id: range.replica.clone().unwrap_or_default(),
+                                }
+                            })
+                            .collect(),
+                    ),
+                };
                 pb::RouteTable {
                     version: table.version,
                     entries,
                     cluster: table.cluster.clone(),
+                    presence_slots,
+                    slots,
                 }
             }
         }

@@ -291,6 +291,10 @@ pub const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
 /// Largest `presence.segment_bytes`: recovery reads one segment at a time into memory.
 pub const SEGMENT_BYTES_MAX: u64 = 1 << 30;
 
+/// Largest `presence.slots`: the route table lists slot ranges, and a replica streams each
+/// slot it follows.
+pub const PRESENCE_SLOTS_MAX: u32 = 65_536;
+
 /// Configuration of the presence registry.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -326,6 +330,11 @@ pub struct PresenceConfig {
     pub watch_subscribers_max: usize,
     /// Uids in one Watch subscriber's filter (B1).
     pub watch_uids_max: usize,
+    /// Cluster mode: presence slots (`uid % slots`), each with a primary and a replica; 1 to
+    /// [`PRESENCE_SLOTS_MAX`]. Fixed for the life of a cluster: the first arbiter writes it
+    /// into the route table, and a node configured otherwise serves no presence there (every
+    /// presence request gets an error naming both counts).
+    pub slots: u32,
 }
 
 impl Default for PresenceConfig {
@@ -346,6 +355,7 @@ impl Default for PresenceConfig {
             watch_buffer_events: 8_192,
             watch_subscribers_max: 1_024,
             watch_uids_max: 10_000,
+            slots: 1024,
         }
     }
 }
@@ -384,6 +394,11 @@ impl PresenceConfig {
         if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes) {
             return Err(NodeError::Config(format!(
                 "presence.segment_bytes must be in {SEGMENT_BYTES_MIN}..={SEGMENT_BYTES_MAX}"
+            )));
+        }
+        if self.slots == 0 || self.slots > PRESENCE_SLOTS_MAX {
+            return Err(NodeError::Config(format!(
+                "presence.slots must be in 1..={PRESENCE_SLOTS_MAX}"
             )));
         }
         for (key, value) in [
@@ -800,6 +815,7 @@ mod tests {
             gateways_max = 11\nshards = 12\ntick_ms = 13\ncheckpoint_log_bytes = 14\n\
             segment_bytes = 131072\n\
             watch_buffer_events = 15\nwatch_subscribers_max = 16\nwatch_uids_max = 17\n\
+            slots = 21\n\
             [wire]\nhello_timeout_ms = 18\nidle_timeout_ms = 19\n\
             connections_per_source_max = 20\ninput_budget_bytes = 9000000\n\
             [cluster]\nname = \"c1\"\netcd = \"127.0.0.1:2379\"\nnode_id = \"n1\"\n\
@@ -819,6 +835,16 @@ mod tests {
         set.sort();
         all.sort();
         assert_eq!(set, all, "the test sets every key");
+    }
+
+    #[test]
+    fn a_slot_count_out_of_range_is_refused_naming_the_key() {
+        for slots in [0, PRESENCE_SLOTS_MAX + 1] {
+            let config = NodeConfig::parse(&format!("[presence]\nslots = {slots}\n"))
+                .and_then(|config| config.presence.to_options().map(|_| config));
+            let error = config.expect_err("out of range").to_string();
+            assert!(error.contains("presence.slots"), "{error}");
+        }
     }
 
     #[test]

@@ -216,6 +216,10 @@ impl Node {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "recovered presence registry"
         );
+        if let Sequences::Cluster(cluster_seq) = &seq {
+            // Presence requests go through the slot ownership check from now on.
+            presence.set_gate(Arc::clone(cluster_seq.cluster()) as _);
+        }
         health.recovered(seq.clone(), Arc::clone(&presence));
         Ok(Self {
             config,
@@ -465,6 +469,7 @@ async fn join_cluster(config: &NodeConfig) -> Result<Arc<Cluster>, NodeError> {
             advertise_wire,
             lease_ttl_ms: config.cluster.lease_ttl_ms,
             moves_max: config.cluster.moves_max,
+            presence_slots: config.presence.slots,
         },
         Arc::new(coordinator),
     );

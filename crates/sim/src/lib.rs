@@ -17,13 +17,15 @@
 //!
 //! Checkers: S1 over the clients' history ([`imstate_check::seq`]), and S3 over the serve
 //! log: for each section, the real-time intervals in which two ownerships (node, incarnation,
-//! tenure) served it never overlap ([`check_s3`]).
+//! tenure) served it never overlap ([`check_s3`]). Presence slots are checked the same way:
+//! every tick each node records the slots it would take writes for, as sections from
+//! [`SLOT_SECTIONS`] on (S3 for slots: a deposed primary takes no write).
 
 #![deny(missing_docs)]
 
 mod world;
 
-pub use world::{Report, SimConfig, run};
+pub use world::{Report, SLOT_SECTIONS, SimConfig, run};
 
 /// One serve, as the simulation saw it in real time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,8 +67,12 @@ pub fn check_s3(serves: &[Serve]) -> Vec<String> {
         for pair in owners.windows(2) {
             let ((a, (a_first, a_last)), (b, (b_first, _))) = (pair[0], pair[1]);
             if b_first <= a_last {
+                let section = match section.checked_sub(SLOT_SECTIONS) {
+                    Some(slot) => format!("presence slot {slot}"),
+                    None => format!("section {section}"),
+                };
                 violations.push(format!(
-                    "S3: section {section} served by node {} (incarnation {}, tenure {}) in \
+                    "S3: {section} served by node {} (incarnation {}, tenure {}) in \
                      [{a_first}, {a_last}] µs and by node {} (incarnation {}, tenure {}) from \
                      {b_first} µs",
                     a.0, a.1, a.2, b.0, b.1, b.2

@@ -43,7 +43,13 @@ pub struct SimConfig {
     pub section_size: u64,
     /// The namespace's step: small, so raises (and their fence) are frequent.
     pub step: u64,
+    /// Presence slots the arbiter places. Every tick, each node records which slots it would
+    /// take a write for; the S3 checker sees them as sections from [`SLOT_SECTIONS`] on.
+    pub slots: u32,
 }
+
+/// Where presence slots start in the serve log's section numbers (apart from real sections).
+pub const SLOT_SECTIONS: u64 = 1 << 40;
 
 impl SimConfig {
     /// The CI configuration for `seed`: 3 nodes, 3 clients, 40 simulated seconds, a 3 s lease,
@@ -60,6 +66,7 @@ impl SimConfig {
             sections: 12,
             section_size: 4,
             step: 5,
+            slots: 6,
         }
     }
 }
@@ -87,6 +94,8 @@ pub struct Report {
     pub raises_fenced: u64,
     /// Route tables written by arbiters.
     pub route_writes: u64,
+    /// Node ticks at which a node would take presence writes for a slot (one per slot).
+    pub slot_serves: usize,
 }
 
 impl Report {
@@ -246,7 +255,8 @@ impl Node {
             ),
             member: Member::new(CLUSTER, &info, rules),
             arbiter: Arbiter::new(CLUSTER, &info.node, config.ttl_ms / 10, 4)
-                .with_cooldown(rules.lock_delay_ms()),
+                .with_cooldown(rules.lock_delay_ms())
+                .with_presence_slots(config.slots),
             allocator,
             ns,
             loaded: BTreeMap::new(),
@@ -544,7 +554,27 @@ impl World {
         let effects = self.nodes[node].arbiter.poll(now, lease);
         self.apply(node, effects, Purpose::Arbiter);
         self.retry_pending(node);
+        self.probe_slots(node, now);
         self.at(10_000, Event::Tick { node });
+    }
+
+    /// Records every presence slot this node would take a write for now (S3 for slots: a
+    /// deposed primary must not).
+    fn probe_slots(&mut self, node: usize, now: Millis) {
+        for slot in 0..self.config.slots {
+            if let Access::Serve { tenure } =
+                self.nodes[node].member.access_slot(now, u64::from(slot))
+            {
+                self.serves.push(Serve {
+                    section: SLOT_SECTIONS + u64::from(slot),
+                    node,
+                    incarnation: self.nodes[node].incarnation,
+                    tenure,
+                    at_us: self.now_us,
+                });
+                self.report.slot_serves += 1;
+            }
+        }
     }
 
     /// Sends requests and unloads lost sections.
@@ -564,6 +594,8 @@ impl World {
                         self.unload(node, section);
                     }
                 }
+                // Presence slots keep no state in the simulation: only who takes writes.
+                Effect::LostSlots { .. } => {}
                 Effect::LostAll => {
                     let sections: Vec<u64> = (0..self.config.sections).collect();
                     for section in sections {

@@ -79,9 +79,10 @@ fn summary(reports: &[Report]) -> String {
     let faults: usize = reports.iter().map(|r| r.fault_events).sum();
     let fenced: u64 = reports.iter().map(|r| r.raises_fenced).sum();
     let routes: u64 = reports.iter().map(|r| r.route_writes).sum();
+    let slots: usize = reports.iter().map(|r| r.slot_serves).sum();
     format!(
         "{} seeds: {ok} calls served, {unknown} unknown, {faults} faults, {fenced} raises \
-         refused by their fence, {routes} route tables written",
+         refused by their fence, {routes} route tables written, {slots} slot-ticks primary",
         reports.len()
     )
 }
@@ -108,6 +109,12 @@ fn s1_and_s3_hold_under_every_seeded_fault_schedule() {
             "seed {}: only {} faults happened",
             report.seed,
             report.fault_events
+        );
+        assert!(
+            report.slot_serves > 1000,
+            "seed {}: presence slots were taken only {} times",
+            report.seed,
+            report.slot_serves
         );
         assert!(
             report.calls_ok > 100,
@@ -158,4 +165,21 @@ fn the_planted_bug_is_caught() {
         "no seed of {} caught the planted bug",
         reports.len()
     );
+    // The ownership bugs that concern every unit a node serves must show on presence slots
+    // too: the slot checks share the lease and lock-delay rules with sections.
+    if cfg!(any(
+        feature = "planted-serve-without-lease",
+        feature = "planted-no-lock-delay"
+    )) {
+        let on_slots = reports
+            .iter()
+            .flat_map(|report| &report.s3)
+            .filter(|violation| violation.contains("presence slot"))
+            .count();
+        println!("{on_slots} S3 violations on presence slots");
+        assert!(
+            on_slots > 0,
+            "the slot checks did not catch the planted bug"
+        );
+    }
 }
