@@ -553,13 +553,15 @@ fn nemesis_rounds_keep_s1() {
 /// Presence in cluster mode: slots are placed over every node (each primary for some and
 /// replica for others), a login through any node's smart client lands on its slot's primary,
 /// another node redirects to that primary, a batch lookup is split by primary and merged, and
-/// after kill -9 of a primary its replica takes the slots' writes (after the lock-delay).
+/// after kill -9 of a primary its replica takes the slots' writes (after the lock-delay), and
+/// the old primary, restarted, drops the sessions of the slots it lost.
 /// Replication is not built yet: the promoted replica starts without the dead primary's
 /// sessions (gateways' heartbeats report them unknown, so they re-register).
 #[test]
 fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
     let mut cluster = TestCluster::start(3);
-    let uids: Vec<u64> = (1..=60).collect();
+    // Spread over the 1024 slots, so over every primary.
+    let uids: Vec<u64> = (0..60).map(|i| i * 17 + 1).collect();
     let login = |uid: u64| imstate_client::LoginArgs {
         uid,
         device: "phone".into(),
@@ -618,6 +620,22 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
             found.iter().all(|sessions| sessions.len() == 1),
             "{found:?}"
         );
+        // Each node holds the sessions of its own slots, and only those.
+        let mut total = 0;
+        for node in &cluster.nodes {
+            let count = Client::connect(&node.addr)
+                .await
+                .unwrap()
+                .online_count()
+                .await
+                .unwrap();
+            assert!(
+                count > 0 && count < uids.len() as u64,
+                "{count} sessions on one node"
+            );
+            total += count;
+        }
+        assert_eq!(total, uids.len() as u64);
         // Through gRPC and another node, the same sessions; heartbeats know them all.
         let grpc = ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
             .await
@@ -666,6 +684,11 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
         .position(|node| node.wire_addr == slot.primary_wire)
         .unwrap();
     let survivor = (victim + 1) % 3;
+    let held = runtime().block_on(async {
+        let client = Client::connect(&cluster.nodes[victim].addr).await.unwrap();
+        client.online_count().await.unwrap()
+    });
+    assert!(held > 0, "the victim held its slots' sessions");
     let killed_at = Instant::now();
     cluster.nodes[victim].kill9();
     let promoted = runtime().block_on(async {
@@ -693,4 +716,24 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
     let now = promoted.slot_route(uids[0]).unwrap();
     assert_eq!(now.primary_id, slot.replica_id, "the replica was promoted");
     assert!(!now.replica_id.is_empty() && now.replica_id != now.primary_id);
+
+    // The old primary comes back: it recovers its sessions from its log, but it is primary
+    // of nothing now, so it drops them (a later promotion back to it must not resurrect a
+    // session logged out elsewhere meanwhile).
+    cluster.nodes[victim].restart();
+    runtime().block_on(async {
+        let client = Client::connect(&cluster.nodes[victim].addr).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let count = client.online_count().await.unwrap();
+            if count == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the returned node still holds {count} sessions of slots it lost"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
 }

@@ -44,6 +44,9 @@ pub const CLUSTER_SECTIONS_OWNED: &str = "imstate_cluster_sections_owned";
 pub const CLUSTER_MOVES: &str = "imstate_cluster_sections_lost_total";
 /// Metric: presence slot ranges this node stopped being primary of.
 pub const CLUSTER_SLOTS_LOST: &str = "imstate_cluster_presence_slots_lost_total";
+/// Metric: sessions dropped because this node is not (or no longer) their slot's primary.
+pub const CLUSTER_SLOT_SESSIONS_DROPPED: &str =
+    "imstate_cluster_presence_slot_sessions_dropped_total";
 /// Metric: presence slots this node is primary of under its route table.
 pub const CLUSTER_SLOTS_PRIMARY: &str = "imstate_cluster_presence_slots_primary";
 /// Metric: presence slots this node is replica of under its route table.
@@ -214,6 +217,20 @@ impl Cluster {
         }
         uids.map(|uid| (uid, state.member.access_slot(now, uid)))
             .find(|(_, access)| !matches!(access, Access::Serve { .. }))
+    }
+
+    /// The presence slots this node is primary of under the installed table (`None` before
+    /// slots are placed).
+    pub fn primary_slots(&self) -> Option<imstate_presence::SlotSet> {
+        let state = self.state.lock();
+        let presence = state.member.route()?.presence.as_ref()?;
+        let mut slots = imstate_presence::SlotSet::empty(presence.slots);
+        for range in &presence.ranges {
+            if range.primary == self.options.node {
+                slots.insert_range(range.start, range.end);
+            }
+        }
+        Some(slots)
     }
 
     /// The presence slot of `uid` under the installed table (`None` before slots are placed).
@@ -624,4 +641,48 @@ impl crate::presencestore::SlotGate for Cluster {
             Some((uid, access)) => Err(self.slot_refusal(uid, access)),
         }
     }
+}
+
+/// Keeps `presence` to the slots this node is primary of: whenever the route table changes,
+/// the sessions of every other slot are dropped (journaled, so a restart agrees). A node that
+/// lost slots (a move, a lapsed lease, a restart while another node took them over) would
+/// otherwise keep stale sessions that a later promotion back to it would resurrect after
+/// their logout elsewhere. Runs until the cluster stops.
+///
+/// Known gap until replication lands: a write that passed the slot check just before the
+/// table changed can be applied after the drop; it stays until the next table change.
+pub fn spawn_slot_keeper(
+    cluster: Arc<Cluster>,
+    presence: Arc<crate::presencestore::PresenceStore>,
+) -> tokio::task::JoinHandle<()> {
+    let mut changes = cluster.route_changes();
+    let mut stop = cluster.stop.subscribe();
+    tokio::spawn(async move {
+        let mut kept: Option<imstate_presence::SlotSet> = None;
+        loop {
+            if let Some(primary) = cluster.primary_slots()
+                && kept.as_ref() != Some(&primary)
+            {
+                let mut others = imstate_presence::SlotSet::all(primary.count());
+                others.remove_all(&primary);
+                let presence = Arc::clone(&presence);
+                let dropped =
+                    tokio::task::spawn_blocking(move || presence.drop_slots(&others)).await;
+                if let Ok(dropped) = dropped
+                    && dropped > 0
+                {
+                    metrics::counter!(CLUSTER_SLOT_SESSIONS_DROPPED).increment(dropped as u64);
+                    tracing::info!(
+                        dropped,
+                        "dropped the sessions of presence slots this node is not primary of"
+                    );
+                }
+                kept = Some(primary);
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = stop.changed() => return,
+            }
+        }
+    })
 }

@@ -564,6 +564,16 @@ impl PresenceStore {
         }
     }
 
+    /// Cluster mode: drops every session of `slots` (see
+    /// [`imstate_presence::ShardedRegistry::drop_slots`]); returns how many. Blocking work
+    /// proportional to the sessions held: call it off the async workers.
+    pub fn drop_slots(&self, slots: &imstate_presence::SlotSet) -> usize {
+        if slots.is_empty() {
+            return 0;
+        }
+        self.registry.drop_slots(slots)
+    }
+
     /// Registers a session (ttl 0 = the default); returns it and the session it replaced.
     pub async fn login(
         &self,

@@ -97,6 +97,7 @@ mod prefetch;
 mod registry;
 mod shard;
 mod slab;
+mod slots;
 mod snapshot;
 mod types;
 
@@ -107,6 +108,7 @@ pub use registry::RESTORE_THREADS;
 pub use registry::{Entry, Journal, NoJournal, ShardedRegistry};
 pub use shard::{Shard, TickProgress, WHEEL_SLOT_MS, WHEEL_SLOTS, check_gateway_name};
 pub use slab::TIME_MS_MAX;
+pub use slots::SlotSet;
 pub use snapshot::{RestoreStats, SNAPSHOT_FORMAT_VERSION, SnapshotError};
 pub use types::{
     Change, Event, GatewayDownOutcome, GatewayLease, HeartbeatBatchOutcome, LoginOutcome,

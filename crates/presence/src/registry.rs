@@ -29,7 +29,7 @@ use crate::shard::{check_batch, check_gateway_name, check_ttl};
 use crate::snapshot::{self, ProfileCache, RawSection, RestoreStats, SnapshotError};
 use crate::{
     Change, Event, GatewayDownOutcome, GatewayLease, HeartbeatBatchOutcome, LoginOutcome,
-    LoginRequest, PresenceError, RegistryOptions, Session, SessionRef, Shard, ShardScope,
+    LoginRequest, PresenceError, RegistryOptions, Session, SessionRef, Shard, ShardScope, SlotSet,
     TICK_VISITS_PER_LOCK, TickProgress,
 };
 
@@ -764,6 +764,115 @@ impl ShardedRegistry {
             stats.sessions += 1;
         }
         Ok(stats)
+    }
+
+    /// The sessions of shard `index` whose slot is in `slots`, copied under its lock: one part
+    /// of a replica's snapshot. A snapshot is fuzzy like a checkpoint: the primary notes the
+    /// change stream's position before copying the first shard, and the replica applies the
+    /// records from there on top ([`Self::apply_replicated`] is idempotent over them).
+    pub fn slot_sessions(
+        &self,
+        index: usize,
+        slots: &SlotSet,
+    ) -> Result<Vec<Session>, PresenceError> {
+        Ok(self
+            .shard(index)?
+            .lock()
+            .sessions_where(|uid| slots.contains(uid)))
+    }
+
+    /// Drops every session whose slot is in `slots` (a node that stopped being their primary,
+    /// or a replica about to resync). Each removal is journaled as a logout under its shard's
+    /// lock (so the local log replays to the same state), and watchers see nothing. Returns
+    /// how many were dropped.
+    pub fn drop_slots(&self, slots: &SlotSet) -> usize {
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            for session in shard.remove_where(|uid| slots.contains(uid)) {
+                self.journal.record(Entry::Change(&Change::Logout {
+                    uid: session.uid,
+                    conn: session.conn,
+                }));
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Applies a change record streamed from the primary of `slots`, restricted to them, and
+    /// journals what it changed here (not watched), under the shard lock, so that the local
+    /// log replays to the same state:
+    /// - a session record (login, logout, heartbeat, expiry) of a uid outside `slots` is
+    ///   ignored;
+    /// - a heartbeat batch keeps the sessions in `slots`;
+    /// - a gateway drop removes that gateway's sessions in its shard scope and in `slots`
+    ///   only, journaled as one logout each, so a local replay never touches other slots;
+    /// - gateway leases are each node's own (a gateway registers with every node) and are
+    ///   ignored.
+    ///
+    /// Idempotent over records the replica already holds (a fuzzy snapshot's overlap): a
+    /// login sets the same session again, a logout of a missing session does nothing, a
+    /// heartbeat is applied as a maximum.
+    pub fn apply_replicated(&self, change: &Change, slots: &SlotSet) -> Result<(), PresenceError> {
+        match change {
+            Change::Login(session) => {
+                if !slots.contains(session.uid) {
+                    return Ok(());
+                }
+                self.retry_after_reclaim(|| {
+                    let mut shard = self.shard_of(session.uid).lock();
+                    shard.apply_login(session)?;
+                    self.journal.record(Entry::Change(change));
+                    Ok(())
+                })
+            }
+            Change::Heartbeat { uid, .. }
+            | Change::Logout { uid, .. }
+            | Change::Expire { uid, .. } => {
+                if slots.contains(*uid) {
+                    let mut shard = self.shard_of(*uid).lock();
+                    shard.apply_change(change)?;
+                    self.journal.record(Entry::Change(change));
+                }
+                Ok(())
+            }
+            Change::HeartbeatBatch { at_ms, sessions } => {
+                let mine: Vec<(u64, u64)> = sessions
+                    .iter()
+                    .filter(|(uid, _)| slots.contains(*uid))
+                    .copied()
+                    .collect();
+                for group in self.group_by_shard(mine.iter().map(|&(uid, _)| uid)) {
+                    let part = Change::HeartbeatBatch {
+                        at_ms: *at_ms,
+                        sessions: group.positions.iter().map(|&p| mine[p]).collect(),
+                    };
+                    let mut shard = self.shards[group.shard].lock();
+                    shard.apply_change(&part)?;
+                    self.journal.record(Entry::Change(&part));
+                }
+                Ok(())
+            }
+            Change::GatewayDown { gateway, scope } => {
+                for shard in self.shards.iter() {
+                    let mut shard = shard.lock();
+                    let removed = shard.gateway_down_where(gateway, |uid| {
+                        scope.contains(uid) && slots.contains(uid)
+                    });
+                    for session in removed {
+                        self.journal.record(Entry::Change(&Change::Logout {
+                            uid: session.uid,
+                            conn: session.conn,
+                        }));
+                    }
+                }
+                Ok(())
+            }
+            Change::GatewayRegister { .. }
+            | Change::GatewayHeartbeat { .. }
+            | Change::GatewayUnregister { .. } => Ok(()),
+        }
     }
 
     /// Every session, sorted by (uid, conn). O(n), one shard lock at a time.

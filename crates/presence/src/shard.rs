@@ -874,6 +874,42 @@ impl Shard {
         }
     }
 
+    /// The sessions whose uid passes `keep`, in storage order.
+    pub fn sessions_where(&self, keep: impl Fn(u64) -> bool) -> Vec<Session> {
+        let mut sessions = Vec::new();
+        for index in 0..self.slab.high_water() {
+            let rec = self.slab.get(index);
+            if rec.is_live() && keep(rec.uid.get()) {
+                sessions.push(self.session_at(index));
+            }
+        }
+        sessions
+    }
+
+    /// Removes the sessions whose uid passes `drop`; returns them.
+    pub fn remove_where(&mut self, drop: impl Fn(u64) -> bool) -> Vec<Session> {
+        let mut removed = Vec::new();
+        for index in 0..self.slab.high_water() {
+            let rec = self.slab.get(index);
+            if rec.is_live() && drop(rec.uid.get()) {
+                removed.push(self.remove(index));
+            }
+        }
+        removed
+    }
+
+    /// Removes the sessions of `gateway` whose uid passes `drop`; returns them.
+    pub fn gateway_down_where(
+        &mut self,
+        gateway: &str,
+        drop: impl Fn(u64) -> bool,
+    ) -> Vec<Session> {
+        match self.gateways.get(gateway) {
+            Some(id) => self.remove_gateway_sessions(id, drop),
+            None => Vec::new(),
+        }
+    }
+
     /// Appends a snapshot section of every session of this shard to `out`.
     pub fn snapshot(&self, out: &mut Vec<u8>) {
         // Dense section-local numbering of the profiles and gateways in use.

@@ -219,6 +219,11 @@ impl Node {
         if let Sequences::Cluster(cluster_seq) = &seq {
             // Presence requests go through the slot ownership check from now on.
             presence.set_gate(Arc::clone(cluster_seq.cluster()) as _);
+            // ... and the node keeps only the sessions of slots it is primary of.
+            imstate_node::cluster::spawn_slot_keeper(
+                Arc::clone(cluster_seq.cluster()),
+                Arc::clone(&presence),
+            );
         }
         health.recovered(seq.clone(), Arc::clone(&presence));
         Ok(Self {
