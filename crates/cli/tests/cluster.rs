@@ -595,9 +595,21 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
     for slots in &table.slots {
         assert!(!slots.replica_id.is_empty() && slots.replica_id != slots.primary_id);
     }
-    let route = cluster.nodes[1].cli(&["ctl", "route"]);
-    let route = String::from_utf8_lossy(&route.stdout).to_string();
-    assert!(route.contains("presence_slots: 1024"), "{route}");
+    // Another node may learn the table a moment later.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let route = loop {
+        let output = cluster.nodes[1].cli(&["ctl", "route"]);
+        let route = String::from_utf8_lossy(&output.stdout).to_string();
+        if route.contains("presence_slots: 1024") {
+            break route;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{route}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         route.contains("primary_slots=") && route.contains("replica=n"),
         "{route}"
@@ -620,22 +632,9 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
             found.iter().all(|sessions| sessions.len() == 1),
             "{found:?}"
         );
-        // Each node holds the sessions of its own slots, and only those.
-        let mut total = 0;
-        for node in &cluster.nodes {
-            let count = Client::connect(&node.addr)
-                .await
-                .unwrap()
-                .online_count()
-                .await
-                .unwrap();
-            assert!(
-                count > 0 && count < uids.len() as u64,
-                "{count} sessions on one node"
-            );
-            total += count;
-        }
-        assert_eq!(total, uids.len() as u64);
+        // Each node holds the sessions of the slots it is primary or replica of, and only
+        // those: every session twice in all, once replication has caught up.
+        wait_held(&cluster, &table, &uids).await;
         // Through gRPC and another node, the same sessions; heartbeats know them all.
         let grpc = ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
             .await
@@ -716,24 +715,78 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
     let now = promoted.slot_route(uids[0]).unwrap();
     assert_eq!(now.primary_id, slot.replica_id, "the replica was promoted");
     assert!(!now.replica_id.is_empty() && now.replica_id != now.primary_id);
+    // The promoted replica had every session of the dead primary's slots: none is lost
+    // (replication had caught up before the kill).
+    runtime().block_on(async {
+        let grpc = ClusterClient::connect(
+            &cluster.nodes[survivor].addr,
+            &ClientOptions::default(),
+            None,
+        )
+        .await
+        .unwrap();
+        let found = grpc.lookup_batch(uids.clone()).await.unwrap();
+        let lost: Vec<u64> = uids
+            .iter()
+            .zip(&found)
+            .filter(|(_, sessions)| sessions.len() != 1)
+            .map(|(uid, _)| *uid)
+            .collect();
+        assert!(lost.is_empty(), "sessions lost in the promotion: {lost:?}");
+    });
 
     // The old primary comes back: it recovers its sessions from its log, but it is primary
-    // of nothing now, so it drops them (a later promotion back to it must not resurrect a
+    // of nothing now: it drops what it held and holds only the slots it is made replica of,
+    // resynced from their primaries (a later promotion back to it must not resurrect a
     // session logged out elsewhere meanwhile).
     cluster.nodes[victim].restart();
     runtime().block_on(async {
-        let client = Client::connect(&cluster.nodes[victim].addr).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let count = client.online_count().await.unwrap();
-            if count == 0 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the returned node still holds {count} sessions of slots it lost"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let client =
+            ClusterClient::connect(&cluster.nodes[victim].addr, &ClientOptions::default(), None)
+                .await
+                .unwrap();
+        let table = client.table().await;
+        wait_held(&cluster, &table, &uids).await;
     });
+}
+
+/// Waits (30 s at most) until every node holds exactly the sessions of `uids` whose slot it
+/// is primary or replica of under the newest table, re-reading the table meanwhile.
+async fn wait_held(cluster: &TestCluster, first: &imstate_client::RouteTable, uids: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut table = first.clone();
+    loop {
+        let mut wrong = Vec::new();
+        for node in &cluster.nodes {
+            let Ok(client) = Client::connect(&node.addr).await else {
+                continue;
+            };
+            let Ok(status) = client.status().await else {
+                continue;
+            };
+            let id = status.node_id.clone();
+            let expected = uids
+                .iter()
+                .filter(|uid| {
+                    table
+                        .slot_route(**uid)
+                        .is_some_and(|slots| slots.primary_id == id || slots.replica_id == id)
+                })
+                .count() as u64;
+            let count = client.online_count().await.unwrap_or(u64::MAX);
+            if count != expected {
+                wrong.push(format!("{id}: {count} sessions, {expected} expected"));
+            }
+        }
+        if wrong.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{}", wrong.join("; "));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Ok(client) =
+            ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None).await
+        {
+            table = client.table().await;
+        }
+    }
 }

@@ -79,6 +79,19 @@ pub struct ClusterOptions {
     pub presence_slots: u32,
 }
 
+/// Presence slots this node follows as replica of one primary.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ReplicaAssignment {
+    /// The primary's node id.
+    pub primary: NodeId,
+    /// Its gRPC address (empty while it is not a live member).
+    pub grpc: String,
+    /// The cluster's slot count.
+    pub slots: u32,
+    /// The slot ranges `[start, end)`.
+    pub spans: Vec<(u32, u32)>,
+}
+
 /// A section range lost by this node: `(namespace, start, end)`, or `None` for everything.
 pub type Lost = Option<(String, u64, u64)>;
 
@@ -231,6 +244,37 @@ impl Cluster {
             }
         }
         Some(slots)
+    }
+
+    /// The presence slots this node is replica of, by primary: `(primary id, its gRPC
+    /// address, slot count, ranges)`, under the installed table.
+    pub fn replica_assignments(&self) -> Vec<ReplicaAssignment> {
+        let state = self.state.lock();
+        let Some(presence) = state.member.route().and_then(|t| t.presence.as_ref()) else {
+            return Vec::new();
+        };
+        let mut by_primary: BTreeMap<NodeId, Vec<(u32, u32)>> = BTreeMap::new();
+        for range in &presence.ranges {
+            if range.replica.as_deref() == Some(self.options.node.as_str()) {
+                by_primary
+                    .entry(range.primary.clone())
+                    .or_default()
+                    .push((range.start, range.end));
+            }
+        }
+        let members = state.member.members();
+        by_primary
+            .into_iter()
+            .map(|(primary, spans)| ReplicaAssignment {
+                grpc: members
+                    .get(&primary)
+                    .map(|info| info.grpc.clone())
+                    .unwrap_or_default(),
+                primary,
+                slots: presence.slots,
+                spans,
+            })
+            .collect()
     }
 
     /// The presence slot of `uid` under the installed table (`None` before slots are placed).
@@ -643,8 +687,8 @@ impl crate::presencestore::SlotGate for Cluster {
     }
 }
 
-/// Keeps `presence` to the slots this node is primary of: whenever the route table changes,
-/// the sessions of every other slot are dropped (journaled, so a restart agrees). A node that
+/// Keeps `presence` to the slots this node is primary or replica of: whenever the route
+/// table changes, the sessions of every other slot are dropped (journaled, so a restart agrees). A node that
 /// lost slots (a move, a lapsed lease, a restart while another node took them over) would
 /// otherwise keep stale sessions that a later promotion back to it would resurrect after
 /// their logout elsewhere. Runs until the cluster stops.
@@ -660,7 +704,17 @@ pub fn spawn_slot_keeper(
     tokio::spawn(async move {
         let mut kept: Option<imstate_presence::SlotSet> = None;
         loop {
-            if let Some(primary) = cluster.primary_slots()
+            // The slots this node holds: primary of, and replica of (the follower keeps those
+            // in step with their primary).
+            let held = cluster.primary_slots().map(|mut held| {
+                for assignment in cluster.replica_assignments() {
+                    for (start, end) in assignment.spans {
+                        held.insert_range(start, end);
+                    }
+                }
+                held
+            });
+            if let Some(primary) = held
                 && kept.as_ref() != Some(&primary)
             {
                 let mut others = imstate_presence::SlotSet::all(primary.count());

@@ -24,6 +24,7 @@
 //! - [`sequences`]: the sequence service as the front doors see it, embedded or cluster.
 //! - [`presencestore`]: the presence registry + its log, expiry and checkpoint threads.
 //! - [`watch`]: the bounded fan-out of presence events to Watch subscribers.
+//! - [`feed`]: the bounded ring of recent presence change records that replicas follow.
 //! - [`autocheckpoint`]: when a store starts an automatic checkpoint (one at a time).
 //! - [`clock`]: time as an input (wall clock, or a manual one in tests).
 //! - [`records`]: the byte format of the sequence log records and checkpoints.
@@ -46,6 +47,7 @@ pub mod cluster;
 pub mod clusterseq;
 pub mod datadir;
 pub mod error;
+pub mod feed;
 pub mod history;
 pub mod metrics;
 pub mod presencestore;

@@ -39,6 +39,7 @@ use tokio::sync::watch;
 
 use crate::NodeError;
 use crate::clock::Clock;
+use crate::feed::{ChangeFeed, FeedLimits};
 use crate::watch::{WatchHub, WatchLimits};
 
 /// Sessions one expiry step may visit under one shard lock. Smaller than the core's default
@@ -271,6 +272,8 @@ impl Default for PresenceStoreOptions {
 struct NodeJournal {
     /// Set once recovery is over; replay does not journal, so it is never needed before.
     log: OnceLock<Arc<Log>>,
+    /// Cluster mode: the change feed that replicas read ([`crate::feed`]).
+    feed: OnceLock<Arc<ChangeFeed>>,
     watch: Arc<WatchHub>,
     fatal: watch::Sender<Option<String>>,
     /// Negative control: changes wait here (acknowledged, not yet in the log) until a
@@ -293,7 +296,12 @@ impl Journal for NodeJournal {
         // Never waits under the shard lock: writers were admitted (back-pressure) before they
         // took it, so a full queue only grows by the records of writers already admitted.
         #[cfg(not(feature = "planted-presence-ack-before-log"))]
-        match log.append_unblocked(bytes) {
+        let appended = match self.feed.get() {
+            Some(feed) => feed.append(bytes, |bytes| log.append_unblocked(bytes)),
+            None => log.append_unblocked(bytes),
+        };
+        #[cfg(not(feature = "planted-presence-ack-before-log"))]
+        match appended {
             Ok(lsn) => {
                 if let Entry::Event(event) = &entry {
                     count_event(event);
@@ -371,6 +379,7 @@ impl PresenceStore {
         let (fatal, _) = watch::channel(None);
         let journal = Arc::new(NodeJournal {
             log: OnceLock::new(),
+            feed: OnceLock::new(),
             watch: WatchHub::new(options.watch),
             fatal,
             #[cfg(feature = "planted-presence-ack-before-log")]
@@ -562,6 +571,43 @@ impl PresenceStore {
             None => Ok(()),
             Some(gate) => gate.check(&mut uids.into_iter()),
         }
+    }
+
+    /// Cluster mode: starts keeping recent change records for replicas (once; later calls
+    /// return the same feed). Records appended before it are not in it, so a replica that
+    /// needs them resyncs from a snapshot.
+    pub fn enable_feed(&self, limits: FeedLimits) -> Arc<ChangeFeed> {
+        Arc::clone(
+            self.journal
+                .feed
+                .get_or_init(|| ChangeFeed::new(limits, self.log.last_lsn())),
+        )
+    }
+
+    /// The change feed, when enabled.
+    pub fn feed(&self) -> Option<&Arc<ChangeFeed>> {
+        self.journal.feed.get()
+    }
+
+    /// Applies a record streamed from the primary of `slots` (see
+    /// [`imstate_presence::ShardedRegistry::apply_replicated`]); not yet durable: wait with
+    /// [`Self::durable`].
+    pub fn apply_replicated(
+        &self,
+        change: &Change,
+        slots: &imstate_presence::SlotSet,
+    ) -> Result<(), NodeError> {
+        Ok(self.registry.apply_replicated(change, slots)?)
+    }
+
+    /// The sessions of every shard in `slots`, shard by shard (a replica's snapshot; see
+    /// [`imstate_presence::ShardedRegistry::slot_sessions`]).
+    pub fn slot_sessions(
+        &self,
+        shard: usize,
+        slots: &imstate_presence::SlotSet,
+    ) -> Result<Vec<Session>, NodeError> {
+        Ok(self.registry.slot_sessions(shard, slots)?)
     }
 
     /// Cluster mode: drops every session of `slots` (see

@@ -14,6 +14,8 @@
 //! - [`grpc`]: the gRPC services, the one place where domain errors become `tonic::Status`,
 //!   and the edge layer (bearer tokens, per-call metrics, limits).
 //! - [`wire`]: the wire-protocol listener.
+//! - [`follower`]: presence replication, the replica's side (the primary's side is the
+//!   `Replication` gRPC service).
 //! - [`http`]: the HTTP listener.
 //! - [`server`]: start-up (data directory, recovery, cluster join), TLS, serving, and clean
 //!   shutdown.
@@ -25,6 +27,7 @@
 compile_error!("the `planted-wire-ack-before-durable` feature is for test builds only");
 
 pub mod config;
+pub mod follower;
 pub mod grpc;
 pub mod http;
 pub mod server;

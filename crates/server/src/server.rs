@@ -25,6 +25,7 @@ use std::time::Instant;
 use imstate_log::FileStorage;
 use imstate_proto::v1::admin_server::AdminServer;
 use imstate_proto::v1::presence_server::PresenceServer;
+use imstate_proto::v1::replication_server::ReplicationServer;
 use imstate_proto::v1::sequence_server::SequenceServer;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
@@ -34,7 +35,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use crate::config::NodeConfig;
 use crate::grpc::edge::{EdgeLayer, Tokens};
 use crate::grpc::limits;
-use crate::grpc::{AdminService, PresenceService, SequenceService};
+use crate::grpc::{AdminService, PresenceService, ReplicationService, SequenceService};
 use crate::http::Health;
 use crate::wire::WireContext;
 use imstate_node::NodeError;
@@ -219,6 +220,8 @@ impl Node {
         if let Sequences::Cluster(cluster_seq) = &seq {
             // Presence requests go through the slot ownership check from now on.
             presence.set_gate(Arc::clone(cluster_seq.cluster()) as _);
+            // Replicas read this node's recent changes from the feed.
+            presence.enable_feed(imstate_node::feed::FeedLimits::default());
             // ... and the node keeps only the sessions of slots it is primary of.
             imstate_node::cluster::spawn_slot_keeper(
                 Arc::clone(cluster_seq.cluster()),
@@ -344,6 +347,40 @@ impl Node {
                 }
             }
         };
+        // Cluster mode: presence replication, both sides (see `crate::follower`).
+        let (replication_stop, replication_stopping) = tokio::sync::watch::channel(false);
+        let replication = match (&seq, self.presence.feed()) {
+            (Sequences::Cluster(cluster_seq), Some(feed)) => {
+                let cluster = Arc::clone(cluster_seq.cluster());
+                if self.security.tls.is_some() {
+                    tracing::warn!(
+                        "presence replication is off: this node serves TLS, and replicas do \
+                         not connect to their primaries over TLS yet (a promoted replica starts \
+                         without the sessions)"
+                    );
+                } else {
+                    crate::follower::spawn(
+                        Arc::clone(&cluster),
+                        Arc::clone(&self.presence),
+                        self.security
+                            .tokens
+                            .as_ref()
+                            .map(|tokens| tokens.peer_token().to_vec()),
+                        replication_stopping.clone(),
+                    );
+                }
+                Some(
+                    ReplicationServer::new(ReplicationService::new(
+                        Arc::clone(&self.presence),
+                        cluster,
+                        Arc::clone(feed),
+                        replication_stopping,
+                    ))
+                    .max_decoding_message_size(limits::GRPC_REQUEST_BYTES_MAX),
+                )
+            }
+            _ => None,
+        };
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
         let mut builder = tonic::transport::Server::builder()
             .max_concurrent_streams(limits::GRPC_STREAMS_PER_CONNECTION_MAX)
@@ -372,12 +409,14 @@ impl Node {
                     .max_decoding_message_size(limits::GRPC_REQUEST_BYTES_MAX)
                     .max_encoding_message_size(limits::GRPC_REPLY_BYTES_MAX),
             )
+            .add_optional_service(replication)
             .serve_with_incoming_shutdown(incoming, async move {
                 let reason = stop.await;
                 health.stopping();
                 let _ = draining_tx.send(());
                 // Streams never end by themselves: end them now, so draining can finish.
                 watch_hub.stop();
+                let _ = replication_stop.send(true);
                 let _ = wire_stop.send(true);
                 reporter
                     .set_not_serving::<SequenceServer<SequenceService>>()

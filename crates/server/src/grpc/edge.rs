@@ -62,6 +62,7 @@ const METHODS: &[(&str, &[&str])] = &[
         ],
     ),
     ("imstate.v1.Admin", &["Status", "Checkpoint"]),
+    ("imstate.v1.Replication", &["Follow"]),
     (HEALTH_SERVICE, &["Check", "Watch"]),
 ];
 
@@ -102,6 +103,12 @@ impl Tokens {
             return Err(format!("more than {TOKENS_MAX} tokens"));
         }
         Ok(Self { tokens })
+    }
+
+    /// The token this node presents to its peers (the first of the file): nodes of one
+    /// cluster share a token file.
+    pub fn peer_token(&self) -> &[u8] {
+        &self.tokens[0]
     }
 
     /// Whether `candidate` is an accepted token, in time independent of which one matches.

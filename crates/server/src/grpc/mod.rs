@@ -18,10 +18,12 @@ mod admin;
 pub mod edge;
 pub mod limits;
 mod presence;
+pub mod replication;
 mod sequence;
 
 pub use admin::AdminService;
 pub use presence::PresenceService;
+pub use replication::ReplicationService;
 pub use sequence::SequenceService;
 
 use imstate_presence::PresenceError;
