@@ -74,6 +74,9 @@ run_tests -p imstate-presence --features planted-reclaim-frees-used-gateways --t
 step "negative control: the wire listener answers before its durability wait"
 run_tests -p imstate --features planted-wire-ack-before-durable --test kill9_presence
 
+step "negative control: a presence write acknowledged before its replica has it"
+run_tests -p imstate-node --features planted-ack-before-replica --lib presencestore
+
 # The soak, short: memory, descriptors and latency stay flat under steady mixed load. The long
 # run is by hand: scripts/soak.sh (SOAK_SECONDS=1800 by default).
 step "soak (short): SOAK_SECONDS=30 SOAK_SEGMENT=10 scripts/soak.sh"

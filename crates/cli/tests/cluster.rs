@@ -36,6 +36,11 @@ fn ttl_ms() -> u64 {
         .unwrap_or(2_000)
 }
 
+/// `presence.replication` of the test nodes: `IMSTATE_TEST_REPLICATION` (default `sync`).
+fn replication_mode() -> String {
+    std::env::var("IMSTATE_TEST_REPLICATION").unwrap_or_else(|_| "sync".into())
+}
+
 struct TestCluster {
     nodes: Vec<Server>,
     proxies: Vec<CutProxy>,
@@ -51,6 +56,7 @@ impl TestCluster {
         let mut proxies = Vec::new();
         let mut servers = Vec::new();
         let ttl = ttl_ms().to_string();
+        let replication = replication_mode();
         for index in 0..nodes {
             let proxy = CutProxy::start(&etcd.address());
             let node = format!("n{index}");
@@ -70,6 +76,7 @@ impl TestCluster {
                 &[
                     ("IMSTATE_CLUSTER__LEASE_TTL_MS", &ttl),
                     ("IMSTATE_CLUSTER__MOVES_MAX", "1000000"),
+                    ("IMSTATE_PRESENCE__REPLICATION", &replication),
                 ],
             );
             server.restart();
@@ -570,27 +577,7 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
         ttl_ms: 600_000,
         meta: Vec::new(),
     };
-    // Slots are placed once the table settles after the three nodes joined.
-    let table = runtime().block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let client =
-                ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
-                    .await
-                    .unwrap();
-            let table = client.table().await;
-            let primaries: std::collections::BTreeSet<&str> = table
-                .slots
-                .iter()
-                .map(|slots| slots.primary_id.as_str())
-                .collect();
-            if primaries.len() == 3 {
-                break table;
-            }
-            assert!(Instant::now() < deadline, "slots never placed: {table:?}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
+    let table = wait_slots_placed(&cluster);
     assert_eq!(table.presence_slots, 1024);
     for slots in &table.slots {
         assert!(!slots.replica_id.is_empty() && slots.replica_id != slots.primary_id);
@@ -789,4 +776,270 @@ async fn wait_held(cluster: &TestCluster, first: &imstate_client::RouteTable, ui
             table = client.table().await;
         }
     }
+}
+
+/// Waits until presence slots are placed over all three nodes (the table settles after they
+/// joined) and returns the table.
+fn wait_slots_placed(cluster: &TestCluster) -> imstate_client::RouteTable {
+    runtime().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let client =
+                ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
+                    .await
+                    .unwrap();
+            let table = client.table().await;
+            let primaries: std::collections::BTreeSet<&str> = table
+                .slots
+                .iter()
+                .map(|slots| slots.primary_id.as_str())
+                .collect();
+            if primaries.len() == 3 {
+                break table;
+            }
+            assert!(Instant::now() < deadline, "slots never placed: {table:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+/// kill -9 of presence primaries, one after another, under concurrent wire logins through the
+/// smart client: under `presence.replication = "sync"` (the default) not one acknowledged
+/// login may be missing at the end. Between rounds the load pauses until every node holds
+/// exactly its slots' sessions (replicas in sync), then resumes before the next kill; a
+/// killed node is restarted at once and comes back as a replica.
+///
+/// With `IMSTATE_TEST_REPLICATION=async` it reports the loss without asserting. On one
+/// machine a kill -9 of a process rarely loses an async write (the kernel still delivers what
+/// the primary wrote to its replication socket), so this test is not what catches
+/// `planted-ack-before-replica`: the presence store's own test does, deterministically. It prints the promotion times (kill -9 until a login
+/// of a dead primary's slot is answered again).
+/// Knob: `IMSTATE_PRESENCE_KILLS` (default 10).
+#[test]
+fn kill9_of_presence_primaries_loses_no_acknowledged_login_under_sync() {
+    // Concurrent logins: enough that a kill often lands while some are acknowledged.
+    const WORKERS: u64 = 24;
+    let kills: usize = std::env::var("IMSTATE_PRESENCE_KILLS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(10);
+    let mut cluster = TestCluster::start(3);
+    wait_slots_placed(&cluster);
+    let acked = Arc::new(parking_lot::Mutex::new(Vec::<u64>::new()));
+    let tried = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let paused = Arc::new(AtomicBool::new(false));
+    let rt = runtime();
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|worker| {
+            let seed = cluster.nodes[worker as usize % 3].wire_addr.clone();
+            let (acked, tried, stop, paused) = (
+                Arc::clone(&acked),
+                Arc::clone(&tried),
+                Arc::clone(&stop),
+                Arc::clone(&paused),
+            );
+            rt.spawn(async move {
+                let mut client = None;
+                let mut next = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if paused.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    if client.is_none() {
+                        client =
+                            WireClusterClient::connect(&seed, &ClientOptions::default(), None)
+                                .await
+                                .ok();
+                        if client.is_none() {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    }
+                    // Distinct uids per worker, spread over every slot.
+                    let uid = next * WORKERS + worker;
+                    next += 1;
+                    tried.fetch_max(uid + 1, Ordering::Relaxed);
+                    let args = imstate_client::LoginArgs {
+                        uid,
+                        device: "phone".into(),
+                        gateway: "gw".into(),
+                        conn: uid,
+                        ttl_ms: 3_600_000,
+                        meta: Vec::new(),
+                    };
+                    if client.as_ref().unwrap().login(args).await.is_ok() {
+                        acked.lock().push(uid);
+                    }
+                }
+            })
+        })
+        .collect();
+    let ttl = Duration::from_millis(ttl_ms());
+    let mut failovers = Vec::new();
+    for round in 0..kills {
+        // Quiesce: replicas in sync (every node holds exactly its slots' sessions), then load.
+        paused.store(true, Ordering::Relaxed);
+        // Calls still retrying through the last failover finish first.
+        let mut online = online_uids(&cluster, tried.load(Ordering::Relaxed));
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(300));
+            let again = online_uids(&cluster, tried.load(Ordering::Relaxed));
+            if again == online {
+                break;
+            }
+            online = again;
+        }
+        let table = rt.block_on(async {
+            ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
+                .await
+                .unwrap()
+                .table()
+                .await
+        });
+        rt.block_on(wait_held(&cluster, &table, &online));
+        paused.store(false, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(700));
+        // The node that is primary of the most slots (primaries move only by promotion, so
+        // a restarted node holds none until a later kill promotes it).
+        let mut primary_slots = [0u32; 3];
+        for slots in &table.slots {
+            if let Some(index) = cluster
+                .nodes
+                .iter()
+                .position(|node| node.addr == slots.primary)
+            {
+                primary_slots[index] += slots.slot_hi - slots.slot_lo;
+            }
+        }
+        let victim = (0..3)
+            .max_by_key(|&index| (primary_slots[index], index))
+            .unwrap();
+        println!(
+            "round {round}: kill -9 of n{victim}, primary of {} slots",
+            primary_slots[victim]
+        );
+        // A uid of a slot the victim is primary of: its login answers again once the
+        // replica is promoted (the promotion time).
+        let probe = (1u64 << 40..)
+            .find(|uid| {
+                table
+                    .slot_route(*uid)
+                    .is_some_and(|slots| slots.primary == cluster.nodes[victim].addr)
+            })
+            .unwrap();
+        let survivor = cluster.nodes[(victim + 1) % 3].addr.clone();
+        let killed_at = Instant::now();
+        cluster.nodes[victim].kill9();
+        // Logins go on; the victim's slots answer again once their replicas are promoted.
+        let promoted_ms = rt.block_on(async {
+            let client = ClusterClient::connect(&survivor, &ClientOptions::default(), None)
+                .await
+                .unwrap();
+            let args = imstate_client::LoginArgs {
+                uid: probe,
+                device: "probe".into(),
+                gateway: "gw".into(),
+                conn: 1,
+                ttl_ms: 60_000,
+                meta: Vec::new(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                match client.login(args.clone()).await {
+                    Ok(_) => break,
+                    Err(error) => assert!(
+                        Instant::now() < deadline,
+                        "slots of n{victim} never promoted: {error}"
+                    ),
+                }
+            }
+            let promoted = killed_at.elapsed().as_millis();
+            // Gone again, so that the nodes hold only the workers' sessions.
+            while client.logout(probe, 1).await.is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the probe's logout never answered"
+                );
+            }
+            promoted
+        });
+        failovers.push(promoted_ms);
+        cluster.nodes[victim].restart();
+        std::thread::sleep(ttl);
+    }
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(async {
+        for worker in workers {
+            let _ = worker.await;
+        }
+    });
+    let acked = acked.lock().clone();
+    let online: std::collections::BTreeSet<u64> =
+        online_uids(&cluster, tried.load(Ordering::Relaxed))
+            .into_iter()
+            .collect();
+    let lost: Vec<u64> = acked
+        .iter()
+        .copied()
+        .filter(|uid| !online.contains(uid))
+        .collect();
+    failovers.sort_unstable();
+    println!(
+        "{kills} kill -9 of primaries ({}): {} logins acknowledged, {} lost ({:?}...); \
+         promotion after kill -9: median {} ms, max {} ms (TTL {} ms)",
+        replication_mode(),
+        acked.len(),
+        lost.len(),
+        &lost[..lost.len().min(10)],
+        failovers[failovers.len() / 2],
+        failovers[failovers.len() - 1],
+        ttl.as_millis()
+    );
+    assert!(
+        acked.len() > 1_000,
+        "only {} logins acknowledged",
+        acked.len()
+    );
+    if replication_mode() == "async" {
+        // Measured, not asserted: async acknowledges before the replica has a write.
+    } else {
+        assert!(lost.is_empty(), "acknowledged logins lost: {lost:?}");
+    }
+}
+
+/// The uids below `tried` that have a session, as their slots' primaries answer.
+fn online_uids(cluster: &TestCluster, tried: u64) -> Vec<u64> {
+    runtime().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let attempt = async {
+                let client = ClusterClient::connect(
+                    &cluster.nodes[0].addr,
+                    &ClientOptions::default(),
+                    None,
+                )
+                .await?;
+                let uids: Vec<u64> = (0..tried).collect();
+                let mut online = Vec::new();
+                for chunk in uids.chunks(5_000) {
+                    let found = client.lookup_batch(chunk.to_vec()).await?;
+                    online.extend(
+                        chunk
+                            .iter()
+                            .zip(found)
+                            .filter(|(_, sessions)| !sessions.is_empty())
+                            .map(|(uid, _)| *uid),
+                    );
+                }
+                Ok::<_, ClientError>(online)
+            };
+            match attempt.await {
+                Ok(online) => return online,
+                Err(error) => assert!(Instant::now() < deadline, "lookups failed: {error}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
 }

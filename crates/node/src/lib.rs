@@ -24,6 +24,7 @@
 //! - [`sequences`]: the sequence service as the front doors see it, embedded or cluster.
 //! - [`presencestore`]: the presence registry + its log, expiry and checkpoint threads.
 //! - [`watch`]: the bounded fan-out of presence events to Watch subscribers.
+//! - [`syncacks`]: synchronous replication: writes wait for in-sync replicas' acknowledgements.
 //! - [`feed`]: the bounded ring of recent presence change records that replicas follow.
 //! - [`autocheckpoint`]: when a store starts an automatic checkpoint (one at a time).
 //! - [`clock`]: time as an input (wall clock, or a manual one in tests).
@@ -40,6 +41,8 @@ compile_error!("the `planted-presence-ack-before-log` feature is for test builds
 compile_error!("the `planted-unload-current-tenure` feature is for test builds only");
 #[cfg(all(feature = "planted-load-overwrites-tenure", not(debug_assertions)))]
 compile_error!("the `planted-load-overwrites-tenure` feature is for test builds only");
+#[cfg(all(feature = "planted-ack-before-replica", not(debug_assertions)))]
+compile_error!("the `planted-ack-before-replica` feature is for test builds only");
 
 pub mod autocheckpoint;
 pub mod clock;
@@ -55,6 +58,7 @@ pub mod records;
 pub mod seqengine;
 pub mod seqstore;
 pub mod sequences;
+pub mod syncacks;
 pub mod watch;
 
 pub use error::NodeError;

@@ -356,6 +356,8 @@ pub trait SlotGate: Send + Sync {
 pub struct PresenceStore {
     /// Cluster mode: the slot ownership check (unset in embedded mode: one node owns all).
     gate: OnceLock<Arc<dyn SlotGate>>,
+    /// Cluster mode, sync replication: what writes wait for after the local log.
+    sync: OnceLock<Arc<crate::syncacks::SyncAcks>>,
     registry: Arc<ShardedRegistry>,
     journal: Arc<NodeJournal>,
     log: Arc<Log>,
@@ -414,6 +416,7 @@ impl PresenceStore {
         let _ = journal.log.set(Arc::clone(&log));
         let store = Arc::new(Self {
             gate: OnceLock::new(),
+            sync: OnceLock::new(),
             registry,
             journal,
             log,
@@ -553,12 +556,41 @@ impl PresenceStore {
     /// answer: a change is applied (visible) before its record is durable, and a read must
     /// never show a change that a crash or a failed log could still take back. When
     /// everything is durable already (no writes in flight) this costs two atomic loads.
+    ///
+    /// Cluster mode under `presence.replication = "sync"`: also until every in-sync replica
+    /// holds them ([`crate::syncacks`]).
     pub async fn durable(&self) -> Result<(), NodeError> {
+        let lsn = self.log.last_lsn();
+        self.durable_local_at(lsn).await?;
+        if let Some(sync) = self.sync.get() {
+            sync.wait(lsn).await;
+        }
+        Ok(())
+    }
+
+    /// [`Self::durable`] without waiting for replicas: what a replica waits for before it
+    /// acknowledges what it applied (waiting for its own replicas there could wait in a
+    /// circle).
+    pub async fn durable_local(&self) -> Result<(), NodeError> {
+        self.durable_local_at(self.log.last_lsn()).await
+    }
+
+    async fn durable_local_at(&self, lsn: u64) -> Result<(), NodeError> {
         if let Some(reason) = &*self.journal.fatal.borrow() {
             return Err(NodeError::Unavailable(reason.clone()));
         }
-        self.log.durable(self.log.last_lsn()).await?;
+        self.log.durable(lsn).await?;
         Ok(())
+    }
+
+    /// The replicas' acknowledgements, under sync replication.
+    pub fn sync_acks(&self) -> Option<&Arc<crate::syncacks::SyncAcks>> {
+        self.sync.get()
+    }
+
+    /// Cluster mode, `presence.replication = "sync"`: from now on writes wait for `acks`.
+    pub fn set_sync(&self, acks: Arc<crate::syncacks::SyncAcks>) {
+        let _ = self.sync.set(acks);
     }
 
     /// Cluster mode: from now on every request for a uid passes `gate` first. Set once.
@@ -1022,5 +1054,46 @@ mod tests {
             assert_eq!(store.registry().sessions(), before);
             store.shutdown().unwrap();
         }
+    }
+
+    /// Whether a login waits for an in-sync replica's acknowledgement before it completes
+    /// (P1 across nodes under `presence.replication = "sync"`).
+    async fn a_login_waits_for_the_replica() -> bool {
+        let storage = FaultyStorage::new();
+        let (store, _) = open(&storage, 0);
+        let acks = crate::syncacks::SyncAcks::new(Duration::from_secs(5));
+        store.set_sync(Arc::clone(&acks));
+        let replica = acks.register(store.log().last_lsn());
+        replica.ack(store.log().last_lsn());
+        let login = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.login(7, "phone", "gw", 1, 60_000, None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let waited = !login.is_finished();
+        replica.ack(store.log().last_lsn());
+        let outcome = tokio::time::timeout(Duration::from_secs(5), login).await;
+        outcome.unwrap().unwrap().unwrap();
+        // Reads do not wait once everything is acknowledged.
+        store.lookup(7).await.unwrap();
+        store.shutdown().unwrap();
+        waited
+    }
+
+    #[cfg(not(feature = "planted-ack-before-replica"))]
+    #[tokio::test]
+    async fn under_sync_a_login_is_acknowledged_only_after_the_replica_has_it() {
+        assert!(a_login_waits_for_the_replica().await);
+    }
+
+    /// Negative control: with the planted bug the login completes before the replica
+    /// acknowledged it, and the check above sees it.
+    #[cfg(feature = "planted-ack-before-replica")]
+    #[tokio::test]
+    async fn planted_ack_before_replica_is_caught() {
+        assert!(
+            !a_login_waits_for_the_replica().await,
+            "the planted bug must make the login complete without the replica"
+        );
     }
 }

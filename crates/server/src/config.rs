@@ -335,6 +335,14 @@ pub struct PresenceConfig {
     /// into the route table, and a node configured otherwise serves no presence there (every
     /// presence request gets an error naming both counts).
     pub slots: u32,
+    /// Cluster mode: `sync` (a write is acknowledged once the slot's in-sync replica holds
+    /// it durably too) or `async` (once the local log has it; a primary's death loses what
+    /// its replica had not received yet, milliseconds of writes).
+    pub replication: String,
+    /// Cluster mode, `sync`: longest a write waits for a replica's acknowledgement; a replica
+    /// that takes longer is cut off (it resyncs) and the write is acknowledged without it.
+    /// 10 to 60000.
+    pub replica_ack_timeout_ms: u64,
 }
 
 impl Default for PresenceConfig {
@@ -356,6 +364,8 @@ impl Default for PresenceConfig {
             watch_subscribers_max: 1_024,
             watch_uids_max: 10_000,
             slots: 1024,
+            replication: "sync".into(),
+            replica_ack_timeout_ms: 1_000,
         }
     }
 }
@@ -395,6 +405,17 @@ impl PresenceConfig {
             return Err(NodeError::Config(format!(
                 "presence.segment_bytes must be in {SEGMENT_BYTES_MIN}..={SEGMENT_BYTES_MAX}"
             )));
+        }
+        if self.replication != "sync" && self.replication != "async" {
+            return Err(NodeError::Config(format!(
+                "presence.replication must be \"sync\" or \"async\", not {:?}",
+                self.replication
+            )));
+        }
+        if !(10..=60_000).contains(&self.replica_ack_timeout_ms) {
+            return Err(NodeError::Config(
+                "presence.replica_ack_timeout_ms must be in 10..=60000".into(),
+            ));
         }
         if self.slots == 0 || self.slots > PRESENCE_SLOTS_MAX {
             return Err(NodeError::Config(format!(
@@ -815,7 +836,7 @@ mod tests {
             gateways_max = 11\nshards = 12\ntick_ms = 13\ncheckpoint_log_bytes = 14\n\
             segment_bytes = 131072\n\
             watch_buffer_events = 15\nwatch_subscribers_max = 16\nwatch_uids_max = 17\n\
-            slots = 21\n\
+            slots = 21\nreplication = \"async\"\nreplica_ack_timeout_ms = 22\n\
             [wire]\nhello_timeout_ms = 18\nidle_timeout_ms = 19\n\
             connections_per_source_max = 20\ninput_budget_bytes = 9000000\n\
             [cluster]\nname = \"c1\"\netcd = \"127.0.0.1:2379\"\nnode_id = \"n1\"\n\
@@ -835,6 +856,22 @@ mod tests {
         set.sort();
         all.sort();
         assert_eq!(set, all, "the test sets every key");
+    }
+
+    #[test]
+    fn a_replication_mode_or_ack_timeout_out_of_range_is_refused_naming_the_key() {
+        for (text, key) in [
+            ("replication = \"maybe\"", "presence.replication"),
+            (
+                "replica_ack_timeout_ms = 5",
+                "presence.replica_ack_timeout_ms",
+            ),
+        ] {
+            let config = NodeConfig::parse(&format!("[presence]\n{text}\n"))
+                .and_then(|config| config.presence.to_options().map(|_| config));
+            let error = config.expect_err("refused").to_string();
+            assert!(error.contains(key), "{error}");
+        }
     }
 
     #[test]

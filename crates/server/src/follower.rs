@@ -13,9 +13,9 @@
 //! resumed from a position is an optimisation for later. What a replica applies goes to its
 //! own log, so a restarted replica recovers it, then resyncs anyway.
 //!
-//! Replication is asynchronous in this version: the primary acknowledges a write once its
-//! own log has it; a write acknowledged just before the primary dies may not have reached
-//! the replica (the loss window is the stream's delay, milliseconds while it keeps up).
+//! Once in sync, the replica acknowledges every reply's position when what it applied is
+//! durable in its own log; under `presence.replication = "sync"` the primary acknowledges a
+//! write only after that ([`imstate_node::syncacks`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,6 +31,8 @@ use tokio::task::JoinHandle;
 
 /// Pause before asking a primary again after a stream ended or failed.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
+/// Acknowledgements queued towards the primary (the newest matters; older ones may drop).
+const ACKS_QUEUED: usize = 64;
 /// Longest a connection attempt to a primary may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -117,7 +119,8 @@ async fn follow_once(
         .await
         .map_err(|error| error.to_string())?;
     let mut client = ReplicationClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
-    let mut request = tonic::Request::new(pb::FollowRequest {
+    let (acks, outgoing) = tokio::sync::mpsc::channel::<pb::FollowRequest>(ACKS_QUEUED);
+    let first = pb::FollowRequest {
         replica_id: String::new(),
         slots: assignment.slots,
         spans: assignment
@@ -126,7 +129,11 @@ async fn follow_once(
             .map(|&(lo, hi)| pb::SlotSpan { lo, hi })
             .collect(),
         acked_lsn: 0,
-    });
+    };
+    acks.send(first)
+        .await
+        .map_err(|_| "the request stream closed".to_owned())?;
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
     if let Some(token) = token {
         let value = format!("Bearer {}", String::from_utf8_lossy(token));
         let value = value
@@ -140,6 +147,7 @@ async fn follow_once(
         .map_err(|status| status.to_string())?
         .into_inner();
     let mut started = false;
+    let mut synced = false;
     let gauge = metrics::gauge!(REPLICA_POSITION, "primary" => assignment.primary.clone());
     while let Some(reply) = stream
         .message()
@@ -170,8 +178,23 @@ async fn follow_once(
         metrics::counter!(REPLICA_RECORDS).increment(applied as u64);
         gauge.set(reply.lsn as f64);
         if reply.snapshot_done {
+            synced = true;
             metrics::counter!(REPLICA_SYNCS).increment(1);
             tracing::info!(primary = %assignment.primary, lsn = reply.lsn, "replica in sync from a snapshot");
+        }
+        if synced {
+            // Acknowledge once what was applied is durable here (this node's own log only:
+            // waiting for its replicas as well could wait in a circle).
+            presence
+                .durable_local()
+                .await
+                .map_err(|error| error.to_string())?;
+            let ack = pb::FollowRequest {
+                acked_lsn: reply.lsn,
+                ..pb::FollowRequest::default()
+            };
+            // A full queue means the primary is not reading: it will cut this stream off.
+            let _ = acks.try_send(ack);
         }
     }
     Ok(())

@@ -222,6 +222,11 @@ impl Node {
             presence.set_gate(Arc::clone(cluster_seq.cluster()) as _);
             // Replicas read this node's recent changes from the feed.
             presence.enable_feed(imstate_node::feed::FeedLimits::default());
+            if config.presence.replication == "sync" {
+                presence.set_sync(imstate_node::syncacks::SyncAcks::new(
+                    std::time::Duration::from_millis(config.presence.replica_ack_timeout_ms),
+                ));
+            }
             // ... and the node keeps only the sessions of slots it is primary of.
             imstate_node::cluster::spawn_slot_keeper(
                 Arc::clone(cluster_seq.cluster()),
@@ -374,6 +379,7 @@ impl Node {
                         Arc::clone(&self.presence),
                         cluster,
                         Arc::clone(feed),
+                        self.presence.sync_acks().cloned(),
                         replication_stopping,
                     ))
                     .max_decoding_message_size(limits::GRPC_REQUEST_BYTES_MAX),

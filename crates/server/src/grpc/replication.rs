@@ -23,12 +23,13 @@ use std::time::Duration;
 use imstate_node::cluster::Cluster;
 use imstate_node::feed::ChangeFeed;
 use imstate_node::presencestore::PresenceStore;
+use imstate_node::syncacks::{Registration, SyncAcks};
 use imstate_presence::{Change, SlotSet};
 use imstate_proto::v1 as pb;
 use imstate_proto::v1::replication_server::Replication;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 /// Records per reply (snapshot and stream alike).
 pub const FOLLOW_BATCH_RECORDS: usize = 1024;
@@ -49,6 +50,8 @@ pub struct ReplicationService {
     presence: Arc<PresenceStore>,
     cluster: Arc<Cluster>,
     feed: Arc<ChangeFeed>,
+    /// Sync replication: where replicas' acknowledgements go (`None`: async).
+    acks: Option<Arc<SyncAcks>>,
     stopping: watch::Receiver<bool>,
 }
 
@@ -59,12 +62,14 @@ impl ReplicationService {
         presence: Arc<PresenceStore>,
         cluster: Arc<Cluster>,
         feed: Arc<ChangeFeed>,
+        acks: Option<Arc<SyncAcks>>,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
             presence,
             cluster,
             feed,
+            acks,
             stopping,
         }
     }
@@ -85,9 +90,13 @@ impl Replication for ReplicationService {
 
     async fn follow(
         &self,
-        request: Request<pb::FollowRequest>,
+        request: Request<Streaming<pb::FollowRequest>>,
     ) -> Result<Response<Self::FollowStream>, Status> {
-        let request = request.into_inner();
+        let mut incoming = request.into_inner();
+        let request = incoming
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("no follow request"))?;
         let count = self
             .cluster
             .primary_slots()
@@ -126,6 +135,8 @@ impl Replication for ReplicationService {
             replica: request.replica_id,
             sender,
             stopping: self.stopping.clone(),
+            acks: self.acks.clone(),
+            incoming: Some(incoming),
         };
         tokio::spawn(stream.run());
         Ok(Response::new(ReceiverStream::new(receiver)))
@@ -141,6 +152,16 @@ struct Stream {
     replica: String,
     sender: mpsc::Sender<Result<pb::FollowReply, Status>>,
     stopping: watch::Receiver<bool>,
+    acks: Option<Arc<SyncAcks>>,
+    /// The replica's acknowledgements (taken by the task that reads them).
+    incoming: Option<Streaming<pb::FollowRequest>>,
+}
+
+/// Reads a replica's acknowledgements into its registration until the replica goes away.
+async fn read_acks(mut incoming: Streaming<pb::FollowRequest>, registration: Arc<Registration>) {
+    while let Ok(Some(message)) = incoming.message().await {
+        registration.ack(message.acked_lsn);
+    }
 }
 
 impl Stream {
@@ -151,6 +172,7 @@ impl Stream {
                 let outcome = match status.code() {
                     tonic::Code::FailedPrecondition => "moved",
                     tonic::Code::OutOfRange => "behind",
+                    tonic::Code::DeadlineExceeded => "cut",
                     _ => "failed",
                 };
                 tracing::info!(replica = %self.replica, %status, "replication stream ended");
@@ -168,6 +190,27 @@ impl Stream {
 
     async fn serve(&mut self) -> Result<(), Status> {
         let position = self.feed.last_lsn();
+        // Sync: this replica counts for writes once it acknowledges `position` (the snapshot
+        // and everything before it); its acknowledgements arrive on the request stream.
+        let registration = self
+            .acks
+            .as_ref()
+            .map(|acks| Arc::new(acks.register(position)));
+        let reader = match (&registration, self.incoming.take()) {
+            (Some(registration), Some(incoming)) => {
+                Some(tokio::spawn(read_acks(incoming, Arc::clone(registration))))
+            }
+            _ => None,
+        };
+        let _reader = AbortOnDrop(reader);
+        let follower = registration.as_ref().map(|r| Arc::clone(r.follower()));
+        let cut_off = async move {
+            match follower {
+                Some(follower) => follower.cut_off().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(cut_off);
         // The snapshot, shard by shard (each copied under its lock, off the async workers).
         let shards = self.presence.registry().shard_count();
         let mut sessions_sent = 0u64;
@@ -225,6 +268,7 @@ impl Stream {
                     _ = tokio::time::sleep(OWNERSHIP_CHECK) => {}
                     _ = self.stopping.changed() => {}
                     _ = self.sender.closed() => return Ok(()),
+                    _ = &mut cut_off => return Err(cut_status()),
                 }
                 continue;
             };
@@ -249,9 +293,25 @@ impl Stream {
                 snapshot_done: false,
                 lsn: last,
             };
-            if !self.send(reply).await {
-                return Ok(());
+            tokio::select! {
+                sent = self.send(reply) => if !sent { return Ok(()) },
+                _ = &mut cut_off => return Err(cut_status()),
             }
+        }
+    }
+}
+
+fn cut_status() -> Status {
+    Status::deadline_exceeded("the replica did not acknowledge in time; resync")
+}
+
+/// Aborts the task when dropped (a stream's acknowledgement reader ends with the stream).
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
         }
     }
 }
