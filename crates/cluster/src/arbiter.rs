@@ -297,8 +297,14 @@ impl Arbiter {
         if let Some(index) = settled_index {
             self.seen.drain(..index);
         }
+        // Stable: the table read now was first read at least a cooldown ago (at once with no
+        // cooldown).
+        let stable = self.seen.last().is_some_and(|(at, version)| {
+            *version == current.version && now >= at + self.cooldown_ms
+        });
         let inputs = Inputs {
             presence_slots: self.presence_slots,
+            stable,
             settled,
             live: names(1),
             draining: names(2),

@@ -53,6 +53,9 @@ pub struct Inputs {
     /// Presence slots to place when the table has none yet (`presence.slots`; 0: do not place
     /// presence). A table that has slots keeps its count: it is fixed for the cluster's life.
     pub presence_slots: u32,
+    /// Whether the current table has stood unchanged for a lock-delay (the arbiter's cooldown):
+    /// presence slots are first placed only then.
+    pub stable: bool,
 }
 
 /// The next table, or `None` when `current` is already right (or no node can own anything).
@@ -232,9 +235,7 @@ pub fn plan(current: &RouteTable, inputs: &Inputs) -> Option<RouteTable> {
     // Presence slots. They are first placed only over a settled table (unchanged for a
     // lock-delay), so that nodes starting one after another are all there: a primary role
     // moves to a live node only through its replica (see `crate::slots`).
-    let slots = if current.presence.is_some()
-        || current.version > 0 && inputs.settled >= current.version
-    {
+    let slots = if current.presence.is_some() || current.version > 0 && inputs.stable {
         inputs.presence_slots
     } else {
         0
@@ -392,6 +393,7 @@ mod tests {
             moves_max: 4,
             settled: 0,
             presence_slots: 0,
+            stable: false,
         }
     }
 
@@ -544,7 +546,7 @@ mod tests {
             "nor before the table settles"
         );
         let settled = Inputs {
-            settled: first.version,
+            stable: true,
             ..three.clone()
         };
         let placed = plan(&first, &settled).unwrap();
@@ -557,7 +559,7 @@ mod tests {
         // Another count configured later changes nothing: the count is the cluster's.
         let other = Inputs {
             presence_slots: 64,
-            settled: placed.version,
+            stable: true,
             ..three
         };
         assert!(plan(&placed, &other).is_none());
