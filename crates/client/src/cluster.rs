@@ -396,21 +396,23 @@ impl<T: SeqTransport> SmartClient<T> {
         self.routed(namespace, ids, true).await
     }
 
+    /// The address, in this protocol, of every node the table lists as alive.
+    async fn live_addresses(&self) -> Vec<String> {
+        let state = self.state.lock().await;
+        state
+            .table
+            .nodes
+            .iter()
+            .filter(|node| node.alive)
+            .map(|node| T::node_address(node).to_owned())
+            .filter(|address| !address.is_empty())
+            .collect()
+    }
+
     /// Learns the table again from any node that answers.
     async fn refresh_any(&self) {
-        let addresses: Vec<String> = {
-            let state = self.state.lock().await;
-            let mut addresses: Vec<String> = state
-                .table
-                .nodes
-                .iter()
-                .filter(|node| node.alive)
-                .map(|node| T::node_address(node).to_owned())
-                .filter(|address| !address.is_empty())
-                .collect();
-            addresses.push(self.seed.clone());
-            addresses
-        };
+        let mut addresses = self.live_addresses().await;
+        addresses.push(self.seed.clone());
         for address in addresses {
             if let Ok(client) = self.client(&address).await
                 && self.refresh(&client).await.is_ok()
@@ -612,6 +614,8 @@ impl<T: SeqTransport> SmartClient<T> {
                 |(uid, _)| *uid,
                 |client, group| async move {
                     let unknown = client.heartbeat_batch(gateway, &group).await?;
+                    let unknown: std::collections::HashSet<(u64, u64)> =
+                        unknown.into_iter().collect();
                     Ok(group.iter().map(|pair| !unknown.contains(pair)).collect())
                 },
             )
@@ -649,14 +653,7 @@ enum Routing<'a> {
 impl SmartClient<Client> {
     /// The gRPC address of every live node (the seed when the table lists none: embedded).
     async fn every_node(&self) -> Vec<String> {
-        let table = self.table().await;
-        let mut addresses: Vec<String> = table
-            .nodes
-            .iter()
-            .filter(|node| node.alive)
-            .map(|node| node.grpc.clone())
-            .filter(|address| !address.is_empty())
-            .collect();
+        let mut addresses = self.live_addresses().await;
         if addresses.is_empty() {
             addresses.push(self.seed.clone());
         }
