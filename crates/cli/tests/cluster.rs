@@ -561,9 +561,8 @@ fn nemesis_rounds_keep_s1() {
 /// replica for others), a login through any node's smart client lands on its slot's primary,
 /// another node redirects to that primary, a batch lookup is split by primary and merged, and
 /// after kill -9 of a primary its replica takes the slots' writes (after the lock-delay), and
-/// the old primary, restarted, drops the sessions of the slots it lost.
-/// Replication is not built yet: the promoted replica starts without the dead primary's
-/// sessions (gateways' heartbeats report them unknown, so they re-register).
+/// the old primary, restarted, drops the sessions of the slots it lost. A gateway drop sent
+/// to every node removes each session once (on its primary; replicas follow its records).
 #[test]
 fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
     let mut cluster = TestCluster::start(3);
@@ -734,6 +733,16 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
                 .unwrap();
         let table = client.table().await;
         wait_held(&cluster, &table, &uids).await;
+        // The gateway goes down: each node drops the sessions of its primary slots only, so
+        // the count is exact, and the replicas' copies go by replication.
+        assert_eq!(
+            client.gateway_down("gw1").await.unwrap(),
+            uids.len() as u64,
+            "every session counted once"
+        );
+        let found = client.lookup_batch(uids.clone()).await.unwrap();
+        assert!(found.iter().all(Vec::is_empty), "{found:?}");
+        wait_held(&cluster, &table, &[]).await;
     });
 }
 

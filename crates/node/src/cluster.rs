@@ -691,10 +691,12 @@ impl crate::presencestore::SlotGate for Cluster {
 /// table changes, the sessions of every other slot are dropped (journaled, so a restart agrees). A node that
 /// lost slots (a move, a lapsed lease, a restart while another node took them over) would
 /// otherwise keep stale sessions that a later promotion back to it would resurrect after
-/// their logout elsewhere. Runs until the cluster stops.
+/// their logout elsewhere. It also keeps the registry's local scope (what expiry and
+/// gateway drops may remove here) to the slots this node is primary of. Runs until the
+/// cluster stops.
 ///
-/// Known gap until replication lands: a write that passed the slot check just before the
-/// table changed can be applied after the drop; it stays until the next table change.
+/// Known gap: a write that passed the slot check just before the table changed can be
+/// applied after the drop; it stays until the next table change.
 pub fn spawn_slot_keeper(
     cluster: Arc<Cluster>,
     presence: Arc<crate::presencestore::PresenceStore>,
@@ -704,6 +706,12 @@ pub fn spawn_slot_keeper(
     tokio::spawn(async move {
         let mut kept: Option<imstate_presence::SlotSet> = None;
         loop {
+            // Expiry and gateway drops here remove only the sessions of primary slots; a
+            // replica's copies go when its primary's records say so.
+            let primary = cluster
+                .primary_slots()
+                .unwrap_or_else(|| imstate_presence::SlotSet::empty(1));
+            presence.registry().set_local_scope(Some(primary));
             // The slots this node holds: primary of, and replica of (the follower keeps those
             // in step with their primary).
             let held = cluster.primary_slots().map(|mut held| {

@@ -106,7 +106,10 @@ pub use error::PresenceError;
 pub use gateways::{GATEWAY_IDS_MAX, GATEWAYS_MAX_LIMIT, GatewayId, Gateways};
 pub use registry::RESTORE_THREADS;
 pub use registry::{Entry, Journal, NoJournal, ShardedRegistry};
-pub use shard::{Shard, TickProgress, WHEEL_SLOT_MS, WHEEL_SLOTS, check_gateway_name};
+pub use shard::{
+    DEFERRED_EXPIRY_RECHECK_MS, Shard, TickProgress, WHEEL_SLOT_MS, WHEEL_SLOTS,
+    check_gateway_name,
+};
 pub use slab::TIME_MS_MAX;
 pub use slots::SlotSet;
 pub use snapshot::{RestoreStats, SNAPSHOT_FORMAT_VERSION, SnapshotError};

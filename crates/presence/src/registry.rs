@@ -93,6 +93,9 @@ pub struct ShardedRegistry {
     shards: Box<[Mutex<Shard>]>,
     leases: Mutex<HashMap<GatewayId, Lease>>,
     journal: Arc<dyn Journal>,
+    /// Cluster mode: the slots whose sessions this node may remove on its own (expiry,
+    /// gateway drops), the ones it is primary of; `None`: all of them (one node).
+    local: parking_lot::RwLock<Option<Arc<SlotSet>>>,
 }
 
 impl std::fmt::Debug for ShardedRegistry {
@@ -137,6 +140,7 @@ impl ShardedRegistry {
             shards,
             leases: Mutex::new(HashMap::new()),
             journal,
+            local: parking_lot::RwLock::new(None),
         })
     }
 
@@ -336,13 +340,39 @@ impl ShardedRegistry {
     }
 
     fn drop_gateway_sessions(&self, gateway: &str, events: &mut Vec<Event>) {
+        let local = self.local_scope();
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
-            if let Some(event) = shard.gateway_down(gateway) {
-                self.journal.record(Entry::Event(&event));
-                events.push(event);
+            match &local {
+                None => {
+                    if let Some(event) = shard.gateway_down(gateway) {
+                        self.journal.record(Entry::Event(&event));
+                        events.push(event);
+                    }
+                }
+                // Only the sessions of slots this node is primary of, each journaled as a
+                // logout, so that neither a local replay nor a replica touches other slots.
+                Some(local) => {
+                    for session in shard.gateway_down_where(gateway, |uid| local.contains(uid)) {
+                        let event = Event::Logout { session };
+                        self.journal.record(Entry::Event(&event));
+                        events.push(event);
+                    }
+                }
             }
         }
+    }
+
+    /// Cluster mode: from now on expiry and gateway drops remove only the sessions of
+    /// `slots` (the ones this node is primary of; a replica's copies go when the primary's
+    /// records say so); `None`: every session (one node, the default).
+    pub fn set_local_scope(&self, slots: Option<SlotSet>) {
+        *self.local.write() = slots.map(Arc::new);
+    }
+
+    /// The slots this node removes sessions of on its own (`None`: all).
+    pub fn local_scope(&self) -> Option<Arc<SlotSet>> {
+        self.local.read().clone()
     }
 
     /// Registers (or re-registers) a gateway lease: unless heartbeated, the gateway and all
@@ -498,8 +528,12 @@ impl ShardedRegistry {
 
     /// One bounded expiry step with its events journaled under the shard lock.
     fn tick_locked(&self, shard: &Mutex<Shard>, now_ms: u64, visits_max: usize) -> TickProgress {
+        let local = self.local_scope();
         let mut shard = shard.lock();
-        let progress = shard.tick(now_ms, visits_max);
+        let progress = match &local {
+            None => shard.tick(now_ms, visits_max),
+            Some(local) => shard.tick_deferring(now_ms, visits_max, |uid| !local.contains(uid)),
+        };
         for event in &progress.events {
             self.journal.record(Entry::Event(event));
         }
@@ -890,10 +924,11 @@ impl ShardedRegistry {
     /// Checks every shard's invariants and the online count (O(n); for tests).
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut total = 0u64;
+        let local = self.local_scope();
         for (index, shard) in self.shards.iter().enumerate() {
             let shard = shard.lock();
             shard
-                .check_invariants()
+                .check_invariants_deferring(|uid| local.as_ref().is_some_and(|l| !l.contains(uid)))
                 .map_err(|error| format!("shard {index}: {error}"))?;
             total += shard.len() as u64;
         }

@@ -83,6 +83,9 @@ pub const WHEEL_SLOT_MS: u64 = 1_000;
 /// session ttl, at 32 KB of heads and tails per shard.
 pub const WHEEL_SLOTS: u32 = 4_096;
 
+/// How much later a deferred expiry is looked at again (see [`Shard::tick_deferring`]).
+pub const DEFERRED_EXPIRY_RECHECK_MS: u64 = 1_000;
+
 /// Result of one bounded expiry step.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TickProgress {
@@ -674,6 +677,18 @@ impl Shard {
     /// Expires sessions whose deadline is at or before `now_ms`, visiting at most
     /// `visits_max` wheel entries (at least one). See the module documentation.
     pub fn tick(&mut self, now_ms: u64, visits_max: usize) -> TickProgress {
+        self.tick_deferring(now_ms, visits_max, |_| false)
+    }
+
+    /// [`Self::tick`], except that a due session whose uid passes `defer` is not expired: it
+    /// is filed again [`DEFERRED_EXPIRY_RECHECK_MS`] later (a replica's copy, which expires
+    /// when its primary says so, or here once this node has become its primary).
+    pub fn tick_deferring(
+        &mut self,
+        now_ms: u64,
+        visits_max: usize,
+        defer: impl Fn(u64) -> bool,
+    ) -> TickProgress {
         let visits_max = visits_max.max(1);
         let mut progress = TickProgress::default();
         let now_s = now_ms / WHEEL_SLOT_MS;
@@ -707,7 +722,10 @@ impl Shard {
                     self.tombstones -= 1;
                     continue;
                 }
-                let deadline_ms = rec.deadline_ms(self.profiles.ttl_ms(rec.profile()));
+                let mut deadline_ms = rec.deadline_ms(self.profiles.ttl_ms(rec.profile()));
+                if deadline_ms <= now_ms && defer(rec.uid.get()) {
+                    deadline_ms = now_ms + DEFERRED_EXPIRY_RECHECK_MS;
+                }
                 if deadline_ms <= now_ms {
                     let session = self.unindex(next);
                     self.wheel_unlink_next(slot);
@@ -1261,6 +1279,15 @@ impl Shard {
 
     /// Verifies every index against the records (O(n)); describes the first violation.
     pub fn check_invariants(&self) -> Result<(), String> {
+        self.check_invariants_deferring(|_| false)
+    }
+
+    /// [`Self::check_invariants`] for a shard ticked with [`Self::tick_deferring`]: a session
+    /// whose uid passes `deferred` may be filed after its deadline.
+    pub fn check_invariants_deferring(
+        &self,
+        deferred: impl Fn(u64) -> bool,
+    ) -> Result<(), String> {
         let high_water = self.slab.high_water();
         let (mut live, mut buried) = (0usize, 0usize);
         for index in 0..high_water {
@@ -1281,7 +1308,7 @@ impl Shard {
             return Err("free list does not match the free records".into());
         }
         self.check_uid_index(high_water)?;
-        self.check_wheel(high_water)?;
+        self.check_wheel(high_water, &deferred)?;
         self.check_profiles_and_meta(high_water)
     }
 
@@ -1324,7 +1351,7 @@ impl Shard {
         Ok(())
     }
 
-    fn check_wheel(&self, high_water: u32) -> Result<(), String> {
+    fn check_wheel(&self, high_water: u32, deferred: &dyn Fn(u64) -> bool) -> Result<(), String> {
         let slots = u64::from(WHEEL_SLOTS);
         let cursor_slot = self.cursor_slot();
         let mut linked = vec![false; high_water as usize];
@@ -1347,7 +1374,7 @@ impl Shard {
                         rec.deadline_ms(self.profiles.ttl_ms(rec.profile())) / WHEEL_SLOT_MS;
                     let deadline_distance = deadline_s.saturating_sub(self.wheel_cursor_s);
                     let slot_distance = (u64::from(slot) + slots - u64::from(cursor_slot)) % slots;
-                    if slot_distance > deadline_distance {
+                    if slot_distance > deadline_distance && !deferred(rec.uid.get()) {
                         return Err(format!(
                             "record {index} is in slot {slot}, after its deadline's"
                         ));

@@ -327,6 +327,8 @@ impl GatewayDownOutcome {
             .iter()
             .map(|event| match event {
                 Event::GatewayDown { sessions, .. } => sessions.len(),
+                // A gateway drop restricted to some slots (cluster mode).
+                Event::Logout { .. } => 1,
                 _ => 0,
             })
             .sum()

@@ -72,6 +72,9 @@ proptest! {
         replica_shards in 1usize..6,
         // Sessions the replica holds as another slot range's primary: never touched.
         own in proptest::collection::vec((0u64..8, 0u64..4), 0..6),
+        // The replica's clock runs this far ahead of the primary's, and it ticks its expiry
+        // after every record: its copies of `slots` expire only when the primary says so.
+        replica_ahead_ms in 0u64..200_000,
     ) {
         const SHARDS: usize = 3;
         let primary = ShardedRegistry::new(options(SHARDS)).unwrap();
@@ -112,12 +115,19 @@ proptest! {
         let outside: Vec<Session> =
             outside.into_iter().filter(|s| !slots.contains(s.uid)).collect();
         let local_before = journal.0.lock().len();
+        // The replica is primary of the other slots only.
+        let mut mine = SlotSet::all(slots.count());
+        mine.remove_all(&slots);
+        replica.set_local_scope(Some(mine));
+        let replica_now = now_ms + replica_ahead_ms;
         for session in &snapshot {
             replica.apply_replicated(&through_bytes(&Change::Login(session.clone())), &slots)
                 .unwrap();
+            replica.tick(replica_now);
         }
         for change in &log[start..] {
             replica.apply_replicated(&through_bytes(change), &slots).unwrap();
+            replica.tick(replica_now);
         }
         prop_assert_eq!(in_slots(replica.sessions(), &slots), in_slots(primary.sessions(), &slots));
         let untouched: Vec<Session> = replica
@@ -153,4 +163,52 @@ proptest! {
         }
         prop_assert_eq!(rebuilt.sessions(), outside);
     }
+}
+
+/// Cluster mode: a gateway drop and a lapsed gateway lease remove only the sessions of the
+/// slots this node is primary of (its local scope), each journaled as a logout; the copies it
+/// holds as a replica stay until their primary's records remove them, and its log replays to
+/// the same state.
+#[test]
+fn gateway_drops_and_expiry_touch_only_the_local_scope() {
+    let journal = Arc::new(Recorder::default());
+    let node = ShardedRegistry::with_journal(options(3), journal.clone()).unwrap();
+    let mut mine = SlotSet::empty(4);
+    mine.insert_range(0, 2);
+    node.set_local_scope(Some(mine.clone()));
+    let now = 1_000_000;
+    for uid in 0..16u64 {
+        let gateway = common::GATEWAYS[(uid % 2) as usize];
+        let request = common::request(uid, "ios", gateway, uid, 10_000);
+        node.login(&request, now).unwrap();
+    }
+    // gw-0 holds the even uids: slots 0 and 2; only slot 0's are local.
+    let outcome = node.gateway_down(common::GATEWAYS[0]);
+    assert_eq!(outcome.dropped(), 4, "uids 0, 4, 8, 12");
+    assert!(node.sessions().iter().all(|s| s.uid % 4 != 0));
+    assert_eq!(node.sessions().iter().filter(|s| s.uid % 4 == 2).count(), 4);
+    // gw-1's lease lapses: it drops uids 1, 5, 9, 13 (slot 1), not slot 3's.
+    node.gateway_register(common::GATEWAYS[1], 1_000, now)
+        .unwrap();
+    node.tick_gateways(now + 2_000);
+    let left: Vec<u64> = node.sessions().iter().map(|s| s.uid).collect();
+    assert_eq!(left, vec![2, 3, 6, 7, 10, 11, 14, 15]);
+    // Past every deadline: expiry removes nothing outside the scope...
+    assert!(node.tick(now + 60_000).is_empty());
+    assert_eq!(node.sessions().len(), 8);
+    assert!(
+        node.check_invariants().is_ok(),
+        "{:?}",
+        node.check_invariants()
+    );
+    // ...until this node becomes their primary.
+    node.set_local_scope(Some(SlotSet::all(4)));
+    assert_eq!(node.tick(now + 62_000).len(), 8);
+    // The journal replays to the same state at every step (no record drops a whole gateway).
+    let rebuilt = ShardedRegistry::new(options(2)).unwrap();
+    for change in journal.0.lock().iter() {
+        assert!(!matches!(change, Change::GatewayDown { .. }), "{change:?}");
+        rebuilt.apply_change(&through_bytes(change)).unwrap();
+    }
+    assert_eq!(rebuilt.sessions(), node.sessions());
 }
