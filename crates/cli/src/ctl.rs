@@ -116,6 +116,27 @@ pub async fn run(command: CtlCommand) -> anyhow::Result<()> {
         }
         CtlCommand::Route { target } => {
             let table = target.connect().await?.route().await?;
+            // Replica lag, as each live primary sees its replica streams.
+            let mut lags: std::collections::HashMap<(String, String), String> =
+                std::collections::HashMap::new();
+            for node in table.nodes.iter().filter(|node| node.alive) {
+                let Ok(client) = target.connect_to(&node.grpc).await else {
+                    continue;
+                };
+                let Ok(status) = client.status().await else {
+                    continue;
+                };
+                for replica in status.replicas {
+                    let lag = match (replica.in_sync, replica.lag) {
+                        (false, _) => "syncing".to_owned(),
+                        (true, Some(lag)) => {
+                            format!("{}rec/{}ms", replica.lag_records, lag.as_millis())
+                        }
+                        (true, None) => format!("{}rec/behind-feed", replica.lag_records),
+                    };
+                    lags.insert((node.node_id.clone(), replica.replica_id), lag);
+                }
+            }
             let cluster = if table.cluster.is_empty() {
                 "(embedded)"
             } else {
@@ -142,8 +163,14 @@ pub async fn run(command: CtlCommand) -> anyhow::Result<()> {
                 } else {
                     &slots.replica_id
                 };
+                let lag = if slots.replica_id.is_empty() {
+                    "-"
+                } else {
+                    lags.get(&(slots.primary_id.clone(), slots.replica_id.clone()))
+                        .map_or("no-stream", String::as_str)
+                };
                 out.push_str(&format!(
-                    "slots\t[{}, {})\tprimary={}\treplica={replica}\tgrpc={}\twire={}\n",
+                    "slots\t[{}, {})\tprimary={}\treplica={replica}\tlag={lag}\tgrpc={}\twire={}\n",
                     slots.slot_lo,
                     slots.slot_hi,
                     slots.primary_id,

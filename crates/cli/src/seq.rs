@@ -83,6 +83,11 @@ impl Target {
         self.security.connect(&self.addr).await
     }
 
+    /// Connects to another node (`address`) with the same TLS and token options.
+    pub async fn connect_to(&self, address: &str) -> anyhow::Result<Client> {
+        self.security.connect(address).await
+    }
+
     /// Connects the smart client: any node of a cluster, routed by its table.
     pub async fn connect_cluster(&self) -> anyhow::Result<imstate_client::ClusterClient> {
         Ok(imstate_client::ClusterClient::connect(

@@ -51,6 +51,11 @@ struct TestCluster {
 
 impl TestCluster {
     fn start(nodes: usize) -> Self {
+        Self::start_with(nodes, &[])
+    }
+
+    /// [`Self::start`] with more environment variables for every node (later ones win).
+    fn start_with(nodes: usize, envs: &[(&str, &str)]) -> Self {
         let etcd = EtcdProcess::start().expect("etcd (apt-get install etcd-server)");
         let dir = tempfile::tempdir().unwrap();
         let mut proxies = Vec::new();
@@ -74,10 +79,13 @@ impl TestCluster {
                 // One rebalancing round moves everything: the test does not wait for bounded
                 // rounds after the first node got the whole namespace alone.
                 &[
-                    ("IMSTATE_CLUSTER__LEASE_TTL_MS", &ttl),
+                    ("IMSTATE_CLUSTER__LEASE_TTL_MS", ttl.as_str()),
                     ("IMSTATE_CLUSTER__MOVES_MAX", "1000000"),
-                    ("IMSTATE_PRESENCE__REPLICATION", &replication),
-                ],
+                    ("IMSTATE_PRESENCE__REPLICATION", replication.as_str()),
+                ]
+                .into_iter()
+                .chain(envs.iter().copied())
+                .collect::<Vec<_>>(),
             );
             server.restart();
             proxies.push(proxy);
@@ -1051,4 +1059,150 @@ fn online_uids(cluster: &TestCluster, tried: u64) -> Vec<u64> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
+}
+
+/// The sum of a metric's samples (every label set) on `server`, 0 when it has none yet.
+fn metric(server: &Server, name: &str) -> f64 {
+    let Some((200, body)) = support::http_get(&server.metrics_addr, "/metrics") else {
+        return 0.0;
+    };
+    body.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits (30 s at most) until `ctl route` shows every slot range's replica in sync, and
+/// returns what it printed.
+fn wait_route_in_sync(cluster: &TestCluster) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = cluster.nodes[0].cli(&["ctl", "route"]);
+        let route = String::from_utf8_lossy(&output.stdout).to_string();
+        let slots: Vec<&str> = route.lines().filter(|l| l.starts_with("slots\t")).collect();
+        if !slots.is_empty() && slots.iter().all(|line| line.contains("rec/")) {
+            return route;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas never in sync:\n{route}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A replica paused (SIGSTOP) past the ack timeout is cut off by its primary; meanwhile, with
+/// `presence.require_replica`, writes to its slots are refused and the degraded-slot metric
+/// counts them; once it runs again it resumes from its position, with no snapshot, and holds
+/// what was written meanwhile. `ctl route` shows every replica's lag.
+#[test]
+fn a_paused_replica_resumes_from_its_position_and_require_replica_refuses_writes_meanwhile() {
+    let cluster = TestCluster::start_with(
+        3,
+        &[
+            ("IMSTATE_PRESENCE__REPLICA_ACK_TIMEOUT_MS", "100"),
+            ("IMSTATE_PRESENCE__REQUIRE_REPLICA", "true"),
+            // A pause of a second or two must not cost the replica its lease.
+            ("IMSTATE_CLUSTER__LEASE_TTL_MS", "6000"),
+        ],
+    );
+    let rt = runtime();
+    let table = wait_slots_placed(&cluster);
+    let route = wait_route_in_sync(&cluster);
+    assert!(
+        !route.contains("no-stream") && !route.contains("syncing"),
+        "{route}"
+    );
+    let uid = 1u64;
+    let slot = table.slot_route(uid).unwrap().clone();
+    let index_of = |id: &str| {
+        cluster
+            .nodes
+            .iter()
+            .position(|node| {
+                rt.block_on(async {
+                    let client = Client::connect(&node.addr).await.unwrap();
+                    client.status().await.unwrap().node_id == id
+                })
+            })
+            .unwrap()
+    };
+    let primary = &cluster.nodes[index_of(&slot.primary_id)];
+    let replica = &cluster.nodes[index_of(&slot.replica_id)];
+    // Uids of the same slot: uid + k * 1024.
+    let login = |k: u64| imstate_client::LoginArgs {
+        uid: uid + k * 1024,
+        device: "phone".into(),
+        gateway: "gw".into(),
+        conn: k,
+        ttl_ms: 600_000,
+        meta: Vec::new(),
+    };
+    let client = rt.block_on(Client::connect(&primary.addr)).unwrap();
+    rt.block_on(client.login(login(1))).unwrap();
+    let syncs = metric(replica, "imstate_replica_syncs_total");
+    let resumes = metric(replica, "imstate_replica_resumes_total");
+    assert!(syncs >= 1.0, "the replica synced once from a snapshot");
+
+    signal(replica, libc::SIGSTOP);
+    let paused = Instant::now();
+    // The first write waits out the ack timeout and cuts the replica off; the next ones are
+    // refused: no replica in sync.
+    let mut k = 2;
+    let refusal = loop {
+        match rt.block_on(client.login(login(k))) {
+            Ok(_) => k += 1,
+            Err(error) => break error.to_string(),
+        }
+        assert!(
+            paused.elapsed() < Duration::from_secs(3),
+            "writes never refused"
+        );
+    };
+    let mut degraded = 0.0;
+    while paused.elapsed() < Duration::from_millis(2_500) && degraded == 0.0 {
+        degraded = metric(primary, "imstate_cluster_presence_slots_degraded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    signal(replica, libc::SIGCONT);
+    assert!(
+        refusal.contains("no replica in sync") && refusal.contains("require_replica"),
+        "{refusal}"
+    );
+    assert!(degraded > 0.0, "the degraded-slot metric counted the slots");
+    // Writes are accepted again once the replica has resumed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let last = k + 1;
+    while rt.block_on(client.login(login(last))).is_err() {
+        assert!(Instant::now() < deadline, "writes never accepted again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        metric(replica, "imstate_replica_resumes_total") > resumes,
+        "it resumed"
+    );
+    assert_eq!(
+        metric(replica, "imstate_replica_syncs_total"),
+        syncs,
+        "without a snapshot"
+    );
+    // It holds every session written through the pause.
+    let written: Vec<u64> = (1..k).chain([last]).map(|k| uid + k * 1024).collect();
+    rt.block_on(async {
+        let cluster_client =
+            ClusterClient::connect(&primary.addr, &ClientOptions::default(), None)
+                .await
+                .unwrap();
+        let table = cluster_client.table().await;
+        let now = table.slot_route(uid).unwrap();
+        assert_eq!(
+            (&now.primary_id, &now.replica_id),
+            (&slot.primary_id, &slot.replica_id),
+            "no failover happened"
+        );
+        wait_held(&cluster, &table, &written).await;
+    });
 }

@@ -491,6 +491,25 @@ pub struct NodeStatus {
     pub sections_loaded: u64,
     /// Both logs.
     pub logs: Vec<LogStatus>,
+    /// Cluster mode: this node's presence replica streams, as their primary sees them.
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// One presence replica stream, as its primary sees it (`Admin/Status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// The replica's node id.
+    pub replica_id: String,
+    /// Slots the stream carries.
+    pub slots: u32,
+    /// Whether the replica holds everything up to its snapshot or resume position.
+    pub in_sync: bool,
+    /// The primary's LSN through which the replica holds every record durably.
+    pub acked_lsn: u64,
+    /// Records not acknowledged yet.
+    pub lag_records: u64,
+    /// How long the oldest of them has waited (`None`: the change feed no longer holds it).
+    pub lag: Option<Duration>,
 }
 
 /// One checkpoint written by `Admin/Checkpoint`.
@@ -630,6 +649,18 @@ impl Client {
                     segments: log.segments,
                     poisoned: log.poisoned,
                     fsync: log.fsync,
+                })
+                .collect(),
+            replicas: reply
+                .replicas
+                .into_iter()
+                .map(|replica| ReplicaStatus {
+                    replica_id: replica.replica_id,
+                    slots: replica.slots,
+                    in_sync: replica.in_sync,
+                    acked_lsn: replica.acked_lsn,
+                    lag_records: replica.lag_records,
+                    lag: replica.lag_ms.map(Duration::from_millis),
                 })
                 .collect(),
         })

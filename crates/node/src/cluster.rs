@@ -44,7 +44,11 @@ pub const CLUSTER_SECTIONS_OWNED: &str = "imstate_cluster_sections_owned";
 pub const CLUSTER_MOVES: &str = "imstate_cluster_sections_lost_total";
 /// Metric: presence slot ranges this node stopped being primary of.
 pub const CLUSTER_SLOTS_LOST: &str = "imstate_cluster_presence_slots_lost_total";
-/// Metric: sessions dropped because this node is not (or no longer) their slot's primary.
+/// Metric: presence slots this node was replica of and became primary of (promotions).
+pub const CLUSTER_PRESENCE_PROMOTIONS: &str = "imstate_cluster_presence_promotions_total";
+/// Metric: presence slots this node is primary of that no in-sync replica holds.
+pub const CLUSTER_PRESENCE_SLOTS_DEGRADED: &str = "imstate_cluster_presence_slots_degraded";
+/// Metric: sessions dropped because their slot is neither primary nor replica here.
 pub const CLUSTER_SLOT_SESSIONS_DROPPED: &str =
     "imstate_cluster_presence_slot_sessions_dropped_total";
 /// Metric: presence slots this node is primary of under its route table.
@@ -705,13 +709,42 @@ pub fn spawn_slot_keeper(
     let mut stop = cluster.stop.subscribe();
     tokio::spawn(async move {
         let mut kept: Option<imstate_presence::SlotSet> = None;
+        let mut was_replica: Option<imstate_presence::SlotSet> = None;
+        let mut degraded_check = tokio::time::interval(DEGRADED_CHECK);
+        degraded_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Expiry and gateway drops here remove only the sessions of primary slots; a
             // replica's copies go when its primary's records say so.
             let primary = cluster
                 .primary_slots()
                 .unwrap_or_else(|| imstate_presence::SlotSet::empty(1));
-            presence.registry().set_local_scope(Some(primary));
+            presence.registry().set_local_scope(Some(primary.clone()));
+            let replica = imstate_presence::SlotSet::from_ranges(
+                primary.count(),
+                &cluster
+                    .replica_assignments()
+                    .into_iter()
+                    .flat_map(|assignment| assignment.spans)
+                    .collect::<Vec<_>>(),
+            );
+            if let Some(was_replica) = &was_replica
+                && was_replica.count() == primary.count()
+            {
+                let mut promoted = was_replica.clone();
+                promoted.remove_all(&replica);
+                let mut lost = promoted.clone();
+                lost.remove_all(&primary);
+                promoted.remove_all(&lost);
+                if !promoted.is_empty() {
+                    metrics::counter!(CLUSTER_PRESENCE_PROMOTIONS)
+                        .increment(u64::from(promoted.len()));
+                    tracing::info!(
+                        slots = promoted.len(),
+                        "promoted to primary of presence slots this node was replica of"
+                    );
+                }
+            }
+            was_replica = Some(replica);
             // The slots this node holds: primary of, and replica of (the follower keeps those
             // in step with their primary).
             let held = cluster.primary_slots().map(|mut held| {
@@ -741,10 +774,29 @@ pub fn spawn_slot_keeper(
                 }
                 kept = Some(primary);
             }
-            tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return },
-                _ = stop.changed() => return,
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return } else { break },
+                    _ = stop.changed() => return,
+                    _ = degraded_check.tick() => report_degraded(&cluster, &presence),
+                }
             }
         }
     })
+}
+
+/// How often the slot keeper counts the primary slots with no replica in sync.
+const DEGRADED_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Sets [`CLUSTER_PRESENCE_SLOTS_DEGRADED`]: the slots this node is primary of that no
+/// in-sync replica holds (one copy only: a crash of this node loses their recent changes).
+fn report_degraded(cluster: &Cluster, presence: &crate::presencestore::PresenceStore) {
+    let Some(mut degraded) = cluster.primary_slots() else {
+        metrics::gauge!(CLUSTER_PRESENCE_SLOTS_DEGRADED).set(0.0);
+        return;
+    };
+    if let Some(acks) = presence.sync_acks() {
+        degraded.remove_all(&acks.in_sync_slots(degraded.count()));
+    }
+    metrics::gauge!(CLUSTER_PRESENCE_SLOTS_DEGRADED).set(f64::from(degraded.len()));
 }

@@ -93,7 +93,47 @@ impl DataDir {
     pub fn presence_dir(&self) -> PathBuf {
         self.root.join(PRESENCE_DIR)
     }
+
+    /// The identity of the presence log: random, made the first time it is asked for and
+    /// kept in `presence/LOG_ID`, so it lasts as long as the log's LSNs do. A replica's
+    /// position names it: a position in another log (a wiped and re-created directory) is
+    /// never resumed.
+    pub fn presence_log_id(&self) -> Result<String, NodeError> {
+        let path = self.presence_dir().join(LOG_ID_FILE);
+        let fail = |reason: String| NodeError::DataDir {
+            dir: self.root.clone(),
+            reason,
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(fail(format!("cannot read {LOG_ID_FILE}: {error}"))),
+        }
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_nanos()),
+        );
+        hasher.write_u32(std::process::id());
+        let id = format!("{:016x}", hasher.finish());
+        let temporary = path.with_extension("tmp");
+        let write = || -> std::io::Result<()> {
+            let mut file = File::create(&temporary)?;
+            writeln!(file, "{id}")?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &path)?;
+            File::open(self.presence_dir())?.sync_all()
+        };
+        write().map_err(|error| fail(format!("cannot write {LOG_ID_FILE}: {error}")))?;
+        Ok(id)
+    }
 }
+
+/// The file holding the presence log's identity (see [`DataDir::presence_log_id`]).
+pub const LOG_ID_FILE: &str = "LOG_ID";
 
 #[cfg(test)]
 mod tests {
@@ -107,6 +147,31 @@ mod tests {
         assert!(
             error.contains(&format!("pid {}", std::process::id())),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn the_presence_log_id_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DataDir::open(dir.path()).unwrap();
+        let id = first.presence_log_id().unwrap();
+        assert_eq!(id.len(), 16);
+        assert_eq!(first.presence_log_id().unwrap(), id);
+        drop(first);
+        assert_eq!(
+            DataDir::open(dir.path())
+                .unwrap()
+                .presence_log_id()
+                .unwrap(),
+            id
+        );
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(
+            DataDir::open(other.path())
+                .unwrap()
+                .presence_log_id()
+                .unwrap(),
+            id
         );
     }
 

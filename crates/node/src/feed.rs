@@ -17,6 +17,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use std::time::Instant;
+
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
@@ -50,6 +52,8 @@ pub type FeedRecord = (u64, Arc<[u8]>);
 
 struct Ring {
     records: VecDeque<FeedRecord>,
+    /// When each record of `records` was appended (same order), for replicas' lag.
+    appended: VecDeque<Instant>,
     bytes: usize,
     /// The newest LSN appended (0 before any).
     last: u64,
@@ -70,6 +74,7 @@ impl ChangeFeed {
             limits,
             ring: Mutex::new(Ring {
                 records: VecDeque::new(),
+                appended: VecDeque::new(),
                 bytes: 0,
                 last: last_lsn,
             }),
@@ -90,10 +95,12 @@ impl ChangeFeed {
         let lsn = append(bytes)?;
         ring.bytes += record.len();
         ring.records.push_back((lsn, record));
+        ring.appended.push_back(Instant::now());
         ring.last = lsn;
         while ring.bytes > self.limits.bytes_max && ring.records.len() > 1 {
             if let Some((_, old)) = ring.records.pop_front() {
                 ring.bytes -= old.len();
+                ring.appended.pop_front();
             }
         }
         drop(ring);
@@ -138,6 +145,23 @@ impl ChangeFeed {
         let _ = last.wait_for(|last| *last > at).await;
     }
 
+    /// How far a reader that holds every record through `at` is behind: the records after
+    /// it, and how long ago the first of them was appended (`None` when the ring no longer
+    /// holds it: that reader must resync). `(0, Some(0))` when it has everything.
+    pub fn lag(&self, at: u64) -> (u64, Option<std::time::Duration>) {
+        let ring = self.ring.lock();
+        if at >= ring.last {
+            return (0, Some(std::time::Duration::ZERO));
+        }
+        let records = ring.last - at;
+        let start = ring.records.partition_point(|(lsn, _)| *lsn <= at);
+        let since = match ring.records.get(start) {
+            Some((lsn, _)) if *lsn == at + 1 => ring.appended.get(start).map(Instant::elapsed),
+            _ => None,
+        };
+        (records, since)
+    }
+
     /// Bytes held by the ring.
     pub fn bytes(&self) -> usize {
         self.ring.lock().bytes
@@ -176,6 +200,12 @@ mod tests {
         assert_eq!(feed.read_after(16, 2).unwrap().len(), 2);
         assert_eq!(feed.read_after(20, 10), Ok(Vec::new()));
         assert_eq!(feed.read_after(15, 10), Err(Behind { at: 15, oldest: 17 }));
+        // Lag: records after the reader's position, and since when.
+        assert_eq!(feed.lag(20), (0, Some(std::time::Duration::ZERO)));
+        let (records, since) = feed.lag(18);
+        assert_eq!(records, 2);
+        assert!(since.is_some());
+        assert_eq!(feed.lag(10), (10, None), "behind the ring");
         // A record larger than the whole budget is still kept (the newest always is).
         feed.append(vec![0; 100], &mut append).unwrap();
         assert_eq!(feed.read_after(20, 10).unwrap().len(), 1);

@@ -356,8 +356,11 @@ pub trait SlotGate: Send + Sync {
 pub struct PresenceStore {
     /// Cluster mode: the slot ownership check (unset in embedded mode: one node owns all).
     gate: OnceLock<Arc<dyn SlotGate>>,
-    /// Cluster mode, sync replication: what writes wait for after the local log.
+    /// Cluster mode: the replicas' acknowledgements (writes wait for them under sync
+    /// replication).
     sync: OnceLock<Arc<crate::syncacks::SyncAcks>>,
+    /// Cluster mode: refuse writes to slots with no replica in sync.
+    require_replica: AtomicBool,
     registry: Arc<ShardedRegistry>,
     journal: Arc<NodeJournal>,
     log: Arc<Log>,
@@ -416,6 +419,7 @@ impl PresenceStore {
         let _ = journal.log.set(Arc::clone(&log));
         let store = Arc::new(Self {
             gate: OnceLock::new(),
+            require_replica: AtomicBool::new(false),
             sync: OnceLock::new(),
             registry,
             journal,
@@ -583,12 +587,13 @@ impl PresenceStore {
         Ok(())
     }
 
-    /// The replicas' acknowledgements, under sync replication.
+    /// The replicas' acknowledgements (cluster mode).
     pub fn sync_acks(&self) -> Option<&Arc<crate::syncacks::SyncAcks>> {
         self.sync.get()
     }
 
-    /// Cluster mode, `presence.replication = "sync"`: from now on writes wait for `acks`.
+    /// Cluster mode: from now on replica streams are booked in `acks`, and writes wait for
+    /// them if `acks` is sync.
     pub fn set_sync(&self, acks: Arc<crate::syncacks::SyncAcks>) {
         let _ = self.sync.set(acks);
     }
@@ -603,6 +608,37 @@ impl PresenceStore {
             None => Ok(()),
             Some(gate) => gate.check(&mut uids.into_iter()),
         }
+    }
+
+    /// [`Self::admit_uids`] for a write: also, under `presence.require_replica`, refuses a
+    /// uid whose slot no in-sync replica holds.
+    fn admit_writes(&self, uids: impl IntoIterator<Item = u64> + Clone) -> Result<(), NodeError> {
+        self.admit_uids(uids.clone())?;
+        if !self.require_replica.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let covered = self.sync.get().and_then(|acks| acks.in_sync_cached());
+        for uid in uids {
+            if !covered
+                .as_ref()
+                .is_some_and(|covered| covered.contains(uid))
+            {
+                let slot = covered.as_ref().map_or(String::new(), |set| {
+                    format!(" {}", uid % u64::from(set.count()))
+                });
+                return Err(NodeError::Unavailable(format!(
+                    "presence slot{slot} of uid {uid} has no replica in sync and \
+                     presence.require_replica is on; retry once its replica has synced"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Cluster mode, `presence.require_replica = true`: writes to a slot that no in-sync
+    /// replica holds are refused (instead of served with one copy).
+    pub fn set_require_replica(&self, require: bool) {
+        self.require_replica.store(require, Ordering::Relaxed);
     }
 
     /// Cluster mode: starts keeping recent change records for replicas (once; later calls
@@ -679,7 +715,7 @@ impl PresenceStore {
     /// wire protocol applies a whole pipelined read this way, then waits once with
     /// [`PresenceStore::durable`] before it answers any of it.
     pub fn login_applied(&self, request: &LoginRequest<'_>) -> Result<LoginOutcome, NodeError> {
-        self.admit_uids([request.uid])?;
+        self.admit_writes([request.uid])?;
         let mut request = *request;
         if request.ttl_ms == 0 {
             request.ttl_ms = self.options.ttl_ms_default;
@@ -697,7 +733,7 @@ impl PresenceStore {
 
     /// [`PresenceStore::logout`] without the wait (see [`PresenceStore::login_applied`]).
     pub fn logout_applied(&self, uid: u64, conn: u64) -> Result<Session, NodeError> {
-        self.admit_uids([uid])?;
+        self.admit_writes([uid])?;
         Ok(self.registry.logout(uid, conn)?)
     }
 
@@ -710,7 +746,7 @@ impl PresenceStore {
 
     /// [`PresenceStore::heartbeat`] without the wait (see [`PresenceStore::login_applied`]).
     pub fn heartbeat_applied(&self, uid: u64, conn: u64) -> Result<(), NodeError> {
-        self.admit_uids([uid])?;
+        self.admit_writes([uid])?;
         self.registry.heartbeat(uid, conn, self.clock.now_ms())?;
         Ok(())
     }
@@ -734,7 +770,7 @@ impl PresenceStore {
         gateway: &str,
         sessions: &[(u64, u64)],
     ) -> Result<Vec<(u64, u64)>, NodeError> {
-        self.admit_uids(sessions.iter().map(|(uid, _)| *uid))?;
+        self.admit_writes(sessions.iter().map(|(uid, _)| *uid))?;
         let HeartbeatBatchOutcome { unknown, .. } =
             self.registry
                 .heartbeat_batch(gateway, sessions, self.clock.now_ms())?;
@@ -1061,9 +1097,13 @@ mod tests {
     async fn a_login_waits_for_the_replica() -> bool {
         let storage = FaultyStorage::new();
         let (store, _) = open(&storage, 0);
-        let acks = crate::syncacks::SyncAcks::new(Duration::from_secs(5));
+        let acks = crate::syncacks::SyncAcks::new(Duration::from_secs(5), true);
         store.set_sync(Arc::clone(&acks));
-        let replica = acks.register(store.log().last_lsn());
+        let replica = acks.register(
+            store.log().last_lsn(),
+            "n2",
+            imstate_presence::SlotSet::all(1),
+        );
         replica.ack(store.log().last_lsn());
         let login = {
             let store = Arc::clone(&store);

@@ -1,5 +1,6 @@
-//! Synchronous replication's acknowledgements (`presence.replication = "sync"`): a presence
-//! write is acknowledged only once every in-sync replica holds it durably.
+//! Replicas' acknowledgements, as their primary sees them: which replica streams are in
+//! sync, for which slots, how far behind; and, under `presence.replication = "sync"`, a
+//! presence write is acknowledged only once every in-sync replica holds it durably.
 //!
 //! ```text
 //!  write ──► local log durable(lsn) ──► SyncAcks::wait(lsn) ──► reply
@@ -12,12 +13,16 @@
 //! acknowledge within the timeout is cut off (its stream ends; it resyncs when it can), and
 //! the write is acknowledged without it: a stalled replica degrades durability to one node
 //! for a moment, it never stops the primary. Bounded: one entry per replica stream.
+//!
+//! Under `"async"` the same bookkeeping runs (for lag, `presence.require_replica` and the
+//! degraded-slot metric) but writes never wait.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use imstate_presence::SlotSet;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
@@ -29,6 +34,10 @@ pub const REPLICATION_FOLLOWERS: &str = "imstate_replication_followers_in_sync";
 /// One replica stream, as the primary sees it.
 #[derive(Debug)]
 pub struct Follower {
+    /// The replica's node id.
+    replica: String,
+    /// The slots the stream carries.
+    slots: SlotSet,
     /// The primary's log position the replica's snapshot was taken at.
     since: u64,
     acked: AtomicU64,
@@ -43,6 +52,21 @@ impl Follower {
         !self.cut.load(Ordering::Acquire) && self.acked.load(Ordering::Acquire) >= self.since
     }
 
+    /// The primary's log position through which the replica holds every record durably.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    /// The replica's node id.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// The slots the stream carries.
+    pub fn slots(&self) -> &SlotSet {
+        &self.slots
+    }
+
     /// Resolves when this follower is cut off for not acknowledging in time.
     pub async fn cut_off(&self) {
         let mut signal = self.cut_signal.subscribe();
@@ -53,10 +77,14 @@ impl Follower {
 /// The replicas of one primary and what they acknowledged.
 pub struct SyncAcks {
     timeout: Duration,
+    /// `presence.replication = "sync"`: writes wait for in-sync replicas.
+    sync: bool,
     followers: Mutex<HashMap<u64, Arc<Follower>>>,
     next_id: AtomicU64,
     /// Bumped on every acknowledgement or change of followers.
     changed: watch::Sender<u64>,
+    /// [`Self::in_sync_slots`] as of the last change (`None` before any replica).
+    in_sync: parking_lot::RwLock<Option<Arc<SlotSet>>>,
 }
 
 /// Removes its follower when dropped (the stream ended).
@@ -87,12 +115,14 @@ impl Drop for Registration {
 }
 
 impl SyncAcks {
-    /// Waits at most `timeout` for a replica's acknowledgement.
-    pub fn new(timeout: Duration) -> Arc<Self> {
+    /// Writes wait (when `sync`) at most `timeout` for a replica's acknowledgement.
+    pub fn new(timeout: Duration, sync: bool) -> Arc<Self> {
         let (changed, _) = watch::channel(0);
         Arc::new(Self {
             timeout,
+            sync,
             followers: Mutex::new(HashMap::new()),
+            in_sync: parking_lot::RwLock::new(None),
             next_id: AtomicU64::new(1),
             changed,
         })
@@ -100,20 +130,34 @@ impl SyncAcks {
 
     fn bump(&self) {
         self.changed.send_modify(|generation| *generation += 1);
-        let in_sync = self
-            .followers
-            .lock()
-            .values()
-            .filter(|f| f.in_sync())
-            .count();
+        let followers = self.followers.lock();
+        let in_sync = followers.values().filter(|f| f.in_sync()).count();
+        let count = followers.values().map(|f| f.slots.count()).max();
+        drop(followers);
+        let covered = count.map(|count| Arc::new(self.in_sync_slots(count)));
+        *self.in_sync.write() = covered;
         metrics::gauge!(REPLICATION_FOLLOWERS).set(in_sync as f64);
     }
 
-    /// A replica stream whose snapshot was taken at `since`.
-    pub fn register(self: &Arc<Self>, since: u64) -> Registration {
+    /// The slots some in-sync replica holds, as of the last acknowledgement or change of
+    /// replicas (cheap: for every write under `presence.require_replica`).
+    pub fn in_sync_cached(&self) -> Option<Arc<SlotSet>> {
+        self.in_sync.read().clone()
+    }
+
+    /// Whether writes wait for replicas (`presence.replication = "sync"`).
+    pub fn is_sync(&self) -> bool {
+        self.sync
+    }
+
+    /// A stream of `slots` to `replica`, which holds everything up to `since` once it
+    /// acknowledges that position (its snapshot's, or the one it resumed from).
+    pub fn register(self: &Arc<Self>, since: u64, replica: &str, slots: SlotSet) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (cut_signal, _) = watch::channel(false);
         let follower = Arc::new(Follower {
+            replica: replica.to_owned(),
+            slots,
             since,
             acked: AtomicU64::new(0),
             cut: AtomicBool::new(false),
@@ -128,9 +172,31 @@ impl SyncAcks {
         }
     }
 
+    /// Every replica stream now, in sync or not.
+    pub fn followers(&self) -> Vec<Arc<Follower>> {
+        let mut followers: Vec<Arc<Follower>> = self.followers.lock().values().cloned().collect();
+        followers.sort_by(|a, b| a.replica.cmp(&b.replica));
+        followers
+    }
+
+    /// The slots (of `count`) some in-sync replica holds.
+    pub fn in_sync_slots(&self, count: u32) -> SlotSet {
+        let mut covered = SlotSet::empty(count);
+        for follower in self.followers.lock().values() {
+            if follower.in_sync() && follower.slots.count() == count {
+                covered.insert_all(&follower.slots);
+            }
+        }
+        covered
+    }
+
     /// Resolves once every replica in sync holds every record up to `lsn`; a replica that
-    /// has not acknowledged it within the timeout is cut off instead.
+    /// has not acknowledged it within the timeout is cut off instead. At once under async
+    /// replication.
     pub async fn wait(&self, lsn: u64) {
+        if !self.sync {
+            return;
+        }
         #[cfg(feature = "planted-ack-before-replica")]
         {
             let _ = lsn;
@@ -175,13 +241,30 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_waits_for_in_sync_replicas_only_and_a_silent_one_is_cut_off() {
-        let acks = SyncAcks::new(Duration::from_millis(200));
+        let acks = SyncAcks::new(Duration::from_millis(200), true);
         // No replica: nothing to wait for.
         acks.wait(10).await;
-        let syncing = acks.register(50);
-        let synced = acks.register(5);
+        let mut first = SlotSet::empty(4);
+        first.insert_range(0, 2);
+        let mut second = SlotSet::empty(4);
+        second.insert_range(2, 3);
+        let syncing = acks.register(50, "n2", second);
+        let synced = acks.register(5, "n1", first.clone());
+        assert!(acks.in_sync_slots(4).is_empty());
         synced.ack(5);
         assert!(synced.follower().in_sync() && !syncing.follower().in_sync());
+        assert_eq!(
+            acks.in_sync_slots(4),
+            first,
+            "only the in-sync replica's slots"
+        );
+        assert_eq!(
+            acks.followers()
+                .iter()
+                .map(|f| (f.replica().to_owned(), f.acked()))
+                .collect::<Vec<_>>(),
+            vec![("n1".to_owned(), 5), ("n2".to_owned(), 0)]
+        );
         let waiter = {
             let acks = Arc::clone(&acks);
             tokio::spawn(async move { acks.wait(20).await })
@@ -205,5 +288,17 @@ mod tests {
         drop(synced);
         drop(syncing);
         acks.wait(1_000).await;
+    }
+
+    #[tokio::test]
+    async fn async_replication_keeps_the_books_but_never_waits() {
+        let acks = SyncAcks::new(Duration::from_secs(60), false);
+        let replica = acks.register(1, "n1", SlotSet::all(2));
+        replica.ack(1);
+        assert_eq!(acks.in_sync_slots(2), SlotSet::all(2));
+        tokio::time::timeout(Duration::from_secs(1), acks.wait(100))
+            .await
+            .expect("async: writes do not wait for the replica");
+        assert!(replica.follower().in_sync(), "nor is it cut off");
     }
 }

@@ -50,6 +50,23 @@ impl SlotSet {
         }
     }
 
+    /// Adds every slot of `other` (out of the same count) to this set.
+    pub fn insert_all(&mut self, other: &SlotSet) {
+        for (word, theirs) in self.bits.iter_mut().zip(&other.bits) {
+            *word |= theirs;
+        }
+    }
+
+    /// Whether every slot of this set is in `other` (and both count the same slots).
+    pub fn is_subset_of(&self, other: &SlotSet) -> bool {
+        self.count == other.count
+            && self
+                .bits
+                .iter()
+                .zip(&other.bits)
+                .all(|(mine, theirs)| mine & !theirs == 0)
+    }
+
     /// The slot count this set is out of.
     pub fn count(&self) -> u32 {
         self.count
@@ -88,6 +105,11 @@ mod tests {
         assert!(!set.contains(4) && !set.contains(10));
         assert!(SlotSet::all(70).contains(u64::MAX));
         assert!(SlotSet::empty(70).is_empty());
+        let mut union = SlotSet::from_ranges(10, &[(0, 1)]);
+        union.insert_all(&set);
+        assert_eq!(union.len(), 4);
+        assert!(set.is_subset_of(&union) && !union.is_subset_of(&set));
+        assert!(!set.is_subset_of(&SlotSet::all(11)), "another count");
         assert!(!SlotSet::empty(0).contains(0));
         let mut rest = SlotSet::all(10);
         rest.remove_all(&set);

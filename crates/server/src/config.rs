@@ -343,6 +343,10 @@ pub struct PresenceConfig {
     /// that takes longer is cut off (it resyncs) and the write is acknowledged without it.
     /// 10 to 60000.
     pub replica_ack_timeout_ms: u64,
+    /// Cluster mode: refuse writes (login, logout, heartbeats) to a slot that no in-sync
+    /// replica holds, instead of serving them with one copy (degraded, counted by the metric
+    /// `imstate_cluster_presence_slots_degraded`). Reads are served either way.
+    pub require_replica: bool,
 }
 
 impl Default for PresenceConfig {
@@ -366,6 +370,7 @@ impl Default for PresenceConfig {
             slots: 1024,
             replication: "sync".into(),
             replica_ack_timeout_ms: 1_000,
+            require_replica: false,
         }
     }
 }
@@ -837,6 +842,7 @@ mod tests {
             segment_bytes = 131072\n\
             watch_buffer_events = 15\nwatch_subscribers_max = 16\nwatch_uids_max = 17\n\
             slots = 21\nreplication = \"async\"\nreplica_ack_timeout_ms = 22\n\
+            require_replica = true\n\
             [wire]\nhello_timeout_ms = 18\nidle_timeout_ms = 19\n\
             connections_per_source_max = 20\ninput_budget_bytes = 9000000\n\
             [cluster]\nname = \"c1\"\netcd = \"127.0.0.1:2379\"\nnode_id = \"n1\"\n\

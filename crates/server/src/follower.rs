@@ -4,14 +4,24 @@
 //!
 //! ```text
 //!  route table changes ──► assignments (primary, slot ranges) ──► one follow task each
-//!  follow task: connect ──► Follow(slots) ──► first reply: drop the slots' sessions here
-//!     snapshot records + change records ──► PresenceStore::apply_replicated (journaled here)
+//!  follow task: connect ──► Follow(slots, resume from our position?)
+//!     resumed ──► change records ──► PresenceStore::apply_replicated (journaled here)
+//!     else: first reply drops the slots' sessions here ──► snapshot records ──► change records
 //!     stream ends (primary moved, replica behind, connection lost) ──► pause, ask again
 //! ```
 //!
-//! Every (re)start of a stream resyncs from a snapshot: simple and always right; a stream
-//! resumed from a position is an optimisation for later. What a replica applies goes to its
-//! own log, so a restarted replica recovers it, then resyncs anyway.
+//! A follow task keeps its position (the primary's log id and the LSN through which it has
+//! applied every record of its slots) across the streams it opens, and asks to resume from
+//! it: a network cut or a primary's cut-off costs no snapshot while the primary's change feed
+//! still holds what follows. The position lives only as long as the task, that is as long as
+//! the assignment (primary and slots) stands: nothing else changes those slots here
+//! meanwhile, so the replica's copy is exactly the primary's records through it. A new
+//! assignment, a restarted replica, or a position the primary refuses (one its log never
+//! issued) starts from a snapshot. What a replica applies goes to its own log, so a restarted
+//! replica recovers it, then resyncs anyway.
+//!
+//! A reply whose records do not match its crc32c is refused whole (nothing of it is
+//! applied) and the stream is asked for again from the last position.
 //!
 //! Once in sync, the replica acknowledges every reply's position when what it applied is
 //! durable in its own log; under `presence.replication = "sync"` the primary acknowledges a
@@ -44,6 +54,10 @@ pub const REPLICA_RECORDS: &str = "imstate_replica_records_applied_total";
 pub const REPLICA_STREAM_ENDS: &str = "imstate_replica_stream_ends_total";
 /// Metric: the primary's log position a replica has applied through, by `primary`.
 pub const REPLICA_POSITION: &str = "imstate_replica_position_lsn";
+/// Metric: streams resumed from the replica's position (no snapshot).
+pub const REPLICA_RESUMES: &str = "imstate_replica_resumes_total";
+/// Metric: replies refused for a crc mismatch or an undecodable record.
+pub const REPLICA_CORRUPT_REPLIES: &str = "imstate_replica_corrupt_replies_total";
 
 /// Starts the manager: it follows what the route table says this node is replica of, until
 /// `stop` turns true. `token`: the bearer token to present to primaries, if they require one.
@@ -71,6 +85,7 @@ pub fn spawn(
                 }
                 let task = tokio::spawn(follow(
                     assignment.clone(),
+                    cluster.status().node,
                     Arc::clone(&presence),
                     token.clone(),
                 ));
@@ -87,17 +102,68 @@ pub fn spawn(
     })
 }
 
+/// Where a replica is in its primary's log: every record of its slots through `lsn` of the
+/// log `log_id` is applied here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// The primary's presence log identity.
+    pub log_id: String,
+    /// The LSN applied through.
+    pub lsn: u64,
+}
+
+/// Why a stream ended.
+struct Ended {
+    /// The status code, when the primary ended it.
+    code: Option<tonic::Code>,
+    reason: String,
+}
+
+impl From<String> for Ended {
+    fn from(reason: String) -> Self {
+        Self { code: None, reason }
+    }
+}
+
+impl From<tonic::Status> for Ended {
+    fn from(status: tonic::Status) -> Self {
+        Self {
+            code: Some(status.code()),
+            reason: status.to_string(),
+        }
+    }
+}
+
 /// Follows one primary until aborted, asking again after every end.
 async fn follow(
     assignment: ReplicaAssignment,
+    replica_id: String,
     presence: Arc<PresenceStore>,
     token: Option<Vec<u8>>,
 ) {
     let slots = SlotSet::from_ranges(assignment.slots, &assignment.spans);
+    let mut position: Option<Position> = None;
     loop {
-        let reason = match follow_once(&assignment, &slots, &presence, token.as_deref()).await {
+        let outcome = follow_once(
+            &assignment,
+            &replica_id,
+            &slots,
+            &presence,
+            token.as_deref(),
+            &mut position,
+        )
+        .await;
+        let reason = match outcome {
             Ok(()) => "closed".to_owned(),
-            Err(error) => error,
+            Err(ended) => {
+                if ended.code == Some(tonic::Code::OutOfRange) {
+                    // The primary refused our position, or we fell behind its feed.
+                    if let Some(at) = position.take() {
+                        tracing::warn!(primary = %assignment.primary, lsn = at.lsn, log_id = %at.log_id, reason = %ended.reason, "the primary will not resume from this replica's position; resyncing by snapshot");
+                    }
+                }
+                ended.reason
+            }
         };
         metrics::counter!(REPLICA_STREAM_ENDS).increment(1);
         tracing::info!(primary = %assignment.primary, %reason, "replication stream ended; asking again");
@@ -105,12 +171,35 @@ async fn follow(
     }
 }
 
+/// Checks a reply's crc and decodes all of its records, or refuses it whole.
+pub fn decode_reply(reply: &pb::FollowReply) -> Result<Vec<Change>, String> {
+    let crc = crate::grpc::records_crc(&reply.records);
+    if crc != reply.crc {
+        return Err(format!(
+            "a reply of {} records fails its crc32c ({crc:#010x}, sent {:#010x}); refused whole",
+            reply.records.len(),
+            reply.crc
+        ));
+    }
+    reply
+        .records
+        .iter()
+        .map(|record| {
+            Change::decode(record).map_err(|error| {
+                format!("a record does not decode: {error}; the reply is refused whole")
+            })
+        })
+        .collect()
+}
+
 async fn follow_once(
     assignment: &ReplicaAssignment,
+    replica_id: &str,
     slots: &SlotSet,
     presence: &Arc<PresenceStore>,
     token: Option<&[u8]>,
-) -> Result<(), String> {
+    position: &mut Option<Position>,
+) -> Result<(), Ended> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", assignment.grpc))
         .map_err(|error| error.to_string())?
         .connect_timeout(CONNECT_TIMEOUT);
@@ -121,7 +210,7 @@ async fn follow_once(
     let mut client = ReplicationClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (acks, outgoing) = tokio::sync::mpsc::channel::<pb::FollowRequest>(ACKS_QUEUED);
     let first = pb::FollowRequest {
-        replica_id: String::new(),
+        replica_id: replica_id.to_owned(),
         slots: assignment.slots,
         spans: assignment
             .spans
@@ -129,6 +218,10 @@ async fn follow_once(
             .map(|&(lo, hi)| pb::SlotSpan { lo, hi })
             .collect(),
         acked_lsn: 0,
+        resume_lsn: position.as_ref().map_or(0, |at| at.lsn),
+        log_id: position
+            .as_ref()
+            .map_or_else(String::new, |at| at.log_id.clone()),
     };
     acks.send(first)
         .await
@@ -141,37 +234,54 @@ async fn follow_once(
             .map_err(|_| "the peer token is not a valid header".to_owned())?;
         request.metadata_mut().insert("authorization", value);
     }
-    let mut stream = client
-        .follow(request)
-        .await
-        .map_err(|status| status.to_string())?
-        .into_inner();
+    let mut stream = client.follow(request).await?.into_inner();
     let mut started = false;
     let mut synced = false;
     let gauge = metrics::gauge!(REPLICA_POSITION, "primary" => assignment.primary.clone());
-    while let Some(reply) = stream
-        .message()
-        .await
-        .map_err(|status| status.to_string())?
-    {
+    while let Some(reply) = stream.message().await? {
+        let changes = match decode_reply(&reply) {
+            Ok(changes) => changes,
+            Err(reason) => {
+                metrics::counter!(REPLICA_CORRUPT_REPLIES).increment(1);
+                return Err(reason.into());
+            }
+        };
         presence.admit().await.map_err(|error| error.to_string())?;
-        let store = Arc::clone(presence);
-        let set = slots.clone();
         let fresh = !started;
         started = true;
+        if fresh && reply.resumed {
+            if position
+                .as_ref()
+                .is_none_or(|at| at.log_id != reply.log_id || at.lsn != reply.lsn)
+            {
+                return Err(format!(
+                    "the primary resumed at LSN {} of log {}, not at this replica's position {position:?}",
+                    reply.lsn, reply.log_id
+                )
+                .into());
+            }
+            synced = true;
+            metrics::counter!(REPLICA_RESUMES).increment(1);
+            tracing::info!(primary = %assignment.primary, lsn = reply.lsn, "replica resumed from its position");
+        } else if fresh {
+            // From a snapshot: the position is void until it is complete.
+            *position = None;
+        }
+        let store = Arc::clone(presence);
+        let set = slots.clone();
+        let drop_first = fresh && !reply.resumed;
         let applied = tokio::task::spawn_blocking(move || -> Result<usize, String> {
-            if fresh {
+            if drop_first {
                 // A new stream starts from a snapshot: what this node held of the slots
                 // is replaced by it.
                 store.drop_slots(&set);
             }
-            for record in &reply.records {
-                let change = Change::decode(record).map_err(|error| error.to_string())?;
+            for change in &changes {
                 store
-                    .apply_replicated(&change, &set)
+                    .apply_replicated(change, &set)
                     .map_err(|error| error.to_string())?;
             }
-            Ok(reply.records.len())
+            Ok(changes.len())
         })
         .await
         .map_err(|error| error.to_string())??;
@@ -183,6 +293,10 @@ async fn follow_once(
             tracing::info!(primary = %assignment.primary, lsn = reply.lsn, "replica in sync from a snapshot");
         }
         if synced {
+            *position = Some(Position {
+                log_id: reply.log_id.clone(),
+                lsn: reply.lsn,
+            });
             // Acknowledge once what was applied is durable here (this node's own log only:
             // waiting for its replicas as well could wait in a circle).
             presence
@@ -198,4 +312,49 @@ async fn follow_once(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imstate_presence::Session;
+
+    fn reply(records: Vec<Vec<u8>>) -> pb::FollowReply {
+        pb::FollowReply {
+            crc: crate::grpc::records_crc(&records),
+            records,
+            ..pb::FollowReply::default()
+        }
+    }
+
+    #[test]
+    fn a_reply_is_taken_whole_or_refused_whole() {
+        let login = |uid| {
+            Change::Login(Session {
+                uid,
+                device: "phone".into(),
+                gateway: "gw".into(),
+                conn: uid,
+                login_ms: 1_000,
+                last_heartbeat_ms: 1_000,
+                ttl_ms: 60_000,
+                meta: None,
+            })
+            .to_bytes()
+        };
+        let good = reply(vec![login(1), login(2), login(3)]);
+        assert_eq!(decode_reply(&good).unwrap().len(), 3);
+        // One flipped bit anywhere: refused, nothing decoded.
+        let mut flipped = good.clone();
+        flipped.records[1][0] ^= 1;
+        let error = decode_reply(&flipped).unwrap_err();
+        assert!(
+            error.contains("crc32c") && error.contains("refused whole"),
+            "{error}"
+        );
+        // A record that matches its crc but does not decode (a primary's bug): refused too.
+        let garbage = reply(vec![login(1), vec![0xff; 5]]);
+        let error = decode_reply(&garbage).unwrap_err();
+        assert!(error.contains("does not decode"), "{error}");
+    }
 }

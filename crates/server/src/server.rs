@@ -133,6 +133,8 @@ pub struct Node {
     config: NodeConfig,
     /// Held for the life of the node: the data directory lock.
     _data_dir: DataDir,
+    /// The identity of the presence log (replicas' positions refer to it).
+    presence_log_id: String,
     /// The history markers, recorded again at clean shutdown.
     history: History,
     seq: Sequences,
@@ -158,6 +160,7 @@ impl Node {
         health: Arc<Health>,
     ) -> Result<Self, NodeError> {
         let mut history = History::check(data_dir.root())?;
+        let presence_log_id = data_dir.presence_log_id()?;
         let options = SeqStoreOptions {
             batch_ids_max: config.seq.batch_ids_max,
             raise_wait_timeout: config.seq.raise_wait_timeout(),
@@ -222,11 +225,12 @@ impl Node {
             presence.set_gate(Arc::clone(cluster_seq.cluster()) as _);
             // Replicas read this node's recent changes from the feed.
             presence.enable_feed(imstate_node::feed::FeedLimits::default());
-            if config.presence.replication == "sync" {
-                presence.set_sync(imstate_node::syncacks::SyncAcks::new(
-                    std::time::Duration::from_millis(config.presence.replica_ack_timeout_ms),
-                ));
-            }
+            // Replica streams are booked in both modes; writes wait for them under "sync".
+            presence.set_sync(imstate_node::syncacks::SyncAcks::new(
+                std::time::Duration::from_millis(config.presence.replica_ack_timeout_ms),
+                config.presence.replication == "sync",
+            ));
+            presence.set_require_replica(config.presence.require_replica);
             // ... and the node keeps only the sessions of slots it is primary of.
             imstate_node::cluster::spawn_slot_keeper(
                 Arc::clone(cluster_seq.cluster()),
@@ -236,6 +240,7 @@ impl Node {
         health.recovered(seq.clone(), Arc::clone(&presence));
         Ok(Self {
             config,
+            presence_log_id,
             _data_dir: data_dir,
             history,
             seq,
@@ -377,6 +382,7 @@ impl Node {
                 Some(
                     ReplicationServer::new(ReplicationService::new(
                         Arc::clone(&self.presence),
+                        self.presence_log_id.clone(),
                         cluster,
                         Arc::clone(feed),
                         self.presence.sync_acks().cloned(),

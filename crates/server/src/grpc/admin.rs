@@ -117,6 +117,23 @@ impl Admin for AdminService {
             reply.lease_valid_ms = status.lease_valid_ms;
             reply.sections_owned = status.sections_owned;
             reply.blocked_by = status.blocked_by.unwrap_or_default();
+            if let (Some(acks), Some(feed)) = (self.presence.sync_acks(), self.presence.feed()) {
+                reply.replicas = acks
+                    .followers()
+                    .iter()
+                    .map(|follower| {
+                        let (lag_records, lag) = feed.lag(follower.acked());
+                        pb::ReplicaStatus {
+                            replica_id: follower.replica().to_owned(),
+                            slots: follower.slots().len(),
+                            in_sync: follower.in_sync(),
+                            acked_lsn: follower.acked(),
+                            lag_records,
+                            lag_ms: lag.map(|lag| lag.as_millis() as u64),
+                        }
+                    })
+                    .collect();
+            }
         }
         Ok(Response::new(reply))
     }

@@ -23,7 +23,7 @@ mod sequence;
 
 pub use admin::AdminService;
 pub use presence::PresenceService;
-pub use replication::ReplicationService;
+pub use replication::{ReplicationService, records_crc};
 pub use sequence::SequenceService;
 
 use imstate_presence::PresenceError;

@@ -2,13 +2,19 @@
 //! slots and gets a snapshot of their sessions, then their change records as they happen.
 //!
 //! ```text
-//!  Follow(slots) ──► this node primary of all of them? else FAILED_PRECONDITION
-//!     position = feed.last_lsn()            (noted before the first shard is copied)
-//!     snapshot: shard by shard, the slots' sessions as login records, SNAPSHOT_BATCH a reply
-//!     reply { snapshot_done, lsn: position }
+//!  Follow(slots, resume?) ──► this node primary of all of them? else FAILED_PRECONDITION
+//!     resume (same log id, the feed still holds the next record) ──► reply { resumed, lsn }
+//!     a resume position this log never issued ──► OUT_OF_RANGE naming both LSNs
+//!     otherwise a snapshot:
+//!       position = feed.last_lsn()            (noted before the first shard is copied)
+//!       shard by shard, the slots' sessions as login records, FOLLOW_BATCH_RECORDS a reply
+//!       reply { snapshot_done, lsn: position }
 //!     loop: feed.read_after(position) ──► the slots' records, once durable here ──► reply
 //!           still primary? else FAILED_PRECONDITION; fell behind the feed? OUT_OF_RANGE
 //! ```
+//!
+//! Every reply carries a crc32c of its records ([`records_crc`]): a replica refuses a reply
+//! that does not match, whole, and asks again.
 //!
 //! Why the snapshot plus the records after `position` rebuild the slots: the snapshot is
 //! fuzzy like a checkpoint (each shard copied under its lock, after `position` was read), and
@@ -21,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use imstate_node::cluster::Cluster;
-use imstate_node::feed::ChangeFeed;
+use imstate_node::feed::{Behind, ChangeFeed};
 use imstate_node::presencestore::PresenceStore;
 use imstate_node::syncacks::{Registration, SyncAcks};
 use imstate_presence::{Change, SlotSet};
@@ -42,12 +48,21 @@ const OWNERSHIP_CHECK: Duration = Duration::from_millis(200);
 pub const REPLICATION_STREAMS: &str = "imstate_replication_streams_total";
 /// Metric: sessions sent in replica snapshots.
 pub const REPLICATION_SNAPSHOT_SESSIONS: &str = "imstate_replication_snapshot_sessions_total";
+/// Metric: replica streams resumed from the replica's position (no snapshot).
+pub const REPLICATION_RESUMES: &str = "imstate_replication_resumes_total";
+/// Metric: records a replica has not acknowledged, by `replica`.
+pub const REPLICATION_LAG_RECORDS: &str = "imstate_replication_lag_records";
+/// Metric: how long the oldest record a replica has not acknowledged has waited, by `replica`
+/// (+Inf once the change feed no longer holds it).
+pub const REPLICATION_LAG_MS: &str = "imstate_replication_lag_ms";
 /// Metric: change records sent to replicas.
 pub const REPLICATION_RECORDS_SENT: &str = "imstate_replication_records_sent_total";
 
 /// The primary's side of presence replication.
 pub struct ReplicationService {
     presence: Arc<PresenceStore>,
+    /// The identity of this node's presence log (positions refer to it).
+    log_id: String,
     cluster: Arc<Cluster>,
     feed: Arc<ChangeFeed>,
     /// Sync replication: where replicas' acknowledgements go (`None`: async).
@@ -60,6 +75,7 @@ impl ReplicationService {
     /// every stream ends when `stopping` turns true.
     pub fn new(
         presence: Arc<PresenceStore>,
+        log_id: String,
         cluster: Arc<Cluster>,
         feed: Arc<ChangeFeed>,
         acks: Option<Arc<SyncAcks>>,
@@ -67,6 +83,7 @@ impl ReplicationService {
     ) -> Self {
         Self {
             presence,
+            log_id,
             cluster,
             feed,
             acks,
@@ -77,10 +94,55 @@ impl ReplicationService {
 
 /// Whether this node is primary of every slot of `wanted` now.
 fn primary_of(cluster: &Cluster, wanted: &SlotSet) -> bool {
-    cluster.primary_slots().is_some_and(|primary| {
-        let mut rest = wanted.clone();
-        rest.remove_all(&primary);
-        primary.count() == wanted.count() && rest.is_empty()
+    cluster
+        .primary_slots()
+        .is_some_and(|primary| wanted.is_subset_of(&primary))
+}
+
+/// How a replica's stream starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// From the replica's position: it holds every record through it.
+    Resume(u64),
+    /// From a snapshot, for the reason given.
+    Snapshot(String),
+    /// Refused: the replica names a position this log never issued (it must forget it).
+    Refuse(String),
+}
+
+/// Decides how a stream starts for a replica that asks to resume after `resume_lsn` of the
+/// log `asked_log_id` (`0`: it asks for a snapshot), when this node's log is `log_id` and its
+/// change feed is `feed`.
+pub fn start_of(asked_log_id: &str, resume_lsn: u64, log_id: &str, feed: &ChangeFeed) -> Start {
+    if resume_lsn == 0 || asked_log_id.is_empty() {
+        return Start::Snapshot("the replica holds no position".into());
+    }
+    if asked_log_id != log_id {
+        return Start::Snapshot(format!(
+            "the replica's position is in log {asked_log_id}, this node's log is {log_id}"
+        ));
+    }
+    let last = feed.last_lsn();
+    if resume_lsn > last {
+        return Start::Refuse(format!(
+            "the replica asks to resume after LSN {resume_lsn} of log {log_id}, which this \
+             primary never issued (its last LSN is {last}; was its disk restored from a \
+             backup?): the replica must resync by snapshot"
+        ));
+    }
+    match feed.read_after(resume_lsn, 1) {
+        Ok(_) => Start::Resume(resume_lsn),
+        Err(Behind { oldest, .. }) => Start::Snapshot(format!(
+            "the change feed holds LSNs from {oldest} on, the replica is at {resume_lsn}"
+        )),
+    }
+}
+
+/// The crc32c of a reply's records, each preceded by its length (4 bytes little-endian).
+pub fn records_crc(records: &[Vec<u8>]) -> u32 {
+    records.iter().fold(0, |crc, record| {
+        let crc = crc32c::crc32c_append(crc, &(record.len() as u32).to_le_bytes());
+        crc32c::crc32c_append(crc, record)
     })
 }
 
@@ -126,6 +188,17 @@ impl Replication for ReplicationService {
                 "this node is not the primary of every slot asked for",
             ));
         }
+        let start = start_of(
+            &request.log_id,
+            request.resume_lsn,
+            &self.log_id,
+            &self.feed,
+        );
+        if let Start::Refuse(reason) = &start {
+            tracing::warn!(replica = %request.replica_id, %reason, "replication stream refused");
+            metrics::counter!(REPLICATION_STREAMS, "outcome" => "refused").increment(1);
+            return Err(Status::out_of_range(reason.clone()));
+        }
         let (sender, receiver) = mpsc::channel(FOLLOW_QUEUE_REPLIES);
         let stream = Stream {
             presence: Arc::clone(&self.presence),
@@ -133,6 +206,8 @@ impl Replication for ReplicationService {
             feed: Arc::clone(&self.feed),
             slots: wanted,
             replica: request.replica_id,
+            log_id: self.log_id.clone(),
+            start,
             sender,
             stopping: self.stopping.clone(),
             acks: self.acks.clone(),
@@ -150,6 +225,8 @@ struct Stream {
     feed: Arc<ChangeFeed>,
     slots: SlotSet,
     replica: String,
+    log_id: String,
+    start: Start,
     sender: mpsc::Sender<Result<pb::FollowReply, Status>>,
     stopping: watch::Receiver<bool>,
     acks: Option<Arc<SyncAcks>>,
@@ -157,12 +234,36 @@ struct Stream {
     incoming: Option<Streaming<pb::FollowRequest>>,
 }
 
-/// Reads a replica's acknowledgements into its registration until the replica goes away.
-async fn read_acks(mut incoming: Streaming<pb::FollowRequest>, registration: Arc<Registration>) {
-    while let Ok(Some(message)) = incoming.message().await {
-        registration.ack(message.acked_lsn);
+/// Reads a replica's acknowledgements into its registration until the replica goes away,
+/// and reports its lag (also while it is silent).
+async fn read_acks(
+    mut incoming: Streaming<pb::FollowRequest>,
+    registration: Arc<Registration>,
+    feed: Arc<ChangeFeed>,
+) {
+    let follower = registration.follower();
+    let replica = follower.replica().to_owned();
+    let records = metrics::gauge!(REPLICATION_LAG_RECORDS, "replica" => replica.clone());
+    let millis = metrics::gauge!(REPLICATION_LAG_MS, "replica" => replica);
+    let mut report = tokio::time::interval(LAG_REPORT);
+    loop {
+        tokio::select! {
+            message = incoming.message() => match message {
+                Ok(Some(message)) => registration.ack(message.acked_lsn),
+                _ => return,
+            },
+            _ = report.tick() => {
+                let (behind, since) = feed.lag(follower.acked());
+                records.set(behind as f64);
+                // Behind the feed: as far as the metric can tell, the whole ring's age.
+                millis.set(since.map_or(f64::INFINITY, |since| since.as_millis() as f64));
+            }
+        }
     }
 }
+
+/// How often a stream's lag gauges are set.
+const LAG_REPORT: Duration = Duration::from_millis(500);
 
 impl Stream {
     async fn run(mut self) {
@@ -183,23 +284,31 @@ impl Stream {
         metrics::counter!(REPLICATION_STREAMS, "outcome" => outcome).increment(1);
     }
 
-    /// Sends one reply; `Ok(false)` when the replica went away.
-    async fn send(&self, reply: pb::FollowReply) -> bool {
+    /// Sends one reply (with its crc and this log's id); `false` when the replica went away.
+    async fn send(&self, mut reply: pb::FollowReply) -> bool {
+        reply.crc = records_crc(&reply.records);
+        reply.log_id.clone_from(&self.log_id);
         self.sender.send(Ok(reply)).await.is_ok()
     }
 
     async fn serve(&mut self) -> Result<(), Status> {
-        let position = self.feed.last_lsn();
-        // Sync: this replica counts for writes once it acknowledges `position` (the snapshot
-        // and everything before it); its acknowledgements arrive on the request stream.
+        let (position, resumed) = match &self.start {
+            Start::Resume(at) => (*at, true),
+            Start::Snapshot(_) | Start::Refuse(_) => (self.feed.last_lsn(), false),
+        };
+        // This replica counts (for sync writes, `presence.require_replica` and the degraded
+        // metric) once it acknowledges `position` (the snapshot and everything before it, or
+        // where it resumed); its acknowledgements arrive on the request stream.
         let registration = self
             .acks
             .as_ref()
-            .map(|acks| Arc::new(acks.register(position)));
+            .map(|acks| Arc::new(acks.register(position, &self.replica, self.slots.clone())));
         let reader = match (&registration, self.incoming.take()) {
-            (Some(registration), Some(incoming)) => {
-                Some(tokio::spawn(read_acks(incoming, Arc::clone(registration))))
-            }
+            (Some(registration), Some(incoming)) => Some(tokio::spawn(read_acks(
+                incoming,
+                Arc::clone(registration),
+                Arc::clone(&self.feed),
+            ))),
             _ => None,
         };
         let _reader = AbortOnDrop(reader);
@@ -211,6 +320,22 @@ impl Stream {
             }
         };
         tokio::pin!(cut_off);
+        if resumed {
+            tracing::info!(replica = %self.replica, lsn = position, "replica resumed; streaming changes");
+            metrics::counter!(REPLICATION_RESUMES).increment(1);
+            let reply = pb::FollowReply {
+                resumed: true,
+                lsn: position,
+                ..pb::FollowReply::default()
+            };
+            if !self.send(reply).await {
+                return Ok(());
+            }
+            return self.stream_from(position, &mut cut_off).await;
+        }
+        if let Start::Snapshot(reason) = &self.start {
+            tracing::info!(replica = %self.replica, %reason, "replica syncs by snapshot");
+        }
         // The snapshot, shard by shard (each copied under its lock, off the async workers).
         let shards = self.presence.registry().shard_count();
         let mut sessions_sent = 0u64;
@@ -230,8 +355,8 @@ impl Stream {
                 sessions_sent += chunk.len() as u64;
                 let reply = pb::FollowReply {
                     records,
-                    snapshot_done: false,
                     lsn: position,
+                    ..pb::FollowReply::default()
                 };
                 if !self.send(reply).await {
                     return Ok(());
@@ -240,14 +365,23 @@ impl Stream {
         }
         metrics::counter!(REPLICATION_SNAPSHOT_SESSIONS).increment(sessions_sent);
         let done = pb::FollowReply {
-            records: Vec::new(),
             snapshot_done: true,
             lsn: position,
+            ..pb::FollowReply::default()
         };
         if !self.send(done).await {
             return Ok(());
         }
         tracing::info!(replica = %self.replica, sessions = sessions_sent, lsn = position, "replica snapshot sent; streaming changes");
+        self.stream_from(position, &mut cut_off).await
+    }
+
+    /// Streams the slots' records after `position` until the stream ends.
+    async fn stream_from(
+        &mut self,
+        position: u64,
+        cut_off: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Result<(), Status> {
         let mut at = position;
         loop {
             if *self.stopping.borrow() {
@@ -268,7 +402,7 @@ impl Stream {
                     _ = tokio::time::sleep(OWNERSHIP_CHECK) => {}
                     _ = self.stopping.changed() => {}
                     _ = self.sender.closed() => return Ok(()),
-                    _ = &mut cut_off => return Err(cut_status()),
+                    _ = cut_off.as_mut() => return Err(cut_status()),
                 }
                 continue;
             };
@@ -290,12 +424,12 @@ impl Stream {
             at = last;
             let reply = pb::FollowReply {
                 records,
-                snapshot_done: false,
                 lsn: last,
+                ..pb::FollowReply::default()
             };
             tokio::select! {
                 sent = self.send(reply) => if !sent { return Ok(()) },
-                _ = &mut cut_off => return Err(cut_status()),
+                _ = cut_off.as_mut() => return Err(cut_status()),
             }
         }
     }
@@ -313,5 +447,60 @@ impl Drop for AbortOnDrop {
         if let Some(task) = self.0.take() {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imstate_node::feed::FeedLimits;
+
+    #[test]
+    fn a_stream_resumes_only_from_a_position_of_this_log_that_the_feed_still_holds() {
+        // The feed starts after LSN 100 and holds 101..=110.
+        let feed = ChangeFeed::new(FeedLimits::default(), 100);
+        let mut next = 100;
+        for _ in 0..10 {
+            feed.append(vec![1], |_| {
+                next += 1;
+                Ok::<u64, ()>(next)
+            })
+            .unwrap();
+        }
+        assert_eq!(start_of("L", 105, "L", &feed), Start::Resume(105));
+        assert_eq!(
+            start_of("L", 110, "L", &feed),
+            Start::Resume(110),
+            "nothing new yet"
+        );
+        assert_eq!(start_of("L", 100, "L", &feed), Start::Resume(100));
+        assert!(matches!(start_of("L", 0, "L", &feed), Start::Snapshot(_)));
+        assert!(matches!(start_of("", 105, "L", &feed), Start::Snapshot(_)));
+        assert!(
+            matches!(start_of("M", 105, "L", &feed), Start::Snapshot(_)),
+            "another log"
+        );
+        match start_of("L", 99, "L", &feed) {
+            Start::Snapshot(reason) => assert!(reason.contains("from 101"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // A position this log never issued (its disk restored from an old backup): refused,
+        // naming both LSNs.
+        match start_of("L", 500, "L", &feed) {
+            Start::Refuse(reason) => {
+                assert!(reason.contains("500") && reason.contains("110"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_records_crc_covers_their_bytes_and_their_boundaries() {
+        let records = vec![b"ab".to_vec(), b"c".to_vec()];
+        let crc = records_crc(&records);
+        assert_eq!(records_crc(&records.clone()), crc);
+        assert_ne!(records_crc(&[b"a".to_vec(), b"bc".to_vec()]), crc);
+        assert_ne!(records_crc(&[b"ab".to_vec(), b"d".to_vec()]), crc);
+        assert_ne!(records_crc(&[]), crc);
     }
 }
