@@ -77,6 +77,9 @@ run_tests -p imstate --features planted-wire-ack-before-durable --test kill9_pre
 step "negative control: a presence write acknowledged before its replica has it"
 run_tests -p imstate-node --features planted-ack-before-replica --lib presencestore
 
+step "negative control: a deposed presence primary keeps accepting writes"
+run_tests -p imstate --features planted-deposed-primary-writes --test cluster planted_deposed
+
 # The soak, short: memory, descriptors and latency stay flat under steady mixed load. The long
 # run is by hand: scripts/soak.sh (SOAK_SECONDS=1800 by default).
 step "soak (short): SOAK_SECONDS=30 SOAK_SEGMENT=10 scripts/soak.sh"

@@ -908,18 +908,15 @@ fn kill9_of_presence_primaries_loses_no_acknowledged_login_under_sync() {
             }
             online = again;
         }
-        let table = rt.block_on(async {
-            ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
-                .await
-                .unwrap()
-                .table()
-                .await
-        });
+        // ... and the table settled: the arbiter moves primaries back onto a restarted node
+        // once it is an in-sync replica, and a move's old primary resyncs as the replica
+        // (the slots are degraded meanwhile, which a kill then would turn into a double
+        // fault).
+        let table = wait_settled(&cluster);
         rt.block_on(wait_held(&cluster, &table, &online));
         paused.store(false, Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(700));
-        // The node that is primary of the most slots (primaries move only by promotion, so
-        // a restarted node holds none until a later kill promotes it).
+        // The node that is primary of the most slots.
         let mut primary_slots = [0u32; 3];
         for slots in &table.slots {
             if let Some(index) = cluster
@@ -1023,6 +1020,32 @@ fn kill9_of_presence_primaries_loses_no_acknowledged_login_under_sync() {
         // Measured, not asserted: async acknowledges before the replica has a write.
     } else {
         assert!(lost.is_empty(), "acknowledged logins lost: {lost:?}");
+    }
+}
+
+/// Waits (90 s at most) until the route table has not changed for 4 s and every slot
+/// range's replica is in sync; returns the table.
+fn wait_settled(cluster: &TestCluster) -> imstate_client::RouteTable {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let table = || {
+        runtime().block_on(async {
+            ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
+                .await
+                .unwrap()
+                .table()
+                .await
+        })
+    };
+    loop {
+        wait_route_in_sync(cluster);
+        let before = table();
+        std::thread::sleep(Duration::from_secs(4));
+        let after = table();
+        if before.version == after.version {
+            wait_route_in_sync(cluster);
+            return after;
+        }
+        assert!(Instant::now() < deadline, "the table never settled");
     }
 }
 
@@ -1204,5 +1227,292 @@ fn a_paused_replica_resumes_from_its_position_and_require_replica_refuses_writes
             "no failover happened"
         );
         wait_held(&cluster, &table, &written).await;
+    });
+}
+
+/// What [`deposed_primary_run`] saw: logins the paused primary acknowledged, those
+/// acknowledged after it ran again, and the acknowledged ones the promoted replica lacks.
+struct DeposedRun {
+    acked: usize,
+    acked_after_resume: usize,
+    missing: Vec<u64>,
+}
+
+/// Four plain gRPC clients log in fresh uids of one primary's slots, straight to it (as a
+/// client with a stale table would). The primary is paused (SIGSTOP) past its lease with
+/// writes in flight, its replica is promoted, then it runs again while the clients go on.
+/// Every login it acknowledged must be on the new primary.
+fn deposed_primary_run() -> DeposedRun {
+    let cluster = TestCluster::start(3);
+    let rt = runtime();
+    let table = wait_slots_placed(&cluster);
+    wait_route_in_sync(&cluster);
+    let slot = table.slot_route(1).unwrap().clone();
+    let index_of = |id: &str| {
+        cluster
+            .nodes
+            .iter()
+            .position(|node| {
+                rt.block_on(async {
+                    let client = Client::connect(&node.addr).await.unwrap();
+                    client.status().await.unwrap().node_id == id
+                })
+            })
+            .unwrap()
+    };
+    let victim = index_of(&slot.primary_id);
+    let witness = (victim + 1) % 3;
+    let uids: Arc<Vec<u64>> = Arc::new(
+        (1..2_000_000u64)
+            .filter(|uid| {
+                table
+                    .slot_route(*uid)
+                    .is_some_and(|route| route.primary_id == slot.primary_id)
+            })
+            .take(200_000)
+            .collect(),
+    );
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let resumed_at = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<(u64, Instant)>::new()));
+    let address = cluster.nodes[victim].addr.clone();
+    let writers: Vec<_> = (0..4)
+        .map(|_| {
+            let (uids, next, stop, acked, address) = (
+                Arc::clone(&uids),
+                Arc::clone(&next),
+                Arc::clone(&stop),
+                Arc::clone(&acked),
+                address.clone(),
+            );
+            rt.spawn(async move {
+                let client = Client::connect(&address).await.unwrap();
+                let deadline = Instant::now() + Duration::from_secs(90);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&uid) = uids.get(index) else { break };
+                    let login = imstate_client::LoginArgs {
+                        uid,
+                        device: "phone".into(),
+                        gateway: "gw".into(),
+                        conn: uid,
+                        ttl_ms: 600_000,
+                        meta: Vec::new(),
+                    };
+                    match client.login(login).await {
+                        Ok(_) => acked.lock().unwrap().push((uid, Instant::now())),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    signal(&cluster.nodes[victim], libc::SIGSTOP);
+    // Wait for the promotion, as another node sees it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    rt.block_on(async {
+        loop {
+            // A fresh client each time: it reads the witness's newest table.
+            let client = ClusterClient::connect(
+                &cluster.nodes[witness].addr,
+                &ClientOptions::default(),
+                None,
+            )
+            .await
+            .unwrap();
+            let table = client.table().await;
+            if table
+                .slot_route(1)
+                .is_some_and(|route| route.primary_id == slot.replica_id)
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the replica was never promoted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    signal(&cluster.nodes[victim], libc::SIGCONT);
+    let resumed = Instant::now();
+    *resumed_at.lock().unwrap() = Some(resumed);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        rt.block_on(writer).unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let acked_after_resume = acked.iter().filter(|(_, at)| *at > resumed).count();
+    let missing = rt.block_on(async {
+        let client = ClusterClient::connect(
+            &cluster.nodes[witness].addr,
+            &ClientOptions::default(),
+            None,
+        )
+        .await
+        .unwrap();
+        let uids: Vec<u64> = acked.iter().map(|(uid, _)| *uid).collect();
+        let mut missing = Vec::new();
+        for chunk in uids.chunks(500) {
+            let found = client.lookup_batch(chunk.to_vec()).await.unwrap();
+            missing.extend(
+                chunk
+                    .iter()
+                    .zip(found)
+                    .filter(|(_, sessions)| sessions.is_empty())
+                    .map(|(uid, _)| *uid),
+            );
+        }
+        missing
+    });
+    println!(
+        "deposed primary: {} logins acknowledged, {acked_after_resume} after it ran again, {} \
+         missing on the new primary",
+        acked.len(),
+        missing.len()
+    );
+    DeposedRun {
+        acked: acked.len(),
+        acked_after_resume,
+        missing,
+    }
+}
+
+/// No write accepted by a deposed primary (S3 for slots) and no acknowledged login lost
+/// across its deposition, under sync.
+#[cfg(not(feature = "planted-deposed-primary-writes"))]
+#[test]
+fn a_paused_primary_is_deposed_and_acknowledges_nothing_its_promoted_replica_lacks() {
+    let run = deposed_primary_run();
+    assert!(run.acked > 100, "the clients wrote before the pause");
+    assert_eq!(run.acked_after_resume, 0, "the deposed primary took writes");
+    if replication_mode() == "sync" {
+        assert_eq!(run.missing, Vec::<u64>::new(), "acknowledged logins lost");
+    }
+}
+
+/// Negative control: with the planted bug the deposed primary keeps accepting writes, and
+/// the check above sees acknowledged logins the new primary does not have.
+#[cfg(feature = "planted-deposed-primary-writes")]
+#[test]
+fn planted_deposed_primary_writes_are_caught() {
+    let run = deposed_primary_run();
+    assert!(
+        run.acked_after_resume > 0 && !run.missing.is_empty(),
+        "the planted bug went unseen: the deposed-primary check cannot fail"
+    );
+}
+
+/// Primary and replica slots of `node` under the newest table (read through node 0).
+fn slot_roles(cluster: &TestCluster, node: &str) -> (u32, u32) {
+    runtime().block_on(async {
+        let client =
+            ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
+                .await
+                .unwrap();
+        let table = client.table().await;
+        let mut roles = (0, 0);
+        for slots in &table.slots {
+            let len = slots.slot_hi - slots.slot_lo;
+            if slots.primary_id == node {
+                roles.0 += len;
+            }
+            if slots.replica_id == node {
+                roles.1 += len;
+            }
+        }
+        roles
+    })
+}
+
+/// A drain moves a node's presence primaries to their in-sync replicas (and its replica
+/// roles elsewhere), and a node back from a drain gets primaries again once it is an in-sync
+/// replica; with logins going on through both, every acknowledged login is still there.
+#[test]
+fn drain_and_return_move_presence_primaries_through_in_sync_replicas_losing_nothing() {
+    let cluster = TestCluster::start(3);
+    let rt = runtime();
+    wait_slots_placed(&cluster);
+    wait_route_in_sync(&cluster);
+    let (primary, _) = slot_roles(&cluster, "n2");
+    assert!(primary > 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let writers: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, acked, next) = (Arc::clone(&stop), Arc::clone(&acked), Arc::clone(&next));
+            let seed = cluster.nodes[0].wire_addr.clone();
+            rt.spawn(async move {
+                let client = WireClusterClient::connect(&seed, &ClientOptions::default(), None)
+                    .await
+                    .unwrap();
+                let deadline = Instant::now() + Duration::from_secs(150);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let uid = next.fetch_add(1, Ordering::Relaxed);
+                    let login = imstate_client::LoginArgs {
+                        uid,
+                        device: "phone".into(),
+                        gateway: "gw".into(),
+                        conn: uid,
+                        ttl_ms: 600_000,
+                        meta: Vec::new(),
+                    };
+                    match client.login(login).await {
+                        Ok(_) => acked.lock().unwrap().push(uid),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    let wait_roles = |what: &str, done: &dyn Fn((u32, u32)) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let roles = slot_roles(&cluster, "n2");
+            if done(roles) {
+                return roles;
+            }
+            assert!(Instant::now() < deadline, "{what}: n2 has {roles:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let drained = cluster.nodes[0].cli(&["ctl", "drain", "n2", "--timeout", "60"]);
+    assert!(drained.status.success(), "{drained:?}");
+    wait_roles("drained", &|roles| roles == (0, 0));
+    let undone = cluster.nodes[0].cli(&["ctl", "drain", "n2", "--undo"]);
+    assert!(undone.status.success(), "{undone:?}");
+    let back = wait_roles("back", &|(primary, replica)| primary > 200 && replica > 200);
+    println!("n2 after its return: {back:?} (primary, replica) slots");
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        rt.block_on(writer).unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 100, "logins went on: {}", acked.len());
+    rt.block_on(async {
+        let client =
+            ClusterClient::connect(&cluster.nodes[1].addr, &ClientOptions::default(), None)
+                .await
+                .unwrap();
+        let mut missing = Vec::new();
+        for chunk in acked.chunks(500) {
+            let found = client.lookup_batch(chunk.to_vec()).await.unwrap();
+            missing.extend(
+                chunk
+                    .iter()
+                    .zip(found)
+                    .filter(|(_, s)| s.is_empty())
+                    .map(|(u, _)| *u),
+            );
+        }
+        println!(
+            "{} logins acknowledged through a drain and a return, {} missing",
+            acked.len(),
+            missing.len()
+        );
+        assert_eq!(missing, Vec::<u64>::new(), "acknowledged logins lost");
+        let table = client.table().await;
+        wait_held(&cluster, &table, &acked).await;
     });
 }

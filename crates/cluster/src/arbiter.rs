@@ -187,6 +187,7 @@ impl Arbiter {
                         Op::get_prefix(self.keys.members()),
                         Op::get_prefix(self.keys.drains()),
                         Op::get_prefix(self.keys.namespaces()),
+                        Op::get_prefix(self.keys.in_syncs()),
                     ],
                     failure: vec![Op::get(arbiter)],
                 };
@@ -278,6 +279,18 @@ impl Arbiter {
                 namespaces.insert(Keys::leaf(&kv.key).to_owned(), sections);
             }
         }
+        // Reports of live nodes only (a lapsed lease deletes its key anyway).
+        let live = names(1);
+        let mut in_sync = crate::slots::InSync::new();
+        for kv in txn.gets.get(4).into_iter().flatten() {
+            let node = Keys::leaf(&kv.key);
+            if let (true, Ok(ranges)) = (
+                live.contains(node),
+                serde_json::from_slice::<Vec<crate::slots::InSyncRange>>(&kv.value),
+            ) {
+                in_sync.insert(node.to_owned(), ranges);
+            }
+        }
         // Settled: the newest version first read at least a cooldown (the lock-delay) ago.
         if self
             .seen
@@ -306,7 +319,8 @@ impl Arbiter {
             presence_slots: self.presence_slots,
             stable,
             settled,
-            live: names(1),
+            in_sync,
+            live,
             draining: names(2),
             namespaces,
             moves_max: if self

@@ -7,6 +7,7 @@
 //! | `route` | the [`crate::RouteTable`] (JSON) | the arbiter only |
 //! | `namespaces/<name>` | the namespace's definition (JSON with at least `sections`) | any node |
 //! | `drain/<node>` | empty: the node should give its sections away | `imstate ctl drain` |
+//! | `insync/<node>` | the presence slots the node is an in-sync replica of ([`crate::InSyncRange`] list, JSON), bound to its lease | the node |
 //! | `maxseq/<namespace>/<section>` | the section's `max_seq` ([`imstate_coord::encode_u64`]) | the owner, fenced |
 
 /// Builds the keys of one cluster.
@@ -66,6 +67,16 @@ impl Keys {
     /// The prefix of every drain key.
     pub fn drains(&self) -> String {
         format!("{}drain/", self.prefix)
+    }
+
+    /// A node's in-sync replica report.
+    pub fn in_sync(&self, node: &str) -> String {
+        format!("{}insync/{node}", self.prefix)
+    }
+
+    /// The prefix of every in-sync report.
+    pub fn in_syncs(&self) -> String {
+        format!("{}insync/", self.prefix)
     }
 
     /// A section's `max_seq` key (the section in 16 hex digits, so keys sort by section).

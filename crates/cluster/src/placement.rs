@@ -56,6 +56,9 @@ pub struct Inputs {
     /// Whether the current table has stood unchanged for a lock-delay (the arbiter's cooldown):
     /// presence slots are first placed only then.
     pub stable: bool,
+    /// What each replica said it is in sync for (`insync/<node>`): a primary role moves
+    /// (drain, balance) only to an in-sync replica.
+    pub in_sync: crate::slots::InSync,
 }
 
 /// The next table, or `None` when `current` is already right (or no node can own anything).
@@ -245,6 +248,7 @@ pub fn plan(current: &RouteTable, inputs: &Inputs) -> Option<RouteTable> {
         slots,
         &inputs.live,
         &targets,
+        &inputs.in_sync,
         inputs.moves_max,
         version,
     ) {
@@ -394,6 +398,7 @@ mod tests {
             settled: 0,
             presence_slots: 0,
             stable: false,
+            in_sync: Default::default(),
         }
     }
 

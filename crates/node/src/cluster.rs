@@ -94,6 +94,27 @@ pub struct ReplicaAssignment {
     pub slots: u32,
     /// The slot ranges `[start, end)`.
     pub spans: Vec<(u32, u32)>,
+    /// The table version at which this node became replica of each span (`replica_since`).
+    pub since: Vec<u64>,
+}
+
+impl ReplicaAssignment {
+    /// What this node says once it is in sync for the assignment (see
+    /// [`imstate_cluster::InSyncRange`]).
+    pub fn in_sync_ranges(&self) -> Vec<imstate_cluster::InSyncRange> {
+        self.spans
+            .iter()
+            .zip(&self.since)
+            .map(
+                |(&(start, end), &replica_since)| imstate_cluster::InSyncRange {
+                    start,
+                    end,
+                    primary: self.primary.clone(),
+                    replica_since,
+                },
+            )
+            .collect()
+    }
 }
 
 /// A section range lost by this node: `(namespace, start, end)`, or `None` for everything.
@@ -257,13 +278,14 @@ impl Cluster {
         let Some(presence) = state.member.route().and_then(|t| t.presence.as_ref()) else {
             return Vec::new();
         };
-        let mut by_primary: BTreeMap<NodeId, Vec<(u32, u32)>> = BTreeMap::new();
+        let mut by_primary: BTreeMap<NodeId, Vec<(u32, u32, u64)>> = BTreeMap::new();
         for range in &presence.ranges {
             if range.replica.as_deref() == Some(self.options.node.as_str()) {
-                by_primary
-                    .entry(range.primary.clone())
-                    .or_default()
-                    .push((range.start, range.end));
+                by_primary.entry(range.primary.clone()).or_default().push((
+                    range.start,
+                    range.end,
+                    range.replica_since,
+                ));
             }
         }
         let members = state.member.members();
@@ -276,7 +298,8 @@ impl Cluster {
                     .unwrap_or_default(),
                 primary,
                 slots: presence.slots,
-                spans,
+                since: spans.iter().map(|span| span.2).collect(),
+                spans: spans.iter().map(|span| (span.0, span.1)).collect(),
             })
             .collect()
     }
@@ -441,6 +464,50 @@ impl Cluster {
                 "unexpected answer {other:?}"
             ))),
         }
+    }
+
+    /// Whether this node is primary of `slot` under the installed table but may not take its
+    /// writes yet (the lock-delay of a handover): its replica stream from the previous
+    /// primary goes on meanwhile, so that nothing that primary acknowledged is left behind.
+    pub fn taking_over_slot(&self, slot: u32) -> bool {
+        let now = self.clock.now_ms();
+        let state = self.state.lock();
+        let primary_here = state
+            .member
+            .route()
+            .and_then(|table| table.presence.as_ref())
+            .and_then(|presence| presence.range(slot))
+            .is_some_and(|range| range.primary == self.options.node);
+        primary_here
+            && !matches!(
+                state.member.access_slot(now, u64::from(slot)),
+                Access::Serve { .. }
+            )
+    }
+
+    /// Publishes what this node is an in-sync replica of, under `insync/<node>` bound to its
+    /// lease (so it vanishes with the node): the arbiter moves a primary role only to an
+    /// in-sync replica. Fails while the node has no lease, or when etcd does not answer.
+    pub async fn publish_in_sync(
+        &self,
+        ranges: &[imstate_cluster::InSyncRange],
+    ) -> Result<(), NodeError> {
+        let Some(lease) = self.state.lock().member.lease() else {
+            return Err(NodeError::Unavailable("no lease yet".into()));
+        };
+        let keys = imstate_cluster::Keys::new(&self.options.name);
+        let value = serde_json::to_vec(ranges)
+            .map_err(|error| NodeError::Io(format!("encoding the in-sync report: {error}")))?;
+        self.txn(Txn {
+            success: vec![Op::Put {
+                key: keys.in_sync(&self.options.node),
+                value,
+                lease: Some(lease),
+            }],
+            ..Txn::default()
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Asks the arbiter to move every section away from `node` (`ctl drain`).
@@ -684,6 +751,11 @@ impl Cluster {
 /// of (one lock of the member state per request or batch).
 impl crate::presencestore::SlotGate for Cluster {
     fn check(&self, uids: &mut dyn Iterator<Item = u64>) -> Result<(), NodeError> {
+        // Negative control: every request passes, so a primary whose lease lapsed or whose
+        // slots moved keeps accepting (and acknowledging) writes.
+        if cfg!(feature = "planted-deposed-primary-writes") {
+            return Ok(());
+        }
         match self.first_refused(uids) {
             None => Ok(()),
             Some((uid, access)) => Err(self.slot_refusal(uid, access)),

@@ -43,6 +43,8 @@ compile_error!("the `planted-unload-current-tenure` feature is for test builds o
 compile_error!("the `planted-load-overwrites-tenure` feature is for test builds only");
 #[cfg(all(feature = "planted-ack-before-replica", not(debug_assertions)))]
 compile_error!("the `planted-ack-before-replica` feature is for test builds only");
+#[cfg(all(feature = "planted-deposed-primary-writes", not(debug_assertions)))]
+compile_error!("the `planted-deposed-primary-writes` feature is for test builds only");
 
 pub mod autocheckpoint;
 pub mod clock;

@@ -635,6 +635,16 @@ impl PresenceStore {
         Ok(())
     }
 
+    /// Cluster mode: after a write became durable (and replicated), whether this node may
+    /// still acknowledge it: the slot check again, now. A primary deposed while the write was
+    /// in flight (its lease lapsed during a pause, or the table moved the slot) must not
+    /// acknowledge it: its replica may have been promoted without it (its stream was cut).
+    /// The caller answers the check's error instead (the outcome is unknown to the client,
+    /// which retries at the new primary).
+    pub fn recheck(&self, uids: impl IntoIterator<Item = u64>) -> Result<(), NodeError> {
+        self.admit_uids(uids)
+    }
+
     /// Cluster mode, `presence.require_replica = true`: writes to a slot that no in-sync
     /// replica holds are refused (instead of served with one copy).
     pub fn set_require_replica(&self, require: bool) {
@@ -688,6 +698,13 @@ impl PresenceStore {
         self.registry.drop_slots(slots)
     }
 
+    /// Cluster mode: ends a replica's resync from a snapshot (see
+    /// [`imstate_presence::ShardedRegistry::sweep_slots`]); blocking work proportional to
+    /// the sessions held: call it off the async workers.
+    pub fn sweep_slots(&self, slots: &imstate_presence::SlotSet, kept: &[(u64, u64)]) -> usize {
+        self.registry.sweep_slots(slots, kept)
+    }
+
     /// Registers a session (ttl 0 = the default); returns it and the session it replaced.
     pub async fn login(
         &self,
@@ -708,6 +725,7 @@ impl PresenceStore {
             meta,
         })?;
         self.durable().await?;
+        self.recheck([uid])?;
         Ok(outcome)
     }
 
@@ -728,6 +746,7 @@ impl PresenceStore {
         self.admit().await?;
         let session = self.logout_applied(uid, conn)?;
         self.durable().await?;
+        self.recheck([uid])?;
         Ok(session)
     }
 
@@ -741,7 +760,8 @@ impl PresenceStore {
     pub async fn heartbeat(&self, uid: u64, conn: u64) -> Result<(), NodeError> {
         self.admit().await?;
         self.heartbeat_applied(uid, conn)?;
-        self.durable().await
+        self.durable().await?;
+        self.recheck([uid])
     }
 
     /// [`PresenceStore::heartbeat`] without the wait (see [`PresenceStore::login_applied`]).
@@ -760,6 +780,7 @@ impl PresenceStore {
         self.admit().await?;
         let unknown = self.heartbeat_batch_applied(gateway, sessions)?;
         self.durable().await?;
+        self.recheck(sessions.iter().map(|(uid, _)| *uid))?;
         Ok(unknown)
     }
 

@@ -834,6 +834,28 @@ impl ShardedRegistry {
         dropped
     }
 
+    /// Ends a replica's resync from a snapshot (applied over what it held, never dropped
+    /// first, so that a replica promoted mid-resync still has its older copy): removes every
+    /// session of `slots` that is not in the snapshot, `kept` sorted by (uid, conn). Each
+    /// removal is journaled as a logout under its shard's lock. Returns how many.
+    pub fn sweep_slots(&self, slots: &SlotSet, kept: &[(u64, u64)]) -> usize {
+        let mut swept = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let removed = shard.remove_sessions_where(|uid, conn| {
+                slots.contains(uid) && kept.binary_search(&(uid, conn)).is_err()
+            });
+            for session in removed {
+                self.journal.record(Entry::Change(&Change::Logout {
+                    uid: session.uid,
+                    conn: session.conn,
+                }));
+                swept += 1;
+            }
+        }
+        swept
+    }
+
     /// Applies a change record streamed from the primary of `slots`, restricted to them, and
     /// journals what it changed here (not watched), under the shard lock, so that the local
     /// log replays to the same state:

@@ -906,10 +906,15 @@ impl Shard {
 
     /// Removes the sessions whose uid passes `drop`; returns them.
     pub fn remove_where(&mut self, drop: impl Fn(u64) -> bool) -> Vec<Session> {
+        self.remove_sessions_where(|uid, _| drop(uid))
+    }
+
+    /// Removes the sessions whose (uid, conn) passes `drop`; returns them.
+    pub fn remove_sessions_where(&mut self, drop: impl Fn(u64, u64) -> bool) -> Vec<Session> {
         let mut removed = Vec::new();
         for index in 0..self.slab.high_water() {
             let rec = self.slab.get(index);
-            if rec.is_live() && drop(rec.uid.get()) {
+            if rec.is_live() && drop(rec.uid.get(), rec.conn.get()) {
                 removed.push(self.remove(index));
             }
         }

@@ -67,6 +67,25 @@ impl SlotSet {
                 .all(|(mine, theirs)| mine & !theirs == 0)
     }
 
+    /// The set as ranges `[start, end)`, in order.
+    pub fn ranges(&self) -> Vec<(u32, u32)> {
+        let mut ranges: Vec<(u32, u32)> = Vec::new();
+        for slot in (0..self.count).filter(|slot| self.has_slot(*slot)) {
+            match ranges.last_mut() {
+                Some(last) if last.1 == slot => last.1 = slot + 1,
+                _ => ranges.push((slot, slot + 1)),
+            }
+        }
+        ranges
+    }
+
+    /// Keeps only the slots also in `other` (out of the same count).
+    pub fn retain_all(&mut self, other: &SlotSet) {
+        for (word, theirs) in self.bits.iter_mut().zip(&other.bits) {
+            *word &= theirs;
+        }
+    }
+
     /// The slot count this set is out of.
     pub fn count(&self) -> u32 {
         self.count
@@ -110,6 +129,9 @@ mod tests {
         assert_eq!(union.len(), 4);
         assert!(set.is_subset_of(&union) && !union.is_subset_of(&set));
         assert!(!set.is_subset_of(&SlotSet::all(11)), "another count");
+        assert_eq!(union.ranges(), vec![(0, 1), (2, 4), (9, 10)]);
+        union.retain_all(&SlotSet::from_ranges(10, &[(3, 10)]));
+        assert_eq!(union.ranges(), vec![(3, 4), (9, 10)]);
         assert!(!SlotSet::empty(0).contains(0));
         let mut rest = SlotSet::all(10);
         rest.remove_all(&set);

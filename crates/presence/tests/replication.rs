@@ -75,6 +75,9 @@ proptest! {
         // The replica's clock runs this far ahead of the primary's, and it ticks its expiry
         // after every record: its copies of `slots` expire only when the primary says so.
         replica_ahead_ms in 0u64..200_000,
+        // Sessions the replica holds of `slots` from before (an older copy: a resync applies
+        // the snapshot over it, then sweeps what the snapshot lacked).
+        stale in proptest::collection::vec((0u64..16, 0u64..4), 0..8),
     ) {
         const SHARDS: usize = 3;
         let primary = ShardedRegistry::new(options(SHARDS)).unwrap();
@@ -114,6 +117,12 @@ proptest! {
         }
         let outside: Vec<Session> =
             outside.into_iter().filter(|s| !slots.contains(s.uid)).collect();
+        for (uid, conn) in stale {
+            if slots.contains(uid) {
+                let request = common::request(uid, "old", common::GATEWAYS[1], conn, 60_000);
+                replica.login(&request, 500_000).unwrap();
+            }
+        }
         let local_before = journal.0.lock().len();
         // The replica is primary of the other slots only.
         let mut mine = SlotSet::all(slots.count());
@@ -125,6 +134,9 @@ proptest! {
                 .unwrap();
             replica.tick(replica_now);
         }
+        let mut kept: Vec<(u64, u64)> = snapshot.iter().map(|s| (s.uid, s.conn)).collect();
+        kept.sort_unstable();
+        replica.sweep_slots(&slots, &kept);
         for change in &log[start..] {
             replica.apply_replicated(&through_bytes(change), &slots).unwrap();
             replica.tick(replica_now);

@@ -6,7 +6,8 @@
 //!  route table changes ──► assignments (primary, slot ranges) ──► one follow task each
 //!  follow task: connect ──► Follow(slots, resume from our position?)
 //!     resumed ──► change records ──► PresenceStore::apply_replicated (journaled here)
-//!     else: first reply drops the slots' sessions here ──► snapshot records ──► change records
+//!     else: snapshot records (applied over what is here) ──► done: sweep what it lacked
+//!           ──► change records
 //!     stream ends (primary moved, replica behind, connection lost) ──► pause, ask again
 //! ```
 //!
@@ -29,8 +30,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use imstate_cluster::InSyncRange;
 use imstate_node::cluster::{Cluster, ReplicaAssignment};
 use imstate_node::presencestore::PresenceStore;
 use imstate_presence::{Change, SlotSet};
@@ -69,37 +72,107 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     let mut changes = cluster.route_changes();
     tokio::spawn(async move {
-        let mut running: HashMap<ReplicaAssignment, JoinHandle<()>> = HashMap::new();
+        let mut running: HashMap<ReplicaAssignment, Following> = HashMap::new();
+        let mut tick = tokio::time::interval(MANAGER_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut published: Option<(Vec<InSyncRange>, tokio::time::Instant)> = None;
         loop {
             let wanted = cluster.replica_assignments();
-            running.retain(|assignment, task| {
-                let keep = wanted.contains(assignment) && !task.is_finished();
+            running.retain(|assignment, following| {
+                if following.task.is_finished() {
+                    return false;
+                }
+                if wanted.contains(assignment) {
+                    return true;
+                }
+                // A stream whose slots this node now takes over goes on, for those slots
+                // only, until the lock-delay ends: what the old primary acknowledged
+                // meanwhile still arrives. (A new stream would start from a snapshot, and
+                // drop what this node holds of them.)
+                let mut slots = following.slots.write();
+                let mut taking_over = imstate_presence::SlotSet::empty(slots.count());
+                for (start, end) in slots.ranges() {
+                    for slot in (start..end).filter(|slot| cluster.taking_over_slot(*slot)) {
+                        taking_over.insert_range(slot, slot + 1);
+                    }
+                }
+                slots.retain_all(&taking_over);
+                let keep = !slots.is_empty();
                 if !keep {
-                    task.abort();
+                    following.task.abort();
                 }
                 keep
             });
-            for assignment in wanted {
-                if assignment.grpc.is_empty() || running.contains_key(&assignment) {
+            for assignment in &wanted {
+                if assignment.grpc.is_empty() || running.contains_key(assignment) {
                     continue;
                 }
+                let synced = Arc::new(AtomicBool::new(false));
+                let slots = Arc::new(parking_lot::RwLock::new(SlotSet::from_ranges(
+                    assignment.slots,
+                    &assignment.spans,
+                )));
                 let task = tokio::spawn(follow(
                     assignment.clone(),
                     cluster.status().node,
                     Arc::clone(&presence),
                     token.clone(),
+                    Arc::clone(&synced),
+                    Arc::clone(&slots),
                 ));
-                running.insert(assignment, task);
+                running.insert(
+                    assignment.clone(),
+                    Following {
+                        task,
+                        synced,
+                        slots,
+                    },
+                );
+            }
+            // What this node is an in-sync replica of, for the arbiter: on every change, and
+            // again now and then (the key goes with a lapsed lease).
+            let mut report: Vec<InSyncRange> = running
+                .iter()
+                .filter(|(assignment, following)| {
+                    wanted.contains(assignment) && following.synced.load(Ordering::Acquire)
+                })
+                .flat_map(|(assignment, _)| assignment.in_sync_ranges())
+                .collect();
+            report.sort_by_key(|range| range.start);
+            let due = published
+                .as_ref()
+                .is_none_or(|(last, at)| *last != report || at.elapsed() >= REPORT_REFRESH);
+            if due {
+                match cluster.publish_in_sync(&report).await {
+                    Ok(()) => published = Some((report, tokio::time::Instant::now())),
+                    Err(error) => {
+                        tracing::debug!(%error, "could not publish the in-sync report; retrying")
+                    }
+                }
             }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { break },
                 _ = stop.changed() => break,
+                _ = tick.tick() => {}
             }
         }
-        for task in running.into_values() {
-            task.abort();
+        for following in running.into_values() {
+            following.task.abort();
         }
     })
+}
+
+/// How often the manager looks again without a table change (handovers end, streams sync).
+const MANAGER_TICK: Duration = Duration::from_millis(200);
+/// How often the in-sync report is written again even when unchanged.
+const REPORT_REFRESH: Duration = Duration::from_secs(2);
+
+/// One follow task, whether its replica is in sync now, and the slots it applies (narrowed
+/// to the slots being taken over once the assignment is gone).
+struct Following {
+    task: JoinHandle<()>,
+    synced: Arc<AtomicBool>,
+    slots: Arc<parking_lot::RwLock<SlotSet>>,
 }
 
 /// Where a replica is in its primary's log: every record of its slots through `lsn` of the
@@ -140,8 +213,9 @@ async fn follow(
     replica_id: String,
     presence: Arc<PresenceStore>,
     token: Option<Vec<u8>>,
+    synced: Arc<AtomicBool>,
+    slots: Arc<parking_lot::RwLock<SlotSet>>,
 ) {
-    let slots = SlotSet::from_ranges(assignment.slots, &assignment.spans);
     let mut position: Option<Position> = None;
     loop {
         let outcome = follow_once(
@@ -151,8 +225,11 @@ async fn follow(
             &presence,
             token.as_deref(),
             &mut position,
+            &synced,
         )
         .await;
+        // Between streams, writes may be acknowledged without this replica.
+        synced.store(false, Ordering::Release);
         let reason = match outcome {
             Ok(()) => "closed".to_owned(),
             Err(ended) => {
@@ -195,10 +272,11 @@ pub fn decode_reply(reply: &pb::FollowReply) -> Result<Vec<Change>, String> {
 async fn follow_once(
     assignment: &ReplicaAssignment,
     replica_id: &str,
-    slots: &SlotSet,
+    slots: &parking_lot::RwLock<SlotSet>,
     presence: &Arc<PresenceStore>,
     token: Option<&[u8]>,
     position: &mut Option<Position>,
+    in_sync: &AtomicBool,
 ) -> Result<(), Ended> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", assignment.grpc))
         .map_err(|error| error.to_string())?
@@ -212,10 +290,11 @@ async fn follow_once(
     let first = pb::FollowRequest {
         replica_id: replica_id.to_owned(),
         slots: assignment.slots,
-        spans: assignment
-            .spans
-            .iter()
-            .map(|&(lo, hi)| pb::SlotSpan { lo, hi })
+        spans: slots
+            .read()
+            .ranges()
+            .into_iter()
+            .map(|(lo, hi)| pb::SlotSpan { lo, hi })
             .collect(),
         acked_lsn: 0,
         resume_lsn: position.as_ref().map_or(0, |at| at.lsn),
@@ -237,6 +316,9 @@ async fn follow_once(
     let mut stream = client.follow(request).await?.into_inner();
     let mut started = false;
     let mut synced = false;
+    // While a snapshot comes in: the (uid, conn) of every session it holds (the sweep at its
+    // end removes the others).
+    let mut snapshot: Option<Vec<(u64, u64)>> = None;
     let gauge = metrics::gauge!(REPLICA_POSITION, "primary" => assignment.primary.clone());
     while let Some(reply) = stream.message().await? {
         let changes = match decode_reply(&reply) {
@@ -266,25 +348,42 @@ async fn follow_once(
         } else if fresh {
             // From a snapshot: the position is void until it is complete.
             *position = None;
+            snapshot = Some(Vec::new());
+        }
+        if let Some(keys) = &mut snapshot {
+            keys.extend(changes.iter().filter_map(|change| match change {
+                Change::Login(session) => Some((session.uid, session.conn)),
+                _ => None,
+            }));
         }
         let store = Arc::clone(presence);
-        let set = slots.clone();
-        let drop_first = fresh && !reply.resumed;
-        let applied = tokio::task::spawn_blocking(move || -> Result<usize, String> {
-            if drop_first {
-                // A new stream starts from a snapshot: what this node held of the slots
-                // is replaced by it.
-                store.drop_slots(&set);
-            }
+        let set = slots.read().clone();
+        // The snapshot is applied over what this node holds (never dropped first: a replica
+        // promoted while it resyncs keeps its older copy); at its end, whatever of the slots
+        // it did not hold goes.
+        let sweep = reply
+            .snapshot_done
+            .then(|| snapshot.take())
+            .flatten()
+            .map(|mut keys| {
+                keys.sort_unstable();
+                keys
+            });
+        let applied = tokio::task::spawn_blocking(move || -> Result<(usize, usize), String> {
             for change in &changes {
                 store
                     .apply_replicated(change, &set)
                     .map_err(|error| error.to_string())?;
             }
-            Ok(changes.len())
+            let swept = sweep.map_or(0, |keys| store.sweep_slots(&set, &keys));
+            Ok((changes.len(), swept))
         })
         .await
         .map_err(|error| error.to_string())??;
+        let (applied, swept) = applied;
+        if swept > 0 {
+            tracing::info!(primary = %assignment.primary, swept, "sessions the primary no longer has were removed after its snapshot");
+        }
         metrics::counter!(REPLICA_RECORDS).increment(applied as u64);
         gauge.set(reply.lsn as f64);
         if reply.snapshot_done {
@@ -293,6 +392,7 @@ async fn follow_once(
             tracing::info!(primary = %assignment.primary, lsn = reply.lsn, "replica in sync from a snapshot");
         }
         if synced {
+            in_sync.store(true, Ordering::Release);
             *position = Some(Position {
                 log_id: reply.log_id.clone(),
                 lsn: reply.lsn,

@@ -354,6 +354,9 @@ struct Connection<'c> {
     /// Whether a presence write was applied, or presence state read, since the last
     /// durability wait: either must not be answered before what it did or saw is durable.
     unsynced: bool,
+    /// Uids written since the last durability wait: rechecked after it (cluster mode: a
+    /// primary deposed meanwhile acknowledges none of them).
+    written: Vec<u64>,
     ids: Vec<u64>,
     pairs: Vec<(u64, u64)>,
     /// LookupBatch: sessions encoded in shard order, and where each uid's are.
@@ -399,6 +402,7 @@ impl<'c> Connection<'c> {
             context,
             hello: false,
             unsynced: false,
+            written: Vec::new(),
             ids: Vec::new(),
             pairs: Vec::new(),
             scratch: Vec::new(),
@@ -477,6 +481,11 @@ impl<'c> Connection<'c> {
                     // Nothing of this burst may be acknowledged: drop the replies and close.
                     // The node logs the log's failure once, as it stops; not once per connection.
                     tracing::debug!(%error, "wire: a write did not become durable; closing");
+                    return Ok(());
+                }
+                // Deposed while the burst was in flight: its writes' outcome is unknown.
+                if let Err(error) = self.context.presence.recheck(self.written.drain(..)) {
+                    tracing::info!(%error, "wire: this node lost presence slots while writes were in flight; closing without answering them");
                     return Ok(());
                 }
             }
@@ -700,6 +709,7 @@ impl<'c> Connection<'c> {
                 match self.context.presence.login_applied(&request) {
                     Ok(outcome) => {
                         self.unsynced = true;
+                        self.written.push(request.uid);
                         codec::reply_login(
                             &mut self.out,
                             &session_fields(&outcome.session.as_ref()),
@@ -717,6 +727,7 @@ impl<'c> Connection<'c> {
                 match self.context.presence.logout_applied(uid, conn) {
                     Ok(session) => {
                         self.unsynced = true;
+                        self.written.push(uid);
                         codec::reply_logout(&mut self.out, &session_fields(&session.as_ref()));
                     }
                     Err(error) => return self.failed(op, &error),
@@ -726,6 +737,7 @@ impl<'c> Connection<'c> {
                 match self.context.presence.heartbeat_applied(uid, conn) {
                     Ok(()) => {
                         self.unsynced = true;
+                        self.written.push(uid);
                         codec::reply_heartbeat(&mut self.out);
                     }
                     Err(error) => return self.failed(op, &error),
@@ -740,6 +752,7 @@ impl<'c> Connection<'c> {
                 {
                     Ok(unknown) => {
                         self.unsynced = true;
+                        self.written.extend(self.pairs.iter().map(|(uid, _)| *uid));
                         codec::reply_heartbeat_batch(&mut self.out, &unknown);
                     }
                     Err(error) => return self.failed(op, &error),

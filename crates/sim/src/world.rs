@@ -179,6 +179,8 @@ enum Event {
 enum Purpose {
     Member,
     Arbiter,
+    /// An in-sync report (its answer is not needed).
+    Report,
     Raise(Vec<Raise>, Vec<RaiseOp>),
     Load(u64),
 }
@@ -555,7 +557,47 @@ impl World {
         self.apply(node, effects, Purpose::Arbiter);
         self.retry_pending(node);
         self.probe_slots(node, now);
+        if self.rng.gen_range(0..100) == 0 {
+            self.report_in_sync(node);
+        }
         self.at(10_000, Event::Tick { node });
+    }
+
+    /// Presence slots keep no state in the simulation, so a replica is in sync as soon as it
+    /// has its table: it says so for every range it is replica of (about once a second), and
+    /// the arbiter moves primary roles to it (balance after restarts) through handovers that
+    /// the S3 checker watches.
+    fn report_in_sync(&mut self, node: usize) {
+        let member = &self.nodes[node].member;
+        let Some(lease) = member.registered().then(|| member.lease()).flatten() else {
+            return;
+        };
+        let me = member.node().to_owned();
+        let ranges: Vec<imstate_cluster::InSyncRange> = member
+            .route()
+            .and_then(|table| table.presence.as_ref())
+            .into_iter()
+            .flat_map(|presence| &presence.ranges)
+            .filter(|range| range.replica.as_deref() == Some(me.as_str()))
+            .map(|range| imstate_cluster::InSyncRange {
+                start: range.start,
+                end: range.end,
+                primary: range.primary.clone(),
+                replica_since: range.replica_since,
+            })
+            .collect();
+        let txn = Txn {
+            success: vec![imstate_coord::Op::Put {
+                key: imstate_cluster::Keys::new(CLUSTER).in_sync(&me),
+                value: serde_json::to_vec(&ranges).expect("encodes"),
+                lease: Some(lease),
+            }],
+            ..Txn::default()
+        };
+        let target = &mut self.nodes[node];
+        let token = target.next_token;
+        target.next_token += 1;
+        self.send(node, token, Request::Txn(txn), Purpose::Report);
     }
 
     /// Records every presence slot this node would take a write for now (S3 for slots: a
@@ -685,6 +727,7 @@ impl World {
                         self.report.route_writes += self.nodes[node].arbiter.writes - before;
                         self.apply(node, effects, Purpose::Arbiter);
                     }
+                    Purpose::Report => {}
                     Purpose::Raise(raises, ops) => self.raised(node, now, raises, ops, &response),
                     Purpose::Load(section) => {
                         let target = &mut self.nodes[node];
