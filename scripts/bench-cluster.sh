@@ -17,31 +17,13 @@ ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-32}
 PROTOCOL=${PROTOCOL:-grpc}
 case $PROTOCOL in grpc|wire) ;; *) echo "error: PROTOCOL is grpc or wire" >&2; exit 1 ;; esac
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-command -v etcd >/dev/null || die "etcd is needed (apt-get install etcd-server)"
+# shellcheck source=lib/bench-common.sh
+. scripts/lib/bench-common.sh
 command -v python3 >/dev/null || die "python3 is needed"
 cargo build --release -p imstate >&2
 BIN=$ROOT/target/release/imstate
-WORK=$(mktemp -d /tmp/imstate-cluster-bench.XXXXXX)
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-ETCD=127.0.0.1:$(free_port)
-PEER=127.0.0.1:$(free_port)
-etcd --name b --data-dir "$WORK/etcd" --listen-client-urls "http://$ETCD" \
-  --advertise-client-urls "http://$ETCD" --listen-peer-urls "http://$PEER" \
-  --initial-advertise-peer-urls "http://$PEER" --initial-cluster "b=http://$PEER" \
-  >"$WORK/etcd.log" 2>&1 &
-PIDS+=("$!")
-for _ in $(seq 1 100); do (exec 3<>/dev/tcp/${ETCD%:*}/${ETCD#*:}) 2>/dev/null && break; sleep 0.1; done
+bench_setup cluster-bench
+start_etcd
 
 revision() { curl -s -X POST "http://$ETCD/v3/kv/range" -d '{"key":"AA=="}' |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["header"]["revision"])'; }
@@ -84,8 +66,6 @@ cpu_ticks() { # cpu_ticks PID...: utime + stime of the processes
 start_cluster one 1
 start_cluster three 3
 HZ=$(getconf CLK_TCK)
-field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[0][sys.argv[2]])" "$1" "$2"; }
-median() { python3 -c "import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
 
 echo "| case ($CONNECTIONS connections, smart client over $PROTOCOL) | 1 node ops/s | 3 nodes ops/s | 3/1 | server CPU µs per id, 1 node | 3 nodes | etcd writes per 1M ids, 1 node | 3 nodes |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"

@@ -30,8 +30,8 @@ pub enum CtlCommand {
         target: Target,
     },
     /// The route table: one line per section range (namespace, sections, owner, its
-    /// address), one per presence slot range (primary, replica), then one per node (alive or
-    /// not, draining or not, sections and slots held).
+    /// address), one per presence slot range (primary, replica, the replica's lag as its primary
+    /// reports it), then one per node (alive or not, draining or not, sections and slots held).
     Route {
         #[command(flatten)]
         target: Target,

@@ -41,6 +41,7 @@ use imstate_proto::v1 as pb;
 use imstate_proto::v1::replication_client::ReplicationClient;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::Stream;
 
 /// Pause before asking a primary again after a stream ended or failed.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
@@ -319,26 +320,22 @@ async fn follow_once(
     // While a snapshot comes in: the (uid, conn) of every session it holds (the sweep at its
     // end removes the others).
     let mut snapshot: Option<Vec<(u64, u64)>> = None;
+    let mut snapshot_started = std::time::Instant::now();
+    let mut snapshot_sessions = 0usize;
     let gauge = metrics::gauge!(REPLICA_POSITION, "primary" => assignment.primary.clone());
-    while let Some(reply) = stream.message().await? {
-        let changes = match decode_reply(&reply) {
-            Ok(changes) => changes,
-            Err(reason) => {
-                metrics::counter!(REPLICA_CORRUPT_REPLIES).increment(1);
-                return Err(reason.into());
-            }
-        };
+    while let Some(mut reply) = next_batch(&mut stream).await? {
+        let changes = std::mem::take(&mut reply.changes);
         presence.admit().await.map_err(|error| error.to_string())?;
         let fresh = !started;
         started = true;
         if fresh && reply.resumed {
             if position
                 .as_ref()
-                .is_none_or(|at| at.log_id != reply.log_id || at.lsn != reply.lsn)
+                .is_none_or(|at| at.log_id != reply.log_id || at.lsn != reply.first_lsn)
             {
                 return Err(format!(
                     "the primary resumed at LSN {} of log {}, not at this replica's position {position:?}",
-                    reply.lsn, reply.log_id
+                    reply.first_lsn, reply.log_id
                 )
                 .into());
             }
@@ -349,6 +346,8 @@ async fn follow_once(
             // From a snapshot: the position is void until it is complete.
             *position = None;
             snapshot = Some(Vec::new());
+            snapshot_started = std::time::Instant::now();
+            tracing::info!(primary = %assignment.primary, "replica syncing from a snapshot");
         }
         if let Some(keys) = &mut snapshot {
             keys.extend(changes.iter().filter_map(|change| match change {
@@ -361,6 +360,9 @@ async fn follow_once(
         // The snapshot is applied over what this node holds (never dropped first: a replica
         // promoted while it resyncs keeps its older copy); at its end, whatever of the slots
         // it did not hold goes.
+        if snapshot.is_some() {
+            snapshot_sessions += changes.len();
+        }
         let sweep = reply
             .snapshot_done
             .then(|| snapshot.take())
@@ -389,7 +391,13 @@ async fn follow_once(
         if reply.snapshot_done {
             synced = true;
             metrics::counter!(REPLICA_SYNCS).increment(1);
-            tracing::info!(primary = %assignment.primary, lsn = reply.lsn, "replica in sync from a snapshot");
+            tracing::info!(
+                primary = %assignment.primary,
+                lsn = reply.lsn,
+                sessions = snapshot_sessions,
+                elapsed_ms = snapshot_started.elapsed().as_millis() as u64,
+                "replica in sync from a snapshot"
+            );
         }
         if synced {
             in_sync.store(true, Ordering::Release);
@@ -410,8 +418,75 @@ async fn follow_once(
             // A full queue means the primary is not reading: it will cut this stream off.
             let _ = acks.try_send(ack);
         }
+        if let Some(status) = reply.then {
+            return Err(status.into());
+        }
     }
     Ok(())
+}
+
+/// Replies applied together at most (one apply, one durable wait, one acknowledgement).
+const REPLIES_PER_BATCH_MAX: usize = 64;
+
+/// Replies taken together: whatever had arrived when the first was read, so that a busy
+/// stream costs one apply, one durable wait and one acknowledgement per batch, not per reply.
+struct Batch {
+    /// Every record of the replies, in order, decoded.
+    changes: Vec<Change>,
+    /// The first reply's position (a resumed stream's first reply names where it resumed).
+    first_lsn: u64,
+    /// The last reply's position.
+    lsn: u64,
+    resumed: bool,
+    /// The last reply ends a snapshot (a batch never goes past one).
+    snapshot_done: bool,
+    log_id: String,
+    /// The stream's error right after these replies, to report once they are applied.
+    then: Option<tonic::Status>,
+}
+
+/// The next batch of replies (`None`: the stream ended); a reply that fails its crc or does
+/// not decode ends the stream.
+async fn next_batch(
+    stream: &mut tonic::Streaming<pb::FollowReply>,
+) -> Result<Option<Batch>, Ended> {
+    let Some(first) = stream.message().await? else {
+        return Ok(None);
+    };
+    let decode = |reply: &pb::FollowReply| {
+        decode_reply(reply).map_err(|reason| {
+            metrics::counter!(REPLICA_CORRUPT_REPLIES).increment(1);
+            Ended::from(reason)
+        })
+    };
+    let mut batch = Batch {
+        changes: decode(&first)?,
+        first_lsn: first.lsn,
+        lsn: first.lsn,
+        resumed: first.resumed,
+        snapshot_done: first.snapshot_done,
+        log_id: first.log_id,
+        then: None,
+    };
+    let mut replies = 1;
+    while !batch.snapshot_done && replies < REPLIES_PER_BATCH_MAX {
+        // Only what has already arrived (`Streaming` keeps its state across polls).
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::Pin::new(&mut *stream).poll_next(&mut context) {
+            std::task::Poll::Ready(Some(Ok(reply))) => {
+                batch.changes.extend(decode(&reply)?);
+                batch.lsn = reply.lsn;
+                batch.snapshot_done = reply.snapshot_done;
+                replies += 1;
+            }
+            std::task::Poll::Ready(Some(Err(status))) => {
+                batch.then = Some(status);
+                break;
+            }
+            std::task::Poll::Ready(None) | std::task::Poll::Pending => break,
+        }
+    }
+    Ok(Some(batch))
 }
 
 #[cfg(test)]

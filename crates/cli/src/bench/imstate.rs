@@ -5,8 +5,8 @@
 //!   in one pipeline, coalesced into single writes, exactly like the Redis target;
 //! - `imstate+grpc://HOST:PORT`, gRPC (the node's `listen`): one HTTP/2 channel, D streams;
 //! - `imstate+cluster://HOST:PORT`, a cluster through any node, with the smart client
-//!   (`ClusterClient`): each id to its owner, batches split across owners; sequence
-//!   workloads only (presence is per node in cluster mode);
+//!   (`ClusterClient`): each id to its owner and each uid to its slot's primary, batches
+//!   split across them;
 //! - `imstate+wire-cluster://HOST:PORT`, the same over the wire protocol through any node's
 //!   `wire_listen` (`WireClusterClient`).
 
@@ -24,12 +24,9 @@ enum Connection {
     WireCluster(Box<WireClusterClient>),
 }
 
-/// The error of a presence workload against a cluster target.
-fn per_node() -> anyhow::Error {
-    anyhow::anyhow!(
-        "imstate+cluster:// runs the sequence workloads only: presence is per node in cluster \
-         mode (use imstate://HOST:PORT of one node)"
-    )
+/// Sessions found by a batch lookup.
+fn sessions(found: Vec<Vec<imstate_client::Session>>) -> usize {
+    found.iter().map(Vec::len).sum()
 }
 
 /// Sends the workload's requests to one imstate node over one connection.
@@ -83,7 +80,8 @@ impl ImstateDriver {
         match &self.connection {
             Connection::Wire(client) => client.login(&args).await?,
             Connection::Grpc(client) => client.login(args).await?,
-            Connection::Cluster(_) | Connection::WireCluster(_) => return Err(per_node()),
+            Connection::Cluster(client) => client.login(args).await?,
+            Connection::WireCluster(client) => client.login(args).await?,
         };
         Ok(())
     }
@@ -103,7 +101,8 @@ impl ImstateDriver {
         Ok(match &self.connection {
             Connection::Wire(client) => client.lookup_batch_count(&uids).await?,
             Connection::Grpc(client) => client.lookup_batch_count(uids).await?,
-            Connection::Cluster(_) | Connection::WireCluster(_) => return Err(per_node()),
+            Connection::Cluster(client) => sessions(client.lookup_batch(uids).await?),
+            Connection::WireCluster(client) => sessions(client.lookup_batch(uids).await?),
         })
     }
 }
@@ -138,7 +137,12 @@ impl Driver for ImstateDriver {
                 let unknown = match &self.connection {
                     Connection::Wire(client) => client.heartbeat_batch(&gateway, &pairs).await?,
                     Connection::Grpc(client) => client.heartbeat_batch(&gateway, &pairs).await?,
-                    Connection::Cluster(_) | Connection::WireCluster(_) => return Err(per_node()),
+                    Connection::Cluster(client) => {
+                        client.heartbeat_batch(&gateway, pairs.clone()).await?
+                    }
+                    Connection::WireCluster(client) => {
+                        client.heartbeat_batch(&gateway, pairs.clone()).await?
+                    }
                 };
                 Ok((pairs.len() - unknown.len().min(pairs.len())) as u64)
             }

@@ -67,7 +67,7 @@ pub struct BenchArgs {
     /// What to load: imstate://HOST:PORT (the node's wire protocol, `wire_listen`),
     /// imstate+grpc://HOST:PORT (its gRPC port, `listen`), a cluster through any node with
     /// the smart client: imstate+cluster://HOST:PORT (gRPC) or imstate+wire-cluster://HOST:PORT
-    /// (wire; sequence workloads only), or redis://HOST:PORT.
+    /// (wire), or redis://HOST:PORT.
     #[arg(long, default_value = "imstate://127.0.0.1:7702")]
     pub target: String,
     /// The workload.
@@ -180,10 +180,10 @@ pub enum Target {
     /// An imstate node's gRPC listener at HOST:PORT (`imstate+grpc://`).
     ImstateGrpc(String),
     /// A cluster reached through any node's gRPC listener, with the smart client that
-    /// routes each id to its owner (`imstate+cluster://`; sequence workloads only).
+    /// routes each id to its owner and each uid to its slot's primary (`imstate+cluster://`).
     ImstateCluster(String),
     /// The same through any node's wire listener, with the wire smart client
-    /// (`imstate+wire-cluster://`; sequence workloads only).
+    /// (`imstate+wire-cluster://`).
     ImstateWireCluster(String),
     /// A Redis server at HOST:PORT.
     Redis(String),
