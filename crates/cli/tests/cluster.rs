@@ -43,6 +43,8 @@ fn replication_mode() -> String {
 
 struct TestCluster {
     nodes: Vec<Server>,
+    /// How the test's clients reach the nodes (TLS when they serve it).
+    client: ClientOptions,
     proxies: Vec<CutProxy>,
     // Dropped last: the nodes stop before etcd does.
     _etcd: EtcdProcess,
@@ -56,6 +58,11 @@ impl TestCluster {
 
     /// [`Self::start`] with more environment variables for every node (later ones win).
     fn start_with(nodes: usize, envs: &[(&str, &str)]) -> Self {
+        Self::start_with_client(nodes, envs, ClientOptions::default())
+    }
+
+    /// [`Self::start_with`], the test's clients connecting with `client`.
+    fn start_with_client(nodes: usize, envs: &[(&str, &str)], client: ClientOptions) -> Self {
         let etcd = EtcdProcess::start().expect("etcd (apt-get install etcd-server)");
         let dir = tempfile::tempdir().unwrap();
         let mut proxies = Vec::new();
@@ -93,6 +100,7 @@ impl TestCluster {
         }
         let cluster = Self {
             nodes: servers,
+            client,
             proxies,
             _etcd: etcd,
             _dir: dir,
@@ -113,9 +121,7 @@ impl TestCluster {
         let nodes = self.nodes.len();
         runtime().block_on(async {
             loop {
-                if let Ok(client) =
-                    ClusterClient::connect(&seed, &ClientOptions::default(), None).await
-                {
+                if let Ok(client) = ClusterClient::connect(&seed, &self.client, None).await {
                     let owners: std::collections::BTreeSet<String> = client
                         .table()
                         .await
@@ -762,7 +768,7 @@ async fn wait_held(cluster: &TestCluster, first: &imstate_client::RouteTable, ui
     loop {
         let mut wrong = Vec::new();
         for node in &cluster.nodes {
-            let Ok(client) = Client::connect(&node.addr).await else {
+            let Ok(client) = Client::connect_with(&node.addr, &cluster.client).await else {
                 continue;
             };
             let Ok(status) = client.status().await else {
@@ -788,7 +794,7 @@ async fn wait_held(cluster: &TestCluster, first: &imstate_client::RouteTable, ui
         assert!(Instant::now() < deadline, "{}", wrong.join("; "));
         tokio::time::sleep(Duration::from_millis(200)).await;
         if let Ok(client) =
-            ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None).await
+            ClusterClient::connect(&cluster.nodes[0].addr, &cluster.client, None).await
         {
             table = client.table().await;
         }
@@ -1515,4 +1521,99 @@ fn drain_and_return_move_presence_primaries_through_in_sync_replicas_losing_noth
         let table = client.table().await;
         wait_held(&cluster, &table, &acked).await;
     });
+}
+
+/// With TLS on every node (and `tls.peer_ca_file`), replicas follow their primaries over
+/// TLS: each node holds its slots' sessions as primary and replica, and after kill -9 of a
+/// primary its replica has every session.
+#[test]
+fn presence_replicates_over_tls_between_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = support::make_pki(dir.path(), "peer");
+    let (cert, key, ca) = (
+        pki.server_cert.display().to_string(),
+        pki.server_key.display().to_string(),
+        pki.ca.display().to_string(),
+    );
+    let client = ClientOptions::from_files(Some(&pki.ca), None, None, None).unwrap();
+    let mut cluster = TestCluster::start_with_client(
+        3,
+        &[
+            ("IMSTATE_TLS__CERT_FILE", cert.as_str()),
+            ("IMSTATE_TLS__KEY_FILE", key.as_str()),
+            ("IMSTATE_TLS__PEER_CA_FILE", ca.as_str()),
+        ],
+        client.clone(),
+    );
+    let rt = runtime();
+    let uids: Vec<u64> = (0..60).map(|i| i * 17 + 1).collect();
+    let table = rt.block_on(async {
+        let smart = ClusterClient::connect(&cluster.nodes[0].addr, &client, None)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let table = loop {
+            let table = smart.table().await;
+            let primaries: std::collections::BTreeSet<&str> =
+                table.slots.iter().map(|s| s.primary_id.as_str()).collect();
+            if primaries.len() == 3 {
+                break table;
+            }
+            assert!(Instant::now() < deadline, "slots never placed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        for &uid in &uids {
+            smart
+                .login(imstate_client::LoginArgs {
+                    uid,
+                    device: "phone".into(),
+                    gateway: "gw".into(),
+                    conn: uid,
+                    ttl_ms: 600_000,
+                    meta: Vec::new(),
+                })
+                .await
+                .unwrap();
+        }
+        // Every session twice in all: on its primary and, over TLS, on its replica.
+        wait_held(&cluster, &table, &uids).await;
+        table
+    });
+    let slot = table.slot_route(uids[0]).unwrap().clone();
+    let victim = cluster
+        .nodes
+        .iter()
+        .position(|node| node.addr == slot.primary)
+        .unwrap();
+    cluster.nodes[victim].kill9();
+    let survivor = cluster.nodes[(victim + 1) % 3].addr.clone();
+    rt.block_on(async {
+        let smart = ClusterClient::connect(&survivor, &client, None)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let found = smart.lookup_batch(uids.clone()).await;
+            if let Ok(found) = &found
+                && smart.table().await.slot_route(uids[0]).unwrap().primary_id == slot.replica_id
+            {
+                let lost: Vec<u64> = uids
+                    .iter()
+                    .zip(found)
+                    .filter(|(_, sessions)| sessions.is_empty())
+                    .map(|(uid, _)| *uid)
+                    .collect();
+                assert!(lost.is_empty(), "sessions lost in the promotion: {lost:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "never promoted: {found:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    assert!(
+        metric(
+            &cluster.nodes[(victim + 1) % 3],
+            "imstate_replica_syncs_total"
+        ) >= 1.0
+    );
 }

@@ -255,6 +255,13 @@ pub struct TlsConfig {
     pub key_file: PathBuf,
     /// PEM CA bundle; when set, every client must present a certificate it signed (mTLS).
     pub client_ca_file: PathBuf,
+    /// Cluster mode: PEM CA bundle that signed the other nodes' certificates. A replica
+    /// connects to its primary over TLS, verifies the primary's certificate against it (for
+    /// the host of the primary's advertised address), and presents this node's own
+    /// certificate (which must then allow client authentication if peers require mTLS).
+    /// Empty: `client_ca_file` when set; with neither, a node serving TLS does not replicate
+    /// presence (it says so at start).
+    pub peer_ca_file: PathBuf,
 }
 
 impl TlsConfig {
@@ -652,6 +659,11 @@ impl NodeConfig {
                 "tls.client_ca_file needs tls.cert_file and tls.key_file".into(),
             ));
         }
+        if !self.tls.enabled() && !self.tls.peer_ca_file.as_os_str().is_empty() {
+            return Err(NodeError::Config(
+                "tls.peer_ca_file needs tls.cert_file and tls.key_file".into(),
+            ));
+        }
         for namespace in &self.seq.namespaces {
             namespace.to_def().validate().map_err(|error| {
                 NodeError::Config(format!("seq.namespaces `{}`: {error}", namespace.name))
@@ -832,7 +844,7 @@ mod tests {
         let text = "data_dir = \"/d\"\nlisten = \"0.0.0.0:1\"\nmetrics_listen = \"0.0.0.0:2\"\n\
             wire_listen = \"127.0.0.1:3\"\n\
             log_format = \"json\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n\
-            client_ca_file = \"ca\"\n[auth]\ntoken_file = \"t\"\n\
+            client_ca_file = \"ca\"\npeer_ca_file = \"pca\"\n[auth]\ntoken_file = \"t\"\n\
             [seq]\nbatch_ids_max = 3\nraise_wait_timeout_ms = 4\ncheckpoint_log_bytes = 5\n\
             sections_max = 22\n\
             [[seq.namespaces]]\nname = \"conv\"\nid_lo = 0\nid_hi = 10\n\
@@ -945,6 +957,8 @@ mod tests {
         assert!(error.to_string().contains("tls.key_file"), "{error}");
         let error = NodeConfig::parse("[tls]\nclient_ca_file = \"c\"\n").unwrap_err();
         assert!(error.to_string().contains("tls.client_ca_file"), "{error}");
+        let error = NodeConfig::parse("[tls]\npeer_ca_file = \"c\"\n").unwrap_err();
+        assert!(error.to_string().contains("tls.peer_ca_file"), "{error}");
     }
 
     #[test]

@@ -69,6 +69,7 @@ pub fn spawn(
     cluster: Arc<Cluster>,
     presence: Arc<PresenceStore>,
     token: Option<Vec<u8>>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let mut changes = cluster.route_changes();
@@ -117,7 +118,10 @@ pub fn spawn(
                     assignment.clone(),
                     cluster.status().node,
                     Arc::clone(&presence),
-                    token.clone(),
+                    Peer {
+                        token: token.clone(),
+                        tls: tls.clone(),
+                    },
                     Arc::clone(&synced),
                     Arc::clone(&slots),
                 ));
@@ -208,12 +212,19 @@ impl From<tonic::Status> for Ended {
     }
 }
 
+/// How a replica reaches its primaries: the bearer token to present, and TLS.
+#[derive(Clone)]
+struct Peer {
+    token: Option<Vec<u8>>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
 /// Follows one primary until aborted, asking again after every end.
 async fn follow(
     assignment: ReplicaAssignment,
     replica_id: String,
     presence: Arc<PresenceStore>,
-    token: Option<Vec<u8>>,
+    peer: Peer,
     synced: Arc<AtomicBool>,
     slots: Arc<parking_lot::RwLock<SlotSet>>,
 ) {
@@ -224,7 +235,7 @@ async fn follow(
             &replica_id,
             &slots,
             &presence,
-            token.as_deref(),
+            &peer,
             &mut position,
             &synced,
         )
@@ -275,13 +286,20 @@ async fn follow_once(
     replica_id: &str,
     slots: &parking_lot::RwLock<SlotSet>,
     presence: &Arc<PresenceStore>,
-    token: Option<&[u8]>,
+    peer: &Peer,
     position: &mut Option<Position>,
     in_sync: &AtomicBool,
 ) -> Result<(), Ended> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", assignment.grpc))
-        .map_err(|error| error.to_string())?
-        .connect_timeout(CONNECT_TIMEOUT);
+    let scheme = if peer.tls.is_some() { "https" } else { "http" };
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", assignment.grpc))
+            .map_err(|error| error.to_string())?
+            .connect_timeout(CONNECT_TIMEOUT);
+    if let Some(tls) = &peer.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|error| format!("peer TLS: {error}"))?;
+    }
     let channel = endpoint
         .connect()
         .await
@@ -307,7 +325,7 @@ async fn follow_once(
         .await
         .map_err(|_| "the request stream closed".to_owned())?;
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
-    if let Some(token) = token {
+    if let Some(token) = &peer.token {
         let value = format!("Bearer {}", String::from_utf8_lossy(token));
         let value = value
             .parse()

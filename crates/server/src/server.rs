@@ -59,6 +59,9 @@ pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 #[derive(Clone, Default)]
 struct Security {
     tls: Option<ServerTlsConfig>,
+    /// Cluster mode with TLS: how a replica connects to its primary (`None` without a peer
+    /// CA: no replication, said at start).
+    peer_tls: Option<tonic::transport::ClientTlsConfig>,
     wire_tls: Option<imstate_wire::tls::TlsAcceptor>,
     tokens: Option<Arc<Tokens>>,
 }
@@ -83,7 +86,7 @@ fn read_file(key: &str, path: &std::path::Path) -> Result<Vec<u8>, NodeError> {
 
 impl Security {
     fn load(config: &NodeConfig) -> Result<Self, NodeError> {
-        let (tls, wire_tls) = if config.tls.enabled() {
+        let (tls, wire_tls, peer_tls) = if config.tls.enabled() {
             let cert = read_file("tls.cert_file", &config.tls.cert_file)?;
             let key = read_file("tls.key_file", &config.tls.key_file)?;
             let client_ca = if config.tls.client_ca_file.as_os_str().is_empty() {
@@ -91,6 +94,16 @@ impl Security {
             } else {
                 Some(read_file("tls.client_ca_file", &config.tls.client_ca_file)?)
             };
+            let peer_ca = if config.tls.peer_ca_file.as_os_str().is_empty() {
+                client_ca.clone()
+            } else {
+                Some(read_file("tls.peer_ca_file", &config.tls.peer_ca_file)?)
+            };
+            let peer_tls = peer_ca.map(|ca| {
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .identity(Identity::from_pem(cert.clone(), key.clone()))
+            });
             // Parse the PEM now, so bad material fails before a long recovery, not after.
             let wire = imstate_wire::tls::server_config(&cert, &key, client_ca.as_deref())
                 .map_err(|error| NodeError::Config(error.to_string()))?;
@@ -101,9 +114,13 @@ impl Security {
             tonic::transport::Server::builder()
                 .tls_config(tls.clone())
                 .map_err(|error| NodeError::Config(format!("tls: {}", error_chain(&error))))?;
-            (Some(tls), Some(imstate_wire::tls::TlsAcceptor::from(wire)))
+            (
+                Some(tls),
+                Some(imstate_wire::tls::TlsAcceptor::from(wire)),
+                peer_tls,
+            )
         } else {
-            (None, None)
+            (None, None, None)
         };
         let tokens = if config.auth.enabled() {
             let text = read_file("auth.token_file", &config.auth.token_file)?;
@@ -122,6 +139,7 @@ impl Security {
         };
         Ok(Self {
             tls,
+            peer_tls,
             wire_tls,
             tokens,
         })
@@ -362,11 +380,11 @@ impl Node {
         let replication = match (&seq, self.presence.feed()) {
             (Sequences::Cluster(cluster_seq), Some(feed)) => {
                 let cluster = Arc::clone(cluster_seq.cluster());
-                if self.security.tls.is_some() {
+                if self.security.tls.is_some() && self.security.peer_tls.is_none() {
                     tracing::warn!(
-                        "presence replication is off: this node serves TLS, and replicas do \
-                         not connect to their primaries over TLS yet (a promoted replica starts \
-                         without the sessions)"
+                        "presence replication is off: this node serves TLS and has no CA to \
+                         verify its peers (set tls.peer_ca_file, or tls.client_ca_file); a \
+                         promoted replica starts without the sessions"
                     );
                 } else {
                     crate::follower::spawn(
@@ -376,6 +394,7 @@ impl Node {
                             .tokens
                             .as_ref()
                             .map(|tokens| tokens.peer_token().to_vec()),
+                        self.security.peer_tls.clone(),
                         replication_stopping.clone(),
                     );
                 }
