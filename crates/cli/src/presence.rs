@@ -25,6 +25,10 @@ pub enum PresenceCommand {
         /// JSON output.
         #[arg(long)]
         json: bool,
+        /// Cluster mode: ask each slot's in-sync replica instead of its primary (falling back
+        /// to the primary); under presence.replication = "async" the answer may lag.
+        #[arg(long)]
+        read_replica: bool,
         /// User ids.
         #[arg(required = true)]
         uids: Vec<u64>,
@@ -153,10 +157,15 @@ pub async fn run(command: PresenceCommand) -> anyhow::Result<()> {
         PresenceCommand::Lookup {
             target,
             json: as_json,
+            read_replica,
             uids,
         } => {
             let client = target.connect_cluster().await?;
-            let mut found = client.lookup_batch(uids.clone()).await?;
+            let mut found = if read_replica {
+                client.lookup_batch_from_replicas(uids.clone()).await?
+            } else {
+                client.lookup_batch(uids.clone()).await?
+            };
             // The registry keeps no order among a user's sessions; print a stable one.
             for sessions in &mut found {
                 sessions.sort_by(|a, b| (&a.device, a.conn).cmp(&(&b.device, b.conn)));

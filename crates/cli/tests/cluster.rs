@@ -673,6 +673,33 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
                 .contains(&format!("presence slot {}", uid % 1024)),
             "{error}"
         );
+
+        // Reads off the primaries: the in-sync replica answers when asked to, and only then;
+        // a node that is neither primary nor replica of the slot refuses.
+        let from_replicas = grpc.lookup_batch_from_replicas(uids.clone()).await.unwrap();
+        assert!(from_replicas.iter().all(|sessions| sessions.len() == 1));
+        let index = |id: &str| -> usize { id[1..].parse().unwrap() };
+        let replica = Client::connect(&cluster.nodes[index(&slot.replica_id)].addr)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let found = loop {
+            match replica.lookup_batch_replica(vec![uid]).await {
+                Ok(found) => break found,
+                Err(error) => assert!(Instant::now() < deadline, "{error}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(found[0].len(), 1);
+        assert!(
+            replica.lookup_batch(vec![uid]).await.is_err(),
+            "a plain read is the primary's"
+        );
+        let third = (0..3)
+            .find(|i| ![index(&slot.primary_id), index(&slot.replica_id)].contains(i))
+            .unwrap();
+        let third = Client::connect(&cluster.nodes[third].addr).await.unwrap();
+        assert!(third.lookup_batch_replica(vec![uid]).await.is_err());
     });
 
     // kill -9 of the primary of uid 1's slot: its replica is promoted and takes writes.

@@ -651,6 +651,68 @@ enum Routing<'a> {
 }
 
 impl SmartClient<Client> {
+    /// The gRPC address of the live replica of each uid's slot (`None`: no replica, or no
+    /// slots placed).
+    async fn slot_replicas(&self, uids: &[u64]) -> Vec<Option<String>> {
+        let state = self.state.lock().await;
+        let table = &state.table;
+        uids.iter()
+            .map(|&uid| {
+                let replica = &table.slot_route(uid)?.replica_id;
+                table
+                    .nodes
+                    .iter()
+                    .find(|node| node.node_id == *replica && node.alive && !node.grpc.is_empty())
+                    .map(|node| node.grpc.clone())
+            })
+            .collect()
+    }
+
+    /// [`Self::lookup_batch`] answered by the slots' replicas where they can (group fan-out
+    /// off the primaries): split by replica and merged back in request order. A uid whose
+    /// slot has no live replica, or whose replica refuses (not in sync, the table moved) or
+    /// cannot be reached, is looked up on its primary instead. Under
+    /// `presence.replication = "sync"` the answer shows every acknowledged write, as from
+    /// the primary; under `"async"` it may lag by the replica's lag (`imstate ctl route`).
+    pub async fn lookup_batch_from_replicas(
+        &self,
+        uids: Vec<u64>,
+    ) -> Result<Vec<Vec<Session>>, ClientError> {
+        let mut found: Vec<Option<Vec<Session>>> = vec![None; uids.len()];
+        let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (position, replica) in self.slot_replicas(&uids).await.into_iter().enumerate() {
+            if let Some(address) = replica {
+                groups.entry(address).or_default().push(position);
+            }
+        }
+        let uids_ref = &uids;
+        let calls = groups.into_iter().map(|(address, positions)| async move {
+            let group: Vec<u64> = positions.iter().map(|&i| uids_ref[i]).collect();
+            let result = match self.client(&address).await {
+                Ok(client) => client.lookup_batch_replica(group).await,
+                Err(error) => Err(error),
+            };
+            (positions, result)
+        });
+        for (positions, result) in futures::future::join_all(calls).await {
+            if let Ok(sessions) = result {
+                for (position, sessions) in positions.into_iter().zip(sessions) {
+                    found[position] = Some(sessions);
+                }
+            }
+        }
+        let rest: Vec<usize> = (0..uids.len()).filter(|&i| found[i].is_none()).collect();
+        if !rest.is_empty() {
+            let sessions = self
+                .lookup_batch(rest.iter().map(|&i| uids[i]).collect())
+                .await?;
+            for (position, sessions) in rest.into_iter().zip(sessions) {
+                found[position] = Some(sessions);
+            }
+        }
+        Ok(found.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
     /// The gRPC address of every live node (the seed when the table lists none: embedded).
     async fn every_node(&self) -> Vec<String> {
         let mut addresses = self.live_addresses().await;

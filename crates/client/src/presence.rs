@@ -189,7 +189,10 @@ impl Client {
         let reply = self
             .presence
             .clone()
-            .lookup_batch(pb::LookupBatchRequest { uids })
+            .lookup_batch(pb::LookupBatchRequest {
+                uids,
+                read_replica: false,
+            })
             .await?
             .into_inner();
         self.routes.learn(reply.route);
@@ -206,10 +209,35 @@ impl Client {
         let reply = self
             .presence
             .clone()
-            .lookup_batch(pb::LookupBatchRequest { uids })
+            .lookup_batch(pb::LookupBatchRequest {
+                uids,
+                read_replica: false,
+            })
             .await?
             .into_inner();
         Ok(reply.users.iter().map(|user| user.sessions.len()).sum())
+    }
+
+    /// Like [`Self::lookup_batch`], answered by this node also as the in-sync replica of the
+    /// uids' slots (cluster mode; see `LookupBatchRequest.read_replica`).
+    pub async fn lookup_batch_replica(
+        &self,
+        uids: Vec<u64>,
+    ) -> Result<Vec<Vec<Session>>, ClientError> {
+        let reply = self
+            .presence
+            .clone()
+            .lookup_batch(pb::LookupBatchRequest {
+                uids,
+                read_replica: true,
+            })
+            .await?
+            .into_inner();
+        Ok(reply
+            .users
+            .into_iter()
+            .map(|user| user.sessions.into_iter().map(session_from).collect())
+            .collect())
     }
 
     /// Drops every session of `gateway`; returns how many.

@@ -361,6 +361,8 @@ pub struct PresenceStore {
     sync: OnceLock<Arc<crate::syncacks::SyncAcks>>,
     /// Cluster mode: refuse writes to slots with no replica in sync.
     require_replica: AtomicBool,
+    /// Cluster mode: the slots this node is an in-sync replica of (reads may be served).
+    replica_readable: parking_lot::RwLock<Option<Arc<imstate_presence::SlotSet>>>,
     registry: Arc<ShardedRegistry>,
     journal: Arc<NodeJournal>,
     log: Arc<Log>,
@@ -420,6 +422,7 @@ impl PresenceStore {
         let store = Arc::new(Self {
             gate: OnceLock::new(),
             require_replica: AtomicBool::new(false),
+            replica_readable: parking_lot::RwLock::new(None),
             sync: OnceLock::new(),
             registry,
             journal,
@@ -804,6 +807,29 @@ impl PresenceStore {
         let sessions = self.registry.lookup(uid);
         self.durable().await?;
         Ok(sessions)
+    }
+
+    /// Cluster mode: the slots this node may answer reads for as their in-sync replica (set
+    /// by the replication follower whenever that changes).
+    pub fn set_replica_readable(&self, slots: imstate_presence::SlotSet) {
+        *self.replica_readable.write() = Some(Arc::new(slots));
+    }
+
+    /// [`Self::lookup_batch`], answered also for uids of slots this node is the in-sync
+    /// replica of (a read off the primary; see `LookupBatchRequest.read_replica`).
+    pub async fn lookup_batch_replica(
+        &self,
+        uids: &[u64],
+    ) -> Result<Vec<Vec<Session>>, NodeError> {
+        let readable = self.replica_readable.read().clone();
+        let elsewhere = uids
+            .iter()
+            .copied()
+            .filter(|uid| !readable.as_ref().is_some_and(|slots| slots.contains(*uid)));
+        self.admit_uids(elsewhere)?;
+        let found = self.registry.lookup_batch(uids)?;
+        self.durable_local().await?;
+        Ok(found)
     }
 
     /// The sessions of each uid, in order, once every change they may show is durable.

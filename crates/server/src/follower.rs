@@ -134,6 +134,21 @@ pub fn spawn(
                     },
                 );
             }
+            // What this node may answer reads for as a replica.
+            let mut readable = imstate_presence::SlotSet::empty(
+                wanted.first().map_or(1, |assignment| assignment.slots),
+            );
+            for (assignment, following) in &running {
+                if wanted.contains(assignment)
+                    && following.synced.load(Ordering::Acquire)
+                    && assignment.slots == readable.count()
+                {
+                    for &(start, end) in &assignment.spans {
+                        readable.insert_range(start, end);
+                    }
+                }
+            }
+            presence.set_replica_readable(readable);
             // What this node is an in-sync replica of, for the arbiter: on every change, and
             // again now and then (the key goes with a lapsed lease).
             let mut report: Vec<InSyncRange> = running

@@ -151,8 +151,14 @@ impl Presence for PresenceService {
         &self,
         request: Request<pb::LookupBatchRequest>,
     ) -> Result<Response<pb::LookupBatchReply>, Status> {
-        let uids = request.into_inner().uids;
-        let found = self.store.lookup_batch(&uids).await.map_err(status_from)?;
+        let request = request.into_inner();
+        let uids = request.uids;
+        let found = if request.read_replica {
+            self.store.lookup_batch_replica(&uids).await
+        } else {
+            self.store.lookup_batch(&uids).await
+        }
+        .map_err(status_from)?;
         let users = uids
             .iter()
             .zip(found)
