@@ -1263,8 +1263,9 @@ fn a_paused_replica_resumes_from_its_position_and_require_replica_refuses_writes
     });
 }
 
-/// What [`deposed_primary_run`] saw: logins the paused primary acknowledged, those
-/// acknowledged after it ran again, and the acknowledged ones the promoted replica lacks.
+/// What [`deposed_primary_run`] saw: logins the paused primary acknowledged, those sent
+/// after it ran again and acknowledged all the same, and the acknowledged ones the promoted
+/// replica lacks.
 struct DeposedRun {
     acked: usize,
     acked_after_resume: usize,
@@ -1275,7 +1276,17 @@ struct DeposedRun {
 /// client with a stale table would). The primary is paused (SIGSTOP) past its lease with
 /// writes in flight, its replica is promoted, then it runs again while the clients go on.
 /// Every login it acknowledged must be on the new primary.
-fn deposed_primary_run() -> DeposedRun {
+/// How the primary is deposed in [`deposed_primary_run`].
+#[derive(Clone, Copy, Debug)]
+enum Depose {
+    /// SIGSTOP past its lease, then SIGCONT.
+    Pause,
+    /// Cut from etcd (its proxy) past its lease, still serving clients and its replicas
+    /// meanwhile, then reconnected.
+    Partition,
+}
+
+fn deposed_primary_run(how: Depose) -> DeposedRun {
     let cluster = TestCluster::start(3);
     let rt = runtime();
     let table = wait_slots_placed(&cluster);
@@ -1333,8 +1344,11 @@ fn deposed_primary_run() -> DeposedRun {
                         ttl_ms: 600_000,
                         meta: Vec::new(),
                     };
+                    // When the request was sent: a reply the primary decided before the pause
+                    // may still arrive after it (buffered in the paused process).
+                    let sent = Instant::now();
                     match client.login(login).await {
-                        Ok(_) => acked.lock().unwrap().push((uid, Instant::now())),
+                        Ok(_) => acked.lock().unwrap().push((uid, sent)),
                         Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                     }
                 }
@@ -1342,7 +1356,10 @@ fn deposed_primary_run() -> DeposedRun {
         })
         .collect();
     std::thread::sleep(Duration::from_secs(1));
-    signal(&cluster.nodes[victim], libc::SIGSTOP);
+    match how {
+        Depose::Pause => signal(&cluster.nodes[victim], libc::SIGSTOP),
+        Depose::Partition => cluster.proxies[victim].cut(),
+    }
     // Wait for the promotion, as another node sees it.
     let deadline = Instant::now() + Duration::from_secs(60);
     rt.block_on(async {
@@ -1366,8 +1383,13 @@ fn deposed_primary_run() -> DeposedRun {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    signal(&cluster.nodes[victim], libc::SIGCONT);
+    // A partitioned primary stops acknowledging once its lease is unconfirmed, which is
+    // before the promotion: anything it acknowledged after the promotion was seen is wrong.
     let resumed = Instant::now();
+    match how {
+        Depose::Pause => signal(&cluster.nodes[victim], libc::SIGCONT),
+        Depose::Partition => cluster.proxies[victim].restore(),
+    }
     *resumed_at.lock().unwrap() = Some(resumed);
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
@@ -1375,7 +1397,7 @@ fn deposed_primary_run() -> DeposedRun {
         rt.block_on(writer).unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    let acked_after_resume = acked.iter().filter(|(_, at)| *at > resumed).count();
+    let acked_after_resume = acked.iter().filter(|(_, sent)| *sent > resumed).count();
     let missing = rt.block_on(async {
         let client = ClusterClient::connect(
             &cluster.nodes[witness].addr,
@@ -1416,7 +1438,7 @@ fn deposed_primary_run() -> DeposedRun {
 #[cfg(not(feature = "planted-deposed-primary-writes"))]
 #[test]
 fn a_paused_primary_is_deposed_and_acknowledges_nothing_its_promoted_replica_lacks() {
-    let run = deposed_primary_run();
+    let run = deposed_primary_run(Depose::Pause);
     assert!(run.acked > 100, "the clients wrote before the pause");
     assert_eq!(run.acked_after_resume, 0, "the deposed primary took writes");
     if replication_mode() == "sync" {
@@ -1429,7 +1451,7 @@ fn a_paused_primary_is_deposed_and_acknowledges_nothing_its_promoted_replica_lac
 #[cfg(feature = "planted-deposed-primary-writes")]
 #[test]
 fn planted_deposed_primary_writes_are_caught() {
-    let run = deposed_primary_run();
+    let run = deposed_primary_run(Depose::Pause);
     assert!(
         run.acked_after_resume > 0 && !run.missing.is_empty(),
         "the planted bug went unseen: the deposed-primary check cannot fail"
@@ -1643,4 +1665,18 @@ fn presence_replicates_over_tls_between_nodes() {
             "imstate_replica_syncs_total"
         ) >= 1.0
     );
+}
+
+/// The same with the primary cut from etcd instead of paused: it keeps running, serving its
+/// clients and streaming to its replica, while its lease lapses and its replica is promoted.
+#[cfg(not(feature = "planted-deposed-primary-writes"))]
+#[test]
+fn a_primary_partitioned_from_etcd_is_deposed_and_acknowledges_nothing_its_promoted_replica_lacks()
+{
+    let run = deposed_primary_run(Depose::Partition);
+    assert!(run.acked > 100, "the clients wrote before the partition");
+    assert_eq!(run.acked_after_resume, 0, "the deposed primary took writes");
+    if replication_mode() == "sync" {
+        assert_eq!(run.missing, Vec::<u64>::new(), "acknowledged logins lost");
+    }
 }
