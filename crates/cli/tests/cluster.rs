@@ -1680,3 +1680,100 @@ fn a_primary_partitioned_from_etcd_is_deposed_and_acknowledges_nothing_its_promo
         assert_eq!(run.missing, Vec::<u64>::new(), "acknowledged logins lost");
     }
 }
+
+/// The sum of a metric's samples whose labels contain `label` (e.g. `outcome="behind"`).
+fn metric_labeled(server: &Server, name: &str, label: &str) -> f64 {
+    let Some((200, body)) = support::http_get(&server.metrics_addr, "/metrics") else {
+        return 0.0;
+    };
+    body.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(label))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Bounded (B1): a replica that stalls (SIGSTOP) while its primary takes far more writes than
+/// its change feed holds (`presence.replication_feed_bytes`, 64 KiB here, under `async` so
+/// that the primary never waits for it) is told it fell behind once it runs again, and
+/// resyncs by snapshot; it then holds every session.
+#[test]
+fn a_replica_that_falls_behind_the_bounded_feed_resyncs_by_snapshot() {
+    let cluster = TestCluster::start_with(
+        3,
+        &[
+            ("IMSTATE_PRESENCE__REPLICATION", "async"),
+            ("IMSTATE_PRESENCE__REPLICATION_FEED_BYTES", "65536"),
+            ("IMSTATE_CLUSTER__LEASE_TTL_MS", "6000"),
+        ],
+    );
+    let rt = runtime();
+    let table = wait_slots_placed(&cluster);
+    wait_route_in_sync(&cluster);
+    let slot = table.slot_route(1).unwrap().clone();
+    let index = |id: &str| -> usize { id[1..].parse().unwrap() };
+    let (primary, replica) = (
+        &cluster.nodes[index(&slot.primary_id)],
+        &cluster.nodes[index(&slot.replica_id)],
+    );
+    let syncs = metric(replica, "imstate_replica_syncs_total");
+    // Uids of the slots this primary has this replica for.
+    let uids: Vec<u64> = (1..4_000_000u64)
+        .filter(|uid| {
+            table.slot_route(*uid).is_some_and(|route| {
+                route.primary_id == slot.primary_id && route.replica_id == slot.replica_id
+            })
+        })
+        .take(120_000)
+        .collect();
+    signal(replica, libc::SIGSTOP);
+    let written = rt.block_on(async {
+        let client = WireClient::connect(&primary.wire_addr, "").await.unwrap();
+        let tasks: Vec<_> = uids
+            .chunks(uids.len() / 8)
+            .map(|chunk| {
+                let (client, chunk) = (client.clone(), chunk.to_vec());
+                tokio::spawn(async move {
+                    for uid in chunk {
+                        let login = imstate_client::LoginArgs {
+                            uid,
+                            device: "phone".into(),
+                            gateway: "gw".into(),
+                            conn: uid,
+                            ttl_ms: 600_000,
+                            meta: Vec::new(),
+                        };
+                        client.login(&login).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        uids.len()
+    });
+    signal(replica, libc::SIGCONT);
+    println!("{written} logins written while the replica was stopped");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(replica, "imstate_replica_syncs_total") <= syncs {
+        assert!(Instant::now() < deadline, "the replica never resynced");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        metric_labeled(
+            primary,
+            "imstate_replication_streams_total",
+            "outcome=\"behind\""
+        ) >= 1.0,
+        "the primary told the replica it fell behind its feed"
+    );
+    rt.block_on(async {
+        let table =
+            ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
+                .await
+                .unwrap()
+                .table()
+                .await;
+        wait_held(&cluster, &table, &uids).await;
+    });
+}

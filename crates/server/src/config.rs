@@ -354,6 +354,10 @@ pub struct PresenceConfig {
     /// replica holds, instead of serving them with one copy (degraded, counted by the metric
     /// `imstate_cluster_presence_slots_degraded`). Reads are served either way.
     pub require_replica: bool,
+    /// Cluster mode: bytes of recent change records a primary keeps for its replicas (B1).
+    /// A replica that falls further behind (stalled, paused, slow) resyncs by snapshot; the
+    /// primary's memory never grows with it. 65536 to 4294967296; default 64 MiB.
+    pub replication_feed_bytes: u64,
 }
 
 impl Default for PresenceConfig {
@@ -378,6 +382,7 @@ impl Default for PresenceConfig {
             replication: "sync".into(),
             replica_ack_timeout_ms: 1_000,
             require_replica: false,
+            replication_feed_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -423,6 +428,11 @@ impl PresenceConfig {
                 "presence.replication must be \"sync\" or \"async\", not {:?}",
                 self.replication
             )));
+        }
+        if !(65_536..=4_294_967_296).contains(&self.replication_feed_bytes) {
+            return Err(NodeError::Config(
+                "presence.replication_feed_bytes must be in 65536..=4294967296".into(),
+            ));
         }
         if !(10..=60_000).contains(&self.replica_ack_timeout_ms) {
             return Err(NodeError::Config(
@@ -854,7 +864,7 @@ mod tests {
             segment_bytes = 131072\n\
             watch_buffer_events = 15\nwatch_subscribers_max = 16\nwatch_uids_max = 17\n\
             slots = 21\nreplication = \"async\"\nreplica_ack_timeout_ms = 22\n\
-            require_replica = true\n\
+            require_replica = true\nreplication_feed_bytes = 70000\n\
             [wire]\nhello_timeout_ms = 18\nidle_timeout_ms = 19\n\
             connections_per_source_max = 20\ninput_budget_bytes = 9000000\n\
             [cluster]\nname = \"c1\"\netcd = \"127.0.0.1:2379\"\nnode_id = \"n1\"\n\
@@ -883,6 +893,10 @@ mod tests {
             (
                 "replica_ack_timeout_ms = 5",
                 "presence.replica_ack_timeout_ms",
+            ),
+            (
+                "replication_feed_bytes = 1000",
+                "presence.replication_feed_bytes",
             ),
         ] {
             let config = NodeConfig::parse(&format!("[presence]\n{text}\n"))

@@ -242,7 +242,10 @@ impl Node {
             // Presence requests go through the slot ownership check from now on.
             presence.set_gate(Arc::clone(cluster_seq.cluster()) as _);
             // Replicas read this node's recent changes from the feed.
-            presence.enable_feed(imstate_node::feed::FeedLimits::default());
+            presence.enable_feed(imstate_node::feed::FeedLimits {
+                bytes_max: usize::try_from(config.presence.replication_feed_bytes)
+                    .unwrap_or(usize::MAX),
+            });
             // Replica streams are booked in both modes; writes wait for them under "sync".
             presence.set_sync(imstate_node::syncacks::SyncAcks::new(
                 std::time::Duration::from_millis(config.presence.replica_ack_timeout_ms),
