@@ -625,10 +625,10 @@ mod tests {
                     prop_assert!(live.contains(new.primary.as_str()));
                     // With `synced`, primaries also move for balance after a promotion: each
                     // plan's moves are checked by `settle_with`.
-                    if synced {
-                    } else if live.contains(old.primary.as_str()) {
+                    let promoted = old.replica.as_deref().filter(|r| live.contains(r));
+                    if !synced && live.contains(old.primary.as_str()) {
                         prop_assert_eq!(&new.primary, &old.primary);
-                    } else if let Some(replica) = old.replica.as_deref().filter(|r| live.contains(r)) {
+                    } else if let (false, Some(replica)) = (synced, promoted) {
                         prop_assert_eq!(new.primary.as_str(), replica);
                     }
                     if live.len() > 1 {

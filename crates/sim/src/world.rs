@@ -96,6 +96,10 @@ pub struct Report {
     pub route_writes: u64,
     /// Node ticks at which a node would take presence writes for a slot (one per slot).
     pub slot_serves: usize,
+    /// Times a slot's writes passed to another node while the node that took them before
+    /// was still running (a planned handover: a drain or a balancing move to an in-sync
+    /// replica), which the S3 checker watches like any other.
+    pub slot_handovers_live: usize,
 }
 
 impl Report {
@@ -310,6 +314,8 @@ struct World {
     clients: Vec<Client>,
     history: Vec<SeqCall>,
     serves: Vec<Serve>,
+    /// The node (and its incarnation) that last took writes for each presence slot.
+    slot_takers: Vec<Option<(usize, u32)>>,
     report: Report,
 }
 
@@ -352,6 +358,7 @@ pub fn run(config: &SimConfig) -> Report {
         clients,
         history: Vec::new(),
         serves: Vec::new(),
+        slot_takers: vec![None; config.slots as usize],
         report: Report {
             seed: config.seed,
             ..Report::default()
@@ -615,6 +622,15 @@ impl World {
                     at_us: self.now_us,
                 });
                 self.report.slot_serves += 1;
+                let incarnation = self.nodes[node].incarnation;
+                if let Some((before, before_incarnation)) = self.slot_takers[slot as usize]
+                    && before != node
+                    && self.nodes[before].alive
+                    && self.nodes[before].incarnation == before_incarnation
+                {
+                    self.report.slot_handovers_live += 1;
+                }
+                self.slot_takers[slot as usize] = Some((node, incarnation));
             }
         }
     }

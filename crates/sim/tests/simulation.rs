@@ -80,9 +80,11 @@ fn summary(reports: &[Report]) -> String {
     let fenced: u64 = reports.iter().map(|r| r.raises_fenced).sum();
     let routes: u64 = reports.iter().map(|r| r.route_writes).sum();
     let slots: usize = reports.iter().map(|r| r.slot_serves).sum();
+    let handovers: usize = reports.iter().map(|r| r.slot_handovers_live).sum();
     format!(
         "{} seeds: {ok} calls served, {unknown} unknown, {faults} faults, {fenced} raises \
-         refused by their fence, {routes} route tables written, {slots} slot-ticks primary",
+         refused by their fence, {routes} route tables written, {slots} slot-ticks primary, \
+         {handovers} slot handovers from a running node",
         reports.len()
     )
 }
