@@ -678,8 +678,7 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
         // a node that is neither primary nor replica of the slot refuses.
         let from_replicas = grpc.lookup_batch_from_replicas(uids.clone()).await.unwrap();
         assert!(from_replicas.iter().all(|sessions| sessions.len() == 1));
-        let index = |id: &str| -> usize { id[1..].parse().unwrap() };
-        let replica = Client::connect(&cluster.nodes[index(&slot.replica_id)].addr)
+        let replica = Client::connect(&cluster.nodes[node_index(&slot.replica_id)].addr)
             .await
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -696,7 +695,7 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
             "a plain read is the primary's"
         );
         let third = (0..3)
-            .find(|i| ![index(&slot.primary_id), index(&slot.replica_id)].contains(i))
+            .find(|i| ![node_index(&slot.primary_id), node_index(&slot.replica_id)].contains(i))
             .unwrap();
         let third = Client::connect(&cluster.nodes[third].addr).await.unwrap();
         assert!(third.lookup_batch_replica(vec![uid]).await.is_err());
@@ -1117,6 +1116,41 @@ fn online_uids(cluster: &TestCluster, tried: u64) -> Vec<u64> {
     })
 }
 
+/// A login of `uid` on gateway `gw` from a phone, with a ttl of 10 minutes.
+fn phone_login(uid: u64, conn: u64) -> imstate_client::LoginArgs {
+    imstate_client::LoginArgs {
+        uid,
+        device: "phone".into(),
+        gateway: "gw".into(),
+        conn,
+        ttl_ms: 600_000,
+        meta: Vec::new(),
+    }
+}
+
+/// The index of node `id` in a [`TestCluster`] (nodes are named `n0`, `n1`, ...).
+fn node_index(id: &str) -> usize {
+    id.strip_prefix('n')
+        .and_then(|n| n.parse().ok())
+        .expect("a test node id")
+}
+
+/// The uids of `uids` that have no session, as their slots' primaries answer.
+async fn without_session(client: &ClusterClient, uids: &[u64]) -> Vec<u64> {
+    let mut missing = Vec::new();
+    for chunk in uids.chunks(500) {
+        let found = client.lookup_batch(chunk.to_vec()).await.unwrap();
+        missing.extend(
+            chunk
+                .iter()
+                .zip(found)
+                .filter(|(_, sessions)| sessions.is_empty())
+                .map(|(uid, _)| *uid),
+        );
+    }
+    missing
+}
+
 /// The sum of a metric's samples (every label set) on `server`, 0 when it has none yet.
 fn metric(server: &Server, name: &str) -> f64 {
     let Some((200, body)) = support::http_get(&server.metrics_addr, "/metrics") else {
@@ -1174,29 +1208,10 @@ fn a_paused_replica_resumes_from_its_position_and_require_replica_refuses_writes
     );
     let uid = 1u64;
     let slot = table.slot_route(uid).unwrap().clone();
-    let index_of = |id: &str| {
-        cluster
-            .nodes
-            .iter()
-            .position(|node| {
-                rt.block_on(async {
-                    let client = Client::connect(&node.addr).await.unwrap();
-                    client.status().await.unwrap().node_id == id
-                })
-            })
-            .unwrap()
-    };
-    let primary = &cluster.nodes[index_of(&slot.primary_id)];
-    let replica = &cluster.nodes[index_of(&slot.replica_id)];
+    let primary = &cluster.nodes[node_index(&slot.primary_id)];
+    let replica = &cluster.nodes[node_index(&slot.replica_id)];
     // Uids of the same slot: uid + k * 1024.
-    let login = |k: u64| imstate_client::LoginArgs {
-        uid: uid + k * 1024,
-        device: "phone".into(),
-        gateway: "gw".into(),
-        conn: k,
-        ttl_ms: 600_000,
-        meta: Vec::new(),
-    };
+    let login = |k: u64| phone_login(uid + k * 1024, k);
     let client = rt.block_on(Client::connect(&primary.addr)).unwrap();
     rt.block_on(client.login(login(1))).unwrap();
     let syncs = metric(replica, "imstate_replica_syncs_total");
@@ -1292,19 +1307,7 @@ fn deposed_primary_run(how: Depose) -> DeposedRun {
     let table = wait_slots_placed(&cluster);
     wait_route_in_sync(&cluster);
     let slot = table.slot_route(1).unwrap().clone();
-    let index_of = |id: &str| {
-        cluster
-            .nodes
-            .iter()
-            .position(|node| {
-                rt.block_on(async {
-                    let client = Client::connect(&node.addr).await.unwrap();
-                    client.status().await.unwrap().node_id == id
-                })
-            })
-            .unwrap()
-    };
-    let victim = index_of(&slot.primary_id);
+    let victim = node_index(&slot.primary_id);
     let witness = (victim + 1) % 3;
     let uids: Arc<Vec<u64>> = Arc::new(
         (1..2_000_000u64)
@@ -1336,14 +1339,7 @@ fn deposed_primary_run(how: Depose) -> DeposedRun {
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     let index = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&uid) = uids.get(index) else { break };
-                    let login = imstate_client::LoginArgs {
-                        uid,
-                        device: "phone".into(),
-                        gateway: "gw".into(),
-                        conn: uid,
-                        ttl_ms: 600_000,
-                        meta: Vec::new(),
-                    };
+                    let login = phone_login(uid, uid);
                     // When the request was sent: a reply the primary decided before the pause
                     // may still arrive after it (buffered in the paused process).
                     let sent = Instant::now();
@@ -1407,18 +1403,7 @@ fn deposed_primary_run(how: Depose) -> DeposedRun {
         .await
         .unwrap();
         let uids: Vec<u64> = acked.iter().map(|(uid, _)| *uid).collect();
-        let mut missing = Vec::new();
-        for chunk in uids.chunks(500) {
-            let found = client.lookup_batch(chunk.to_vec()).await.unwrap();
-            missing.extend(
-                chunk
-                    .iter()
-                    .zip(found)
-                    .filter(|(_, sessions)| sessions.is_empty())
-                    .map(|(uid, _)| *uid),
-            );
-        }
-        missing
+        without_session(&client, &uids).await
     });
     println!(
         "deposed primary: {} logins acknowledged, {acked_after_resume} after it ran again, {} \
@@ -1505,14 +1490,7 @@ fn drain_and_return_move_presence_primaries_through_in_sync_replicas_losing_noth
                 let deadline = Instant::now() + Duration::from_secs(150);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     let uid = next.fetch_add(1, Ordering::Relaxed);
-                    let login = imstate_client::LoginArgs {
-                        uid,
-                        device: "phone".into(),
-                        gateway: "gw".into(),
-                        conn: uid,
-                        ttl_ms: 600_000,
-                        meta: Vec::new(),
-                    };
+                    let login = phone_login(uid, uid);
                     match client.login(login).await {
                         Ok(_) => acked.lock().unwrap().push(uid),
                         Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -1550,17 +1528,7 @@ fn drain_and_return_move_presence_primaries_through_in_sync_replicas_losing_noth
             ClusterClient::connect(&cluster.nodes[1].addr, &ClientOptions::default(), None)
                 .await
                 .unwrap();
-        let mut missing = Vec::new();
-        for chunk in acked.chunks(500) {
-            let found = client.lookup_batch(chunk.to_vec()).await.unwrap();
-            missing.extend(
-                chunk
-                    .iter()
-                    .zip(found)
-                    .filter(|(_, s)| s.is_empty())
-                    .map(|(u, _)| *u),
-            );
-        }
+        let missing = without_session(&client, &acked).await;
         println!(
             "{} logins acknowledged through a drain and a return, {} missing",
             acked.len(),
@@ -1612,17 +1580,7 @@ fn presence_replicates_over_tls_between_nodes() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         for &uid in &uids {
-            smart
-                .login(imstate_client::LoginArgs {
-                    uid,
-                    device: "phone".into(),
-                    gateway: "gw".into(),
-                    conn: uid,
-                    ttl_ms: 600_000,
-                    meta: Vec::new(),
-                })
-                .await
-                .unwrap();
+            smart.login(phone_login(uid, uid)).await.unwrap();
         }
         // Every session twice in all: on its primary and, over TLS, on its replica.
         wait_held(&cluster, &table, &uids).await;
@@ -1710,10 +1668,9 @@ fn a_replica_that_falls_behind_the_bounded_feed_resyncs_by_snapshot() {
     let table = wait_slots_placed(&cluster);
     wait_route_in_sync(&cluster);
     let slot = table.slot_route(1).unwrap().clone();
-    let index = |id: &str| -> usize { id[1..].parse().unwrap() };
     let (primary, replica) = (
-        &cluster.nodes[index(&slot.primary_id)],
-        &cluster.nodes[index(&slot.replica_id)],
+        &cluster.nodes[node_index(&slot.primary_id)],
+        &cluster.nodes[node_index(&slot.replica_id)],
     );
     let syncs = metric(replica, "imstate_replica_syncs_total");
     // Uids of the slots this primary has this replica for.
@@ -1734,14 +1691,7 @@ fn a_replica_that_falls_behind_the_bounded_feed_resyncs_by_snapshot() {
                 let (client, chunk) = (client.clone(), chunk.to_vec());
                 tokio::spawn(async move {
                     for uid in chunk {
-                        let login = imstate_client::LoginArgs {
-                            uid,
-                            device: "phone".into(),
-                            gateway: "gw".into(),
-                            conn: uid,
-                            ttl_ms: 600_000,
-                            meta: Vec::new(),
-                        };
+                        let login = phone_login(uid, uid);
                         client.login(&login).await.unwrap();
                     }
                 })

@@ -186,13 +186,19 @@ impl Client {
 
     /// The sessions of each uid, in request order.
     pub async fn lookup_batch(&self, uids: Vec<u64>) -> Result<Vec<Vec<Session>>, ClientError> {
+        self.lookup_batch_as(uids, false).await
+    }
+
+    /// `LookupBatch`, with `read_replica` as given.
+    async fn lookup_batch_as(
+        &self,
+        uids: Vec<u64>,
+        read_replica: bool,
+    ) -> Result<Vec<Vec<Session>>, ClientError> {
         let reply = self
             .presence
             .clone()
-            .lookup_batch(pb::LookupBatchRequest {
-                uids,
-                read_replica: false,
-            })
+            .lookup_batch(pb::LookupBatchRequest { uids, read_replica })
             .await?
             .into_inner();
         self.routes.learn(reply.route);
@@ -224,20 +230,7 @@ impl Client {
         &self,
         uids: Vec<u64>,
     ) -> Result<Vec<Vec<Session>>, ClientError> {
-        let reply = self
-            .presence
-            .clone()
-            .lookup_batch(pb::LookupBatchRequest {
-                uids,
-                read_replica: true,
-            })
-            .await?
-            .into_inner();
-        Ok(reply
-            .users
-            .into_iter()
-            .map(|user| user.sessions.into_iter().map(session_from).collect())
-            .collect())
+        self.lookup_batch_as(uids, true).await
     }
 
     /// Drops every session of `gateway`; returns how many.

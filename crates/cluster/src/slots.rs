@@ -187,21 +187,13 @@ pub(crate) fn plan_slots(
             break;
         };
         let moved = moved.min(budget.min(u64::from(u32::MAX)) as u32);
-        let range = &mut next.ranges[index];
-        let mut part = range.clone();
-        part.start = range.end - moved;
+        let part = move_tail(&mut next.ranges, index, moved);
         let to = part.replica.take().expect("filtered");
         let from = std::mem::replace(&mut part.primary, to.clone());
         part.since = version;
         part.handover = true;
         part.replica = Some(from.clone());
         part.replica_since = version;
-        range.end = part.start;
-        if range.is_empty() {
-            next.ranges[index] = part;
-        } else {
-            next.ranges.insert(index + 1, part);
-        }
         if let Some(load) = primaries.get_mut(&from) {
             *load -= moved;
         }
@@ -240,17 +232,9 @@ pub(crate) fn plan_slots(
             break;
         };
         let moved = want.min(len).min(budget.min(u64::from(u32::MAX)) as u32);
-        let range = &mut next.ranges[index];
-        let mut part = range.clone();
-        part.start = range.end - moved;
+        let part = move_tail(&mut next.ranges, index, moved);
         part.replica = Some(to.clone());
         part.replica_since = version;
-        range.end = part.start;
-        if range.is_empty() {
-            next.ranges[index] = part;
-        } else {
-            next.ranges.insert(index + 1, part);
-        }
         *replicas.get_mut(&most).expect("counted") -= moved;
         *replicas.get_mut(&to).expect("a target") += moved;
         budget -= u64::from(moved);
@@ -262,6 +246,19 @@ pub(crate) fn plan_slots(
     }
     merge(&mut next.ranges);
     Some(next)
+}
+
+/// Splits the last `moved` slots of `ranges[index]` off into a range of their own (the
+/// whole range when it has no more) and returns it, for the caller to give its new roles.
+fn move_tail(ranges: &mut Vec<SlotRange>, index: usize, moved: u32) -> &mut SlotRange {
+    if moved >= ranges[index].len() {
+        return &mut ranges[index];
+    }
+    let mut part = ranges[index].clone();
+    part.start = part.end - moved;
+    ranges[index].end = part.start;
+    ranges.insert(index + 1, part);
+    &mut ranges[index + 1]
 }
 
 /// Rule 1.
