@@ -1570,7 +1570,13 @@ fn presence_replicates_over_tls_between_nodes() {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         let table = loop {
-            let table = smart.table().await;
+            // A fresh client each time: a smart client keeps the table it read until a call
+            // tells it of a newer one, and slots are placed a cooldown after the cluster forms.
+            let table = ClusterClient::connect(&cluster.nodes[0].addr, &client, None)
+                .await
+                .unwrap()
+                .table()
+                .await;
             let primaries: std::collections::BTreeSet<&str> =
                 table.slots.iter().map(|s| s.primary_id.as_str()).collect();
             if primaries.len() == 3 {
