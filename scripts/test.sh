@@ -80,6 +80,9 @@ run_tests -p imstate-node --features planted-ack-before-replica --lib presencest
 step "negative control: a deposed presence primary keeps accepting writes"
 run_tests -p imstate --features planted-deposed-primary-writes --test cluster planted_deposed
 
+step "negative control: a Watch resume that skips the events after its position"
+run_tests -p imstate-node --features planted-watch-resume-without-backlog --lib watch::tests
+
 # The soak, short: memory, descriptors and latency stay flat under steady mixed load. The long
 # run is by hand: scripts/soak.sh (SOAK_SECONDS=1800 by default).
 step "soak (short): SOAK_SECONDS=30 SOAK_SEGMENT=10 scripts/soak.sh"

@@ -9,7 +9,7 @@
 //! prints a JSON array.
 
 use clap::{Args, Subcommand};
-use imstate_client::{LoginArgs, Session, WatchKind};
+use imstate_client::{ClusterWatchItem, LoginArgs, Session, WatchEvent, WatchKind, WatchPosition};
 use tokio_stream::StreamExt;
 
 use crate::seq::Target;
@@ -67,11 +67,21 @@ pub enum PresenceCommand {
         gateway: String,
     },
     /// Prints login / logout / expire events as they happen (of the given uids, or all).
+    ///
+    /// With uids, follows their slots' primaries in a cluster: where events may have been
+    /// lost (a promotion) it prints each uid's sessions now as `-<TAB>gap<TAB>UID<TAB>...`.
+    /// Without uids, or with `--from`, it watches the one node at `--addr`; it prints its
+    /// position (`LOG_ID:LSN`) to stderr at the start and when the stream ends, which
+    /// `--from` resumes after, delivering the events in between.
     Watch {
         #[command(flatten)]
         target: Target,
         /// Only these uids.
         uids: Vec<u64>,
+        /// Resume after this position of the node's log, `LOG_ID:LSN` (printed by an earlier
+        /// watch); refused with OUT_OF_RANGE if the node no longer holds what followed it.
+        #[arg(long, value_name = "LOG_ID:LSN")]
+        from: Option<String>,
     },
 }
 
@@ -111,6 +121,35 @@ pub struct SessionKey {
     /// Connection id.
     #[arg(long)]
     conn: u64,
+}
+
+fn print_event(event: &WatchEvent) {
+    let kind = match event.kind {
+        WatchKind::Login => "login",
+        WatchKind::Logout => "logout",
+        WatchKind::Expire => "expire",
+        WatchKind::GatewayDown => "gateway-down",
+    };
+    println!(
+        "{}\t{kind}\t{}\t{}",
+        event.lsn,
+        event.session.uid,
+        describe(&event.session)
+    );
+}
+
+/// Parses `LOG_ID:LSN` (the log id has no colon).
+fn parse_position(text: &str) -> anyhow::Result<WatchPosition> {
+    let (log_id, lsn) = text
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow::anyhow!("--from takes LOG_ID:LSN, not {text:?}"))?;
+    let lsn = lsn
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--from takes LOG_ID:LSN; {lsn:?} is not an LSN"))?;
+    Ok(WatchPosition {
+        log_id: log_id.to_string(),
+        lsn,
+    })
 }
 
 fn describe(session: &Session) -> String {
@@ -244,24 +283,50 @@ pub async fn run(command: PresenceCommand) -> anyhow::Result<()> {
                 .gateway_heartbeat(&gateway)
                 .await?;
         }
-        PresenceCommand::Watch { target, uids } => {
-            let client = target.connect().await?;
-            let mut events = std::pin::pin!(client.watch(uids).await?);
-            while let Some(event) = events.next().await {
-                let event = event?;
-                let kind = match event.kind {
-                    WatchKind::Login => "login",
-                    WatchKind::Logout => "logout",
-                    WatchKind::Expire => "expire",
-                    WatchKind::GatewayDown => "gateway-down",
-                };
-                println!(
-                    "{}\t{kind}\t{}\t{}",
-                    event.lsn,
-                    event.session.uid,
-                    describe(&event.session)
-                );
+        PresenceCommand::Watch { target, uids, from } => {
+            if from.is_none() && !uids.is_empty() {
+                let mut watch = target.connect_cluster().await?.watch(uids).await?;
+                while let Some(item) = watch.next().await {
+                    match item {
+                        ClusterWatchItem::Event(event) => print_event(&event),
+                        ClusterWatchItem::Gap {
+                            uids,
+                            sessions,
+                            reason,
+                        } => {
+                            eprintln!("events may have been lost: {reason}");
+                            for (uid, sessions) in uids.iter().zip(sessions) {
+                                let now: Vec<String> = sessions.iter().map(describe).collect();
+                                let now = if now.is_empty() {
+                                    "offline".to_string()
+                                } else {
+                                    now.join("\t")
+                                };
+                                println!("-\tgap\t{uid}\t{now}");
+                            }
+                        }
+                    }
+                }
+                return Ok(());
             }
+            let from = from.as_deref().map(parse_position).transpose()?;
+            let client = target.connect().await?;
+            let mut events = client.watch_from(uids, from.as_ref()).await?;
+            let position = |events: &imstate_client::WatchStream| {
+                let at = events.position();
+                format!("{}:{}", at.log_id, at.lsn)
+            };
+            eprintln!("watching from {}", position(&events));
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(event) => print_event(&event),
+                    Err(error) => {
+                        eprintln!("stopped at {} (resume with --from)", position(&events));
+                        return Err(error.into());
+                    }
+                }
+            }
+            eprintln!("stopped at {} (resume with --from)", position(&events));
         }
     }
     Ok(())

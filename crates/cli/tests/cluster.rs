@@ -580,6 +580,8 @@ fn nemesis_rounds_keep_s1() {
 #[test]
 fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
     let mut cluster = TestCluster::start(3);
+    // One runtime for the whole test: the cluster Watch's tasks live on it.
+    let rt = runtime();
     // Spread over the 1024 slots, so over every primary.
     let uids: Vec<u64> = (0..60).map(|i| i * 17 + 1).collect();
     let login = |uid: u64| imstate_client::LoginArgs {
@@ -615,7 +617,16 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
         "{route}"
     );
 
-    runtime().block_on(async {
+    // A cluster Watch of every uid, opened before the logins: one stream per primary.
+    let mut watch = rt.block_on(async {
+        ClusterClient::connect(&cluster.nodes[1].addr, &ClientOptions::default(), None)
+            .await
+            .unwrap()
+            .watch(uids.clone())
+            .await
+            .unwrap()
+    });
+    rt.block_on(async {
         // Logins through the wire smart client of one node land on every primary.
         let wire = WireClusterClient::connect(
             &cluster.nodes[2].wire_addr,
@@ -632,6 +643,16 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
             found.iter().all(|sessions| sessions.len() == 1),
             "{found:?}"
         );
+        // The Watch saw each login once, from whichever primary holds the uid.
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < uids.len() {
+            match tokio::time::timeout(Duration::from_secs(10), watch.next()).await {
+                Ok(Some(imstate_client::ClusterWatchItem::Event(event))) => {
+                    assert!(seen.insert(event.session.uid), "twice: {event:?}");
+                }
+                other => panic!("after {} login events: {other:?}", seen.len()),
+            }
+        }
         // Each node holds the sessions of the slots it is primary or replica of, and only
         // those: every session twice in all, once replication has caught up.
         wait_held(&cluster, &table, &uids).await;
@@ -709,14 +730,14 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
         .position(|node| node.wire_addr == slot.primary_wire)
         .unwrap();
     let survivor = (victim + 1) % 3;
-    let held = runtime().block_on(async {
+    let held = rt.block_on(async {
         let client = Client::connect(&cluster.nodes[victim].addr).await.unwrap();
         client.online_count().await.unwrap()
     });
     assert!(held > 0, "the victim held its slots' sessions");
     let killed_at = Instant::now();
     cluster.nodes[victim].kill9();
-    let promoted = runtime().block_on(async {
+    let promoted = rt.block_on(async {
         let grpc = ClusterClient::connect(
             &cluster.nodes[survivor].addr,
             &ClientOptions::default(),
@@ -743,7 +764,7 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
     assert!(!now.replica_id.is_empty() && now.replica_id != now.primary_id);
     // The promoted replica had every session of the dead primary's slots: none is lost
     // (replication had caught up before the kill).
-    runtime().block_on(async {
+    rt.block_on(async {
         let grpc = ClusterClient::connect(
             &cluster.nodes[survivor].addr,
             &ClientOptions::default(),
@@ -761,12 +782,67 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
         assert!(lost.is_empty(), "sessions lost in the promotion: {lost:?}");
     });
 
+    // The Watch followed the promotion: the uids of the dead primary's slots, and only
+    // those, got a gap with their sessions as the new primaries hold them (the events of a
+    // dead node's log cannot be resumed elsewhere); then the promoted primary's events flow.
+    let victim_id = slot.primary_id.clone();
+    let victims: std::collections::BTreeSet<u64> = uids
+        .iter()
+        .copied()
+        .filter(|uid| table.slot_route(*uid).unwrap().primary_id == victim_id)
+        .collect();
+    rt.block_on(async {
+        let mut gapped = std::collections::BTreeSet::new();
+        while gapped != victims {
+            match tokio::time::timeout(Duration::from_secs(30), watch.next()).await {
+                Ok(Some(imstate_client::ClusterWatchItem::Gap {
+                    uids: gap,
+                    sessions,
+                    ..
+                })) => {
+                    for (uid, sessions) in gap.iter().zip(&sessions) {
+                        assert!(
+                            victims.contains(uid),
+                            "a gap for uid {uid}, not the victim's"
+                        );
+                        assert_eq!(sessions.len(), 1, "uid {uid}'s acknowledged login");
+                        gapped.insert(*uid);
+                    }
+                }
+                // The promotion loop's retried login of uids[0] is no change: no event.
+                other => panic!("expected gaps for {victims:?}, got {other:?}"),
+            }
+        }
+        let grpc = ClusterClient::connect(
+            &cluster.nodes[survivor].addr,
+            &ClientOptions::default(),
+            None,
+        )
+        .await
+        .unwrap();
+        let mut pad = login(uids[0]);
+        pad.device = "pad".into();
+        pad.conn += 1;
+        grpc.login(pad).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), watch.next()).await {
+            Ok(Some(imstate_client::ClusterWatchItem::Event(event))) => {
+                assert_eq!(
+                    (event.session.uid, event.session.device.as_str()),
+                    (uids[0], "pad")
+                );
+            }
+            other => panic!("expected the promoted primary's login event, got {other:?}"),
+        }
+        grpc.logout(uids[0], login(uids[0]).conn + 1).await.unwrap();
+    });
+    drop(watch);
+
     // The old primary comes back: it recovers its sessions from its log, but it is primary
     // of nothing now: it drops what it held and holds only the slots it is made replica of,
     // resynced from their primaries (a later promotion back to it must not resurrect a
     // session logged out elsewhere meanwhile).
     cluster.nodes[victim].restart();
-    runtime().block_on(async {
+    rt.block_on(async {
         let client =
             ClusterClient::connect(&cluster.nodes[victim].addr, &ClientOptions::default(), None)
                 .await

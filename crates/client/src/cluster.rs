@@ -333,7 +333,7 @@ impl<T: SeqTransport> SmartClient<T> {
         Ok(())
     }
 
-    async fn client(&self, address: &str) -> Result<T, ClientError> {
+    pub(crate) async fn client(&self, address: &str) -> Result<T, ClientError> {
         if let Some(client) = self.state.lock().await.clients.get(address) {
             return Ok(client.clone());
         }
@@ -410,7 +410,7 @@ impl<T: SeqTransport> SmartClient<T> {
     }
 
     /// Learns the table again from any node that answers.
-    async fn refresh_any(&self) {
+    pub(crate) async fn refresh_any(&self) {
         let mut addresses = self.live_addresses().await;
         addresses.push(self.seed.clone());
         for address in addresses {
@@ -439,7 +439,7 @@ impl<T: SeqTransport> SmartClient<T> {
 
     /// The address of each uid's presence slot primary (the seed for an embedded node or when
     /// the table has no slots yet).
-    async fn slot_owners(&self, uids: &[u64]) -> Vec<String> {
+    pub(crate) async fn slot_owners(&self, uids: &[u64]) -> Vec<String> {
         let state = self.state.lock().await;
         uids.iter()
             .map(|&uid| {

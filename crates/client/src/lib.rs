@@ -528,10 +528,14 @@ pub struct CheckpointResult {
 }
 
 pub mod cluster;
+mod clusterwatch;
 mod presence;
 pub mod wire;
 pub use cluster::{ClusterClient, SeqTransport, SmartClient, WireClusterClient};
-pub use presence::{LoginArgs, LoginResult, Session, WatchEvent, WatchKind};
+pub use clusterwatch::{ClusterWatch, ClusterWatchItem};
+pub use presence::{
+    LoginArgs, LoginResult, Session, WatchEvent, WatchKind, WatchPosition, WatchStream,
+};
 pub use wire::WireClient;
 
 /// Timeout for establishing a connection.

@@ -291,24 +291,69 @@ impl Client {
         Ok(reply.sessions)
     }
 
-    /// Streams login / logout / expire events, only of `uids` if not empty.
-    pub async fn watch(
+    /// Streams login / logout / expire events, only of `uids` if not empty, from now on.
+    pub async fn watch(&self, uids: Vec<u64>) -> Result<WatchStream, ClientError> {
+        self.watch_from(uids, None).await
+    }
+
+    /// Streams events like [`Self::watch`], first every event after `from` (a position of an
+    /// earlier stream: [`WatchStream::position`]). Returns once the node has registered the
+    /// subscription. Refused with `OUT_OF_RANGE` when the node no longer holds those events
+    /// (another node's log, or older than its `presence.watch_history_events`): then look
+    /// the uids up and watch again without a position.
+    pub async fn watch_from(
         &self,
         uids: Vec<u64>,
-    ) -> Result<impl Stream<Item = Result<WatchEvent, ClientError>> + use<>, ClientError> {
-        let stream = self
+        from: Option<&WatchPosition>,
+    ) -> Result<WatchStream, ClientError> {
+        let mut inner = self
             .presence
             .clone()
-            .watch(pb::WatchRequest { uids })
+            .watch(pb::WatchRequest {
+                uids,
+                resume_lsn: from.map(|from| from.lsn),
+                log_id: from.map_or_else(String::new, |from| from.log_id.clone()),
+            })
             .await?
             .into_inner();
-        Ok(WatchStream { inner: stream })
+        let first = inner
+            .message()
+            .await?
+            .ok_or_else(|| missing("the Watch stream's first PROGRESS message"))?;
+        if first.kind != pb::watch_event::Kind::Progress as i32 {
+            return Err(missing("the Watch stream's first PROGRESS message"));
+        }
+        Ok(WatchStream {
+            inner,
+            position: WatchPosition {
+                log_id: first.log_id,
+                lsn: first.lsn,
+            },
+        })
     }
 }
 
-/// Adapts the generated stream to domain events.
-struct WatchStream {
+/// A position in one node's presence log, from which a Watch can resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchPosition {
+    /// The node's presence log id.
+    pub log_id: String,
+    /// Every event meant for the stream up to this LSN was received.
+    pub lsn: u64,
+}
+
+/// A Watch stream: domain events, and the position reached (PROGRESS messages move it and are
+/// not yielded).
+pub struct WatchStream {
     inner: tonic::Streaming<pb::WatchEvent>,
+    position: WatchPosition,
+}
+
+impl WatchStream {
+    /// The newest position this stream reached: resume from it with [`Client::watch_from`].
+    pub fn position(&self) -> &WatchPosition {
+        &self.position
+    }
 }
 
 impl Stream for WatchStream {
@@ -319,11 +364,25 @@ impl Stream for WatchStream {
         context: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         use std::task::Poll;
-        match std::pin::Pin::new(&mut self.inner).poll_next(context) {
-            Poll::Ready(Some(Ok(event))) => Poll::Ready(Some(convert(event))),
-            Poll::Ready(Some(Err(status))) => Poll::Ready(Some(Err(status.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+        loop {
+            return match std::pin::Pin::new(&mut self.inner).poll_next(context) {
+                Poll::Ready(Some(Ok(event))) => {
+                    if event.kind == pb::watch_event::Kind::Progress as i32 {
+                        self.position.lsn = self.position.lsn.max(event.lsn);
+                        continue;
+                    }
+                    // Mid-event (more parts follow), the event is not yet wholly received.
+                    let through = event.lsn.saturating_sub(u64::from(event.more));
+                    let event = convert(event);
+                    if event.is_ok() {
+                        self.position.lsn = self.position.lsn.max(through);
+                    }
+                    Poll::Ready(Some(event))
+                }
+                Poll::Ready(Some(Err(status))) => Poll::Ready(Some(Err(status.into()))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
         }
     }
 }

@@ -45,6 +45,11 @@ compile_error!("the `planted-load-overwrites-tenure` feature is for test builds 
 compile_error!("the `planted-ack-before-replica` feature is for test builds only");
 #[cfg(all(feature = "planted-deposed-primary-writes", not(debug_assertions)))]
 compile_error!("the `planted-deposed-primary-writes` feature is for test builds only");
+#[cfg(all(
+    feature = "planted-watch-resume-without-backlog",
+    not(debug_assertions)
+))]
+compile_error!("the `planted-watch-resume-without-backlog` feature is for test builds only");
 
 pub mod autocheckpoint;
 pub mod clock;

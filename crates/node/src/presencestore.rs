@@ -296,18 +296,22 @@ impl Journal for NodeJournal {
         // Never waits under the shard lock: writers were admitted (back-pressure) before they
         // took it, so a full queue only grows by the records of writers already admitted.
         #[cfg(not(feature = "planted-presence-ack-before-log"))]
-        let appended = match self.feed.get() {
+        let append = || match self.feed.get() {
             Some(feed) => feed.append(bytes, |bytes| log.append_unblocked(bytes)),
             None => log.append_unblocked(bytes),
         };
+        // An event is appended and published under the Watch hub's lock (LSN order, for
+        // resumes); a bare change (heartbeats, gateway leases) needs neither.
+        #[cfg(not(feature = "planted-presence-ack-before-log"))]
+        let appended = match entry {
+            Entry::Event(event) => self.watch.publish_with(event, append),
+            Entry::Change(_) => append(),
+        };
         #[cfg(not(feature = "planted-presence-ack-before-log"))]
         match appended {
-            Ok(lsn) => {
+            Ok(_) => {
                 if let Entry::Event(event) = &entry {
                     count_event(event);
-                }
-                if let Entry::Event(event) = entry {
-                    self.watch.publish(lsn, event);
                 }
             }
             Err(error) => {
@@ -419,6 +423,7 @@ impl PresenceStore {
         drop(batch);
         let log = Arc::new(log);
         let _ = journal.log.set(Arc::clone(&log));
+        journal.watch.start_history(log.last_lsn());
         let store = Arc::new(Self {
             gate: OnceLock::new(),
             require_replica: AtomicBool::new(false),

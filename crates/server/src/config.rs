@@ -337,6 +337,9 @@ pub struct PresenceConfig {
     pub watch_subscribers_max: usize,
     /// Uids in one Watch subscriber's filter (B1).
     pub watch_uids_max: usize,
+    /// Recent Watch events kept so that a client reconnecting with its position gets what
+    /// it missed (B1); 0 to 1,048,576, 0 turns resuming off.
+    pub watch_history_events: usize,
     /// Cluster mode: presence slots (`uid % slots`), each with a primary and a replica; 1 to
     /// [`PRESENCE_SLOTS_MAX`]. Fixed for the life of a cluster: the first arbiter writes it
     /// into the route table, and a node configured otherwise serves no presence there (every
@@ -378,6 +381,7 @@ impl Default for PresenceConfig {
             watch_buffer_events: 8_192,
             watch_subscribers_max: 1_024,
             watch_uids_max: 10_000,
+            watch_history_events: 16_384,
             slots: 1024,
             replication: "sync".into(),
             replica_ack_timeout_ms: 1_000,
@@ -455,6 +459,11 @@ impl PresenceConfig {
                 )));
             }
         }
+        if self.watch_history_events > WATCH_LIMIT_CEILING {
+            return Err(NodeError::Config(format!(
+                "presence.watch_history_events must be in 0..={WATCH_LIMIT_CEILING}"
+            )));
+        }
         Ok(imstate_node::presencestore::PresenceStoreOptions {
             registry,
             fsync,
@@ -466,6 +475,7 @@ impl PresenceConfig {
                 buffer_events: self.watch_buffer_events,
                 subscribers_max: self.watch_subscribers_max,
                 uids_max: self.watch_uids_max,
+                history_events: self.watch_history_events,
             },
             ..imstate_node::presencestore::PresenceStoreOptions::default()
         })
@@ -863,6 +873,7 @@ mod tests {
             gateways_max = 11\nshards = 12\ntick_ms = 13\ncheckpoint_log_bytes = 14\n\
             segment_bytes = 131072\n\
             watch_buffer_events = 15\nwatch_subscribers_max = 16\nwatch_uids_max = 17\n\
+            watch_history_events = 23\n\
             slots = 21\nreplication = \"async\"\nreplica_ack_timeout_ms = 22\n\
             require_replica = true\nreplication_feed_bytes = 70000\n\
             [wire]\nhello_timeout_ms = 18\nidle_timeout_ms = 19\n\

@@ -314,7 +314,7 @@ impl Node {
             cluster => cluster.clone(),
         };
         let sequence = SequenceService::new(seq.clone());
-        let presence = PresenceService::new(Arc::clone(&self.presence));
+        let presence = PresenceService::new(Arc::clone(&self.presence), &self.presence_log_id);
         let admin = AdminService::new(
             seq.clone(),
             Arc::clone(&self.presence),

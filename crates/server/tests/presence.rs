@@ -243,6 +243,92 @@ async fn watch_delivers_filtered_events_in_order() {
     );
 }
 
+async fn next_event(events: &mut imstate_client::WatchStream) -> imstate_client::WatchEvent {
+    tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("an event within 5 s")
+        .expect("the stream is open")
+        .expect("an event, not an error")
+}
+
+/// A watcher that reconnects with its position gets exactly the events of its uids that
+/// happened while it was away, then live ones; a position of another log, or one older than
+/// the history, is refused with OUT_OF_RANGE; and an idle filtered watcher's position keeps
+/// up through PROGRESS messages, so other uids' traffic does not push it out of the history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumes_after_a_reconnect_with_every_missed_event() {
+    let (_dir, address, _stop) = serve("[presence]\nwatch_history_events = 16\n").await;
+    let client = Client::connect(&address).await.unwrap();
+    let mut events = client.watch(vec![7]).await.unwrap();
+    let started = events.position().clone();
+    assert!(!started.log_id.is_empty());
+    client.login(login(7, "phone", 1)).await.unwrap();
+    assert_eq!(next_event(&mut events).await.session.conn, 1);
+    let away = events.position().clone();
+    assert!(away.lsn > started.lsn);
+    drop(events);
+
+    client.login(login(7, "pad", 2)).await.unwrap();
+    client.login(login(8, "phone", 3)).await.unwrap(); // not watched
+    client.logout(7, 1).await.unwrap();
+    let mut events = client.watch_from(vec![7], Some(&away)).await.unwrap();
+    let first = next_event(&mut events).await;
+    let second = next_event(&mut events).await;
+    assert_eq!(
+        [
+            (first.kind, first.session.conn),
+            (second.kind, second.session.conn)
+        ],
+        [(WatchKind::Login, 2), (WatchKind::Logout, 1)],
+        "the events missed while away, in order"
+    );
+    client.login(login(7, "phone", 4)).await.unwrap();
+    let live = next_event(&mut events).await;
+    assert_eq!((live.kind, live.session.conn), (WatchKind::Login, 4));
+    assert!(first.lsn < second.lsn && second.lsn < live.lsn);
+
+    // Idle while 40 events of other uids pass (more than the history holds): PROGRESS keeps
+    // the position recent, so a resume from it is still possible and delivers nothing old.
+    let before = events.position().lsn;
+    for uid in 100..140 {
+        client.login(login(uid, "phone", uid)).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while events.position().lsn < before + 40 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no PROGRESS moved the position past {before}"
+        );
+        let waited = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
+        assert!(waited.is_err(), "no event of uid 7 happened: {waited:?}");
+    }
+    let idle = events.position().clone();
+    drop(events);
+    let mut events = client.watch_from(vec![7], Some(&idle)).await.unwrap();
+    client.logout(7, 4).await.unwrap();
+    let after = next_event(&mut events).await;
+    assert_eq!((after.kind, after.session.conn), (WatchKind::Logout, 4));
+
+    // What cannot be resumed is refused, naming why.
+    let old = client.watch_from(vec![7], Some(&away)).await.err().unwrap();
+    assert_eq!(old.code(), Some(tonic::Code::OutOfRange), "{old}");
+    assert!(
+        old.to_string().contains("watch_history_events = 16"),
+        "{old}"
+    );
+    let other_log = imstate_client::WatchPosition {
+        log_id: "another-node".into(),
+        lsn: away.lsn,
+    };
+    let other = client
+        .watch_from(vec![7], Some(&other_log))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(other.code(), Some(tonic::Code::OutOfRange), "{other}");
+    assert!(other.to_string().contains("another-node"), "{other}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_watcher_is_cut_off_with_resource_exhausted() {
     let (_dir, address, _stop) = serve("[presence]\nwatch_buffer_events = 64\n").await;

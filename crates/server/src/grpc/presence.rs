@@ -5,6 +5,18 @@
 //! subscriber falls behind in the hub (memory bounded by `watch_buffer_events` per
 //! subscriber) and then receives RESOURCE_EXHAUSTED and the stream ends. When the node stops,
 //! every stream ends at once with UNAVAILABLE, read or not.
+//!
+//! Positions: every stream starts with a PROGRESS message (its start LSN and the node's
+//! presence log id) and sends another about once a second ([`WATCH_PROGRESS_INTERVAL`]) when
+//! its subscriber has received everything meant for it, so that even a subscriber whose uids
+//! are quiet holds a recent position. A client that reconnects names the newest position it
+//! saw and gets every event after it from the hub's history, or OUT_OF_RANGE when those
+//! events are gone (another log, or older than `watch_history_events`).
+//!
+//! Cluster mode: a Watch of uids is served by the primary of their slots only (anything else
+//! is refused like a write, with a redirect), and ends once this node no longer may serve
+//! them (checked with each PROGRESS), so a smart client follows the primary. An unfiltered
+//! Watch shows the events of this node's primary slots.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -24,12 +36,17 @@ use imstate_node::watch::{Subscriber, WatchEnd, WatchRefused};
 /// The presence service.
 pub struct PresenceService {
     store: Arc<PresenceStore>,
+    /// The presence log's id (`presence/LOG_ID`), which Watch positions name.
+    log_id: Arc<str>,
 }
 
 impl PresenceService {
-    /// Serves `store`.
-    pub fn new(store: Arc<PresenceStore>) -> Self {
-        Self { store }
+    /// Serves `store`, whose log is `log_id`.
+    pub fn new(store: Arc<PresenceStore>, log_id: &str) -> Self {
+        Self {
+            store,
+            log_id: Arc::from(log_id),
+        }
     }
 }
 
@@ -233,28 +250,68 @@ impl Presence for PresenceService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let uids: HashSet<u64> = request.into_inner().uids.into_iter().collect();
+        let request = request.into_inner();
+        let uids: HashSet<u64> = request.uids.iter().copied().collect();
         if let Some(reason) = &*self.store.fatal().borrow() {
             return Err(status_from(NodeError::Unavailable(reason.clone())));
+        }
+        self.store
+            .recheck(request.uids.iter().copied())
+            .map_err(status_from)?;
+        if request.resume_lsn.is_some() && request.log_id != *self.log_id {
+            return Err(Status::out_of_range(format!(
+                "cannot resume a Watch position of presence log {:?} here: this node's log is \
+                 {:?} (another node, or a restored data directory); events after it are not \
+                 held here: look the uids up and watch again without a position",
+                request.log_id, self.log_id
+            )));
         }
         let subscriber = self
             .store
             .watch()
-            .subscribe(uids)
+            .subscribe_from(uids, request.resume_lsn)
             .map_err(|refused| match refused {
                 WatchRefused::Stopping => Status::unavailable(refused.to_string()),
+                WatchRefused::Gone { .. } | WatchRefused::Ahead { .. } => {
+                    Status::out_of_range(refused.to_string())
+                }
                 _ => Status::resource_exhausted(refused.to_string()),
             })?;
         // A forwarding task per subscriber: it waits on the hub and on the client's flow
         // control at once, so a stop reaches a subscriber whose client does not read.
         let (sender, receiver) = mpsc::channel(WATCH_FORWARD_EVENTS);
-        tokio::spawn(forward(Arc::clone(&self.store), subscriber, sender));
+        let first = progress(subscriber.start(), &self.log_id);
+        sender
+            .try_send(Ok(first))
+            .expect("a new channel has room for its first message");
+        tokio::spawn(forward(
+            Arc::clone(&self.store),
+            subscriber,
+            request.uids,
+            Arc::clone(&self.log_id),
+            sender,
+        ));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }
 
 /// Messages queued between a subscriber's forwarding task and its gRPC stream.
 const WATCH_FORWARD_EVENTS: usize = 64;
+
+/// How often an idle Watch stream gets a PROGRESS message (and, in cluster mode, checks that
+/// this node still serves its uids).
+pub const WATCH_PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn progress(lsn: u64, log_id: &str) -> pb::WatchEvent {
+    pb::WatchEvent {
+        kind: pb::watch_event::Kind::Progress as i32,
+        session: None,
+        replaced: None,
+        lsn,
+        log_id: log_id.to_string(),
+        more: false,
+    }
+}
 
 /// Moves one subscriber's events to its stream, one message per session, until the
 /// subscription ends (then a final status: RESOURCE_EXHAUSTED when it fell behind,
@@ -264,13 +321,40 @@ const WATCH_FORWARD_EVENTS: usize = 64;
 async fn forward(
     store: Arc<PresenceStore>,
     mut subscriber: Subscriber,
+    uids: Vec<u64>,
+    log_id: Arc<str>,
     sender: mpsc::Sender<Result<pb::WatchEvent, Status>>,
 ) {
     use pb::watch_event::Kind;
+    let mut position = subscriber.start();
+    let mut tick = tokio::time::interval(WATCH_PROGRESS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
     loop {
         let published = tokio::select! {
             received = subscriber.recv() => received,
             () = sender.closed() => return,
+            _ = tick.tick() => {
+                if let Err(error) = store.recheck(uids.iter().copied()) {
+                    let _ = sender.try_send(Err(status_from(error)));
+                    return;
+                }
+                let Some(idle) = subscriber.idle_position().filter(|idle| *idle > position)
+                else {
+                    continue;
+                };
+                // A position is only handed out once durable: after a crash the log never
+                // issues an LSN at or below it again.
+                if let Err(error) = store.log().durable(idle).await {
+                    let _ = sender.try_send(Err(status_from(NodeError::Log(error))));
+                    return;
+                }
+                position = idle;
+                if sender.send(Ok(progress(idle, &log_id))).await.is_err() {
+                    return;
+                }
+                continue;
+            }
         };
         let published = match published {
             Ok(published) => published,
@@ -300,15 +384,19 @@ async fn forward(
             let _ = sender.try_send(Err(status_from(NodeError::Log(error))));
             return;
         }
-        for session in sessions
+        position = published.lsn;
+        let wanted: Vec<&Session> = sessions
             .iter()
             .filter(|session| subscriber.wants(session.uid))
-        {
+            .collect();
+        for (index, session) in wanted.iter().enumerate() {
             let event = pb::WatchEvent {
                 kind: kind as i32,
                 session: Some(session_to_pb(session)),
                 replaced: replaced.map(session_to_pb),
                 lsn: published.lsn,
+                log_id: String::new(),
+                more: index + 1 < wanted.len(),
             };
             let sent = tokio::select! {
                 sent = sender.send(Ok(event)) => sent.is_ok(),
