@@ -81,6 +81,14 @@ impl ClusterClient {
     /// moves; see [`ClusterWatchItem`] for what is delivered. Returns once every primary has
     /// registered its stream (events from then on), or the first error opening one.
     pub async fn watch(&self, uids: Vec<u64>) -> Result<ClusterWatch, ClientError> {
+        if uids.is_empty() {
+            return Err(ClientError::Options {
+                what: "watch".into(),
+                reason: "a cluster Watch follows the primaries of some uids: name at least one \
+                         (every event of one node: Client::watch with no uids)"
+                    .into(),
+            });
+        }
         let (sender, items) = mpsc::channel(ITEMS_QUEUED);
         let mut groups: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         for (uid, owner) in uids.iter().zip(self.slot_owners(&uids).await) {
