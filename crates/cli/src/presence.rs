@@ -317,13 +317,22 @@ pub async fn run(command: PresenceCommand) -> anyhow::Result<()> {
                 format!("{}:{}", at.log_id, at.lsn)
             };
             eprintln!("watching from {}", position(&events));
-            while let Some(event) = events.next().await {
+            // SIGINT or SIGTERM ends the watch cleanly, printing where to resume from.
+            let mut terminate =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            loop {
+                let event = tokio::select! {
+                    event = events.next() => event,
+                    _ = tokio::signal::ctrl_c() => None,
+                    _ = terminate.recv() => None,
+                };
                 match event {
-                    Ok(event) => print_event(&event),
-                    Err(error) => {
+                    Some(Ok(event)) => print_event(&event),
+                    Some(Err(error)) => {
                         eprintln!("stopped at {} (resume with --from)", position(&events));
                         return Err(error.into());
                     }
+                    None => break,
                 }
             }
             eprintln!("stopped at {} (resume with --from)", position(&events));
