@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use imstate_client::{Client, WireClient};
 use support::{Server, login_args, runtime};
@@ -109,6 +109,46 @@ fn a_one_uid_watcher_survives_other_uids_traffic_and_sees_no_retry_event() {
             [(7, "ios".into()), (7, "pc".into())],
             "no event for the retry"
         );
+    });
+}
+
+/// A Watch on a node that stops answering (SIGSTOP: the connection stays open, nothing
+/// arrives) fails within the client's keepalive (PING every `KEEPALIVE_INTERVAL`, dead after
+/// `KEEPALIVE_TIMEOUT` more) instead of waiting forever, so a watcher can go elsewhere; and the
+/// position it reached resumes once the node runs again. Without the keepalive the stream
+/// waited for the whole pause.
+#[test]
+fn a_watch_on_a_paused_node_fails_within_the_keepalive_and_resumes_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None);
+    runtime().block_on(async {
+        let client = Client::connect(&server.addr).await.unwrap();
+        let mut events = client.watch(vec![7]).await.unwrap();
+        let pid = server.pid().expect("running") as i32;
+        // SAFETY: signals to our own child process.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let paused = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(20), events.next()).await;
+        let waited = paused.elapsed();
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        match ended {
+            Ok(Some(Err(_))) | Ok(None) => {}
+            other => panic!("the stream on a paused node did not fail: {other:?}"),
+        }
+        assert!(
+            waited < imstate_client::KEEPALIVE_INTERVAL + imstate_client::KEEPALIVE_TIMEOUT * 2,
+            "failed only after {waited:?}"
+        );
+        let position = events.position().clone();
+        let client = Client::connect(&server.addr).await.unwrap();
+        let mut events = client.watch_from(vec![7], Some(&position)).await.unwrap();
+        client.login(login_args(7, "ios", 1)).await.unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("open")
+            .expect("an event");
+        assert_eq!(event.session.uid, 7);
     });
 }
 

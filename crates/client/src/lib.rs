@@ -540,6 +540,12 @@ pub use wire::WireClient;
 
 /// Timeout for establishing a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 PING interval on every gRPC connection, idle or not, so that a node that stopped
+/// answering (paused, or cut without a reset) fails the calls and streams on it, a Watch
+/// above all, instead of leaving them waiting forever.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a PING may go unanswered before the connection is closed as dead.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Client {
     /// Connects to `address` (`host:port` or `http://host:port`) in plaintext, without a token.
@@ -567,6 +573,9 @@ impl Client {
         let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|error| fail(error.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         if let Some(ca) = &options.tls_ca_pem {
             let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
