@@ -737,14 +737,17 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
     assert!(held > 0, "the victim held its slots' sessions");
     let killed_at = Instant::now();
     cluster.nodes[victim].kill9();
-    let promoted = rt.block_on(async {
-        let grpc = ClusterClient::connect(
+    // One smart client through a survivor for the rest of the test (same runtime).
+    let grpc = rt.block_on(async {
+        ClusterClient::connect(
             &cluster.nodes[survivor].addr,
             &ClientOptions::default(),
             None,
         )
         .await
-        .unwrap();
+        .unwrap()
+    });
+    let promoted = rt.block_on(async {
         // The smart client retries through the failover (within its deadline).
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -765,13 +768,6 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
     // The promoted replica had every session of the dead primary's slots: none is lost
     // (replication had caught up before the kill).
     rt.block_on(async {
-        let grpc = ClusterClient::connect(
-            &cluster.nodes[survivor].addr,
-            &ClientOptions::default(),
-            None,
-        )
-        .await
-        .unwrap();
         let found = grpc.lookup_batch(uids.clone()).await.unwrap();
         let lost: Vec<u64> = uids
             .iter()
@@ -813,13 +809,6 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
                 other => panic!("expected gaps for {victims:?}, got {other:?}"),
             }
         }
-        let grpc = ClusterClient::connect(
-            &cluster.nodes[survivor].addr,
-            &ClientOptions::default(),
-            None,
-        )
-        .await
-        .unwrap();
         let mut pad = login(uids[0]);
         pad.device = "pad".into();
         pad.conn += 1;

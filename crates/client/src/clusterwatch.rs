@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 use crate::{ClientError, ClusterClient, Session, WatchEvent, WatchPosition};
 
@@ -53,10 +52,10 @@ pub enum ClusterWatchItem {
     },
 }
 
-/// A cluster Watch; dropping it ends its streams.
+/// A cluster Watch; dropping it ends its streams (every follow task ends once the
+/// receiver is gone).
 pub struct ClusterWatch {
     items: mpsc::Receiver<ClusterWatchItem>,
-    tasks: Vec<JoinHandle<()>>,
 }
 
 impl ClusterWatch {
@@ -64,14 +63,6 @@ impl ClusterWatch {
     /// the route table or a node refuses the uids for good).
     pub async fn next(&mut self) -> Option<ClusterWatchItem> {
         self.items.recv().await
-    }
-}
-
-impl Drop for ClusterWatch {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
     }
 }
 
@@ -94,21 +85,20 @@ impl ClusterClient {
         for (uid, owner) in uids.iter().zip(self.slot_owners(&uids).await) {
             groups.entry(owner).or_default().push(*uid);
         }
-        let mut tasks = Vec::new();
         let mut opened = Vec::new();
         for (address, uids) in groups {
             let (ready, ready_rx) = oneshot::channel();
             opened.push(ready_rx);
-            tasks.push(tokio::spawn(follow(
+            tokio::spawn(follow(
                 self.clone(),
                 address,
                 uids,
                 None,
                 sender.clone(),
                 Some(ready),
-            )));
+            ));
         }
-        let watch = ClusterWatch { items, tasks };
+        let watch = ClusterWatch { items };
         for ready in opened {
             match tokio::time::timeout(crate::cluster::CALL_DEADLINE, ready).await {
                 Ok(Ok(Ok(()))) => {}
