@@ -986,6 +986,8 @@ mod tests {
                 handover,
                 replica: Some(replica.into()),
                 replica_since: version,
+                joining: None,
+                joining_since: 0,
             }],
         });
         table

@@ -82,6 +82,19 @@ pub struct SlotRange {
     /// The table version at which `replica` got them (it syncs from a snapshot then).
     #[serde(default)]
     pub replica_since: u64,
+    /// A node syncing to take `replica`'s place (a planned replica move): it follows the
+    /// primary like a replica, and becomes the replica once it has said it is in sync for
+    /// `joining_since`. Until then `replica` stays, so that a promotion always finds a copy of
+    /// every acknowledged change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joining: Option<NodeId>,
+    /// The table version at which `joining` got the slots.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub joining_since: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 impl SlotRange {
@@ -255,13 +268,24 @@ impl RouteTable {
                 if range.start != next || range.is_empty() {
                     return Err(format!("{name} do not continue at {next}"));
                 }
-                if range.since > self.version || range.replica_since > self.version {
+                if range.since > self.version
+                    || range.replica_since > self.version
+                    || range.joining_since > self.version
+                {
                     return Err(format!("{name} moved after version {}", self.version));
                 }
                 if range.replica.as_ref() == Some(&range.primary) {
                     return Err(format!(
                         "{name}: `{}` is primary and replica",
                         range.primary
+                    ));
+                }
+                if range.joining.is_some()
+                    && (range.joining.as_ref() == Some(&range.primary)
+                        || range.joining == range.replica)
+                {
+                    return Err(format!(
+                        "{name}: the joining replica is already primary or replica"
                     ));
                 }
                 next = range.end;
@@ -323,6 +347,8 @@ mod tests {
             handover: false,
             replica: replica.map(Into::into),
             replica_since: 1,
+            joining: None,
+            joining_since: 0,
         }
     }
 

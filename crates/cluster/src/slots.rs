@@ -11,8 +11,11 @@
 //!    replica is live (it holds the acknowledged changes), with `handover` so that it takes
 //!    writes only after the lock-delay; with no live replica, the target with the fewest
 //!    primary slots takes it (its sessions are gone; gateways' heartbeats refill them);
-//! 3. a replica that is not live, or that drains while another target could replace it, is
-//!    dropped; every range without a replica gets the target (not its primary) with the fewest
+//! 3. a joining replica (see 5) that is gone or draining is dropped, and one that said it is
+//!    in sync for its `joining_since` becomes the replica; a replica that is not live is
+//!    replaced by the joining one if any, else dropped; a replica that drains while another
+//!    target could replace it gets a joining replica (it stays until that one is in sync);
+//!    every range without a replica gets the target (not its primary) with the fewest
 //!    replica slots (a draining node when no target is left), `replica_since` = the new
 //!    version (it syncs from a snapshot);
 //! 4. only in a plan where 1 to 3 changed nothing, **primary moves to an in-sync replica**,
@@ -24,7 +27,10 @@
 //!    lock-delay (`handover`); the old one becomes the replica (it resyncs);
 //! 5. only in a plan where 1 to 4 changed nothing: replica roles move from the node with the
 //!    most replica slots to the one with the fewest, up to `moves_max` slots, while they differ
-//!    by more than one slot and 5% of the average.
+//!    by more than one slot and 5% of the average. A move makes the new node `joining`; the
+//!    replica keeps its role until the joining one is in sync (rule 3), so a promotion in the
+//!    meantime still finds every acknowledged change (moving the role at once left a window
+//!    the presence simulation found: the primary failed before the new replica synced).
 //!
 //! A node that joins thus first gets replica roles (5), and primary roles once it is in sync
 //! for them (4); a draining node gives up its replicas (3) and its primaries (4).
@@ -58,16 +64,31 @@ pub type InSync = BTreeMap<NodeId, Vec<InSyncRange>>;
 
 /// Whether `range`'s replica said it is in sync for all of `range` in its current tenure.
 pub fn replica_in_sync(range: &SlotRange, in_sync: &InSync) -> bool {
-    let Some(reports) = range
-        .replica
-        .as_ref()
-        .and_then(|replica| in_sync.get(replica))
-    else {
+    said_in_sync(
+        range,
+        range.replica.as_deref(),
+        range.replica_since,
+        in_sync,
+    )
+}
+
+/// Whether `range`'s joining replica said it is in sync for all of `range` in its tenure.
+pub fn joining_in_sync(range: &SlotRange, in_sync: &InSync) -> bool {
+    said_in_sync(
+        range,
+        range.joining.as_deref(),
+        range.joining_since,
+        in_sync,
+    )
+}
+
+fn said_in_sync(range: &SlotRange, node: Option<&str>, since: u64, in_sync: &InSync) -> bool {
+    let Some(reports) = node.and_then(|node| in_sync.get(node)) else {
         return false;
     };
     let mut covered: Vec<(u32, u32)> = reports
         .iter()
-        .filter(|r| r.primary == range.primary && r.replica_since == range.replica_since)
+        .filter(|r| r.primary == range.primary && r.replica_since == since)
         .map(|r| (r.start, r.end))
         .collect();
     covered.sort_unstable();
@@ -107,28 +128,55 @@ pub(crate) fn plan_slots(
             continue;
         }
         changed = true;
+        // The replica holds every acknowledged change; a joining one only if it synced.
+        let joining = range.joining.take().filter(|node| live.contains(node));
         let promoted = range
             .replica
             .take()
-            .filter(|replica| live.contains(replica));
+            .filter(|replica| live.contains(replica))
+            .or(joining);
         let primary = promoted.unwrap_or_else(|| least(&primaries, None));
         *primaries.entry(primary.clone()).or_default() += range.len();
         range.primary = primary;
         range.since = version;
         range.handover = true;
         range.replica_since = 0;
+        range.joining_since = 0;
     }
 
     // 3. Replicas that are gone or draining, then a replica for every range without one.
+    // A joining replica that is gone or draining is dropped; one in sync becomes the replica.
+    for range in &mut next.ranges {
+        let Some(joining) = &range.joining else {
+            continue;
+        };
+        if !live.contains(joining) || !targets.contains(joining.as_str()) {
+            range.joining = None;
+            range.joining_since = 0;
+            changed = true;
+        } else if joining_in_sync(range, in_sync) {
+            range.replica = range.joining.take();
+            range.replica_since = std::mem::take(&mut range.joining_since);
+            changed = true;
+        }
+    }
     let mut replicas = replica_load(&next, targets);
     for range in &mut next.ranges {
         let Some(replica) = &range.replica else {
             continue;
         };
         let replaceable = targets.iter().any(|node| *node != range.primary);
-        if !live.contains(replica) || (!targets.contains(replica.as_str()) && replaceable) {
-            range.replica = None;
-            range.replica_since = 0;
+        if !live.contains(replica) {
+            // Gone: a joining replica takes its place at once (it goes on syncing).
+            range.replica = range.joining.take();
+            range.replica_since = std::mem::take(&mut range.joining_since);
+            changed = true;
+        } else if !targets.contains(replica.as_str()) && replaceable && range.joining.is_none() {
+            // Draining: it stays until a target has synced in its place.
+            let joining = least(&replicas, Some(&range.primary));
+            *replicas.entry(joining.clone()).or_default() += range.len();
+            range.joining = Some(joining);
+            range.joining_since = version;
             changed = true;
         }
     }
@@ -167,6 +215,7 @@ pub(crate) fn plan_slots(
                     .replica
                     .as_deref()
                     .is_some_and(|r| targets.contains(r))
+                    && range.joining.is_none()
                     && replica_in_sync(range, in_sync)
             })
             .filter_map(|(index, range)| {
@@ -222,7 +271,9 @@ pub(crate) fn plan_slots(
             .ranges
             .iter()
             .enumerate()
-            .filter(|(_, range)| range.replica.as_deref() == Some(most.as_str()))
+            .filter(|(_, range)| {
+                range.replica.as_deref() == Some(most.as_str()) && range.joining.is_none()
+            })
             .filter_map(|(index, range)| {
                 let to = least(&replicas, Some(&range.primary));
                 (replicas[&to] == least_load && to != most).then_some((index, to, range.len()))
@@ -233,8 +284,9 @@ pub(crate) fn plan_slots(
         };
         let moved = want.min(len).min(budget.min(u64::from(u32::MAX)) as u32);
         let part = move_tail(&mut next.ranges, index, moved);
-        part.replica = Some(to.clone());
-        part.replica_since = version;
+        // The replica stays until `to` has synced (rule 3 then swaps them).
+        part.joining = Some(to.clone());
+        part.joining_since = version;
         *replicas.get_mut(&most).expect("counted") -= moved;
         *replicas.get_mut(&to).expect("a target") += moved;
         budget -= u64::from(moved);
@@ -278,6 +330,8 @@ fn initial(slots: u32, targets: &BTreeSet<&str>, version: u64) -> PresenceRoute 
             handover: false,
             replica: replica.map(str::to_owned),
             replica_since: if replica.is_some() { version } else { 0 },
+            joining: None,
+            joining_since: 0,
         });
         start += size;
     }
@@ -298,8 +352,10 @@ fn primary_load(route: &PresenceRoute, targets: &BTreeSet<&str>) -> BTreeMap<Nod
 fn replica_load(route: &PresenceRoute, targets: &BTreeSet<&str>) -> BTreeMap<NodeId, u32> {
     let mut load: BTreeMap<NodeId, u32> =
         targets.iter().map(|node| (node.to_string(), 0)).collect();
+    // A joining replica counts where it goes, not the replica it replaces.
     for range in &route.ranges {
-        if let Some(entry) = range.replica.as_ref().and_then(|node| load.get_mut(node)) {
+        let node = range.joining.as_ref().or(range.replica.as_ref());
+        if let Some(entry) = node.and_then(|node| load.get_mut(node)) {
             *entry += range.len();
         }
     }
@@ -324,7 +380,9 @@ fn merge(ranges: &mut Vec<SlotRange>) {
                     && last.since == range.since
                     && last.handover == range.handover
                     && last.replica == range.replica
-                    && last.replica_since == range.replica_since =>
+                    && last.replica_since == range.replica_since
+                    && last.joining == range.joining
+                    && last.joining_since == range.joining_since =>
             {
                 last.end = range.end;
             }
@@ -349,16 +407,19 @@ mod tests {
     fn all_in_sync(route: Option<&PresenceRoute>) -> InSync {
         let mut in_sync = InSync::new();
         for range in route.into_iter().flat_map(|route| &route.ranges) {
-            if let Some(replica) = &range.replica {
-                in_sync
-                    .entry(replica.clone())
-                    .or_default()
-                    .push(InSyncRange {
+            let roles = [
+                (&range.replica, range.replica_since),
+                (&range.joining, range.joining_since),
+            ];
+            for (node, since) in roles {
+                if let Some(node) = node {
+                    in_sync.entry(node.clone()).or_default().push(InSyncRange {
                         start: range.start,
                         end: range.end,
                         primary: range.primary.clone(),
-                        replica_since: range.replica_since,
+                        replica_since: since,
                     });
+                }
             }
         }
         in_sync
@@ -452,6 +513,8 @@ mod tests {
             handover: false,
             replica: Some("b".into()),
             replica_since: 5,
+            joining: None,
+            joining_since: 0,
         };
         let report = |start, end, primary: &str, replica_since| InSyncRange {
             start,
@@ -568,9 +631,69 @@ mod tests {
     fn a_draining_node_gives_up_its_replicas_but_keeps_its_primaries() {
         let mut version = 0;
         let route = settle(None, &["a", "b", "c"], &[], &mut version);
-        let after = settle(Some(route), &["a", "b", "c"], &["c"], &mut version);
-        assert_eq!(after.load()["c"].1, 0);
-        assert!(after.load()["c"].0 > 0);
+        // Until a target has synced in its place, a draining replica stays (a promotion
+        // then still finds every acknowledged change), with the target joining beside it.
+        let waiting = settle(Some(route), &["a", "b", "c"], &["c"], &mut version);
+        assert!(waiting.load()["c"].1 > 0);
+        for range in &waiting.ranges {
+            if range.replica.as_deref() == Some("c") {
+                assert!(range.joining.as_deref().is_some_and(|node| node != "c"));
+            }
+        }
+        // Its primaries stay while no replica of them is in sync.
+        assert!(waiting.load()["c"].0 > 0);
+        // Once in sync, everything moves off it.
+        let after = settle_with(Some(waiting), &["a", "b", "c"], &["c"], &mut version, true);
+        assert_eq!(after.load().get("c").map_or(0, |load| load.1), 0);
+        assert!(after.ranges.iter().all(|range| range.joining.is_none()));
+    }
+
+    #[test]
+    fn a_balancing_replica_move_keeps_the_replica_until_the_new_one_is_in_sync() {
+        // The simulation found it: a move that replaced the replica at once left a window
+        // in which the primary's failure promoted a node that had not synced, losing logins
+        // acknowledged under sync. Now the old replica stays until the new one has synced.
+        let mut version = 0;
+        let route = settle(None, &["a", "b"], &[], &mut version);
+        let joined = settle(Some(route), &["a", "b", "c"], &[], &mut version);
+        let moving: Vec<&SlotRange> = joined
+            .ranges
+            .iter()
+            .filter(|range| range.joining.is_some())
+            .collect();
+        assert!(!moving.is_empty(), "{joined:?}");
+        for range in &moving {
+            assert_eq!(range.joining.as_deref(), Some("c"));
+            assert!(range.replica.is_some() && range.replica.as_deref() != Some("c"));
+        }
+        // The primary of a moving range fails before c has synced: its replica is promoted.
+        let moving = moving[0].clone();
+        let survivors: Vec<&str> = ["a", "b", "c"]
+            .into_iter()
+            .filter(|node| *node != moving.primary)
+            .collect();
+        version += 1;
+        let live: BTreeSet<NodeId> = survivors.iter().map(|node| node.to_string()).collect();
+        let targets: BTreeSet<&str> = survivors.iter().copied().collect();
+        let next = plan_slots(
+            Some(&joined),
+            64,
+            &live,
+            &targets,
+            &InSync::new(),
+            8,
+            version,
+        )
+        .expect("a promotion");
+        let promoted = next.range(moving.start).expect("placed");
+        assert_eq!(
+            promoted.primary.as_str(),
+            moving.replica.as_deref().unwrap()
+        );
+        // Once c has said it is in sync, it takes the replica's place.
+        let synced = settle_with(Some(joined), &["a", "b", "c"], &[], &mut version, true);
+        assert!(synced.ranges.iter().all(|range| range.joining.is_none()));
+        assert!(synced.load()["c"].1 > 0);
     }
 
     #[derive(Clone, Debug)]

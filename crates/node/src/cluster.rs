@@ -279,14 +279,21 @@ impl Cluster {
             return Vec::new();
         };
         let mut by_primary: BTreeMap<NodeId, Vec<(u32, u32, u64)>> = BTreeMap::new();
+        // A joining replica follows like the replica, under its own tenure.
+        let me = Some(self.options.node.as_str());
         for range in &presence.ranges {
-            if range.replica.as_deref() == Some(self.options.node.as_str()) {
-                by_primary.entry(range.primary.clone()).or_default().push((
-                    range.start,
-                    range.end,
-                    range.replica_since,
-                ));
-            }
+            let since = if range.replica.as_deref() == me {
+                range.replica_since
+            } else if range.joining.as_deref() == me {
+                range.joining_since
+            } else {
+                continue;
+            };
+            by_primary.entry(range.primary.clone()).or_default().push((
+                range.start,
+                range.end,
+                since,
+            ));
         }
         let members = state.member.members();
         by_primary

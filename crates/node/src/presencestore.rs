@@ -575,7 +575,16 @@ impl PresenceStore {
         let lsn = self.log.last_lsn();
         self.durable_local_at(lsn).await?;
         if let Some(sync) = self.sync.get() {
-            sync.wait(lsn).await;
+            let replicated = sync.wait(lsn).await;
+            if !replicated && self.require_replica.load(Ordering::Relaxed) {
+                // The change may be on this node only: not acknowledged (its outcome is
+                // unknown to the client, which retries).
+                return Err(NodeError::Unavailable(
+                    "a replica was cut off before it held this change and \
+                     presence.require_replica is on; retry"
+                        .into(),
+                ));
+            }
         }
         Ok(())
     }

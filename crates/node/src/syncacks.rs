@@ -193,42 +193,68 @@ impl SyncAcks {
     /// Resolves once every replica in sync holds every record up to `lsn`; a replica that
     /// has not acknowledged it within the timeout is cut off instead. At once under async
     /// replication.
-    pub async fn wait(&self, lsn: u64) {
+    ///
+    /// Returns whether every replica this wait counted on acknowledged `lsn`: `false` when
+    /// one was cut off (by this wait's timeout or another's) or its stream ended first, so
+    /// that the record may be on this node only. (Before, a write whose replica another
+    /// write had just cut off was answered as if replicated; the presence simulation found
+    /// it, under `presence.require_replica`.)
+    pub async fn wait(&self, lsn: u64) -> bool {
         if !self.sync {
-            return;
+            return true;
         }
         #[cfg(feature = "planted-ack-before-replica")]
         {
             let _ = lsn;
-            return;
+            return true;
         }
         #[cfg(not(feature = "planted-ack-before-replica"))]
         {
             let mut changed = self.changed.subscribe();
             let deadline = tokio::time::Instant::now() + self.timeout;
+            let mut complete = true;
+            // The replicas this wait counts on, until each acknowledged `lsn` or was lost.
+            let mut waited: Vec<Arc<Follower>> = Vec::new();
             loop {
-                let lagging: Vec<Arc<Follower>> = self
-                    .followers
-                    .lock()
-                    .values()
-                    .filter(|f| f.in_sync() && f.acked.load(Ordering::Acquire) < lsn)
-                    .cloned()
-                    .collect();
-                if lagging.is_empty() {
-                    return;
+                let lagging: Vec<Arc<Follower>> = {
+                    let followers = self.followers.lock();
+                    waited.retain(|follower| {
+                        if follower.acked.load(Ordering::Acquire) >= lsn {
+                            return false;
+                        }
+                        let present = followers.values().any(|f| Arc::ptr_eq(f, follower));
+                        if follower.cut.load(Ordering::Acquire) || !present {
+                            complete = false;
+                            return false;
+                        }
+                        true
+                    });
+                    followers
+                        .values()
+                        .filter(|f| f.in_sync() && f.acked.load(Ordering::Acquire) < lsn)
+                        .cloned()
+                        .collect()
+                };
+                for follower in &lagging {
+                    if !waited.iter().any(|f| Arc::ptr_eq(f, follower)) {
+                        waited.push(Arc::clone(follower));
+                    }
+                }
+                if lagging.is_empty() && waited.is_empty() {
+                    return complete;
                 }
                 if tokio::time::timeout_at(deadline, changed.changed())
                     .await
                     .is_err()
                 {
-                    for follower in lagging {
+                    for follower in lagging.iter().chain(&waited) {
                         if !follower.cut.swap(true, Ordering::AcqRel) {
                             metrics::counter!(REPLICATION_ACK_TIMEOUTS).increment(1);
                             follower.cut_signal.send_replace(true);
                         }
                     }
                     self.bump();
-                    return;
+                    return false;
                 }
             }
         }
@@ -243,7 +269,7 @@ mod tests {
     async fn a_write_waits_for_in_sync_replicas_only_and_a_silent_one_is_cut_off() {
         let acks = SyncAcks::new(Duration::from_millis(200), true);
         // No replica: nothing to wait for.
-        acks.wait(10).await;
+        assert!(acks.wait(10).await);
         let mut first = SlotSet::empty(4);
         first.insert_range(0, 2);
         let mut second = SlotSet::empty(4);
@@ -272,13 +298,16 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "waits for the in-sync replica");
         synced.ack(20);
-        tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .unwrap()
-            .unwrap();
-        // Silent: cut off after the timeout, and the write goes on.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .unwrap()
+                .unwrap(),
+            "acknowledged by the in-sync replica"
+        );
+        // Silent: cut off after the timeout, and the write goes on, without its replica.
         let started = std::time::Instant::now();
-        acks.wait(30).await;
+        assert!(!acks.wait(30).await);
         assert!(started.elapsed() >= Duration::from_millis(200));
         assert!(!synced.follower().in_sync());
         tokio::time::timeout(Duration::from_secs(1), synced.follower().cut_off())
@@ -287,7 +316,44 @@ mod tests {
         // A dropped registration is forgotten.
         drop(synced);
         drop(syncing);
-        acks.wait(1_000).await;
+        assert!(acks.wait(1_000).await);
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_replica_another_write_cut_off_is_not_counted_as_replicated() {
+        let acks = SyncAcks::new(Duration::from_millis(300), true);
+        let replica = acks.register(1, "n1", SlotSet::all(2));
+        replica.ack(1);
+        // Two writes wait for the same silent replica; the first one's timeout cuts it off,
+        // the second sees no lagging replica left: it must still say the replica lacks it.
+        let first = {
+            let acks = Arc::clone(&acks);
+            tokio::spawn(async move { acks.wait(10).await })
+        };
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let second = {
+            let acks = Arc::clone(&acks);
+            tokio::spawn(async move { acks.wait(11).await })
+        };
+        let first = tokio::time::timeout(Duration::from_secs(5), first).await;
+        let second = tokio::time::timeout(Duration::from_secs(5), second).await;
+        assert!(!first.unwrap().unwrap(), "cut off by its own timeout");
+        assert!(
+            !second.unwrap().unwrap(),
+            "cut off by the other write's timeout"
+        );
+        // A stream that ends before it acknowledges counts the same.
+        let again = acks.register(11, "n1", SlotSet::all(2));
+        again.ack(11);
+        let third = {
+            let acks = Arc::clone(&acks);
+            tokio::spawn(async move { acks.wait(12).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(again);
+        drop(replica);
+        let third = tokio::time::timeout(Duration::from_secs(5), third).await;
+        assert!(!third.unwrap().unwrap(), "its replica's stream ended first");
     }
 
     #[tokio::test]

@@ -20,12 +20,19 @@
 //! tenure) served it never overlap ([`check_s3`]). Presence slots are checked the same way:
 //! every tick each node records the slots it would take writes for, as sections from
 //! [`SLOT_SECTIONS`] on (S3 for slots: a deposed primary takes no write).
+//!
+//! With [`SimConfig::presence`], slots hold data: clients log sessions in and out and look
+//! them up, replicas follow their primaries (the replication protocol modelled in
+//! `world/presence.rs`), faults come one at a time, and [`check_presence`] checks that no
+//! acknowledged login is lost and no session comes back after its acknowledged logout.
 
 #![deny(missing_docs)]
 
+mod presence;
 mod world;
 
-pub use world::{Report, SLOT_SECTIONS, SimConfig, run};
+pub use presence::{PresenceCall, PresenceOp, PresenceOutcome, check_presence};
+pub use world::{PresenceSim, Report, SLOT_SECTIONS, SimConfig, run};
 
 /// One serve, as the simulation saw it in real time.
 #[derive(Clone, Debug, PartialEq, Eq)]

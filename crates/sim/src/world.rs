@@ -18,6 +18,12 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use crate::Serve;
+use crate::presence::PresenceCall;
+
+mod presence;
+
+pub use presence::PresenceSim;
+use presence::{PClient, PReply, Pres, StreamBody};
 
 const NAMESPACE: &str = "default";
 const CLUSTER: &str = "sim";
@@ -46,6 +52,10 @@ pub struct SimConfig {
     /// Presence slots the arbiter places. Every tick, each node records which slots it would
     /// take a write for; the S3 checker sees them as sections from [`SLOT_SECTIONS`] on.
     pub slots: u32,
+    /// Presence data: clients log sessions in and out and look them up, replicas follow
+    /// their primaries, and faults come one at a time once every slot has an in-sync
+    /// replica (`None`: slots keep no data, faults as scheduled by the seed).
+    pub presence: Option<PresenceSim>,
 }
 
 /// Where presence slots start in the serve log's section numbers (apart from real sections).
@@ -67,6 +77,25 @@ impl SimConfig {
             section_size: 4,
             step: 5,
             slots: 6,
+            presence: None,
+        }
+    }
+
+    /// The CI configuration of the presence simulation for `seed`: 3 nodes, a 1.5 s lease,
+    /// 8 presence slots, 4 presence clients of 6 uids each, one seq client, 120 simulated
+    /// seconds; faults one at a time, each once every slot has an in-sync replica again.
+    pub fn presence_for_seed(seed: u64, require_replica: bool) -> Self {
+        Self {
+            clients: 1,
+            duration_ms: 120_000,
+            ttl_ms: 1_500,
+            slots: 8,
+            presence: Some(PresenceSim {
+                clients: 4,
+                uids_per_client: 6,
+                require_replica,
+            }),
+            ..Self::for_seed(seed)
         }
     }
 }
@@ -100,19 +129,64 @@ pub struct Report {
     /// was still running (a planned handover: a drain or a balancing move to an in-sync
     /// replica), which the S3 checker watches like any other.
     pub slot_handovers_live: usize,
+    /// Presence violations: acknowledged logins lost, sessions resurrected after their
+    /// acknowledged logout, sessions shown that were never sent ([`crate::check_presence`]).
+    pub presence: Vec<String>,
+    /// Presence writes (logins and logouts) acknowledged.
+    pub presence_writes: usize,
+    /// Presence lookups answered.
+    pub presence_lookups: usize,
+    /// Presence calls whose outcome is unknown.
+    pub presence_unknown: usize,
+    /// Snapshots primaries sent to replicas.
+    pub presence_snapshots: usize,
+    /// Replicas cut off by a primary after the ack timeout.
+    pub presence_cutoffs: usize,
 }
 
 impl Report {
     /// Whether no invariant was violated.
     pub fn clean(&self) -> bool {
-        self.s1.is_empty() && self.s3.is_empty()
+        self.s1.is_empty() && self.s3.is_empty() && self.presence.is_empty()
     }
 }
 
 #[derive(Debug)]
 enum NodeMsg {
-    Coord { token: Token, response: Response },
-    Call { client: usize, call: u64, id: u64 },
+    Coord {
+        token: Token,
+        response: Response,
+    },
+    Call {
+        client: usize,
+        call: u64,
+        id: u64,
+    },
+    PresenceCall {
+        client: usize,
+        call: u64,
+        uid: u64,
+        op: crate::presence::PresenceOp,
+    },
+    Follow {
+        replica: usize,
+        stream: u64,
+        slots: std::collections::BTreeSet<u32>,
+        resume: Option<(u64, u64)>,
+    },
+    Stream {
+        stream: u64,
+        seq: u64,
+        body: StreamBody,
+    },
+    Ack {
+        stream: u64,
+        lsn: u64,
+    },
+    /// The replica closed the stream (its connection ends).
+    Close {
+        stream: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -124,16 +198,52 @@ enum Reply {
 
 #[derive(Debug)]
 enum Fault {
-    Crash { node: usize, down_ms: u64 },
-    Restart { node: usize },
-    Pause { node: usize, ms: u64 },
-    Resume { node: usize },
-    Partition { node: usize, ms: u64 },
-    Heal { node: usize },
-    Slow { node: usize, extra_ms: u64, ms: u64 },
-    Fast { node: usize },
-    Stall { node: usize, ms: u64 },
-    EarlyLeaseEnd { node: usize },
+    Crash {
+        node: usize,
+        down_ms: u64,
+    },
+    Restart {
+        node: usize,
+    },
+    Pause {
+        node: usize,
+        ms: u64,
+    },
+    Resume {
+        node: usize,
+    },
+    Partition {
+        node: usize,
+        ms: u64,
+    },
+    Heal {
+        node: usize,
+    },
+    Slow {
+        node: usize,
+        extra_ms: u64,
+        ms: u64,
+    },
+    Fast {
+        node: usize,
+    },
+    Stall {
+        node: usize,
+        ms: u64,
+    },
+    EarlyLeaseEnd {
+        node: usize,
+    },
+    /// The link between two nodes drops everything for a while.
+    Cut {
+        a: usize,
+        b: usize,
+        ms: u64,
+    },
+    Uncut {
+        a: usize,
+        b: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -176,6 +286,25 @@ enum Event {
         token: Token,
     },
     Fault(Fault),
+    /// Presence mode: inject the next fault once the cluster has settled.
+    FaultPoll,
+    AtPresenceClient {
+        client: usize,
+        call: u64,
+        reply: PReply,
+    },
+    PresenceSend {
+        client: usize,
+    },
+    PresenceRetry {
+        client: usize,
+        call: u64,
+    },
+    PresenceTimeout {
+        client: usize,
+        call: u64,
+        attempt: u32,
+    },
 }
 
 /// Why a node sent a coordinator request.
@@ -223,6 +352,7 @@ struct Node {
     pending: Vec<Pending>,
     purposes: BTreeMap<Token, Purpose>,
     next_token: Token,
+    pres: Pres,
 }
 
 impl Node {
@@ -269,6 +399,7 @@ impl Node {
             pending: Vec::new(),
             purposes: BTreeMap::new(),
             next_token: 1 << 60,
+            pres: Pres::new(index),
         }
     }
 
@@ -317,6 +448,19 @@ struct World {
     /// The node (and its incarnation) that last took writes for each presence slot.
     slot_takers: Vec<Option<(usize, u32)>>,
     report: Report,
+    presence: Option<PresenceSim>,
+    pclients: Vec<PClient>,
+    phistory: Vec<PresenceCall>,
+    /// Node pairs (low, high) whose link drops everything.
+    cuts: std::collections::BTreeSet<(usize, usize)>,
+    /// When the last message on each directed node link arrives (links are FIFO, like TCP).
+    link_last: BTreeMap<(usize, usize), u64>,
+    next_stream: u64,
+    next_session: u64,
+    /// Presence mode: when the cluster was first seen settled since the last fault, and the
+    /// quiet time to wait after that.
+    settled_since: Option<u64>,
+    quiet_us: u64,
 }
 
 /// Runs one simulation and checks it.
@@ -363,6 +507,19 @@ pub fn run(config: &SimConfig) -> Report {
             seed: config.seed,
             ..Report::default()
         },
+        presence: config.presence.clone(),
+        pclients: config.presence.as_ref().map_or(Vec::new(), |p| {
+            (0..p.clients)
+                .map(|index| PClient::new(index, p.uids_per_client))
+                .collect()
+        }),
+        phistory: Vec::new(),
+        cuts: Default::default(),
+        link_last: BTreeMap::new(),
+        next_stream: 1,
+        next_session: 0,
+        settled_since: None,
+        quiet_us: 0,
     };
     world.start();
     world.run();
@@ -387,6 +544,14 @@ impl World {
         for client in 0..self.clients.len() {
             let start = 4_000_000 + self.rng.gen_range(0..100_000);
             self.at(start, Event::ClientSend { client });
+        }
+        for client in 0..self.pclients.len() {
+            let start = 4_000_000 + self.rng.gen_range(0..100_000);
+            self.at(start, Event::PresenceSend { client });
+        }
+        if self.presence.is_some() {
+            self.at(8_000_000, Event::FaultPoll);
+            return;
         }
         let duration_us = self.config.duration_ms * 1000;
         let first = 8_000_000u64.min(duration_us / 4);
@@ -534,6 +699,19 @@ impl World {
                 }
             }
             Event::Fault(fault) => self.fault(fault),
+            Event::FaultPoll => self.fault_poll(),
+            Event::AtPresenceClient {
+                client,
+                call,
+                reply,
+            } => self.presence_client_reply(client, call, reply),
+            Event::PresenceSend { client } => self.presence_client_send(client),
+            Event::PresenceRetry { client, call } => self.presence_attempt(client, call),
+            Event::PresenceTimeout {
+                client,
+                call,
+                attempt,
+            } => self.presence_timeout(client, call, attempt),
         }
     }
 
@@ -564,7 +742,9 @@ impl World {
         self.apply(node, effects, Purpose::Arbiter);
         self.retry_pending(node);
         self.probe_slots(node, now);
-        if self.rng.gen_range(0..100) == 0 {
+        if self.presence.is_some() {
+            self.presence_tick(node, now);
+        } else if self.rng.gen_range(0..100) == 0 {
             self.report_in_sync(node);
         }
         self.at(10_000, Event::Tick { node });
@@ -576,9 +756,6 @@ impl World {
     /// the S3 checker watches.
     fn report_in_sync(&mut self, node: usize) {
         let member = &self.nodes[node].member;
-        let Some(lease) = member.registered().then(|| member.lease()).flatten() else {
-            return;
-        };
         let me = member.node().to_owned();
         let ranges: Vec<imstate_cluster::InSyncRange> = member
             .route()
@@ -593,6 +770,16 @@ impl World {
                 replica_since: range.replica_since,
             })
             .collect();
+        self.publish_in_sync(node, ranges);
+    }
+
+    /// Publishes `insync/<node>` (bound to the node's lease), as a node's follower manager does.
+    fn publish_in_sync(&mut self, node: usize, ranges: Vec<imstate_cluster::InSyncRange>) {
+        let member = &self.nodes[node].member;
+        let Some(lease) = member.registered().then(|| member.lease()).flatten() else {
+            return;
+        };
+        let me = member.node().to_owned();
         let txn = Txn {
             success: vec![imstate_coord::Op::Put {
                 key: imstate_cluster::Keys::new(CLUSTER).in_sync(&me),
@@ -728,6 +915,21 @@ impl World {
                 });
                 self.retry_pending(node);
             }
+            NodeMsg::PresenceCall {
+                client,
+                call,
+                uid,
+                op,
+            } => self.on_presence_call(node, client, call, uid, op),
+            NodeMsg::Follow {
+                replica,
+                stream,
+                slots,
+                resume,
+            } => self.on_follow(node, replica, stream, slots, resume),
+            NodeMsg::Stream { stream, seq, body } => self.on_stream(node, stream, seq, body),
+            NodeMsg::Ack { stream, lsn } => self.on_ack(node, stream, lsn),
+            NodeMsg::Close { stream } => self.on_close(node, stream),
             NodeMsg::Coord { token, response } => {
                 let Some(purpose) = self.nodes[node].purposes.remove(&token) else {
                     return;
@@ -1056,7 +1258,11 @@ impl World {
         let before = self.report.faults.len();
         let injected = !matches!(
             fault,
-            Fault::Restart { .. } | Fault::Resume { .. } | Fault::Heal { .. } | Fault::Fast { .. }
+            Fault::Restart { .. }
+                | Fault::Resume { .. }
+                | Fault::Heal { .. }
+                | Fault::Fast { .. }
+                | Fault::Uncut { .. }
         );
         self.fault_inner(fault, at_ms);
         if injected && self.report.faults.len() > before {
@@ -1078,6 +1284,7 @@ impl World {
             }
             Fault::Restart { node } => {
                 let incarnation = self.nodes[node].incarnation + 1;
+                let pres = std::mem::replace(&mut self.nodes[node].pres, Pres::new(node));
                 self.nodes[node] = Node::new(
                     node,
                     incarnation,
@@ -1086,6 +1293,8 @@ impl World {
                     &self.true_time,
                     &mut self.rng,
                 );
+                // What the log holds survives: recovery replays it.
+                self.nodes[node].pres = pres.recover();
                 self.report
                     .faults
                     .push(format!("{at_ms} ms: n{node} restarts"));
@@ -1139,6 +1348,16 @@ impl World {
                     "{at_ms} ms: n{node}'s next raise is held {ms} ms on its way"
                 ));
             }
+            Fault::Cut { a, b, ms } => {
+                self.cuts.insert((a.min(b), a.max(b)));
+                self.report.faults.push(format!(
+                    "{at_ms} ms: the link between n{a} and n{b} drops everything for {ms} ms"
+                ));
+                self.at(ms * 1000, Event::Fault(Fault::Uncut { a, b }));
+            }
+            Fault::Uncut { a, b } => {
+                self.cuts.remove(&(a.min(b), a.max(b)));
+            }
             Fault::EarlyLeaseEnd { node } => {
                 if let Some(lease) = self.nodes[node].member.lease() {
                     self.coord.set_lease_expiry(lease, at_ms);
@@ -1158,11 +1377,18 @@ impl World {
                 self.finish_call(client, Outcome::Unknown);
             }
         }
+        for client in 0..self.pclients.len() {
+            self.presence_finish(client, crate::presence::PresenceOutcome::Unknown);
+        }
         self.report.s1 = imstate_check::seq::check(&self.history)
             .iter()
             .map(|violation| format!("S1: {violation}"))
             .collect();
         self.report.s3 = crate::check_s3(&self.serves);
+        if self.presence.is_some() {
+            self.presence_final_reads();
+            self.report.presence = crate::presence::check_presence(&self.phistory);
+        }
         self.report.coordinator_writes = self.coord.writes();
         self.report
     }
