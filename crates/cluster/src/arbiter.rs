@@ -188,6 +188,7 @@ impl Arbiter {
                         Op::get_prefix(self.keys.drains()),
                         Op::get_prefix(self.keys.namespaces()),
                         Op::get_prefix(self.keys.in_syncs()),
+                        Op::get_prefix(self.keys.counteds()),
                     ],
                     failure: vec![Op::get(arbiter)],
                 };
@@ -291,6 +292,22 @@ impl Arbiter {
                 in_sync.insert(node.to_owned(), ranges);
             }
         }
+        // A replica counts as in sync only where its primary counts it too; the table write
+        // below is fenced on those reports, so a primary that withdraws one (it cut the
+        // replica off) before the write lands makes the write fail and the plan run again.
+        let mut counted = crate::slots::Counted::new();
+        let mut fences = Vec::new();
+        for kv in txn.gets.get(5).into_iter().flatten() {
+            let node = Keys::leaf(&kv.key);
+            if let (true, Ok(ranges)) = (
+                live.contains(node),
+                serde_json::from_slice::<Vec<crate::slots::CountedRange>>(&kv.value),
+            ) {
+                counted.insert(node.to_owned(), ranges);
+                fences.push(Compare::modified(kv.key.clone(), kv.mod_revision));
+            }
+        }
+        let in_sync = crate::slots::confirmed(&in_sync, &counted);
         // Settled: the newest version first read at least a cooldown (the lock-delay) ago.
         if self
             .seen
@@ -336,10 +353,13 @@ impl Arbiter {
             return Vec::new();
         };
         let write = Txn {
-            compare: vec![
+            compare: [
                 Compare::created(self.keys.arbiter(), election),
                 Compare::modified(self.keys.route(), revision),
-            ],
+            ]
+            .into_iter()
+            .chain(fences)
+            .collect(),
             success: vec![Op::put(self.keys.route(), next.encode())],
             failure: vec![Op::get(self.keys.arbiter())],
         };

@@ -8,6 +8,7 @@
 //! | `namespaces/<name>` | the namespace's definition (JSON with at least `sections`) | any node |
 //! | `drain/<node>` | empty: the node should give its sections away | `imstate ctl drain` |
 //! | `insync/<node>` | the presence slots the node is an in-sync replica of ([`crate::InSyncRange`] list, JSON), bound to its lease | the node |
+//! | `counted/<node>` | the replicas this primary counts in sync for its slots ([`crate::CountedRange`] list, JSON), bound to its lease; rewritten before the primary acknowledges a write without a replica it cut off | the node |
 //! | `maxseq/<namespace>/<section>` | the section's `max_seq` ([`imstate_coord::encode_u64`]) | the owner, fenced |
 
 /// Builds the keys of one cluster.
@@ -77,6 +78,16 @@ impl Keys {
     /// The prefix of every in-sync report.
     pub fn in_syncs(&self) -> String {
         format!("{}insync/", self.prefix)
+    }
+
+    /// A primary's report of the replicas it counts in sync.
+    pub fn counted(&self, node: &str) -> String {
+        format!("{}counted/{node}", self.prefix)
+    }
+
+    /// The prefix of every primary's counted report.
+    pub fn counteds(&self) -> String {
+        format!("{}counted/", self.prefix)
     }
 
     /// A section's `max_seq` key (the section in 16 hex digits, so keys sort by section).

@@ -42,4 +42,6 @@ pub use keys::Keys;
 pub use lease::{LeaseRules, RATE_SKEW_MAX};
 pub use member::{Access, Effect, Fence, Member, MemberInfo, RaiseOp, RaiseOutcome, Token};
 pub use route::{NodeId, PresenceRoute, Range, RouteTable, SlotRange, slot_of};
-pub use slots::{InSync, InSyncRange, joining_in_sync, replica_in_sync};
+pub use slots::{
+    Counted, CountedRange, InSync, InSyncRange, confirmed, joining_in_sync, replica_in_sync,
+};

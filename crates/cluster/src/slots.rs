@@ -62,6 +62,54 @@ pub struct InSyncRange {
 /// What every replica said it is in sync for, by replica node.
 pub type InSync = BTreeMap<NodeId, Vec<InSyncRange>>;
 
+/// A primary's word, published under `counted/<primary>` (bound to its lease), that it
+/// counts `replica` in sync for slots `[start, end)` in the replica tenure `replica_since`:
+/// the replica's stream acknowledged its snapshot and has not been cut off. A primary that
+/// cuts a replica off rewrites this before it acknowledges any write without it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountedRange {
+    /// First slot.
+    pub start: u32,
+    /// One past the last slot.
+    pub end: u32,
+    /// The replica (or joining replica) counted.
+    pub replica: NodeId,
+    /// Its tenure (`replica_since` or `joining_since` in the table).
+    pub replica_since: u64,
+}
+
+/// What every primary counts, by primary node.
+pub type Counted = BTreeMap<NodeId, Vec<CountedRange>>;
+
+/// The replicas' reports, kept only where their primary counts them too. A replica's own
+/// word can be stale: a primary that cut it off (a paused replica, a cut link) and then
+/// acknowledged writes without it would lose them if its role moved there. The presence
+/// simulation found that; both sides must agree before a primary role moves.
+pub fn confirmed(in_sync: &InSync, counted: &Counted) -> InSync {
+    let mut out = InSync::new();
+    for (replica, reports) in in_sync {
+        for report in reports {
+            let Some(counts) = counted.get(&report.primary) else {
+                continue;
+            };
+            for count in counts {
+                if &count.replica != replica || count.replica_since != report.replica_since {
+                    continue;
+                }
+                let (start, end) = (report.start.max(count.start), report.end.min(count.end));
+                if start < end {
+                    out.entry(replica.clone()).or_default().push(InSyncRange {
+                        start,
+                        end,
+                        ..report.clone()
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Whether `range`'s replica said it is in sync for all of `range` in its current tenure.
 pub fn replica_in_sync(range: &SlotRange, in_sync: &InSync) -> bool {
     said_in_sync(
@@ -646,6 +694,39 @@ mod tests {
         let after = settle_with(Some(waiting), &["a", "b", "c"], &["c"], &mut version, true);
         assert_eq!(after.load().get("c").map_or(0, |load| load.1), 0);
         assert!(after.ranges.iter().all(|range| range.joining.is_none()));
+    }
+
+    #[test]
+    fn a_replica_counts_in_sync_only_where_its_primary_counts_it_too() {
+        let report = |start, end, primary: &str, replica_since| InSyncRange {
+            start,
+            end,
+            primary: primary.into(),
+            replica_since,
+        };
+        let count = |start, end, replica: &str, replica_since| CountedRange {
+            start,
+            end,
+            replica: replica.into(),
+            replica_since,
+        };
+        let in_sync = InSync::from([
+            (
+                "b".to_owned(),
+                vec![report(0, 10, "a", 5), report(20, 30, "c", 7)],
+            ),
+            ("c".to_owned(), vec![report(10, 20, "a", 6)]),
+        ]);
+        // a counts b for part of its range, and c under another tenure; c counts nobody.
+        let counted = Counted::from([(
+            "a".to_owned(),
+            vec![count(4, 10, "b", 5), count(10, 20, "c", 5)],
+        )]);
+        assert_eq!(
+            confirmed(&in_sync, &counted),
+            InSync::from([("b".to_owned(), vec![report(4, 10, "a", 5)])])
+        );
+        assert!(confirmed(&in_sync, &Counted::new()).is_empty());
     }
 
     #[test]

@@ -499,22 +499,84 @@ impl Cluster {
         &self,
         ranges: &[imstate_cluster::InSyncRange],
     ) -> Result<(), NodeError> {
-        let Some(lease) = self.state.lock().member.lease() else {
+        let key = imstate_cluster::Keys::new(&self.options.name).in_sync(&self.options.node);
+        self.put_leased(key, ranges).await.map(|_| ())
+    }
+
+    /// Publishes the replicas this node counts in sync as a primary, under `counted/<node>`
+    /// bound to its lease ([`crate::counted`]), and reads the route table's version in the
+    /// same txn. Returns the lease it was written under and that version.
+    pub async fn publish_counted(
+        &self,
+        ranges: &[imstate_cluster::CountedRange],
+    ) -> Result<(imstate_coord::LeaseId, u64), NodeError> {
+        let keys = imstate_cluster::Keys::new(&self.options.name);
+        let Some(lease) = self.lease() else {
             return Err(NodeError::Unavailable("no lease yet".into()));
         };
-        let keys = imstate_cluster::Keys::new(&self.options.name);
         let value = serde_json::to_vec(ranges)
-            .map_err(|error| NodeError::Io(format!("encoding the in-sync report: {error}")))?;
-        self.txn(Txn {
-            success: vec![Op::Put {
-                key: keys.in_sync(&self.options.node),
-                value,
-                lease: Some(lease),
-            }],
-            ..Txn::default()
-        })
-        .await
-        .map(|_| ())
+            .map_err(|error| NodeError::Io(format!("encoding the counted report: {error}")))?;
+        let answer = self
+            .txn(Txn {
+                success: vec![
+                    Op::Put {
+                        key: keys.counted(&self.options.node),
+                        value,
+                        lease: Some(lease),
+                    },
+                    Op::get(keys.route()),
+                ],
+                ..Txn::default()
+            })
+            .await?;
+        let version = answer
+            .gets
+            .first()
+            .and_then(|kvs| kvs.first())
+            .and_then(|kv| RouteTable::decode(&kv.value).ok())
+            .map_or(0, |table| table.version);
+        Ok((lease, version))
+    }
+
+    /// Turns true when the cluster stops.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// The node's lease now, if it has one.
+    pub fn lease(&self) -> Option<imstate_coord::LeaseId> {
+        self.state.lock().member.lease()
+    }
+
+    /// The presence slot routes of the installed table.
+    pub fn presence_route(&self) -> Option<imstate_cluster::PresenceRoute> {
+        self.state.lock().member.route()?.presence.clone()
+    }
+
+    async fn put_leased(
+        &self,
+        key: String,
+        value: &(impl serde::Serialize + ?Sized),
+    ) -> Result<imstate_coord::LeaseId, NodeError> {
+        let Some(lease) = self.lease() else {
+            return Err(NodeError::Unavailable("no lease yet".into()));
+        };
+        let value = serde_json::to_vec(value)
+            .map_err(|error| NodeError::Io(format!("encoding {key}: {error}")))?;
+        let answer = self
+            .txn(Txn {
+                success: vec![Op::Put {
+                    key,
+                    value,
+                    lease: Some(lease),
+                }],
+                ..Txn::default()
+            })
+            .await?;
+        if !answer.succeeded {
+            return Err(NodeError::Unavailable("the put was refused".into()));
+        }
+        Ok(lease)
     }
 
     /// Asks the arbiter to move every section away from `node` (`ctl drain`).

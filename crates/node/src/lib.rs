@@ -55,6 +55,7 @@ pub mod autocheckpoint;
 pub mod clock;
 pub mod cluster;
 pub mod clusterseq;
+pub mod counted;
 pub mod datadir;
 pub mod error;
 pub mod feed;

@@ -365,6 +365,7 @@ pub struct PresenceStore {
     sync: OnceLock<Arc<crate::syncacks::SyncAcks>>,
     /// Cluster mode: refuse writes to slots with no replica in sync.
     require_replica: AtomicBool,
+    counted: OnceLock<Arc<crate::counted::CountedPublisher>>,
     /// Cluster mode: the slots this node is an in-sync replica of (reads may be served).
     replica_readable: parking_lot::RwLock<Option<Arc<imstate_presence::SlotSet>>>,
     registry: Arc<ShardedRegistry>,
@@ -427,6 +428,7 @@ impl PresenceStore {
         let store = Arc::new(Self {
             gate: OnceLock::new(),
             require_replica: AtomicBool::new(false),
+            counted: OnceLock::new(),
             replica_readable: parking_lot::RwLock::new(None),
             sync: OnceLock::new(),
             registry,
@@ -585,6 +587,11 @@ impl PresenceStore {
                         .into(),
                 ));
             }
+            // A replica lost since the last counted report: the coordinator hears it before
+            // anything is acknowledged without that replica.
+            if let Some(counted) = self.counted.get() {
+                counted.before_ack().await?;
+            }
         }
         Ok(())
     }
@@ -613,6 +620,11 @@ impl PresenceStore {
     /// them if `acks` is sync.
     pub fn set_sync(&self, acks: Arc<crate::syncacks::SyncAcks>) {
         let _ = self.sync.set(acks);
+    }
+
+    /// Cluster mode: the counted report's publisher ([`crate::counted`]). Set once.
+    pub fn set_counted(&self, counted: Arc<crate::counted::CountedPublisher>) {
+        let _ = self.counted.set(counted);
     }
 
     /// Cluster mode: from now on every request for a uid passes `gate` first. Set once.

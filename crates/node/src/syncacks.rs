@@ -85,6 +85,9 @@ pub struct SyncAcks {
     changed: watch::Sender<u64>,
     /// [`Self::in_sync_slots`] as of the last change (`None` before any replica).
     in_sync: parking_lot::RwLock<Option<Arc<SlotSet>>>,
+    /// Bumped whenever an in-sync replica is cut off or its stream ends
+    /// ([`crate::counted`] publishes again before the next acknowledgement).
+    lost: AtomicU64,
 }
 
 /// Removes its follower when dropped (the stream ended).
@@ -109,6 +112,9 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        if self.follower.in_sync() {
+            self.acks.lost.fetch_add(1, Ordering::AcqRel);
+        }
         self.acks.followers.lock().remove(&self.id);
         self.acks.bump();
     }
@@ -125,7 +131,13 @@ impl SyncAcks {
             in_sync: parking_lot::RwLock::new(None),
             next_id: AtomicU64::new(1),
             changed,
+            lost: AtomicU64::new(0),
         })
+    }
+
+    /// How many times an in-sync replica was cut off or its stream ended, so far.
+    pub fn lost_generation(&self) -> u64 {
+        self.lost.load(Ordering::Acquire)
     }
 
     fn bump(&self) {
@@ -249,6 +261,7 @@ impl SyncAcks {
                 {
                     for follower in lagging.iter().chain(&waited) {
                         if !follower.cut.swap(true, Ordering::AcqRel) {
+                            self.lost.fetch_add(1, Ordering::AcqRel);
                             metrics::counter!(REPLICATION_ACK_TIMEOUTS).increment(1);
                             follower.cut_signal.send_replace(true);
                         }

@@ -252,6 +252,13 @@ impl Node {
                 config.presence.replication == "sync",
             ));
             presence.set_require_replica(config.presence.require_replica);
+            if let Some(acks) = presence.sync_acks() {
+                imstate_node::counted::spawn(
+                    Arc::clone(cluster_seq.cluster()),
+                    Arc::clone(acks),
+                    &presence,
+                );
+            }
             // ... and the node keeps only the sessions of slots it is primary of.
             imstate_node::cluster::spawn_slot_keeper(
                 Arc::clone(cluster_seq.cluster()),

@@ -314,6 +314,8 @@ enum Purpose {
     Arbiter,
     /// An in-sync report (its answer is not needed).
     Report,
+    /// A primary's counted report: the cut generation it covers, and what it says.
+    Counted(u64, Vec<imstate_cluster::CountedRange>),
     Raise(Vec<Raise>, Vec<RaiseOp>),
     Load(u64),
 }
@@ -757,20 +759,51 @@ impl World {
     fn report_in_sync(&mut self, node: usize) {
         let member = &self.nodes[node].member;
         let me = member.node().to_owned();
-        let ranges: Vec<imstate_cluster::InSyncRange> = member
-            .route()
-            .and_then(|table| table.presence.as_ref())
-            .into_iter()
-            .flat_map(|presence| &presence.ranges)
-            .filter(|range| range.replica.as_deref() == Some(me.as_str()))
-            .map(|range| imstate_cluster::InSyncRange {
-                start: range.start,
-                end: range.end,
-                primary: range.primary.clone(),
-                replica_since: range.replica_since,
-            })
-            .collect();
+        let mut ranges = Vec::new();
+        let mut counted = Vec::new();
+        let presence = member.route().and_then(|table| table.presence.as_ref());
+        for range in presence.into_iter().flat_map(|presence| &presence.ranges) {
+            let roles = [
+                (&range.replica, range.replica_since),
+                (&range.joining, range.joining_since),
+            ];
+            for (replica, since) in roles {
+                let Some(replica) = replica else { continue };
+                if *replica == me {
+                    ranges.push(imstate_cluster::InSyncRange {
+                        start: range.start,
+                        end: range.end,
+                        primary: range.primary.clone(),
+                        replica_since: since,
+                    });
+                }
+                // As primary it counts every replica in sync too.
+                if range.primary == me {
+                    counted.push(imstate_cluster::CountedRange {
+                        start: range.start,
+                        end: range.end,
+                        replica: replica.clone(),
+                        replica_since: since,
+                    });
+                }
+            }
+        }
         self.publish_in_sync(node, ranges);
+        let member = &self.nodes[node].member;
+        if let Some(lease) = member.registered().then(|| member.lease()).flatten() {
+            let txn = Txn {
+                success: vec![imstate_coord::Op::Put {
+                    key: imstate_cluster::Keys::new(CLUSTER).counted(&me),
+                    value: serde_json::to_vec(&counted).expect("encodes"),
+                    lease: Some(lease),
+                }],
+                ..Txn::default()
+            };
+            let target = &mut self.nodes[node];
+            let token = target.next_token;
+            target.next_token += 1;
+            self.send(node, token, Request::Txn(txn), Purpose::Report);
+        }
     }
 
     /// Publishes `insync/<node>` (bound to the node's lease), as a node's follower manager does.
@@ -946,6 +979,13 @@ impl World {
                         self.apply(node, effects, Purpose::Arbiter);
                     }
                     Purpose::Report => {}
+                    Purpose::Counted(generation, ranges) => {
+                        let answer = match &response {
+                            Response::Txn(txn) => Some(txn),
+                            _ => None,
+                        };
+                        self.counted_published(node, generation, ranges, answer);
+                    }
                     Purpose::Raise(raises, ops) => self.raised(node, now, raises, ops, &response),
                     Purpose::Load(section) => {
                         let target = &mut self.nodes[node];

@@ -128,6 +128,12 @@ struct Wait {
     deadline: Millis,
     shown: Vec<u64>,
     write: bool,
+    /// The in-sync replica streams this wait counts on.
+    waited: Vec<u64>,
+    /// `false` once a replica it counted on went away: then answered only after the counted
+    /// report of cut generation `needs_gen` is published.
+    replicated: bool,
+    needs_gen: u64,
 }
 
 /// A node's presence state.
@@ -145,6 +151,12 @@ pub(super) struct Pres {
     last_check: Millis,
     reported: Option<Vec<imstate_cluster::InSyncRange>>,
     traced_version: Option<u64>,
+    /// Replicas cut off so far (each bumps it); the counted report published covers cuts up
+    /// to `counted_gen_published`.
+    cut_gen: u64,
+    counted_gen_published: u64,
+    counted_published: Option<Vec<imstate_cluster::CountedRange>>,
+    counted_in_flight: Option<Millis>,
 }
 
 impl Pres {
@@ -161,6 +173,10 @@ impl Pres {
             last_check: 0,
             reported: None,
             traced_version: None,
+            cut_gen: 0,
+            counted_gen_published: 0,
+            counted_published: None,
+            counted_in_flight: None,
         }
     }
 
@@ -344,7 +360,10 @@ impl World {
             }
         }
         self.stream_send(node, index, StreamBody::End { forget });
-        self.nodes[node].pres.followers.remove(index);
+        let f = self.nodes[node].pres.followers.remove(index);
+        if f.in_sync {
+            self.nodes[node].pres.cut_gen += 1;
+        }
     }
 
     // ----- the node's side ---------------------------------------------------------------
@@ -379,6 +398,7 @@ impl World {
             }
         }
         self.process_waits(node);
+        self.publish_counted(node, now);
     }
 
     fn primary_of_all(&self, node: usize, slots: &[u32]) -> bool {
@@ -633,10 +653,14 @@ impl World {
 
     /// A replica closed its stream.
     pub(super) fn on_close(&mut self, node: usize, stream: u64) {
-        self.nodes[node]
-            .pres
+        let pres = &mut self.nodes[node].pres;
+        let lost = pres
             .followers
-            .retain(|f| f.stream != stream);
+            .iter()
+            .filter(|f| f.stream == stream && f.in_sync)
+            .count();
+        pres.cut_gen += lost as u64;
+        pres.followers.retain(|f| f.stream != stream);
         self.process_waits(node);
     }
 
@@ -839,34 +863,69 @@ impl World {
             deadline: now + ACK_TIMEOUT_MS,
             shown,
             write,
+            waited: Vec::new(),
+            replicated: true,
+            needs_gen: 0,
         });
         self.process_waits(node);
     }
 
-    /// Answers the waits whose replicas have acknowledged (or were cut off).
+    /// Answers the waits whose replicas have acknowledged (or were cut off), as
+    /// `SyncAcks::wait` and `PresenceStore::durable` do.
     fn process_waits(&mut self, node: usize) {
         let now = self.nodes[node].now(self.now_us);
+        let require = self.presence.as_ref().is_some_and(|p| p.require_replica);
         let waits = std::mem::take(&mut self.nodes[node].pres.waits);
         let mut still = Vec::new();
-        for wait in waits {
-            let lagging: Vec<u64> = self.nodes[node]
-                .pres
+        for mut wait in waits {
+            if !wait.replicated {
+                // Degraded: answered once the primary's counted report without the cut
+                // replica is in the coordinator (or not at all).
+                if self.nodes[node].pres.counted_gen_published >= wait.needs_gen {
+                    self.answer(node, now, wait);
+                } else if now >= wait.deadline + ACK_TIMEOUT_MS * 2 {
+                    self.presence_reply(wait.client, wait.call, PReply::Unavailable);
+                } else {
+                    still.push(wait);
+                }
+                continue;
+            }
+            let pres = &self.nodes[node].pres;
+            // The replicas this wait counts on: one that went away before acknowledging
+            // (cut off, stream closed) leaves the write on this node only.
+            let mut complete = true;
+            wait.waited.retain(|stream| {
+                match pres.followers.iter().find(|f| f.stream == *stream) {
+                    Some(f) if f.acked >= wait.lsn => false,
+                    Some(_) => true,
+                    None => {
+                        complete = false;
+                        false
+                    }
+                }
+            });
+            let lagging: Vec<u64> = pres
                 .followers
                 .iter()
                 .filter(|f| f.in_sync && f.acked < wait.lsn)
                 .map(|f| f.stream)
                 .collect();
-            let lagging = if cfg!(feature = "planted-ack-before-replica") {
-                Vec::new()
-            } else {
-                lagging
-            };
-            if !lagging.is_empty() {
+            for stream in &lagging {
+                if !wait.waited.contains(stream) {
+                    wait.waited.push(*stream);
+                }
+            }
+            if cfg!(feature = "planted-ack-before-replica") {
+                wait.waited.clear();
+                complete = true;
+            }
+            if !wait.waited.is_empty() {
                 if now < wait.deadline {
                     still.push(wait);
                     continue;
                 }
-                for stream in lagging {
+                complete = false;
+                for stream in std::mem::take(&mut wait.waited) {
                     if let Some(index) = self.nodes[node]
                         .pres
                         .followers
@@ -878,48 +937,175 @@ impl World {
                     }
                 }
             }
-            // The slot check again, now that the change is durable and replicated.
-            let access = self.nodes[node].member.access_slot(now, wait.uid);
-            let slot = (wait.uid % u64::from(self.slot_count())) as u32;
-            // Under require_replica, a write is acknowledged only when an in-sync replica of
-            // its slot holds it: one cut off (by this wait or another) does not count.
-            let require = self.presence.as_ref().is_some_and(|p| p.require_replica);
-            let held = self.nodes[node]
-                .pres
-                .followers
-                .iter()
-                .any(|f| f.in_sync && f.acked >= wait.lsn && f.slots.contains(&slot));
-            if wait.write && require && !held && !cfg!(feature = "planted-ack-before-replica") {
+            let pres = &self.nodes[node].pres;
+            if !complete && require {
                 self.presence_reply(wait.client, wait.call, PReply::Unavailable);
-                continue;
-            }
-            self.trace(slot, || {
-                format!(
-                    "n{node} answers uid {} lsn {} (write {}): {access:?}",
-                    wait.uid, wait.lsn, wait.write
-                )
-            });
-            match access {
-                Access::Serve { tenure } => {
-                    if wait.write {
-                        let slot = wait.uid % u64::from(self.slot_count());
-                        self.serves.push(Serve {
-                            section: SLOT_SECTIONS + slot,
-                            node,
-                            incarnation: self.nodes[node].incarnation,
-                            tenure,
-                            at_us: self.now_us,
-                        });
-                    }
-                    self.presence_reply(wait.client, wait.call, PReply::Ok(wait.shown));
-                }
-                _ if cfg!(feature = "planted-deposed-primary-writes") => {
-                    self.presence_reply(wait.client, wait.call, PReply::Ok(wait.shown));
-                }
-                _ => self.presence_reply(wait.client, wait.call, PReply::Unavailable),
+            } else if pres.counted_gen_published >= pres.cut_gen {
+                self.answer(node, now, wait);
+            } else {
+                // A replica was lost since the last counted report (this wait's or another):
+                // answered only once the coordinator knows this primary no longer counts it.
+                wait.replicated = false;
+                wait.needs_gen = self.nodes[node].pres.cut_gen;
+                still.push(wait);
+                self.publish_counted(node, now);
             }
         }
         self.nodes[node].pres.waits.extend(still);
+    }
+
+    /// The slot check again, now that the change is durable and replicated, then the answer.
+    fn answer(&mut self, node: usize, now: Millis, wait: Wait) {
+        let access = self.nodes[node].member.access_slot(now, wait.uid);
+        let slot = (wait.uid % u64::from(self.slot_count())) as u32;
+        self.trace(slot, || {
+            format!(
+                "n{node} answers uid {} lsn {} (write {}, replicated {}): {access:?}",
+                wait.uid, wait.lsn, wait.write, wait.replicated
+            )
+        });
+        match access {
+            Access::Serve { tenure } => {
+                if wait.write {
+                    self.serves.push(Serve {
+                        section: SLOT_SECTIONS + u64::from(slot),
+                        node,
+                        incarnation: self.nodes[node].incarnation,
+                        tenure,
+                        at_us: self.now_us,
+                    });
+                }
+                self.presence_reply(wait.client, wait.call, PReply::Ok(wait.shown));
+            }
+            _ if cfg!(feature = "planted-deposed-primary-writes") => {
+                self.presence_reply(wait.client, wait.call, PReply::Ok(wait.shown));
+            }
+            _ => self.presence_reply(wait.client, wait.call, PReply::Unavailable),
+        }
+    }
+
+    /// What this primary counts in sync, per the ranges its table gives it.
+    fn counted_ranges(&self, node: usize) -> Vec<imstate_cluster::CountedRange> {
+        let Some(presence) = self.nodes[node]
+            .member
+            .route()
+            .and_then(|table| table.presence.as_ref())
+        else {
+            return Vec::new();
+        };
+        let pres = &self.nodes[node].pres;
+        let mut out = Vec::new();
+        for range in presence
+            .ranges
+            .iter()
+            .filter(|r| node_index(&r.primary) == node)
+        {
+            let roles = [
+                (&range.replica, range.replica_since),
+                (&range.joining, range.joining_since),
+            ];
+            for (replica, since) in roles {
+                let Some(replica) = replica else { continue };
+                let index = node_index(replica);
+                let covered = (range.start..range.end).all(|slot| {
+                    pres.followers
+                        .iter()
+                        .any(|f| f.in_sync && f.replica == index && f.slots.contains(&slot))
+                });
+                if covered {
+                    out.push(imstate_cluster::CountedRange {
+                        start: range.start,
+                        end: range.end,
+                        replica: replica.clone(),
+                        replica_since: since,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Publishes `counted/<node>` when it changed (one txn in flight at a time).
+    pub(super) fn publish_counted(&mut self, node: usize, now: Millis) {
+        let ranges = self.counted_ranges(node);
+        let pres = &self.nodes[node].pres;
+        let in_flight = pres
+            .counted_in_flight
+            .is_some_and(|since| now < since + 1_000);
+        if in_flight
+            || (pres.counted_published.as_ref() == Some(&ranges)
+                && pres.counted_gen_published >= pres.cut_gen)
+        {
+            // Nothing new to say (or a publication is on its way).
+            return;
+        }
+        let member = &self.nodes[node].member;
+        let Some(lease) = member.registered().then(|| member.lease()).flatten() else {
+            return;
+        };
+        let keys = imstate_cluster::Keys::new(super::CLUSTER);
+        let txn = imstate_coord::Txn {
+            success: vec![
+                imstate_coord::Op::Put {
+                    key: keys.counted(&format!("n{node}")),
+                    value: serde_json::to_vec(&ranges).expect("encodes"),
+                    lease: Some(lease),
+                },
+                imstate_coord::Op::get(keys.route()),
+            ],
+            ..imstate_coord::Txn::default()
+        };
+        let generation = self.nodes[node].pres.cut_gen;
+        let target = &mut self.nodes[node];
+        target.pres.counted_in_flight = Some(now);
+        let token = target.next_token;
+        target.next_token += 1;
+        self.send(
+            node,
+            token,
+            imstate_coord::Request::Txn(txn),
+            super::Purpose::Counted(generation, ranges),
+        );
+    }
+
+    /// The coordinator's answer to a counted report.
+    pub(super) fn counted_published(
+        &mut self,
+        node: usize,
+        generation: u64,
+        ranges: Vec<imstate_cluster::CountedRange>,
+        answer: Option<&imstate_coord::TxnResponse>,
+    ) {
+        // The route table read in the same txn: a newer one than this node installed may
+        // have moved slots to the replica it lost; then nothing degraded is acknowledged yet.
+        let current = answer.is_some_and(|txn| {
+            let version = txn
+                .gets
+                .first()
+                .and_then(|kvs| kvs.first())
+                .and_then(|kv| imstate_cluster::RouteTable::decode(&kv.value).ok())
+                .map_or(0, |table| table.version);
+            let installed = self.nodes[node].member.route().map_or(0, |t| t.version);
+            txn.succeeded && (version <= installed || cfg!(feature = "planted-ack-before-replica"))
+        });
+        if let Some(slot) = trace_slot() {
+            let installed = self.nodes[node].member.route().map_or(0, |t| t.version);
+            self.trace(slot, || {
+                format!(
+                    "n{node} counted report of generation {generation} answered: current {current}, installed {installed}, {:?}",
+                    answer.map(|txn| (txn.succeeded, txn.gets.len()))
+                )
+            });
+        }
+        let pres = &mut self.nodes[node].pres;
+        pres.counted_in_flight = None;
+        if answer.is_some_and(|txn| txn.succeeded) {
+            pres.counted_published = Some(ranges);
+        }
+        if current {
+            pres.counted_gen_published = pres.counted_gen_published.max(generation);
+        }
+        self.process_waits(node);
     }
 
     fn presence_reply(&mut self, client: usize, call: u64, reply: PReply) {
@@ -1185,8 +1371,14 @@ impl World {
             .map(|n| (n.alive, n.incarnation))
             .collect();
         let pres = &mut self.nodes[node].pres;
-        pres.followers
-            .retain(|f| alive[f.replica] == (true, f.replica_incarnation));
+        let gone = |f: &Follower| alive[f.replica] != (true, f.replica_incarnation);
+        let lost = pres
+            .followers
+            .iter()
+            .filter(|f| gone(f) && f.in_sync)
+            .count();
+        pres.cut_gen += lost as u64;
+        pres.followers.retain(|f| !gone(f));
         for f in &mut pres.following {
             if f.stream.is_some() && alive[f.primary] != (true, f.primary_incarnation) {
                 f.stream = None;
