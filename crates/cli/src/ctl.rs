@@ -169,8 +169,17 @@ pub async fn run(command: CtlCommand) -> anyhow::Result<()> {
                     lags.get(&(slots.primary_id.clone(), slots.replica_id.clone()))
                         .map_or("no-stream", String::as_str)
                 };
+                // A planned replica move in progress: the joining node and its lag.
+                let joining = if slots.joining_id.is_empty() {
+                    String::new()
+                } else {
+                    let lag = lags
+                        .get(&(slots.primary_id.clone(), slots.joining_id.clone()))
+                        .map_or("no-stream", String::as_str);
+                    format!("\tjoining={}\tjoining_lag={lag}", slots.joining_id)
+                };
                 out.push_str(&format!(
-                    "slots\t[{}, {})\tprimary={}\treplica={replica}\tlag={lag}\tgrpc={}\twire={}\n",
+                    "slots\t[{}, {})\tprimary={}\treplica={replica}\tlag={lag}{joining}\tgrpc={}\twire={}\n",
                     slots.slot_lo,
                     slots.slot_hi,
                     slots.primary_id,

@@ -188,6 +188,8 @@ pub struct SlotRoute {
     pub primary_wire: String,
     /// The replica's node id (empty: none).
     pub replica_id: String,
+    /// A node syncing to take the replica's place (empty: none).
+    pub joining_id: String,
 }
 
 /// The route table as a node serves under it (`Admin/Route`).
@@ -250,6 +252,7 @@ pub(crate) fn routes_from_pb(table: pb::RouteTable) -> RouteTable {
                 primary: entry.primary,
                 primary_wire: entry.primary_wire,
                 replica_id: entry.replica_id,
+                joining_id: entry.joining_id,
             })
             .collect(),
     }

@@ -225,6 +225,7 @@ impl Sequences {
                                     primary: info.map(|i| i.grpc.clone()).unwrap_or_default(),
                                     primary_wire: info.map(|i| i.wire.clone()).unwrap_or_default(),
                                     replica_id: range.replica.clone().unwrap_or_default(),
+                                    joining_id: range.joining.clone().unwrap_or_default(),
                                 }
                             })
                             .collect(),
