@@ -152,6 +152,39 @@ fn a_watch_on_a_paused_node_fails_within_the_keepalive_and_resumes_after() {
     });
 }
 
+/// The wire client's side of the same: a call to a node that stops answering (SIGSTOP) fails
+/// within the reply stall timeout instead of waiting for the whole pause, and a new
+/// connection works once the node runs again. Before, it waited as long as the pause (the
+/// wire client had a connect timeout only); `imstate_wire::pipeline`'s unit test shows the
+/// call hanging without the timeout.
+#[test]
+fn a_wire_call_to_a_paused_node_fails_within_the_stall_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None);
+    runtime().block_on(async {
+        let client = WireClient::connect(&server.wire_addr, "").await.unwrap();
+        client.heartbeat(7, 1).await.unwrap_err(); // unknown session: the node answers
+        let pid = server.pid().expect("running") as i32;
+        // SAFETY: signals to our own child process.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let paused = Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(30), client.next("", 1)).await;
+        let waited = paused.elapsed();
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        match outcome {
+            Ok(Err(error)) => assert!(error.to_string().contains("no reply"), "{error}"),
+            other => panic!("the call on a paused node did not fail: {other:?}"),
+        }
+        let stall = imstate_wire::pipeline::REPLY_STALL_TIMEOUT;
+        assert!(
+            waited >= stall && waited < stall + Duration::from_secs(5),
+            "failed after {waited:?}"
+        );
+        let client = WireClient::connect(&server.wire_addr, "").await.unwrap();
+        assert!(client.next("", 1).await.unwrap() >= 1);
+    });
+}
+
 fn stderr_of(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }

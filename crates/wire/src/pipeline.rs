@@ -15,6 +15,11 @@
 //! `redis-benchmark -P` does), and one caller can send a whole pipeline (K requests) as one
 //! `send`. When the connection fails, every waiting caller gets the error and later calls fail
 //! at once.
+//!
+//! A connection whose server sends nothing for [`REPLY_STALL_TIMEOUT`] while a reply is
+//! awaited is failed the same way (a paused node, or a link cut without a reset, would
+//! otherwise keep its callers waiting for as long as it lasts; the gRPC client's HTTP/2
+//! keepalive does this for gRPC).
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -26,6 +31,11 @@ pub const QUEUE_REQUESTS_MAX: usize = 4_096;
 pub const WRITE_BYTES_MAX: usize = 1 << 20;
 /// Bytes read per read call (the buffer grows when one reply is larger).
 pub const READ_BYTES_CHUNK: usize = 64 * 1024;
+/// Longest the server may send nothing while a reply is awaited before the connection is
+/// failed as dead (every waiting call then gets a connection error: its outcome is unknown).
+/// Well above a node's slowest normal answer (a sync write waits at most
+/// `presence.replica_ack_timeout_ms`, 1 s by default, for its replica).
+pub const REPLY_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Parses the replies of one protocol.
 pub trait ReplyParser: Send + 'static {
@@ -181,7 +191,17 @@ async fn read_loop<P: ReplyParser, Rd: AsyncRead + Unpin>(
                     buffer.drain(..start);
                     start = 0;
                     buffer.reserve(READ_BYTES_CHUNK);
-                    match reader.read_buf(&mut buffer).await {
+                    let read =
+                        tokio::time::timeout(REPLY_STALL_TIMEOUT, reader.read_buf(&mut buffer))
+                            .await;
+                    let Ok(read) = read else {
+                        failure = Some(PipelineError::Connection(format!(
+                            "no reply for {} s (the node may be paused or cut off)",
+                            REPLY_STALL_TIMEOUT.as_secs()
+                        )));
+                        break;
+                    };
+                    match read {
                         Ok(0) => {
                             failure = Some(PipelineError::Connection(
                                 "the server closed the connection".into(),
@@ -235,6 +255,31 @@ mod tests {
                 None => Ok(None),
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_stops_answering_fails_the_waiting_calls_after_the_stall_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        // Accepts, reads, never answers (a paused node, as far as the client can tell).
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buffer = [0u8; 64];
+            let _ = socket.read(&mut buffer).await;
+            std::future::pending::<()>().await;
+        });
+        let stream = TcpStream::connect(address).await.unwrap();
+        let connection: Pipelined<u8> = Pipelined::start(stream, Bytes);
+        let started = tokio::time::Instant::now();
+        let error = connection.send_one(vec![b'a']).await.unwrap_err();
+        assert!(
+            matches!(&error, PipelineError::Connection(reason) if reason.contains("no reply")),
+            "{error:?}"
+        );
+        assert!(started.elapsed() >= REPLY_STALL_TIMEOUT);
+        // Later calls fail at once.
+        assert!(connection.send_one(vec![b'b']).await.is_err());
+        server.abort();
     }
 
     #[tokio::test]
