@@ -9,11 +9,16 @@
 #   WARMUP [1] warm-up seconds per run         CONNECTIONS [50]
 #   KEYS [1000000] ids / preloaded uids         SESSIONS [1000000] for memory and restart
 #   CASES [all workloads + seq-next:16]         OUT [a temp dir] where JSON and logs are kept
+#   DURABLE_CASES [seq-next,presence-login,mixed] the cases run again against Redis with an
+#                                               append-only file (0 or empty: skip)
 #   DOCS [1] 0 = do not touch docs/benchmarks.md (only print)
 #
-# Redis runs with no persistence for throughput (--save "" --appendonly no); the restart test
-# asks it for one explicit SAVE. imstate runs as released (`serve`, default config, temp data
-# dir). Everything started here is stopped on exit.
+# Redis runs with no persistence for the first table (--save "" --appendonly no), then with
+# `appendonly yes` and `appendfsync everysec` (what people run for counters they care about;
+# imstate at its default `presence.fsync = batch:10ms`), then `appendfsync always` (imstate
+# with `presence.fsync = always`); the restart test asks it for one explicit SAVE. imstate
+# runs as released (`serve`, default config, temp data dir). Everything started here is
+# stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -26,6 +31,10 @@ KEYS=${KEYS:-1000000}
 SESSIONS=${SESSIONS:-1000000}
 CASES=${CASES:-seq-next,seq-next:16,seq-fanout,presence-login,presence-heartbeat-batch,presence-lookup-batch,mixed}
 DOCS=${DOCS:-1}
+DURABLE_CASES=${DURABLE_CASES-seq-next,presence-login,mixed}
+[[ $DURABLE_CASES == 0 ]] && DURABLE_CASES=""
+# Extra environment for imstate (`KEY=VALUE` words), e.g. its presence fsync policy.
+IMSTATE_ENV=()
 FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
 step() { printf '\n==> %s\n' "$*" >&2; }
@@ -99,7 +108,7 @@ stop_redis() {
 start_imstate() { # start_imstate DATA_DIR: starts the node, waits for "imstate listening on"
   local data=$1 log=$WORK/imstate.log
   : >"$log"
-  "$BIN" serve --data-dir "$data" --listen "127.0.0.1:$IMSTATE_PORT" \
+  env "${IMSTATE_ENV[@]}" "$BIN" serve --data-dir "$data" --listen "127.0.0.1:$IMSTATE_PORT" \
     --metrics-listen "127.0.0.1:$METRICS_PORT" --wire-listen "127.0.0.1:$WIRE_PORT" >>"$log" 2>&1 &
   IMSTATE_PID=$!
   PIDS+=("$IMSTATE_PID")
@@ -146,6 +155,32 @@ FANOUT_LUA=$("$BIN" "${FANOUT_CMD[@]:1}" --redis-fanout lua | awk 'NR==2 {print 
 echo "pipeline ${FANOUT_PIPELINE} ids/s, lua ${FANOUT_LUA} ids/s" >&2
 stop_redis
 stop_imstate
+
+# ---- 1b. against Redis with an append-only file ------------------------------------------
+# durable_compare NAME REDIS_APPENDFSYNC IMSTATE_PRESENCE_FSYNC: fresh servers, the durable
+# cases, a table of their own.
+DURABLE_CMDS=()
+durable_compare() {
+  local name=$1 appendfsync=$2 fsync=$3
+  step "Redis appendonly yes, appendfsync $appendfsync; imstate presence.fsync=$fsync"
+  rm -rf "$WORK/redis" "$WORK/imstate-data"
+  start_redis "$WORK/redis" --appendonly yes --appendfsync "$appendfsync"
+  IMSTATE_ENV=("IMSTATE_PRESENCE__FSYNC=$fsync")
+  start_imstate "$WORK/imstate-data"
+  IMSTATE_ENV=()
+  local cmd=(imstate bench --compare --imstate "$IMSTATE" --redis "$REDIS"
+    --cases "$DURABLE_CASES" --rounds "$ROUNDS" --duration "$DURATION" --warmup "$WARMUP"
+    --connections "$CONNECTIONS" --keys "$KEYS" --quiet
+    --json-out "$OUT/compare-$name.json" --markdown-out "$OUT/compare-$name.md")
+  DURABLE_CMDS+=("IMSTATE_PRESENCE__FSYNC=$fsync (Redis --appendonly yes --appendfsync $appendfsync) ${cmd[*]}")
+  "$BIN" "${cmd[@]:1}" | tee "$OUT/compare-$name.txt"
+  stop_redis
+  stop_imstate
+}
+if [[ -n $DURABLE_CASES ]]; then
+  durable_compare aof-everysec everysec batch:10ms
+  durable_compare aof-always always always
+fi
 
 # ---- 2. memory per session ---------------------------------------------------------------
 step "memory: $SESSIONS sessions into fresh servers"
@@ -208,6 +243,25 @@ SECTION=$WORK/section.md
   echo
   cat "$OUT/compare.md"
   echo
+  if [[ -n $DURABLE_CASES ]]; then
+    echo "The table above is against Redis **without persistence**. The next two are against Redis"
+    echo "with an append-only file, as people run it for counters they care about, on fresh servers:"
+    echo
+    echo "**Redis \`appendonly yes\`, \`appendfsync everysec\`** (loses up to about a second on a crash)"
+    echo "against imstate's default \`presence.fsync = batch:10ms\` (a 10 ms window; seq values never"
+    echo "repeat after a crash either way, \`max_seq\` is durable before it is served):"
+    echo
+    cat "$OUT/compare-aof-everysec.md"
+    echo
+    echo "**Redis \`appendonly yes\`, \`appendfsync always\`** against imstate with \`presence.fsync = always\`:"
+    echo
+    cat "$OUT/compare-aof-always.md"
+    echo
+    echo '```sh'
+    printf '%s\n' "${DURABLE_CMDS[@]}" | sed "s#$OUT/##g"
+    echo '```'
+    echo
+  fi
   echo "Redis fan-out (K = 100 INCRs per request): pipelined $FANOUT_PIPELINE ids/s, Lua EVALSHA"
   echo "$FANOUT_LUA ids/s in a separate run; the compare table uses the pipeline (\`--redis-fanout\`)."
   echo
