@@ -92,6 +92,10 @@ impl CountedPublisher {
     async fn publish_with(&self, force: bool) -> Result<bool, NodeError> {
         let mut published = self.published.lock().await;
         let lost = self.acks.lost_generation();
+        // Writers that waited for the lock behind the one that published for them.
+        if force && self.covered.load(Ordering::Acquire) >= lost {
+            return Ok(true);
+        }
         let ranges = match self.cluster.presence_route() {
             Some(presence) => counted_ranges(&presence, &self.node, &self.acks.followers()),
             None => Vec::new(),
