@@ -66,6 +66,7 @@ run_tests -p imstate-sim --features planted-coalesce-unsettled --test simulation
 step "negative controls: the presence simulation catches each planted replication bug"
 run_tests -p imstate-sim --features planted-ack-before-replica --test simulation presence
 run_tests -p imstate-sim --features planted-deposed-primary-writes --test simulation presence
+run_tests -p imstate-sim --features planted-trust-replica-report --test simulation presence
 
 step "negative controls: the engine simulation catches each planted load/unload race"
 run_tests -p imstate-node --features planted-unload-current-tenure --test engine_sim

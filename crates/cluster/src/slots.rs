@@ -86,6 +86,10 @@ pub type Counted = BTreeMap<NodeId, Vec<CountedRange>>;
 /// acknowledged writes without it would lose them if its role moved there. The presence
 /// simulation found that; both sides must agree before a primary role moves.
 pub fn confirmed(in_sync: &InSync, counted: &Counted) -> InSync {
+    // The planted bug: the replica's word alone.
+    if cfg!(feature = "planted-trust-replica-report") {
+        return in_sync.clone();
+    }
     let mut out = InSync::new();
     for (replica, reports) in in_sync {
         for report in reports {

@@ -233,6 +233,8 @@ fn presence_replay(seed: u64, test: &str) -> String {
         " --features planted-ack-before-replica"
     } else if cfg!(feature = "planted-deposed-primary-writes") {
         " --features planted-deposed-primary-writes"
+    } else if cfg!(feature = "planted-trust-replica-report") {
+        " --features planted-trust-replica-report"
     } else {
         ""
     };
@@ -245,6 +247,7 @@ fn presence_replay(seed: u64, test: &str) -> String {
 #[cfg(not(any(
     feature = "planted-ack-before-replica",
     feature = "planted-deposed-primary-writes",
+    feature = "planted-trust-replica-report",
     feature = "planted-serve-without-lease",
     feature = "planted-no-lock-delay",
     feature = "planted-raise-without-fence",
@@ -296,7 +299,8 @@ fn presence_keeps_every_acknowledged_change_when_faults_come_one_at_a_time() {
 
 #[cfg(any(
     feature = "planted-ack-before-replica",
-    feature = "planted-deposed-primary-writes"
+    feature = "planted-deposed-primary-writes",
+    feature = "planted-trust-replica-report"
 ))]
 #[test]
 fn presence_catches_the_planted_replication_bug() {
