@@ -789,42 +789,47 @@ impl World {
             }
         }
         self.publish_in_sync(node, ranges);
-        let member = &self.nodes[node].member;
-        if let Some(lease) = member.registered().then(|| member.lease()).flatten() {
-            let txn = Txn {
-                success: vec![imstate_coord::Op::Put {
-                    key: imstate_cluster::Keys::new(CLUSTER).counted(&me),
-                    value: serde_json::to_vec(&counted).expect("encodes"),
-                    lease: Some(lease),
-                }],
-                ..Txn::default()
-            };
-            let target = &mut self.nodes[node];
-            let token = target.next_token;
-            target.next_token += 1;
-            self.send(node, token, Request::Txn(txn), Purpose::Report);
-        }
+        let key = imstate_cluster::Keys::new(CLUSTER).counted(&me);
+        let value = serde_json::to_vec(&counted).expect("encodes");
+        self.put_leased(node, key, value, Vec::new(), Purpose::Report);
     }
 
     /// Publishes `insync/<node>` (bound to the node's lease), as a node's follower manager does.
     fn publish_in_sync(&mut self, node: usize, ranges: Vec<imstate_cluster::InSyncRange>) {
+        let key = imstate_cluster::Keys::new(CLUSTER).in_sync(self.nodes[node].member.node());
+        let value = serde_json::to_vec(&ranges).expect("encodes");
+        self.put_leased(node, key, value, Vec::new(), Purpose::Report);
+    }
+
+    /// Sends a txn that puts `value` at `key` bound to the node's lease, then runs `then`;
+    /// `false` (nothing sent) while the node has no lease.
+    fn put_leased(
+        &mut self,
+        node: usize,
+        key: String,
+        value: Vec<u8>,
+        then: Vec<imstate_coord::Op>,
+        purpose: Purpose,
+    ) -> bool {
         let member = &self.nodes[node].member;
         let Some(lease) = member.registered().then(|| member.lease()).flatten() else {
-            return;
+            return false;
         };
-        let me = member.node().to_owned();
+        let mut success = vec![imstate_coord::Op::Put {
+            key,
+            value,
+            lease: Some(lease),
+        }];
+        success.extend(then);
         let txn = Txn {
-            success: vec![imstate_coord::Op::Put {
-                key: imstate_cluster::Keys::new(CLUSTER).in_sync(&me),
-                value: serde_json::to_vec(&ranges).expect("encodes"),
-                lease: Some(lease),
-            }],
+            success,
             ..Txn::default()
         };
         let target = &mut self.nodes[node];
         let token = target.next_token;
         target.next_token += 1;
-        self.send(node, token, Request::Txn(txn), Purpose::Report);
+        self.send(node, token, Request::Txn(txn), purpose);
+        true
     }
 
     /// Records every presence slot this node would take a write for now (S3 for slots: a

@@ -1039,33 +1039,19 @@ impl World {
             // Nothing new to say (or a publication is on its way).
             return;
         }
-        let member = &self.nodes[node].member;
-        let Some(lease) = member.registered().then(|| member.lease()).flatten() else {
-            return;
-        };
         let keys = imstate_cluster::Keys::new(super::CLUSTER);
-        let txn = imstate_coord::Txn {
-            success: vec![
-                imstate_coord::Op::Put {
-                    key: keys.counted(&format!("n{node}")),
-                    value: serde_json::to_vec(&ranges).expect("encodes"),
-                    lease: Some(lease),
-                },
-                imstate_coord::Op::get(keys.route()),
-            ],
-            ..imstate_coord::Txn::default()
-        };
+        let value = serde_json::to_vec(&ranges).expect("encodes");
         let generation = self.nodes[node].pres.cut_gen;
-        let target = &mut self.nodes[node];
-        target.pres.counted_in_flight = Some(now);
-        let token = target.next_token;
-        target.next_token += 1;
-        self.send(
+        let sent = self.put_leased(
             node,
-            token,
-            imstate_coord::Request::Txn(txn),
+            keys.counted(&format!("n{node}")),
+            value,
+            vec![imstate_coord::Op::get(keys.route())],
             super::Purpose::Counted(generation, ranges),
         );
+        if sent {
+            self.nodes[node].pres.counted_in_flight = Some(now);
+        }
     }
 
     /// The coordinator's answer to a counted report.
