@@ -955,21 +955,29 @@ fn kill9_of_presence_primaries_loses_no_acknowledged_login_under_sync() {
     let tried = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let paused = Arc::new(AtomicBool::new(false));
+    // Logins sent and not yet answered: the quiesce waits for them (a login retrying
+    // through a failover may land long after the pause began).
+    let inflight = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let rt = runtime();
     let workers: Vec<_> = (0..WORKERS)
         .map(|worker| {
             let seed = cluster.nodes[worker as usize % 3].wire_addr.clone();
-            let (acked, tried, stop, paused) = (
+            let (acked, tried, stop, paused, inflight) = (
                 Arc::clone(&acked),
                 Arc::clone(&tried),
                 Arc::clone(&stop),
                 Arc::clone(&paused),
+                Arc::clone(&inflight),
             );
             rt.spawn(async move {
                 let mut client = None;
                 let mut next = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    if paused.load(Ordering::Relaxed) {
+                    // Counted before the pause is checked, so that the quiesce, which sets
+                    // the pause and then waits for zero, never misses a login.
+                    inflight.fetch_add(1, Ordering::SeqCst);
+                    if paused.load(Ordering::SeqCst) {
+                        inflight.fetch_sub(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     }
@@ -979,6 +987,7 @@ fn kill9_of_presence_primaries_loses_no_acknowledged_login_under_sync() {
                                 .await
                                 .ok();
                         if client.is_none() {
+                            inflight.fetch_sub(1, Ordering::SeqCst);
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             continue;
                         }
@@ -998,6 +1007,7 @@ fn kill9_of_presence_primaries_loses_no_acknowledged_login_under_sync() {
                     if client.as_ref().unwrap().login(args).await.is_ok() {
                         acked.lock().push(uid);
                     }
+                    inflight.fetch_sub(1, Ordering::SeqCst);
                 }
             })
         })
@@ -1006,8 +1016,17 @@ fn kill9_of_presence_primaries_loses_no_acknowledged_login_under_sync() {
     let mut failovers = Vec::new();
     for round in 0..kills {
         // Quiesce: replicas in sync (every node holds exactly its slots' sessions), then load.
-        paused.store(true, Ordering::Relaxed);
+        paused.store(true, Ordering::SeqCst);
         // Calls still retrying through the last failover finish first.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while inflight.load(Ordering::SeqCst) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} logins still unanswered after 90 s",
+                inflight.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let mut online = online_uids(&cluster, tried.load(Ordering::Relaxed));
         for _ in 0..100 {
             std::thread::sleep(Duration::from_millis(300));
@@ -1023,7 +1042,7 @@ fn kill9_of_presence_primaries_loses_no_acknowledged_login_under_sync() {
         // fault).
         let table = wait_settled(&cluster);
         rt.block_on(wait_held(&cluster, &table, &online));
-        paused.store(false, Ordering::Relaxed);
+        paused.store(false, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(700));
         // The node that is primary of the most slots.
         let mut primary_slots = [0u32; 3];
