@@ -5,6 +5,11 @@
 //! A's. Calls that failed or timed out are *unknown*: they may or may not have allocated, and
 //! since holes are allowed they constrain nothing.
 //!
+//! A range allocation ([`Outcome::Ranges`]) counts as every value of each range, so a range
+//! that overlaps another value of its id is a duplicate and a range that starts below a value
+//! returned before it began is a real-time violation. The cost is the sum of the range
+//! lengths: histories keep ranges short.
+//!
 //! The real-time check is O(n log n) per id: walk values from the largest down, keeping the
 //! earliest end time among calls with larger values; a call that started after that end time
 //! received a smaller value than a call that finished before it began.
@@ -30,6 +35,14 @@ pub struct SeqCall {
 pub enum Outcome {
     /// One value per requested id, in order.
     Ok(Vec<u64>),
+    /// A range allocation: `count` consecutive values per requested id, in order, given by the
+    /// last of each range (`last - count + 1 ..= last`).
+    Ranges {
+        /// Values per id.
+        count: u64,
+        /// The last value of each id's range.
+        lasts: Vec<u64>,
+    },
     /// Failed or timed out: may or may not have taken effect.
     Unknown,
 }
@@ -60,7 +73,8 @@ pub enum Violation {
         /// The smaller value of the call that started later.
         later_value: u64,
     },
-    /// A call returned a value count different from its id count, or a zero value.
+    /// A call returned a value count different from its id count, a zero value, or a range
+    /// reaching below 1.
     Malformed {
         /// Index of the call in the history.
         call: usize,
@@ -103,21 +117,27 @@ pub fn check(calls: &[SeqCall]) -> Vec<Violation> {
     let mut violations = Vec::new();
     let mut by_id: HashMap<u64, Vec<Observation>> = HashMap::new();
     for (index, call) in calls.iter().enumerate() {
-        let Outcome::Ok(values) = &call.outcome else {
-            continue;
+        let (values, count) = match &call.outcome {
+            Outcome::Ok(values) => (values, 1),
+            Outcome::Ranges { count, lasts } => (lasts, *count),
+            Outcome::Unknown => continue,
         };
-        if values.len() != call.ids.len() || values.contains(&0) {
+        if values.len() != call.ids.len() || count == 0 || values.iter().any(|&last| last < count)
+        {
             violations.push(Violation::Malformed { call: index });
             continue;
         }
         let mut in_batch: HashMap<u64, Vec<u64>> = HashMap::new();
-        for (&id, &value) in call.ids.iter().zip(values) {
-            in_batch.entry(id).or_default().push(value);
-            by_id.entry(id).or_default().push(Observation {
-                value,
-                start_ns: call.start_ns,
-                end_ns: call.end_ns,
-            });
+        for (&id, &last) in call.ids.iter().zip(values) {
+            in_batch.entry(id).or_default().push(last);
+            let observations = by_id.entry(id).or_default();
+            for value in last - (count - 1)..=last {
+                observations.push(Observation {
+                    value,
+                    start_ns: call.start_ns,
+                    end_ns: call.end_ns,
+                });
+            }
         }
         for (id, values) in in_batch {
             if values.windows(2).any(|pair| pair[0] >= pair[1]) {
@@ -245,6 +265,53 @@ mod tests {
         );
         assert_eq!(
             check(&[call(&[1], 0, 1, Some(&[0]))]),
+            vec![Violation::Malformed { call: 0 }]
+        );
+    }
+
+    fn ranges(ids: &[u64], start_ns: u64, end_ns: u64, count: u64, lasts: &[u64]) -> SeqCall {
+        SeqCall {
+            ids: ids.to_vec(),
+            start_ns,
+            end_ns,
+            outcome: Outcome::Ranges {
+                count,
+                lasts: lasts.to_vec(),
+            },
+        }
+    }
+
+    #[test]
+    fn ranges_count_as_every_value_they_cover() {
+        // 1, then 2..=5 and 6..=9 in one batch, then 10: clean.
+        let clean = [
+            call(&[1], 0, 1, Some(&[1])),
+            ranges(&[1, 1], 2, 3, 4, &[5, 9]),
+            call(&[1], 4, 5, Some(&[10])),
+        ];
+        assert!(check(&clean).is_empty(), "{:?}", check(&clean));
+        // A range overlapping a single value of a concurrent call: a duplicate.
+        let overlap = [call(&[1], 0, 10, Some(&[3])), ranges(&[1], 1, 9, 4, &[5])];
+        assert_eq!(
+            check(&overlap),
+            vec![Violation::Duplicate { id: 1, value: 3 }]
+        );
+        // A range that starts at or below a value returned before it began: a duplicate, or
+        // a rollback.
+        let rollback = [call(&[1], 0, 1, Some(&[7])), ranges(&[1], 2, 3, 4, &[10])];
+        assert_eq!(
+            check(&rollback),
+            vec![Violation::Duplicate { id: 1, value: 7 }]
+        );
+        let rollback = [call(&[1], 0, 1, Some(&[8])), ranges(&[1], 2, 3, 4, &[10])];
+        assert!(check(&rollback).contains(&Violation::RealTime {
+            id: 1,
+            earlier_value: 8,
+            later_value: 7
+        }));
+        // A range reaching below 1 is malformed.
+        assert_eq!(
+            check(&[ranges(&[1], 0, 1, 4, &[3])]),
             vec![Violation::Malformed { call: 0 }]
         );
     }

@@ -101,13 +101,18 @@ impl Target {
 
 #[derive(Subcommand)]
 pub enum SeqCommand {
-    /// Allocates the next seq of each ID (one NextBatch call); prints one per line.
+    /// Allocates the next seq of each ID (one NextBatch call); prints one per line. With
+    /// `--count N`, reserves N consecutive seqs per ID (one NextRange call) and prints
+    /// `FIRST<TAB>LAST` per line.
     Next {
         #[command(flatten)]
         target: Target,
         /// Namespace.
         #[arg(long, default_value = "default")]
         ns: String,
+        /// Seqs to reserve per id, 1 to 1000000 (RANGE_COUNT_MAX).
+        #[arg(long)]
+        count: Option<u64>,
         /// Ids, in order; a repeated id gets increasing values.
         #[arg(required = true)]
         ids: Vec<u64>,
@@ -154,9 +159,31 @@ pub struct CreateNamespace {
 
 pub async fn run(command: SeqCommand) -> anyhow::Result<()> {
     match command {
-        SeqCommand::Next { target, ns, ids } => {
+        SeqCommand::Next {
+            target,
+            ns,
+            count: None,
+            ids,
+        } => {
             let seqs = target.connect_cluster().await?.next_batch(&ns, ids).await?;
             print_lines(seqs);
+        }
+        SeqCommand::Next {
+            target,
+            ns,
+            count: Some(count),
+            ids,
+        } => {
+            let ranges = target
+                .connect_cluster()
+                .await?
+                .next_range_batch(&ns, ids, count)
+                .await?;
+            let mut out = String::new();
+            for range in ranges {
+                out.push_str(&format!("{}\t{}\n", range.first, range.last));
+            }
+            print!("{out}");
         }
         SeqCommand::Current { target, ns, ids } => {
             let seqs = target

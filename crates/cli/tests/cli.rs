@@ -34,6 +34,42 @@ fn seq_next_prints_one_value_per_id_in_order_and_survives_restart() {
     assert_eq!(value, 10_001, "restart resumes at the section ceiling + 1");
 }
 
+/// Range allocation through the binary: `seq next --count N` reserves N consecutive seqs per
+/// id (a repeated id gets the next range), ranges never overlap single allocations, and a
+/// kill -9 after a range that crossed several steps resumes above all of it (S1, S2).
+#[test]
+fn seq_next_count_reserves_consecutive_ranges_that_survive_kill9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), None);
+    let output = server.cli(&["seq", "next", "--count", "5", "7", "8", "7"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "1\t5\n1\t5\n6\t10\n");
+    let output = server.cli(&["seq", "next", "7"]);
+    assert_eq!(stdout(&output), "11\n");
+    // 25,000 values from a step of 10,000: the node raises past several steps before serving.
+    let output = server.cli(&["seq", "next", "--count", "25000", "7"]);
+    assert_eq!(stdout(&output), "12\t25011\n");
+    let output = server.cli(&["seq", "current", "7", "8"]);
+    assert_eq!(stdout(&output), "25011\n5\n");
+    server.kill9();
+    server.restart();
+    let output = server.cli(&["seq", "next", "--count", "2", "7"]);
+    let first: u64 = stdout(&output).split('\t').next().unwrap().parse().unwrap();
+    assert!(
+        first > 25_011,
+        "a range after kill -9 must start above every value served: {first}"
+    );
+    // Bad counts: a clear error naming the limit, and nothing allocated.
+    for count in ["0", "1000001"] {
+        let output = server.cli(&["seq", "next", "--count", count, "7"]);
+        assert_eq!(output.status.code(), Some(1), "--count {count}");
+        let message = stderr(&output);
+        assert!(message.contains("RANGE_COUNT_MAX"), "{message}");
+    }
+    let output = server.cli(&["seq", "current", "7"]);
+    assert_eq!(stdout(&output).trim(), (first + 1).to_string());
+}
+
 #[test]
 fn bad_input_gets_a_one_line_error_and_nonzero_exit() {
     let dir = tempfile::tempdir().unwrap();

@@ -204,6 +204,15 @@ impl Smart {
             Smart::Wire(client) => client.next_batch("", ids).await,
         }
     }
+
+    /// `count` consecutive seqs per id; answers the last of each range.
+    async fn next_range_batch(&self, ids: Vec<u64>, count: u64) -> Result<Vec<u64>, ClientError> {
+        let ranges = match self {
+            Smart::Grpc(client) => client.next_range_batch("", ids, count).await?,
+            Smart::Wire(client) => client.next_range_batch("", ids, count).await?,
+        };
+        Ok(ranges.into_iter().map(|range| range.last).collect())
+    }
 }
 
 fn signal(server: &Server, signal: i32) {
@@ -442,11 +451,19 @@ fn nemesis_rounds_keep_s1() {
                 } else {
                     vec![ids[(turn * 7 % ids.len() as u64) as usize]]
                 };
+                // Every fifth call reserves a short range per id (checked as every value in it).
+                let count = if turn % 5 == 0 { 1 + turn % 7 } else { 1 };
                 let start_ns = monotonic_ns(origin);
-                let result = client.as_ref().unwrap().next_batch(batch.clone()).await;
+                let client = client.as_ref().unwrap();
+                let result = if count == 1 {
+                    client.next_batch(batch.clone()).await
+                } else {
+                    client.next_range_batch(batch.clone(), count).await
+                };
                 let end_ns = monotonic_ns(origin);
                 let outcome = match result {
-                    Ok(values) => Outcome::Ok(values),
+                    Ok(values) if count == 1 => Outcome::Ok(values),
+                    Ok(lasts) => Outcome::Ranges { count, lasts },
                     Err(_) => Outcome::Unknown,
                 };
                 history.lock().push(SeqCall {

@@ -53,7 +53,29 @@ fn every_operation_works_over_the_wire_and_errors_carry_grpc_codes() {
         let batch = client.next_batch("", &[7, 8, 7]).await.unwrap();
         assert!(batch[0] > second && batch[2] > batch[0], "{batch:?}");
         let grpc = imstate_client::Client::connect(&server.addr).await.unwrap();
-        assert!(grpc.next("default", 7).await.unwrap() > batch[2]);
+        let after_batch = grpc.next("default", 7).await.unwrap();
+        assert!(after_batch > batch[2]);
+
+        // Range allocation, over the wire and over gRPC: consecutive, never overlapping.
+        let ranges = client.next_range_batch("", &[7, 9, 7], 4).await.unwrap();
+        assert_eq!(ranges[0].first, after_batch + 1);
+        assert_eq!(ranges[0].last, after_batch + 4);
+        assert_eq!((ranges[1].first, ranges[1].last), (1, 4));
+        assert_eq!(ranges[2].first, ranges[0].last + 1);
+        let range = grpc.next_range("", 7, 3).await.unwrap();
+        assert_eq!(
+            (range.first, range.last),
+            (ranges[2].last + 1, ranges[2].last + 3)
+        );
+        for count in [0, imstate_seq::RANGE_COUNT_MAX + 1] {
+            let error = client.next_range_batch("", &[7], count).await.unwrap_err();
+            assert_eq!(code(&error), Some(tonic::Code::InvalidArgument), "{error}");
+            assert!(error.to_string().contains("RANGE_COUNT_MAX"), "{error}");
+            let error = grpc.next_range("", 7, count).await.unwrap_err();
+            assert_eq!(code(&error), Some(tonic::Code::InvalidArgument), "{error}");
+        }
+        // Nothing was allocated by the refused ranges, and the connection is still usable.
+        assert_eq!(client.next("", 7).await.unwrap(), range.last + 1);
 
         // Sequence errors.
         let error = client.next("nope", 1).await.unwrap_err();

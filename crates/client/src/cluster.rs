@@ -29,7 +29,9 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
-use crate::{Client, ClientError, ClientOptions, Namespace, NodeRoute, Route, RouteTable};
+use crate::{
+    Client, ClientError, ClientOptions, Namespace, NodeRoute, Route, RouteTable, SeqRange,
+};
 use crate::{LoginArgs, LoginResult, Session, SlotRoute};
 use crate::{WireClient, default_namespace};
 
@@ -40,6 +42,18 @@ pub const ATTEMPTS_MAX: usize = 400;
 pub const CALL_DEADLINE: Duration = Duration::from_secs(15);
 /// Wait between retries when the owner is unavailable (failing over, lock-delay).
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// What a routed sequence call does to each of its ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqCall {
+    /// Reserve `count` consecutive seqs (1 = NextBatch); answers the last of each range.
+    Next {
+        /// Seqs per id.
+        count: u64,
+    },
+    /// Read the current seq.
+    Current,
+}
 
 /// One protocol a smart client speaks to each node.
 ///
@@ -57,12 +71,13 @@ pub trait SeqTransport: Clone + Send + Sync + Sized + 'static {
     fn route(
         &self,
     ) -> impl Future<Output = Result<(RouteTable, Vec<Namespace>), ClientError>> + Send;
-    /// Allocates one seq per id (`allocate`), or reads the current ones.
+    /// Allocates seqs per id (answering the last of each id's range), or reads the current
+    /// ones.
     fn call(
         &self,
         namespace: &str,
         ids: Vec<u64>,
-        allocate: bool,
+        what: SeqCall,
     ) -> impl Future<Output = Result<Vec<u64>, ClientError>> + Send;
     /// The newest route version the node's replies carried.
     fn route_version(&self) -> u64;
@@ -118,12 +133,17 @@ impl SeqTransport for Client {
         &self,
         namespace: &str,
         ids: Vec<u64>,
-        allocate: bool,
+        what: SeqCall,
     ) -> Result<Vec<u64>, ClientError> {
-        if allocate {
-            self.next_batch(namespace, ids).await
-        } else {
-            self.current_batch(namespace, ids).await
+        match what {
+            SeqCall::Next { count: 1 } => self.next_batch(namespace, ids).await,
+            SeqCall::Next { count } => Ok(self
+                .next_range_batch(namespace, ids, count)
+                .await?
+                .into_iter()
+                .map(|range| range.last)
+                .collect()),
+            SeqCall::Current => self.current_batch(namespace, ids).await,
         }
     }
 
@@ -185,17 +205,16 @@ impl SeqTransport for WireClient {
         &self,
         namespace: &str,
         ids: Vec<u64>,
-        allocate: bool,
+        what: SeqCall,
     ) -> Result<Vec<u64>, ClientError> {
-        if !allocate {
-            return Err(ClientError::Status {
+        match (what, ids.as_slice()) {
+            (SeqCall::Current, _) => Err(ClientError::Status {
                 code: tonic::Code::Unimplemented,
                 message: "the wire protocol reads no current values; use gRPC".into(),
-            });
-        }
-        match ids.as_slice() {
-            [id] => Ok(vec![self.next(namespace, *id).await?]),
-            _ => self.next_batch(namespace, &ids).await,
+            }),
+            (SeqCall::Next { count: 1 }, [id]) => Ok(vec![self.next(namespace, *id).await?]),
+            (SeqCall::Next { count: 1 }, _) => self.next_batch(namespace, &ids).await,
+            (SeqCall::Next { count }, _) => self.next_range_lasts(namespace, &ids, count).await,
         }
     }
 
@@ -393,7 +412,33 @@ impl<T: SeqTransport> SmartClient<T> {
         namespace: &str,
         ids: Vec<u64>,
     ) -> Result<Vec<u64>, ClientError> {
-        self.routed(namespace, ids, true).await
+        self.routed(namespace, ids, SeqCall::Next { count: 1 })
+            .await
+    }
+
+    /// Reserves `count` consecutive seqs for `id` (1 to 1,000,000).
+    pub async fn next_range(
+        &self,
+        namespace: &str,
+        id: u64,
+        count: u64,
+    ) -> Result<SeqRange, ClientError> {
+        Ok(self.next_range_batch(namespace, vec![id], count).await?[0])
+    }
+
+    /// Reserves `count` consecutive seqs for each id, in request order, routed like
+    /// [`Self::next_batch`]; a repeated id gets the range after its previous one.
+    pub async fn next_range_batch(
+        &self,
+        namespace: &str,
+        ids: Vec<u64>,
+        count: u64,
+    ) -> Result<Vec<SeqRange>, ClientError> {
+        self.routed(namespace, ids, SeqCall::Next { count })
+            .await?
+            .into_iter()
+            .map(|last| SeqRange::ending_at(last, count))
+            .collect()
     }
 
     /// The address, in this protocol, of every node the table lists as alive.
@@ -426,13 +471,13 @@ impl<T: SeqTransport> SmartClient<T> {
         &self,
         namespace: &str,
         ids: Vec<u64>,
-        allocate: bool,
+        what: SeqCall,
     ) -> Result<Vec<u64>, ClientError> {
         self.routed_with(
             ids,
             Routing::Section(namespace),
             |id| *id,
-            |client, group| async move { client.call(namespace, group, allocate).await },
+            |client, group| async move { client.call(namespace, group, what).await },
         )
         .await
     }
@@ -762,6 +807,6 @@ impl SmartClient<Client> {
         namespace: &str,
         ids: Vec<u64>,
     ) -> Result<Vec<u64>, ClientError> {
-        self.routed(namespace, ids, false).await
+        self.routed(namespace, ids, SeqCall::Current).await
     }
 }

@@ -530,11 +530,39 @@ pub struct CheckpointResult {
     pub segments_removed: u64,
 }
 
+/// Consecutive seqs reserved for one id by a range allocation: `first..=last`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqRange {
+    /// The first seq of the range.
+    pub first: u64,
+    /// The last seq of the range (`first + count - 1`).
+    pub last: u64,
+}
+
+impl SeqRange {
+    /// The range of `count` seqs that ends at `last`, as nodes answer ranges. A node that
+    /// answers a last below `count` is broken: a protocol error, not an underflow.
+    pub fn ending_at(last: u64, count: u64) -> Result<SeqRange, ClientError> {
+        let first = last
+            .checked_sub(count.saturating_sub(1))
+            .filter(|&first| first >= 1 && count >= 1)
+            .ok_or_else(|| broken_reply(format!("a range of {count} ending at {last}")))?;
+        Ok(SeqRange { first, last })
+    }
+}
+
+/// The error of a reply that breaks the protocol (the call's outcome is unknown).
+pub(crate) fn broken_reply(reason: String) -> ClientError {
+    ClientError::Connection {
+        reason: format!("protocol error: {reason}"),
+    }
+}
+
 pub mod cluster;
 mod clusterwatch;
 mod presence;
 pub mod wire;
-pub use cluster::{ClusterClient, SeqTransport, SmartClient, WireClusterClient};
+pub use cluster::{ClusterClient, SeqCall, SeqTransport, SmartClient, WireClusterClient};
 pub use clusterwatch::{ClusterWatch, ClusterWatchItem};
 pub use presence::{
     LoginArgs, LoginResult, Session, WatchEvent, WatchKind, WatchPosition, WatchStream,
@@ -762,6 +790,52 @@ impl Client {
             .into_inner();
         self.routes.learn(reply.route);
         Ok(reply.seqs)
+    }
+
+    /// Reserves `count` consecutive seqs for `id` (1 to 1,000,000).
+    pub async fn next_range(
+        &self,
+        namespace: &str,
+        id: u64,
+        count: u64,
+    ) -> Result<SeqRange, ClientError> {
+        Ok(self.next_range_batch(namespace, vec![id], count).await?[0])
+    }
+
+    /// Reserves `count` consecutive seqs for each id, in order, in one call; a repeated id gets
+    /// the range after its previous one.
+    pub async fn next_range_batch(
+        &self,
+        namespace: &str,
+        ids: Vec<u64>,
+        count: u64,
+    ) -> Result<Vec<SeqRange>, ClientError> {
+        let len = ids.len();
+        let request = pb::NextRangeRequest {
+            namespace: namespace.to_string(),
+            ids,
+            count,
+            route_version: self.routes.version(),
+        };
+        let reply = self
+            .sequence
+            .clone()
+            .next_range(request)
+            .await?
+            .into_inner();
+        self.routes.learn(reply.route);
+        if reply.first.len() != len || reply.last.len() != len {
+            return Err(broken_reply(format!(
+                "{} ranges answered for {len} ids",
+                reply.last.len()
+            )));
+        }
+        Ok(reply
+            .first
+            .into_iter()
+            .zip(reply.last)
+            .map(|(first, last)| SeqRange { first, last })
+            .collect())
     }
 
     /// Reads the current seq of `id` without allocating.

@@ -20,7 +20,9 @@ use imstate_proto::v1 as pb;
 use prost::Message;
 
 use crate::presence::{LoginArgs, LoginResult, Session};
-use crate::{CONNECT_TIMEOUT, ClientError, ClientOptions, Namespace, RouteTable};
+use crate::{
+    CONNECT_TIMEOUT, ClientError, ClientOptions, Namespace, RouteTable, SeqRange, broken_reply,
+};
 
 /// A reply frame, owned.
 pub struct OwnedFrame {
@@ -230,6 +232,44 @@ impl WireClient {
         let (seqs, version) = codec::decode_next_batch(&body).map_err(protocol)?;
         self.learn(version);
         Ok(seqs)
+    }
+
+    /// Reserves `count` consecutive seqs for each id, in order; answers the last of each range.
+    pub async fn next_range_lasts(
+        &self,
+        namespace: &str,
+        ids: &[u64],
+        count: u64,
+    ) -> Result<Vec<u64>, ClientError> {
+        let body = self
+            .call(Op::NextRange, |out| {
+                codec::next_range(out, namespace, count, ids)
+            })
+            .await?;
+        let (lasts, version) = codec::decode_next_range(&body).map_err(protocol)?;
+        self.learn(version);
+        if lasts.len() != ids.len() {
+            return Err(broken_reply(format!(
+                "{} ranges answered for {} ids",
+                lasts.len(),
+                ids.len()
+            )));
+        }
+        Ok(lasts)
+    }
+
+    /// Reserves `count` consecutive seqs for each id, in order (1 to 1,000,000 per id).
+    pub async fn next_range_batch(
+        &self,
+        namespace: &str,
+        ids: &[u64],
+        count: u64,
+    ) -> Result<Vec<SeqRange>, ClientError> {
+        self.next_range_lasts(namespace, ids, count)
+            .await?
+            .into_iter()
+            .map(|last| SeqRange::ending_at(last, count))
+            .collect()
     }
 
     /// Registers a session; returns it and the session it replaced.

@@ -237,6 +237,17 @@ impl ClusterSeq {
         self.engine.next_batch(namespace, ids).await
     }
 
+    /// Reserves `count` consecutive seqs per id; returns the last of each range.
+    pub async fn next_range_batch(
+        &self,
+        namespace: &str,
+        ids: &[u64],
+        count: u64,
+    ) -> Result<Vec<u64>, NodeError> {
+        self.know(namespace).await?;
+        self.engine.next_range_batch(namespace, ids, count).await
+    }
+
     /// Reads the current seq of each id (the section's ceiling for ids never served here).
     pub async fn current_batch(
         &self,

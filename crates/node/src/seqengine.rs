@@ -199,6 +199,17 @@ impl<B: Backend> SeqEngine<B> {
         namespace: &str,
         ids: &[u64],
     ) -> Result<Vec<u64>, NodeError> {
+        self.next_range_batch(namespace, ids, 1).await
+    }
+
+    /// Reserves `count` consecutive seqs per id, in order, and returns the last of each range
+    /// (see [`Allocator::next_range_batch`]); `count = 1` is [`SeqEngine::next_batch`].
+    pub async fn next_range_batch(
+        self: &Arc<Self>,
+        namespace: &str,
+        ids: &[u64],
+        count: u64,
+    ) -> Result<Vec<u64>, NodeError> {
         let deadline = tokio::time::Instant::now() + self.options.raise_wait_timeout;
         let mut waited = false;
         loop {
@@ -210,8 +221,8 @@ impl<B: Backend> SeqEngine<B> {
                     continue;
                 }
                 let outcome = match ids {
-                    [id] => inner.allocator.next(namespace, *id)?,
-                    _ => inner.allocator.next_batch(namespace, ids)?,
+                    [id] if count == 1 => inner.allocator.next(namespace, *id)?,
+                    _ => inner.allocator.next_range_batch(namespace, ids, count)?,
                 };
                 // Subscribing under the mutex: a persist that resolves after this point bumps
                 // the version this receiver has not seen, so no wake-up is lost.
@@ -223,7 +234,8 @@ impl<B: Backend> SeqEngine<B> {
                 Alloc::Served { seqs, raises } => {
                     // A pre-raise: persisted in the background; this request does not wait.
                     self.persist(namespace, raises);
-                    metrics::counter!(crate::metrics::SEQ_ALLOCATED).increment(seqs.len() as u64);
+                    metrics::counter!(crate::metrics::SEQ_ALLOCATED)
+                        .increment((seqs.len() as u64).saturating_mul(count));
                     return Ok(seqs);
                 }
                 Alloc::Wait { raises } => {

@@ -227,6 +227,16 @@ impl SeqStore {
         self.engine.next_batch(namespace, ids).await
     }
 
+    /// Reserves `count` consecutive seqs per id; returns the last of each range.
+    pub async fn next_range_batch(
+        &self,
+        namespace: &str,
+        ids: &[u64],
+        count: u64,
+    ) -> Result<Vec<u64>, NodeError> {
+        self.engine.next_range_batch(namespace, ids, count).await
+    }
+
     /// Reads the current seq of `id` (0 if never allocated; after a restart, the section's
     /// ceiling, which is at least every value handed out).
     pub fn current(&self, namespace: &str, id: u64) -> Result<u64, NodeError> {

@@ -61,6 +61,22 @@ impl Sequences {
         }
     }
 
+    /// Reserves `count` consecutive seqs per id, in order; returns the last of each range
+    /// (its first is `last - count + 1`).
+    pub async fn next_range_batch(
+        &self,
+        namespace: &str,
+        ids: &[u64],
+        count: u64,
+    ) -> Result<Vec<u64>, NodeError> {
+        match self {
+            Sequences::Embedded { store, .. } => {
+                store.next_range_batch(namespace, ids, count).await
+            }
+            Sequences::Cluster(store) => store.next_range_batch(namespace, ids, count).await,
+        }
+    }
+
     /// Reads the current seq of each id.
     pub async fn current_batch(
         &self,

@@ -42,6 +42,11 @@ pub fn headroom_min(step: u64) -> u64 {
     (step / 2).max(1)
 }
 
+/// Most values one id may reserve in one range allocation ([`Allocator::next_range_batch`]).
+/// A range is served from one section ceiling, so a range far above `step` costs a raise of
+/// that many values; a million keeps one call's raise (and the values a crash skips) bounded.
+pub const RANGE_COUNT_MAX: u64 = 1_000_000;
+
 /// Default limit on sections in memory, over all namespaces.
 pub const SECTIONS_MAX_DEFAULT: usize = 4_194_304;
 
@@ -463,6 +468,26 @@ impl Allocator {
     /// ids or none: if any section's durable ceiling is too low, nothing is allocated and the
     /// call returns `Wait` with the raises it needs.
     pub fn next_batch(&mut self, ns: &str, ids: &[u64]) -> Result<Alloc, SeqError> {
+        self.next_range_batch(ns, ids, 1)
+    }
+
+    /// Reserves `count` consecutive values per id, in order (OpenIM's `Malloc`, Redis's
+    /// `INCRBY`): `Served.seqs` holds the **last** value of each id's range, whose first value
+    /// is `last - count + 1`; a repeated id gets the next range after its previous one. The same
+    /// all-or-nothing rule as [`Allocator::next_batch`] (which is this with `count = 1`).
+    /// `count` is 1 to [`RANGE_COUNT_MAX`]; anything else is [`SeqError::InvalidCount`].
+    pub fn next_range_batch(
+        &mut self,
+        ns: &str,
+        ids: &[u64],
+        count: u64,
+    ) -> Result<Alloc, SeqError> {
+        if count == 0 || count > RANGE_COUNT_MAX {
+            return Err(SeqError::InvalidCount {
+                count,
+                max: RANGE_COUNT_MAX,
+            });
+        }
         self.check_batch_len(ids.len())?;
         let ns_id = self.lookup(ns)?;
         let Self {
@@ -487,7 +512,7 @@ impl Allocator {
         let sections_before = namespace.sections.len();
         let mut seqs = Vec::with_capacity(ids.len());
         // Pass 1 writes tentatively (with an undo log) so repeated ids see their own values.
-        let assigned = assign_batch(namespace, ids, batch, &mut seqs);
+        let assigned = assign_batch(namespace, ids, count, batch, &mut seqs);
         *sections_total += namespace.sections.len() - sections_before;
         let fits = batch.touched.iter().all(|&slot| {
             let state = &namespace.sections[slot];
@@ -662,11 +687,12 @@ impl Allocator {
     }
 }
 
-/// Pass 1 of `next_batch`: assigns values in order, writing them tentatively and recording
-/// undo entries and per-section needs in `batch`.
+/// Pass 1 of `next_range_batch`: assigns each id its range of `count` values in order, writing
+/// the last value tentatively and recording undo entries and per-section needs in `batch`.
 fn assign_batch(
     namespace: &mut Namespace,
     ids: &[u64],
+    count: u64,
     batch: &mut BatchScratch,
     seqs: &mut Vec<u64>,
 ) -> Result<(), SeqError> {
@@ -698,7 +724,7 @@ fn assign_batch(
         } else {
             state.current(offset)
         };
-        let Some(value) = previous.checked_add(1) else {
+        let Some(value) = previous.checked_add(count) else {
             return Err(namespace.exhausted(id));
         };
         if unallocated {

@@ -34,6 +34,14 @@ pub enum SeqError {
         /// The configured `batch_ids_max`.
         max: usize,
     },
+    /// A range allocation asked for no values, or for more than its limit.
+    #[error("a range of {count} values; a range is 1 to {max} values (RANGE_COUNT_MAX)")]
+    InvalidCount {
+        /// The requested number of values.
+        count: u64,
+        /// The limit, [`crate::RANGE_COUNT_MAX`].
+        max: u64,
+    },
     /// `add_namespace` was called with a name that already exists.
     #[error("namespace `{0}` already exists")]
     NamespaceExists(String),

@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! ```text
-//!   next / next_batch(ns, ids) ──► Allocator ──► Alloc::Served { seqs, raises }
+//!   next / next_batch(ns, ids)
+//!   next_range_batch(ns, ids, n) ──► Allocator ──► Alloc::Served { seqs, raises }
 //!                                      │      └─► Alloc::Wait { raises }
 //!                                      │
 //!   caller persists each Raise ────────┘  raise_durable(raise) / raise_failed(raise)
@@ -41,8 +42,8 @@ mod error;
 mod namespace;
 
 pub use allocator::{
-    Alloc, Allocator, AllocatorOptions, BATCH_IDS_MAX_DEFAULT, Raise, SECTIONS_MAX_DEFAULT,
-    headroom_min,
+    Alloc, Allocator, AllocatorOptions, BATCH_IDS_MAX_DEFAULT, RANGE_COUNT_MAX, Raise,
+    SECTIONS_MAX_DEFAULT, headroom_min,
 };
 pub use error::SeqError;
 pub use namespace::{

@@ -45,6 +45,12 @@ pub enum Op {
     Next { ns: usize, id: u64 },
     /// `next_batch`, ids drawn from a small pool so they repeat.
     Batch { ns: usize, ids: Vec<u64> },
+    /// `next_range_batch`: `count` consecutive values per id (ranges must never overlap).
+    Range {
+        ns: usize,
+        ids: Vec<u64>,
+        count: u64,
+    },
     /// `current` of one id.
     Current { ns: usize, id: u64 },
     /// Storage persisted an in-flight raise; report it durable.
@@ -67,6 +73,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => (ns.clone(), id.clone()).prop_map(|(ns, id)| Op::Next { ns, id }),
         2 => (ns.clone(), prop::collection::vec(0..20u64, 1..8))
             .prop_map(|(ns, ids)| Op::Batch { ns, ids }),
+        2 => (ns.clone(), prop::collection::vec(0..20u64, 1..4), 1..12u64)
+            .prop_map(|(ns, ids, count)| Op::Range { ns, ids, count }),
         1 => (ns, id).prop_map(|(ns, id)| Op::Current { ns, id }),
         3 => any::<usize>().prop_map(|index| Op::Complete { index }),
         1 => any::<usize>().prop_map(|index| Op::Fail { index }),
@@ -127,12 +135,19 @@ impl Harness {
             Op::Next { ns, id } => {
                 let id = self.id_in(*ns, *id);
                 let alloc = self.allocator.next(&self.defs[*ns].name, id);
-                self.check_alloc(*ns, &[id], alloc)?;
+                self.check_alloc(*ns, &[id], 1, alloc)?;
             }
             Op::Batch { ns, ids } => {
                 let ids: Vec<u64> = ids.iter().map(|&id| self.id_in(*ns, id)).collect();
                 let alloc = self.allocator.next_batch(&self.defs[*ns].name, &ids);
-                self.check_alloc(*ns, &ids, alloc)?;
+                self.check_alloc(*ns, &ids, 1, alloc)?;
+            }
+            Op::Range { ns, ids, count } => {
+                let ids: Vec<u64> = ids.iter().map(|&id| self.id_in(*ns, id)).collect();
+                let alloc = self
+                    .allocator
+                    .next_range_batch(&self.defs[*ns].name, &ids, *count);
+                self.check_alloc(*ns, &ids, *count, alloc)?;
             }
             Op::Current { ns, id } => {
                 let id = self.id_in(*ns, *id);
@@ -222,6 +237,7 @@ impl Harness {
         &mut self,
         ns: usize,
         ids: &[u64],
+        count: u64,
         alloc: Result<Alloc, imstate_seq::SeqError>,
     ) -> Result<(), String> {
         let ns = ns as NsId;
@@ -232,7 +248,9 @@ impl Harness {
                     return Err(format!("{} values for {} ids", seqs.len(), ids.len()));
                 }
                 for (&id, &value) in ids.iter().zip(&seqs) {
-                    self.check_s1(ns, id, value)?;
+                    // Each value is the last of a range of `count`: its first value must be
+                    // above everything handed out before (S1 for ranges: no overlap).
+                    self.check_s1(ns, id, value - (count - 1))?;
                     self.check_s2(ns, id, value)?;
                     self.last.insert((ns, id), value);
                 }
@@ -297,7 +315,7 @@ fn run_checking_wait_is_atomic(ops: &[Op]) -> Result<(), String> {
     for (step, op) in ops.iter().enumerate() {
         let watched: Option<(usize, Vec<u64>)> = match op {
             Op::Next { ns, id } => Some((*ns, vec![harness.id_in(*ns, *id)])),
-            Op::Batch { ns, ids } => {
+            Op::Batch { ns, ids } | Op::Range { ns, ids, .. } => {
                 Some((*ns, ids.iter().map(|&id| harness.id_in(*ns, id)).collect()))
             }
             _ => None,

@@ -697,6 +697,26 @@ impl<'c> Connection<'c> {
                     Err(error) => return self.failed(op, &error),
                 }
             }
+            Request::NextRange {
+                namespace,
+                count,
+                ids,
+            } => {
+                ids.read_into(&mut self.ids);
+                match self
+                    .context
+                    .seq
+                    .next_range_batch(namespace_name(namespace), &self.ids, count)
+                    .await
+                {
+                    Ok(lasts) => codec::reply_next_range(
+                        &mut self.out,
+                        &lasts,
+                        self.context.seq.route_version(),
+                    ),
+                    Err(error) => return self.failed(op, &error),
+                }
+            }
             Request::Login(fields) => {
                 let request = LoginRequest {
                     uid: fields.uid,

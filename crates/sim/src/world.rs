@@ -1283,7 +1283,7 @@ impl World {
             return;
         };
         match outcome {
-            Outcome::Ok(_) => self.report.calls_ok += 1,
+            Outcome::Ok(_) | Outcome::Ranges { .. } => self.report.calls_ok += 1,
             Outcome::Unknown => self.report.calls_unknown += 1,
         }
         self.history.push(SeqCall {

@@ -5,6 +5,8 @@
 //!  Hello          magic[4] version:u8 token:b16     route_version:u64
 //!  Next           ns:s8 id:u64                      seq:u64 route_version:u64
 //!  NextBatch      ns:s8 n:u32 id:u64*n              route_version:u64 n:u32 seq:u64*n
+//!  NextRange      ns:s8 count:u64 n:u32 id:u64*n    route_version:u64 n:u32 last:u64*n
+//!                 (count consecutive seqs per id; the first of a range is last - count + 1)
 //!  Route          (empty)                           route:b32 namespaces:b32 (protobuf
 //!                                                   imstate.v1 RouteReply, ListNamespacesReply)
 //!  Login          uid conn ttl_ms:u32 device:s8     session  replaced:opt(session)
@@ -39,6 +41,8 @@ pub enum Op {
     NextBatch = 0x11,
     /// The route table and the namespaces' layouts (for smart clients).
     Route = 0x12,
+    /// `count` consecutive seqs per id (range allocation).
+    NextRange = 0x13,
     /// Registers a session.
     Login = 0x20,
     /// Removes a session.
@@ -55,11 +59,12 @@ pub enum Op {
 
 impl Op {
     /// Every op, for metrics and tests.
-    pub const ALL: [Op; 10] = [
+    pub const ALL: [Op; 11] = [
         Op::Hello,
         Op::Next,
         Op::NextBatch,
         Op::Route,
+        Op::NextRange,
         Op::Login,
         Op::Logout,
         Op::Heartbeat,
@@ -80,6 +85,7 @@ impl Op {
             Op::Next => "Next",
             Op::NextBatch => "NextBatch",
             Op::Route => "Route",
+            Op::NextRange => "NextRange",
             Op::Login => "Login",
             Op::Logout => "Logout",
             Op::Heartbeat => "Heartbeat",
@@ -500,6 +506,15 @@ pub enum Request<'a> {
         /// The ids.
         ids: U64s<'a>,
     },
+    /// `count` consecutive seqs per id.
+    NextRange {
+        /// The namespace (empty = default).
+        namespace: &'a str,
+        /// Seqs per id.
+        count: u64,
+        /// The ids.
+        ids: U64s<'a>,
+    },
     /// A login.
     Login(LoginFields<'a>),
     /// A logout.
@@ -560,6 +575,11 @@ impl<'a> Request<'a> {
                 namespace: c.str8("namespace")?,
                 ids: U64s(c.items(8, "ids")?),
             },
+            Op::NextRange => Request::NextRange {
+                namespace: c.str8("namespace")?,
+                count: c.u64("count")?,
+                ids: U64s(c.items(8, "ids")?),
+            },
             Op::Login => Request::Login(LoginFields {
                 uid: c.u64("uid")?,
                 conn: c.u64("conn")?,
@@ -596,6 +616,7 @@ impl<'a> Request<'a> {
             Request::Hello { .. } => Op::Hello,
             Request::Next { .. } => Op::Next,
             Request::NextBatch { .. } => Op::NextBatch,
+            Request::NextRange { .. } => Op::NextRange,
             Request::Login(_) => Op::Login,
             Request::Logout { .. } => Op::Logout,
             Request::Heartbeat { .. } => Op::Heartbeat,
@@ -696,6 +717,24 @@ pub fn next_batch(out: &mut Vec<u8>, namespace: &str, ids: &[u64]) -> Result<(),
     check_len("namespace", namespace.len(), u8::MAX as usize)?;
     let start = begin(out, Op::NextBatch as u8);
     put_str8(out, namespace);
+    put_count(out, "ids", ids.len())?;
+    for id in ids {
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    finish(out, start)
+}
+
+/// Appends a `NextRange`: `count` consecutive seqs for each id.
+pub fn next_range(
+    out: &mut Vec<u8>,
+    namespace: &str,
+    count: u64,
+    ids: &[u64],
+) -> Result<(), DecodeError> {
+    check_len("namespace", namespace.len(), u8::MAX as usize)?;
+    let start = begin(out, Op::NextRange as u8);
+    put_str8(out, namespace);
+    out.extend_from_slice(&count.to_le_bytes());
     put_count(out, "ids", ids.len())?;
     for id in ids {
         out.extend_from_slice(&id.to_le_bytes());
@@ -848,7 +887,16 @@ pub fn reply_next(out: &mut Vec<u8>, seq: u64, route_version: u64) {
 
 /// Appends the reply of `NextBatch`.
 pub fn reply_next_batch(out: &mut Vec<u8>, seqs: &[u64], route_version: u64) {
-    let start = begin(out, Op::NextBatch.reply());
+    reply_seqs(out, Op::NextBatch, seqs, route_version);
+}
+
+/// Appends the reply of `NextRange`: the last seq of each id's range.
+pub fn reply_next_range(out: &mut Vec<u8>, lasts: &[u64], route_version: u64) {
+    reply_seqs(out, Op::NextRange, lasts, route_version);
+}
+
+fn reply_seqs(out: &mut Vec<u8>, op: Op, seqs: &[u64], route_version: u64) {
+    let start = begin(out, op.reply());
     out.extend_from_slice(&route_version.to_le_bytes());
     out.extend_from_slice(&(seqs.len() as u32).to_le_bytes());
     for seq in seqs {
@@ -1022,6 +1070,11 @@ pub fn decode_next_batch(body: &[u8]) -> Result<(Vec<u64>, u64), DecodeError> {
     let seqs = U64s(c.items(8, "seqs")?).iter().collect();
     c.finish()?;
     Ok((seqs, route_version))
+}
+
+/// Decodes the body of a `NextRange` reply: (the last seq of each range, route version).
+pub fn decode_next_range(body: &[u8]) -> Result<(Vec<u64>, u64), DecodeError> {
+    decode_next_batch(body)
 }
 
 /// Decodes the body of a `Login` reply: the session and the one it replaced.

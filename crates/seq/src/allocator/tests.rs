@@ -511,3 +511,45 @@ fn an_unloaded_section_continues_only_above_the_ceiling_loaded_again() {
     assert_eq!(next_settled(&mut allocator, 105), 41);
     allocator.check_invariants().unwrap();
 }
+
+#[test]
+fn a_range_reserves_consecutive_values_and_raises_past_several_steps() {
+    let (mut allocator, ns) = allocator();
+    assert_eq!(next_settled(&mut allocator, 150), 1);
+    // 25 values from a ceiling of 10: nothing is allocated until 2..=26 is durable.
+    let alloc = allocator.next_range_batch(NS, &[150], 25).unwrap();
+    assert_eq!(
+        alloc,
+        Alloc::Wait {
+            raises: vec![raise(ns, 5, 30)]
+        }
+    );
+    assert_eq!(allocator.current(NS, 150).unwrap(), 1);
+    allocator.raise_durable(raise(ns, 5, 30));
+    let Alloc::Served { seqs, .. } = allocator.next_range_batch(NS, &[150, 151, 150], 2).unwrap()
+    else {
+        panic!("not served");
+    };
+    // The last value of each range: 150 gets 2..=3 then 4..=5; 151 gets 1..=2.
+    assert_eq!(seqs, vec![3, 2, 5]);
+    assert_eq!(allocator.current(NS, 150).unwrap(), 5);
+    assert_eq!(next_settled(&mut allocator, 150), 6);
+    allocator.check_invariants().unwrap();
+}
+
+#[test]
+fn a_range_of_zero_or_over_the_limit_is_refused_and_changes_nothing() {
+    let (mut allocator, _) = allocator();
+    assert_eq!(next_settled(&mut allocator, 150), 1);
+    for count in [0, RANGE_COUNT_MAX + 1, u64::MAX] {
+        assert_eq!(
+            allocator.next_range_batch(NS, &[150], count),
+            Err(SeqError::InvalidCount {
+                count,
+                max: RANGE_COUNT_MAX
+            })
+        );
+    }
+    assert_eq!(allocator.current(NS, 150).unwrap(), 1);
+    allocator.check_invariants().unwrap();
+}

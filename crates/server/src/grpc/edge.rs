@@ -39,6 +39,7 @@ const METHODS: &[(&str, &[&str])] = &[
         &[
             "Next",
             "NextBatch",
+            "NextRange",
             "Current",
             "CurrentBatch",
             "CreateNamespace",

@@ -104,6 +104,7 @@ pub fn error_code(error: &NodeError) -> tonic::Code {
             SeqError::SequenceExhausted { .. } => Code::OutOfRange,
             SeqError::IdOutOfRange { .. }
             | SeqError::EmptyBatch
+            | SeqError::InvalidCount { .. }
             | SeqError::InvalidNamespace(_) => Code::InvalidArgument,
         },
         NodeError::Presence(error) => match error {

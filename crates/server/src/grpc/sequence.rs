@@ -79,6 +79,32 @@ impl Sequence for SequenceService {
         }))
     }
 
+    async fn next_range(
+        &self,
+        request: Request<pb::NextRangeRequest>,
+    ) -> Result<Response<pb::NextRangeReply>, Status> {
+        let request = request.into_inner();
+        let last = self
+            .store
+            .next_range_batch(
+                namespace_name(&request.namespace),
+                &request.ids,
+                request.count,
+            )
+            .await
+            .map_err(status_from)?;
+        // Served ranges are non-empty (count >= 1), so `last - count + 1` cannot underflow.
+        let first = last
+            .iter()
+            .map(|&last| last - (request.count - 1))
+            .collect();
+        Ok(Response::new(pb::NextRangeReply {
+            first,
+            last,
+            route: self.route(request.route_version),
+        }))
+    }
+
     async fn current(
         &self,
         request: Request<pb::CurrentRequest>,

@@ -68,6 +68,7 @@ proptest! {
         heartbeat_batch(&mut out, &session.gateway, &pairs).unwrap();
         lookup_batch(&mut out, &ids).unwrap();
         online_count(&mut out);
+        next_range(&mut out, &namespace, session.conn, &ids).unwrap();
 
         let mut requests = Vec::new();
         let mut at = 0;
@@ -76,7 +77,15 @@ proptest! {
             at += used;
         }
         prop_assert_eq!(at, out.len());
-        prop_assert_eq!(requests.len(), 9);
+        prop_assert_eq!(requests.len(), 10);
+        match requests[9] {
+            Request::NextRange { namespace: ns, count, ids: got } => {
+                prop_assert_eq!(ns, namespace.as_str());
+                prop_assert_eq!(count, session.conn);
+                prop_assert_eq!(got.iter().collect::<Vec<_>>(), ids.clone());
+            }
+            other => prop_assert!(false, "{other:?}"),
+        }
         prop_assert_eq!(requests[8], Request::OnlineCount);
         prop_assert_eq!(requests[0], Request::Hello { token: &token });
         prop_assert_eq!(requests[1], Request::Next {
@@ -120,6 +129,11 @@ proptest! {
         reply_next_batch(&mut out, &seqs, 9);
         let body = one_frame(&out).reply_body(Op::NextBatch).unwrap().unwrap();
         prop_assert_eq!(decode_next_batch(body).unwrap(), (seqs.clone(), 9));
+
+        out.clear();
+        reply_next_range(&mut out, &seqs, 4);
+        let body = one_frame(&out).reply_body(Op::NextRange).unwrap().unwrap();
+        prop_assert_eq!(decode_next_range(body).unwrap(), (seqs.clone(), 4));
 
         out.clear();
         reply_next(&mut out, seqs.first().copied().unwrap_or(1), 3);
