@@ -28,6 +28,11 @@ if ! command -v etcd >/dev/null 2>&1; then
   step "installing etcd-server"
   apt-get install -y -q etcd-server || { apt-get update -q && apt-get install -y -q etcd-server; }
 fi
+# The RESP front door's tests drive it with Redis's own redis-cli (Debian redis-tools).
+if ! command -v redis-cli >/dev/null 2>&1; then
+  step "installing redis-tools"
+  apt-get install -y -q redis-tools || { apt-get update -q && apt-get install -y -q redis-tools; }
+fi
 if cargo nextest --version >/dev/null 2>&1; then
   run_tests() { cargo nextest run --no-fail-fast "$@"; }
 else
@@ -50,6 +55,8 @@ disk
 step "negative control: serve before max_seq is durable"
 run_tests -p imstate-seq --features planted-serve-before-durable
 run_tests -p imstate-node --features planted-serve-before-durable --test seq_crash
+# ... and through the RESP front door (redis crate clients under kill -9).
+run_tests -p imstate --features planted-serve-before-durable --test resp kill9
 
 step "negative control: acknowledge before fsync"
 run_tests -p imstate-log --features planted-ack-before-fsync --test crash_points

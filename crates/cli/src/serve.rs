@@ -38,6 +38,11 @@ pub struct ServeArgs {
     /// free port. Env: IMSTATE_WIRE_LISTEN. [default: 127.0.0.1:7702]
     #[arg(long)]
     wire_listen: Option<SocketAddr>,
+    /// RESP front door listen address (Redis clients: INCR, INCRBY, GET, MGET on
+    /// `namespace:id` keys); off unless set. No TLS: beyond loopback it needs [auth] tokens.
+    /// Env: IMSTATE_RESP_LISTEN. [default: off]
+    #[arg(long, value_name = "ADDR")]
+    resp_listen: Option<SocketAddr>,
     /// Log format on stderr; levels come from RUST_LOG. Env: IMSTATE_LOG_FORMAT.
     /// [default: human]
     #[arg(long, value_enum)]
@@ -114,6 +119,9 @@ fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
     if let Some(wire_listen) = args.wire_listen {
         config.wire_listen = wire_listen;
     }
+    if let Some(resp_listen) = args.resp_listen {
+        config.resp_listen = resp_listen.to_string();
+    }
     if let Some(name) = &args.cluster {
         config.cluster.name = name.clone();
     }
@@ -185,6 +193,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             let mut stdout = std::io::stdout();
             let _ = writeln!(stdout, "imstate listening on {}", listening.grpc);
             let _ = writeln!(stdout, "imstate wire listening on {}", listening.wire);
+            if let Some(resp) = listening.resp {
+                let _ = writeln!(stdout, "imstate resp listening on {resp}");
+            }
             let _ = stdout.flush();
         })
         .await?;

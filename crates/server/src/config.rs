@@ -58,6 +58,10 @@ pub struct NodeConfig {
     /// tokens as gRPC, and TLS (mTLS) with the same `[tls]` certificates when they are set.
     /// Port 0 picks a free port.
     pub wire_listen: SocketAddr,
+    /// Address of the RESP front door (Redis clients: INCR, INCRBY, GET, MGET on
+    /// `namespace:id` keys); empty = off, the default. It has no TLS: beyond loopback it needs
+    /// `[auth]` tokens (AUTH). Port 0 picks a free port.
+    pub resp_listen: String,
     /// Log output format on stderr: `human` or `json`. Levels come from `RUST_LOG`.
     pub log_format: LogFormat,
     /// TLS on the gRPC and wire ports.
@@ -68,8 +72,11 @@ pub struct NodeConfig {
     pub seq: SeqConfig,
     /// The presence registry.
     pub presence: PresenceConfig,
-    /// Limits of the wire-protocol listener.
+    /// Limits of the wire-protocol listener (the RESP front door shares its idle timeout and
+    /// per-source connection limit).
     pub wire: WireConfig,
+    /// The RESP front door.
+    pub resp: RespConfig,
     /// Cluster mode (etcd); off while `cluster.name` is empty.
     pub cluster: ClusterConfig,
 }
@@ -231,6 +238,41 @@ impl WireConfig {
             connections_per_source_max: self.connections_per_source_max,
             input_budget_bytes: self.input_budget_bytes,
         })
+    }
+}
+
+/// The RESP front door (`resp_listen`).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RespConfig {
+    /// The namespace of a key whose part before the first `:` is not a namespace name.
+    pub default_namespace: String,
+}
+
+impl Default for RespConfig {
+    fn default() -> Self {
+        Self {
+            default_namespace: imstate_node::seqstore::DEFAULT_NAMESPACE.to_owned(),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The RESP front door's address, `None` when it is off; an error names a bad address or
+    /// a non-loopback one without tokens.
+    pub fn resp_address(&self) -> Result<Option<SocketAddr>, NodeError> {
+        if self.resp_listen.is_empty() {
+            return Ok(None);
+        }
+        let address: SocketAddr = self.resp_listen.parse().map_err(|error| {
+            NodeError::Config(format!("resp_listen `{}`: {error}", self.resp_listen))
+        })?;
+        if !address.ip().is_loopback() && !self.auth.enabled() {
+            return Err(NodeError::Config(format!(
+                "resp_listen `{address}` is beyond loopback, and the RESP port has no TLS:                  set [auth] token_file so clients must AUTH, or listen on loopback"
+            )));
+        }
+        Ok(Some(address))
     }
 }
 
@@ -548,12 +590,14 @@ impl Default for NodeConfig {
                 .parse()
                 .expect("valid default address"),
             wire_listen: WIRE_LISTEN_DEFAULT.parse().expect("valid default address"),
+            resp_listen: String::new(),
             log_format: LogFormat::Human,
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             seq: SeqConfig::default(),
             presence: PresenceConfig::default(),
             wire: WireConfig::default(),
+            resp: RespConfig::default(),
             cluster: ClusterConfig::default(),
         }
     }
@@ -668,6 +712,12 @@ impl NodeConfig {
         }
         self.presence.to_options()?;
         self.wire.to_limits()?;
+        self.resp_address()?;
+        if self.resp.default_namespace.is_empty() {
+            return Err(NodeError::Config(
+                "resp.default_namespace must name a namespace".into(),
+            ));
+        }
         let key_set = !self.tls.key_file.as_os_str().is_empty();
         if self.tls.enabled() != key_set {
             return Err(NodeError::Config(
@@ -862,7 +912,7 @@ mod tests {
     #[test]
     fn every_key_round_trips_with_non_default_values() {
         let text = "data_dir = \"/d\"\nlisten = \"0.0.0.0:1\"\nmetrics_listen = \"0.0.0.0:2\"\n\
-            wire_listen = \"127.0.0.1:3\"\n\
+            wire_listen = \"127.0.0.1:3\"\nresp_listen = \"127.0.0.1:4\"\n\
             log_format = \"json\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n\
             client_ca_file = \"ca\"\npeer_ca_file = \"pca\"\n[auth]\ntoken_file = \"t\"\n\
             [seq]\nbatch_ids_max = 3\nraise_wait_timeout_ms = 4\ncheckpoint_log_bytes = 5\n\
@@ -878,6 +928,7 @@ mod tests {
             require_replica = true\nreplication_feed_bytes = 70000\n\
             [wire]\nhello_timeout_ms = 18\nidle_timeout_ms = 19\n\
             connections_per_source_max = 20\ninput_budget_bytes = 9000000\n\
+            [resp]\ndefault_namespace = \"conv\"\n\
             [cluster]\nname = \"c1\"\netcd = \"127.0.0.1:2379\"\nnode_id = \"n1\"\n\
             advertise = \"10.0.0.1:7700\"\nadvertise_wire = \"10.0.0.1:7702\"\n\
             lease_ttl_ms = 2000\nmoves_max = 8\n";
@@ -1021,5 +1072,21 @@ mod tests {
         )
         .unwrap();
         assert!(!config.wire_listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn the_resp_port_is_off_by_default_and_beyond_loopback_needs_tokens() {
+        assert_eq!(NodeConfig::default().resp_address().unwrap(), None);
+        let error = NodeConfig::parse("resp_listen = \"0.0.0.0:6379\"\n").unwrap_err();
+        assert!(error.to_string().contains("[auth] token_file"), "{error}");
+        let error = NodeConfig::parse("resp_listen = \"localhost\"\n").unwrap_err();
+        assert!(
+            error.to_string().contains("resp_listen `localhost`"),
+            "{error}"
+        );
+        let config =
+            NodeConfig::parse("resp_listen = \"0.0.0.0:6379\"\n[auth]\ntoken_file = \"t\"\n")
+                .unwrap();
+        assert!(config.resp_address().unwrap().is_some());
     }
 }

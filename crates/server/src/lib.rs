@@ -3,6 +3,7 @@
 //! ```text
 //!   gRPC (tonic) ──► grpc::{SequenceService, PresenceService, AdminService} ─┐ errors → Status
 //!   wire protocol ──► wire (pipelined binary frames, the hot path) ──────────┤ codes
+//!   RESP (Redis clients) ──► resp (INCR, INCRBY, GET, MGET) ─────────────────┤
 //!   HTTP ──► http (/metrics, /healthz, /readyz, up before recovery)          │
 //!                                                                          ▼
 //!                          imstate_node::sequences::Sequences, presencestore::PresenceStore
@@ -14,6 +15,7 @@
 //! - [`grpc`]: the gRPC services, the one place where domain errors become `tonic::Status`,
 //!   and the edge layer (bearer tokens, per-call metrics, limits).
 //! - [`wire`]: the wire-protocol listener.
+//! - [`resp`]: the RESP front door (Redis clients allocating sequences), off by default.
 //! - [`follower`]: presence replication, the replica's side (the primary's side is the
 //!   `Replication` gRPC service).
 //! - [`http`]: the HTTP listener.
@@ -30,6 +32,7 @@ pub mod config;
 pub mod follower;
 pub mod grpc;
 pub mod http;
+pub mod resp;
 pub mod server;
 pub mod wire;
 

@@ -304,6 +304,10 @@ impl Node {
         let (wire_listener, wire_address) = bind(self.config.wire_listen, "wire_listen").await?;
         warn_if_exposed(&self.config, address);
         warn_if_exposed(&self.config, wire_address);
+        let resp_listener = match self.config.resp_address()? {
+            Some(address) => Some(bind(address, "resp_listen").await?),
+            None => None,
+        };
         let incoming = TcpListenerStream::new(listener).map(|stream| {
             let stream = stream?;
             // Replies are small and latency-bound: never wait for Nagle.
@@ -337,17 +341,31 @@ impl Node {
             .await;
         reporter.set_serving::<AdminServer<AdminService>>().await;
         let (wire_stop, wire_stopped) = tokio::sync::watch::channel(false);
+        let wire_limits = self.config.wire.to_limits()?;
         let wire = tokio::spawn(crate::wire::serve(
             wire_listener,
             WireContext::new(
                 seq.clone(),
                 Arc::clone(&self.presence),
                 self.security.tokens.clone(),
-                self.config.wire.to_limits()?,
+                wire_limits,
                 self.security.wire_tls.clone(),
             ),
-            wire_stopped,
+            wire_stopped.clone(),
         ));
+        let resp_address = resp_listener.as_ref().map(|(_, address)| *address);
+        let resp = resp_listener.map(|(listener, _)| {
+            tokio::spawn(crate::resp::serve(
+                listener,
+                crate::resp::RespContext::new(
+                    seq.clone(),
+                    self.security.tokens.clone(),
+                    wire_limits,
+                    self.config.resp.default_namespace.clone(),
+                ),
+                wire_stopped,
+            ))
+        });
         let health = Arc::clone(&self.health);
         let watch_hub = Arc::clone(self.presence.watch());
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
@@ -477,6 +495,7 @@ impl Node {
         on_listening(Listening {
             grpc: address,
             wire: wire_address,
+            resp: resp_address,
         });
         // Draining waits for in-flight calls, but never longer than DRAIN_TIMEOUT: a client
         // that stopped reading must not keep the node from stopping.
@@ -499,6 +518,9 @@ impl Node {
             }
         }
         let _ = wire.await;
+        if let Some(resp) = resp {
+            let _ = resp.await;
+        }
         let reason = stopped_rx.await.ok().flatten();
         if let Some(reason) = reason {
             tracing::error!(%reason, "stopping: the log failed");
@@ -612,6 +634,8 @@ pub struct Listening {
     pub grpc: SocketAddr,
     /// The wire-protocol listener.
     pub wire: SocketAddr,
+    /// The RESP front door, when `resp_listen` is set.
+    pub resp: Option<SocketAddr>,
 }
 
 /// Binds a listener for the configuration key `key`; "address in use" names the key.

@@ -1,0 +1,761 @@
+//! The RESP front door (`resp_listen`, off by default): enough of the Redis protocol that an
+//! unmodified Redis client allocates sequences here by changing an address.
+//!
+//! ```text
+//!  read whatever arrived ──► parse every complete command (codec) ──► run each, in order,
+//!        ▲                                                           replies into one buffer
+//!        └────────────── one write() of all replies ◄────────────────────────┘
+//! ```
+//!
+//! Commands: `INCR key`, `INCRBY key n` (a range of `n` values, 1 to `RANGE_COUNT_MAX`; the
+//! reply is the last of the range, as Redis replies), `GET key` and `MGET key...` (current
+//! values; nil for an id never allocated), `PING`, `ECHO`, `QUIT`, `SELECT 0`, `AUTH`, `HELLO
+//! [2] [AUTH user pass] [SETNAME name]`, `CLIENT SETNAME|GETNAME|SETINFO|ID`, `COMMAND` (an
+//! empty table: enough for `redis-cli`), `CONFIG GET save|appendonly` (what
+//! `redis-benchmark` asks), `INFO`. A command that would
+//! move a sequence back or overwrite it (`DECR`, `DECRBY`, `SET`, `DEL`, ...) gets an error
+//! saying so; any other gets Redis's `-ERR unknown command`. The connection stays usable after
+//! every such error; only a protocol error (bad framing) closes it, as Redis does.
+//!
+//! Keys are `namespace:id`: a key whose part before the first `:` names a namespace goes to
+//! it, any other key goes whole to `resp.default_namespace`. Namespaces have numeric ids (a
+//! u64 after the prefix, leading zeros allowed: `redis-benchmark -r` keys work); a key whose id
+//! is not a number gets an error naming the namespace.
+//!
+//! Sequence values need no durability wait: the store never hands out a value above a durable
+//! `max_seq` (S2), so an `INCR` reply is as safe as a `Next` over gRPC.
+//!
+//! With a token file configured (`[auth]`) every command but `AUTH`, `HELLO` and `QUIT` gets
+//! `-NOAUTH` until `AUTH <token>` (or `AUTH default <token>`, or `HELLO 2 AUTH default
+//! <token>`) succeeds. The port has no TLS; config validation refuses a non-loopback
+//! `resp_listen` without tokens.
+//!
+//! Bounded (B1): [`RESP_CONNECTIONS_MAX`] connections in all and the wire listener's
+//! `connections_per_source_max` per address (over either: an error, then closed); a connection
+//! silent for the wire listener's `idle_timeout_ms` is closed; a command is at most
+//! [`codec::COMMAND_BYTES_MAX`] bytes and the node never buffers more for one (sizes are
+//! checked from the headers, before the bytes arrive); an idle connection holds a few KiB.
+
+pub mod codec;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use imstate_node::NodeError;
+use imstate_node::sequences::Sequences;
+use imstate_seq::RANGE_COUNT_MAX;
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::grpc::edge::Tokens;
+use crate::wire::WireLimits;
+
+/// Most RESP connections open at once (B1).
+pub const RESP_CONNECTIONS_MAX: usize = 10_000;
+/// Bytes asked of each read. Small, so that many idle connections hold little; a larger
+/// command grows the buffer up to [`codec::COMMAND_BYTES_MAX`].
+const READ_BYTES_CHUNK: usize = 4 * 1024;
+/// A buffer larger than this after its burst is given back.
+const BUFFER_KEEP_BYTES: usize = 64 * 1024;
+/// Reply bytes after which a burst stops running commands and writes what it has.
+const REPLY_BYTES_FLUSH: usize = 1 << 20;
+/// Longest a closing connection waits to hand its last error to the kernel.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Shortest time between two reloads of the namespace names when a key's prefix is unknown.
+const NAMESPACES_RELOAD_MIN: Duration = Duration::from_secs(1);
+
+/// Metric: RESP commands, by `command` (a fixed set; `other` for the rest) and `result`
+/// (`ok` or `error`).
+pub const RESP_REQUESTS: &str = "imstate_resp_requests_total";
+/// Metric: open RESP connections.
+pub const RESP_CONNECTIONS: &str = "imstate_resp_connections";
+
+/// What every RESP connection shares.
+pub struct RespContext {
+    seq: Sequences,
+    tokens: Option<Arc<Tokens>>,
+    limits: WireLimits,
+    default_namespace: String,
+    connections: AtomicUsize,
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+    /// Namespace names, to tell a `namespace:` prefix from part of a default-namespace key,
+    /// and when they were loaded.
+    names: Mutex<(Vec<String>, Option<Instant>)>,
+    next_client_id: AtomicU64,
+}
+
+impl RespContext {
+    /// The context of a node's RESP listener.
+    pub fn new(
+        seq: Sequences,
+        tokens: Option<Arc<Tokens>>,
+        limits: WireLimits,
+        default_namespace: String,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            seq,
+            tokens,
+            limits,
+            default_namespace,
+            connections: AtomicUsize::new(0),
+            per_source: Mutex::new(HashMap::new()),
+            names: Mutex::new((Vec::new(), None)),
+            next_client_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Whether `prefix` names a namespace; reloads the names (at most once per
+    /// [`NAMESPACES_RELOAD_MIN`]) when it is not among the loaded ones.
+    fn is_namespace(&self, prefix: &str) -> bool {
+        let mut names = self.names.lock();
+        if names.0.iter().any(|name| name == prefix) {
+            return true;
+        }
+        if names
+            .1
+            .is_some_and(|loaded| loaded.elapsed() < NAMESPACES_RELOAD_MIN)
+        {
+            return false;
+        }
+        names.0 = self
+            .seq
+            .namespaces()
+            .into_iter()
+            .map(|def| def.name)
+            .collect();
+        names.1 = Some(Instant::now());
+        names.0.iter().any(|name| name == prefix)
+    }
+
+    /// The namespace and id of a key (see the module documentation).
+    fn resolve<'a>(&'a self, key: &'a [u8]) -> Result<(&'a str, u64), String> {
+        let text = std::str::from_utf8(key)
+            .map_err(|_| "ERR a key must be UTF-8 text: `namespace:id` or an id".to_owned())?;
+        let (namespace, id) = match text.split_once(':') {
+            Some((prefix, id)) if self.is_namespace(prefix) => (prefix, id),
+            _ => (self.default_namespace.as_str(), text),
+        };
+        match id.parse::<u64>() {
+            Ok(id) => Ok((namespace, id)),
+            Err(_) => Err(format!(
+                "ERR key '{}': namespace `{namespace}` has numeric ids (a u64 after \
+                 `{namespace}:`); string keys need a keyed namespace, which this node does \
+                 not have",
+                text.escape_debug()
+            )),
+        }
+    }
+
+    fn admit_source(&self, source: IpAddr) -> Result<(), usize> {
+        let mut per_source = self.per_source.lock();
+        let open = per_source.entry(source).or_insert(0);
+        if *open >= self.limits.connections_per_source_max {
+            return Err(*open);
+        }
+        *open += 1;
+        Ok(())
+    }
+
+    fn release_source(&self, source: IpAddr) {
+        let mut per_source = self.per_source.lock();
+        if let Some(open) = per_source.get_mut(&source) {
+            *open -= 1;
+            if *open == 0 {
+                per_source.remove(&source);
+            }
+        }
+    }
+}
+
+/// Accepts connections until `stop` turns true; each connection stops at its next read then.
+pub async fn serve(listener: TcpListener, context: Arc<RespContext>, stop: watch::Receiver<bool>) {
+    let mut accept_stop = stop.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = accept_stop.wait_for(|stop| *stop) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "resp accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let context = Arc::clone(&context);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let open = context.connections.fetch_add(1, Ordering::Relaxed) + 1;
+            metrics::gauge!(RESP_CONNECTIONS).increment(1.0);
+            let result = if open > RESP_CONNECTIONS_MAX {
+                refuse(
+                    stream,
+                    &format!(
+                        "ERR max number of clients reached: {open} RESP connections open; \
+                         RESP_CONNECTIONS_MAX is {RESP_CONNECTIONS_MAX}"
+                    ),
+                )
+                .await
+            } else {
+                match context.admit_source(peer.ip()) {
+                    Ok(()) => {
+                        let result = Connection::new(&context).run(stream, stop).await;
+                        context.release_source(peer.ip());
+                        result
+                    }
+                    Err(open) => {
+                        let max = context.limits.connections_per_source_max;
+                        let message = format!(
+                            "ERR max number of clients reached: {open} RESP connections open \
+                             from {}; wire.connections_per_source_max is {max}",
+                            peer.ip()
+                        );
+                        refuse(stream, &message).await
+                    }
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, "resp connection ended");
+            }
+            context.connections.fetch_sub(1, Ordering::Relaxed);
+            metrics::gauge!(RESP_CONNECTIONS).decrement(1.0);
+        });
+    }
+}
+
+async fn refuse(stream: TcpStream, message: &str) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    codec::error(&mut out, message);
+    write_before_close(stream, &out).await
+}
+
+async fn write_before_close<S: AsyncWrite + Unpin>(
+    mut stream: S,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let write = async {
+        stream.write_all(bytes).await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write).await {
+        Ok(written) => written,
+        Err(_) => Ok(()),
+    }
+}
+
+/// Commands counted under their own name in [`RESP_REQUESTS`]; the rest count as `other`.
+const COUNTED: [&str; 6] = ["INCR", "INCRBY", "GET", "MGET", "PING", "AUTH"];
+
+/// Commands refused because they would move a sequence back or overwrite it.
+const ROLLBACKS: [&str; 20] = [
+    "DECR",
+    "DECRBY",
+    "SET",
+    "SETNX",
+    "SETEX",
+    "PSETEX",
+    "GETSET",
+    "GETDEL",
+    "GETEX",
+    "MSET",
+    "MSETNX",
+    "DEL",
+    "UNLINK",
+    "INCRBYFLOAT",
+    "APPEND",
+    "SETRANGE",
+    "EXPIRE",
+    "PEXPIRE",
+    "EXPIREAT",
+    "FLUSHALL",
+];
+
+/// What to do after a command.
+enum After {
+    Continue,
+    /// Write what is buffered, then close.
+    Close,
+}
+
+struct Connection<'c> {
+    context: &'c RespContext,
+    authenticated: bool,
+    id: u64,
+    name: Vec<u8>,
+    out: Vec<u8>,
+    /// Scratch of MGET: the keys resolved, then the values.
+    keys: Vec<(String, u64)>,
+}
+
+impl<'c> Connection<'c> {
+    fn new(context: &'c RespContext) -> Self {
+        Self {
+            context,
+            authenticated: context.tokens.is_none(),
+            id: context.next_client_id.fetch_add(1, Ordering::Relaxed),
+            name: Vec::new(),
+            out: Vec::new(),
+            keys: Vec::new(),
+        }
+    }
+
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        mut self,
+        mut stream: S,
+        mut stop: watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        let idle = self.context.limits.idle_timeout;
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        tokio::pin!(stopped);
+        let mut input: Vec<u8> = Vec::new();
+        let mut args: Vec<Range<usize>> = Vec::new();
+        let mut deadline = idle.map(|idle| tokio::time::Instant::now() + idle);
+        loop {
+            let mut start = 0;
+            let mut close = false;
+            while self.out.len() < REPLY_BYTES_FLUSH {
+                match codec::parse_command(&input[start..], &mut args) {
+                    Ok(Some(used)) => {
+                        let command = &input[start..start + used];
+                        start += used;
+                        deadline = idle.map(|idle| tokio::time::Instant::now() + idle);
+                        if args.is_empty() {
+                            continue;
+                        }
+                        let argv: Vec<&[u8]> =
+                            args.iter().map(|range| &command[range.clone()]).collect();
+                        if let After::Close = self.command(&argv).await {
+                            close = true;
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(reason) => {
+                        codec::error(&mut self.out, &format!("ERR Protocol error: {reason}"));
+                        close = true;
+                        break;
+                    }
+                }
+            }
+            input.drain(..start);
+            if !self.out.is_empty() {
+                let written = match idle {
+                    Some(idle) => tokio::time::timeout(idle, write_all(&mut stream, &self.out))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "replies not taken",
+                            ))
+                        }),
+                    None => write_all(&mut stream, &self.out).await,
+                };
+                written?;
+                self.out.clear();
+            }
+            if close {
+                return write_before_close(&mut stream, &[]).await;
+            }
+            if self.out.capacity() > BUFFER_KEEP_BYTES {
+                self.out = Vec::new();
+            }
+            if input.capacity() > BUFFER_KEEP_BYTES && input.len() < READ_BYTES_CHUNK {
+                input.shrink_to(READ_BYTES_CHUNK);
+            }
+            if matches!(codec::parse_command(&input, &mut args), Ok(Some(_))) {
+                continue;
+            }
+            input.reserve(READ_BYTES_CHUNK);
+            let expired = async {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let read = tokio::select! {
+                read = stream.read_buf(&mut input) => read?,
+                () = &mut stopped => return Ok(()),
+                () = expired => {
+                    let idle_ms = idle.unwrap_or_default().as_millis();
+                    codec::error(
+                        &mut self.out,
+                        &format!("ERR no command for {idle_ms} ms (wire.idle_timeout_ms); closing"),
+                    );
+                    return write_before_close(&mut stream, &self.out).await;
+                }
+            };
+            if read == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs one command; its reply goes to `self.out`.
+    async fn command(&mut self, argv: &[&[u8]]) -> After {
+        let name = String::from_utf8_lossy(argv[0]).to_ascii_uppercase();
+        let before = self.out.len();
+        let after = self.dispatch(&name, argv).await;
+        let result = if self.out.get(before) == Some(&b'-') {
+            "error"
+        } else {
+            "ok"
+        };
+        let label = COUNTED
+            .iter()
+            .find(|counted| **counted == name)
+            .copied()
+            .unwrap_or("other");
+        metrics::counter!(RESP_REQUESTS, "command" => label, "result" => result).increment(1);
+        after
+    }
+
+    async fn dispatch(&mut self, name: &str, argv: &[&[u8]]) -> After {
+        let args = &argv[1..];
+        if !self.authenticated && !matches!(name, "AUTH" | "HELLO" | "QUIT") {
+            codec::error(&mut self.out, "NOAUTH Authentication required.");
+            return After::Continue;
+        }
+        match (name, args.len()) {
+            ("INCR", 1) => self.incr(args[0], 1).await,
+            ("INCRBY", 2) => match parse_increment(args[1]) {
+                Ok(count) => self.incr(args[0], count).await,
+                Err(message) => codec::error(&mut self.out, &message),
+            },
+            ("GET", 1) => self.mget(&args[..1], false).await,
+            ("MGET", 1..) => self.mget(args, true).await,
+            ("PING", 0) => codec::simple(&mut self.out, "PONG"),
+            ("PING", 1) | ("ECHO", 1) => codec::bulk(&mut self.out, args[0]),
+            ("QUIT", _) => {
+                codec::simple(&mut self.out, "OK");
+                return After::Close;
+            }
+            ("SELECT", 1) => {
+                if args[0] == b"0" {
+                    codec::simple(&mut self.out, "OK");
+                } else {
+                    codec::error(&mut self.out, "ERR DB index is out of range");
+                }
+            }
+            ("AUTH", 1) => self.auth(args[0]),
+            ("AUTH", 2) => self.auth(args[1]),
+            ("HELLO", _) => self.hello(args),
+            ("CLIENT", 1..) => self.client(args),
+            ("COMMAND", 0) => codec::array(&mut self.out, 0),
+            ("COMMAND", _) => {
+                if args[0].eq_ignore_ascii_case(b"COUNT") {
+                    codec::integer(&mut self.out, 0);
+                } else {
+                    codec::array(&mut self.out, 0);
+                }
+            }
+            ("CONFIG", 2) if args[0].eq_ignore_ascii_case(b"GET") => {
+                // What `redis-benchmark` asks at start. imstate always persists: there are no
+                // RDB snapshots, and every value is covered by a durable max_seq.
+                let value: Option<&[u8]> = match String::from_utf8_lossy(args[1])
+                    .to_ascii_lowercase()
+                    .as_str()
+                {
+                    "save" => Some(b""),
+                    "appendonly" => Some(b"yes"),
+                    _ => None,
+                };
+                match value {
+                    Some(value) => {
+                        codec::array(&mut self.out, 2);
+                        codec::bulk(&mut self.out, &args[1].to_ascii_lowercase());
+                        codec::bulk(&mut self.out, value);
+                    }
+                    None => codec::array(&mut self.out, 0),
+                }
+            }
+            ("INFO", _) => {
+                let info = format!(
+                    "# Server\r\nredis_version:7.0.0\r\nimstate_version:{}\r\n\
+                     redis_mode:standalone\r\n",
+                    env!("CARGO_PKG_VERSION")
+                );
+                codec::bulk(&mut self.out, info.as_bytes());
+            }
+            (
+                "INCR" | "INCRBY" | "GET" | "MGET" | "PING" | "ECHO" | "SELECT" | "AUTH"
+                | "CLIENT",
+                _,
+            ) => codec::error(
+                &mut self.out,
+                &format!(
+                    "ERR wrong number of arguments for '{}' command",
+                    name.to_ascii_lowercase()
+                ),
+            ),
+            (rollback, _) if ROLLBACKS.contains(&rollback) => codec::error(
+                &mut self.out,
+                &format!(
+                    "ERR {rollback} is refused: imstate keys are sequences, which only move \
+                     forward (INCR, INCRBY); moving one back or overwriting it would hand out \
+                     values again"
+                ),
+            ),
+            _ => {
+                let mut message = format!(
+                    "ERR unknown command '{}', with args beginning with: ",
+                    printable(argv[0])
+                );
+                for arg in args.iter().take(4) {
+                    message.push_str(&format!("'{}' ", printable(arg)));
+                }
+                codec::error(&mut self.out, &message);
+            }
+        }
+        After::Continue
+    }
+
+    async fn incr(&mut self, key: &[u8], count: u64) {
+        let (namespace, id) = match self.context.resolve(key) {
+            Ok(resolved) => resolved,
+            Err(message) => return codec::error(&mut self.out, &message),
+        };
+        let result = if count == 1 {
+            self.context.seq.next(namespace, id).await
+        } else {
+            self.context
+                .seq
+                .next_range_batch(namespace, &[id], count)
+                .await
+                .map(|lasts| lasts[0])
+        };
+        match result {
+            Ok(value) => codec::integer(&mut self.out, value),
+            Err(error) => self.node_error(&error),
+        }
+    }
+
+    /// GET (one key, a bulk reply) or MGET (an array): current values, nil for 0.
+    async fn mget(&mut self, keys: &[&[u8]], array: bool) {
+        self.keys.clear();
+        for key in keys {
+            match self.context.resolve(key) {
+                Ok((namespace, id)) => self.keys.push((namespace.to_owned(), id)),
+                Err(message) => return codec::error(&mut self.out, &message),
+            }
+        }
+        // One CurrentBatch per namespace, the values put back in key order.
+        let mut values = vec![0u64; self.keys.len()];
+        let mut namespaces: Vec<&str> = self.keys.iter().map(|(ns, _)| ns.as_str()).collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        for namespace in namespaces {
+            let (positions, ids): (Vec<usize>, Vec<u64>) = self
+                .keys
+                .iter()
+                .enumerate()
+                .filter(|(_, (ns, _))| ns == namespace)
+                .map(|(position, (_, id))| (position, *id))
+                .unzip();
+            match self.context.seq.current_batch(namespace, &ids).await {
+                Ok(current) => {
+                    for (position, value) in positions.into_iter().zip(current) {
+                        values[position] = value;
+                    }
+                }
+                Err(error) => return self.node_error(&error),
+            }
+        }
+        if array {
+            codec::array(&mut self.out, values.len());
+        }
+        for value in values {
+            if value == 0 {
+                codec::nil(&mut self.out);
+            } else {
+                codec::bulk(&mut self.out, value.to_string().as_bytes());
+            }
+        }
+    }
+
+    fn node_error(&mut self, error: &NodeError) {
+        codec::error(
+            &mut self.out,
+            &crate::grpc::bounded_message(format!("ERR {error}")),
+        );
+    }
+
+    fn auth(&mut self, token: &[u8]) {
+        match &self.context.tokens {
+            None => codec::error(
+                &mut self.out,
+                "ERR AUTH <password> called without any password configured for the default \
+                 user. Are you sure your configuration is correct?",
+            ),
+            Some(tokens) if tokens.accepts(token) => {
+                self.authenticated = true;
+                codec::simple(&mut self.out, "OK");
+            }
+            Some(_) => {
+                metrics::counter!(imstate_node::metrics::AUTH_REJECTED, "reason" => "invalid")
+                    .increment(1);
+                codec::error(
+                    &mut self.out,
+                    "WRONGPASS invalid username-password pair or user is disabled.",
+                );
+            }
+        }
+    }
+
+    /// `HELLO [protover [AUTH username password] [SETNAME clientname]]`, RESP2 only.
+    fn hello(&mut self, args: &[&[u8]]) {
+        if let Some(version) = args.first()
+            && *version != b"2"
+        {
+            return codec::error(
+                &mut self.out,
+                "NOPROTO sorry, this protocol version is not supported (imstate speaks RESP2)",
+            );
+        }
+        let mut at = 1;
+        while at < args.len() {
+            if args[at].eq_ignore_ascii_case(b"AUTH") && at + 2 < args.len() {
+                let token = args[at + 2];
+                let before = self.out.len();
+                self.auth(token);
+                if self.out.get(before) == Some(&b'-') {
+                    return;
+                }
+                self.out.truncate(before);
+                at += 3;
+            } else if args[at].eq_ignore_ascii_case(b"SETNAME") && at + 1 < args.len() {
+                self.name = args[at + 1].to_vec();
+                at += 2;
+            } else {
+                return codec::error(
+                    &mut self.out,
+                    &format!("ERR Syntax error in HELLO option '{}'", printable(args[at])),
+                );
+            }
+        }
+        if !self.authenticated {
+            return codec::error(
+                &mut self.out,
+                "NOAUTH HELLO must be called with the client already authenticated, otherwise \
+                 the HELLO <proto> AUTH <user> <pass> option can be used to authenticate",
+            );
+        }
+        let fields: [(&str, &[u8]); 5] = [
+            ("server", b"imstate"),
+            ("version", env!("CARGO_PKG_VERSION").as_bytes()),
+            ("mode", b"standalone"),
+            ("role", b"master"),
+            ("modules", b""),
+        ];
+        codec::array(&mut self.out, 14);
+        for (key, value) in &fields[..2] {
+            codec::bulk(&mut self.out, key.as_bytes());
+            codec::bulk(&mut self.out, value);
+        }
+        codec::bulk(&mut self.out, b"proto");
+        codec::integer(&mut self.out, 2);
+        codec::bulk(&mut self.out, b"id");
+        codec::integer(&mut self.out, self.id);
+        for (key, value) in &fields[2..4] {
+            codec::bulk(&mut self.out, key.as_bytes());
+            codec::bulk(&mut self.out, value);
+        }
+        codec::bulk(&mut self.out, fields[4].0.as_bytes());
+        codec::array(&mut self.out, 0);
+    }
+
+    fn client(&mut self, args: &[&[u8]]) {
+        let sub = String::from_utf8_lossy(args[0]).to_ascii_uppercase();
+        match (sub.as_str(), args.len()) {
+            ("SETNAME", 2) => {
+                if args[1].iter().any(|byte| !byte.is_ascii_graphic()) {
+                    codec::error(
+                        &mut self.out,
+                        "ERR Client names cannot contain spaces, newlines or special characters.",
+                    );
+                } else {
+                    self.name = args[1].to_vec();
+                    codec::simple(&mut self.out, "OK");
+                }
+            }
+            ("GETNAME", 1) => {
+                if self.name.is_empty() {
+                    codec::nil(&mut self.out);
+                } else {
+                    codec::bulk(&mut self.out, &self.name.clone());
+                }
+            }
+            ("ID", 1) => codec::integer(&mut self.out, self.id),
+            // Client libraries announce themselves (redis-py 5, go-redis 9); nothing to keep.
+            ("SETINFO", 3) => codec::simple(&mut self.out, "OK"),
+            _ => codec::error(
+                &mut self.out,
+                &format!(
+                    "ERR unknown subcommand '{}'. Try CLIENT HELP.",
+                    printable(args[0])
+                ),
+            ),
+        }
+    }
+}
+
+async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// The increment of `INCRBY`: 1 to [`RANGE_COUNT_MAX`] (a range of that many values).
+fn parse_increment(arg: &[u8]) -> Result<u64, String> {
+    let value: i64 = std::str::from_utf8(arg)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| "ERR value is not an integer or out of range".to_owned())?;
+    if value < 1 || value as u64 > RANGE_COUNT_MAX {
+        return Err(format!(
+            "ERR INCRBY by {value}: the increment is 1 to {RANGE_COUNT_MAX} (RANGE_COUNT_MAX); \
+             a sequence only moves forward"
+        ));
+    }
+    Ok(value as u64)
+}
+
+/// At most 64 bytes of an argument, for an error message.
+fn printable(arg: &[u8]) -> String {
+    String::from_utf8_lossy(&arg[..arg.len().min(64)])
+        .escape_debug()
+        .to_string()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_increment_is_a_positive_integer_within_the_range_limit() {
+        assert_eq!(parse_increment(b"1"), Ok(1));
+        assert_eq!(parse_increment(b"1000000"), Ok(RANGE_COUNT_MAX));
+        for bad in [&b"0"[..], b"-3", b"1000001"] {
+            assert!(
+                parse_increment(bad)
+                    .unwrap_err()
+                    .contains("RANGE_COUNT_MAX")
+            );
+        }
+        for bad in [&b"x"[..], b"1.5", b"", b"99999999999999999999"] {
+            assert_eq!(
+                parse_increment(bad).unwrap_err(),
+                "ERR value is not an integer or out of range"
+            );
+        }
+    }
+}
