@@ -359,6 +359,14 @@ fn bad_frames_and_too_many_connections_get_a_clear_error_and_others_are_served()
         reply,
         ":1\r\n-ERR Protocol error: expected '$', got ':'\r\n"
     );
+    // A pipelined run of INCRs is answered as one batch; one bad id in it still gets its own
+    // error and the others their values, in order.
+    let reply = exchange(&resp, b"INCR 8\r\nINCR 99999999999\r\nINCR 8\r\nQUIT\r\n");
+    assert_eq!(
+        reply,
+        ":1\r\n-ERR id 99999999999 is out of range [0, 4294967296) of namespace `default`\r\n\
+         :2\r\n+OK\r\n"
+    );
     // An unterminated bulk string: the node waits for it, then closes at the idle timeout.
     let started = Instant::now();
     let reply = exchange(&resp, b"*2\r\n$4\r\nINCR\r\n$5\r\n12");

@@ -22,6 +22,9 @@
 //! u64 after the prefix, leading zeros allowed: `redis-benchmark -r` keys work); a key whose id
 //! is not a number gets an error naming the namespace.
 //!
+//! A run of pipelined `INCR`s of one namespace is answered by one batch allocation (as many
+//! INCRs one after another would be: a repeated key gets increasing values).
+//!
 //! Sequence values need no durability wait: the store never hands out a value above a durable
 //! `max_seq` (S2), so an `INCR` reply is as safe as a `Next` over gRPC.
 //!
@@ -48,7 +51,7 @@ use std::time::{Duration, Instant};
 use imstate_node::NodeError;
 use imstate_node::sequences::Sequences;
 use imstate_seq::RANGE_COUNT_MAX;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -67,6 +70,8 @@ const BUFFER_KEEP_BYTES: usize = 64 * 1024;
 const REPLY_BYTES_FLUSH: usize = 1 << 20;
 /// Longest a closing connection waits to hand its last error to the kernel.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most pipelined INCRs answered by one batch (far below `seq.batch_ids_max`).
+const INCR_RUN_MAX: usize = 1_024;
 /// Shortest time between two reloads of the namespace names when a key's prefix is unknown.
 const NAMESPACES_RELOAD_MIN: Duration = Duration::from_secs(1);
 
@@ -86,7 +91,7 @@ pub struct RespContext {
     per_source: Mutex<HashMap<IpAddr, usize>>,
     /// Namespace names, to tell a `namespace:` prefix from part of a default-namespace key,
     /// and when they were loaded.
-    names: Mutex<(Vec<String>, Option<Instant>)>,
+    names: RwLock<(Vec<String>, Option<Instant>)>,
     next_client_id: AtomicU64,
 }
 
@@ -105,7 +110,7 @@ impl RespContext {
             default_namespace,
             connections: AtomicUsize::new(0),
             per_source: Mutex::new(HashMap::new()),
-            names: Mutex::new((Vec::new(), None)),
+            names: RwLock::new((Vec::new(), None)),
             next_client_id: AtomicU64::new(1),
         })
     }
@@ -113,7 +118,10 @@ impl RespContext {
     /// Whether `prefix` names a namespace; reloads the names (at most once per
     /// [`NAMESPACES_RELOAD_MIN`]) when it is not among the loaded ones.
     fn is_namespace(&self, prefix: &str) -> bool {
-        let mut names = self.names.lock();
+        if self.names.read().0.iter().any(|name| name == prefix) {
+            return true;
+        }
+        let mut names = self.names.write();
         if names.0.iter().any(|name| name == prefix) {
             return true;
         }
@@ -254,6 +262,21 @@ async fn write_before_close<S: AsyncWrite + Unpin>(
 /// Commands counted under their own name in [`RESP_REQUESTS`]; the rest count as `other`.
 const COUNTED: [&str; 6] = ["INCR", "INCRBY", "GET", "MGET", "PING", "AUTH"];
 
+/// The [`RESP_REQUESTS`] counters, `[command][ok, error]` with `other` last, registered once:
+/// looking a labelled counter up costs more than an INCR.
+fn counters() -> &'static [[metrics::Counter; 2]; COUNTED.len() + 1] {
+    static COUNTERS: std::sync::OnceLock<[[metrics::Counter; 2]; COUNTED.len() + 1]> =
+        std::sync::OnceLock::new();
+    COUNTERS.get_or_init(|| {
+        std::array::from_fn(|index| {
+            let command = COUNTED.get(index).copied().unwrap_or("other");
+            ["ok", "error"].map(|result| {
+                metrics::counter!(RESP_REQUESTS, "command" => command, "result" => result)
+            })
+        })
+    })
+}
+
 /// Commands refused because they would move a sequence back or overwrite it.
 const ROLLBACKS: [&str; 20] = [
     "DECR",
@@ -293,6 +316,9 @@ struct Connection<'c> {
     out: Vec<u8>,
     /// Scratch of MGET: the keys resolved, then the values.
     keys: Vec<(String, u64)>,
+    /// A run of INCRs of one namespace, answered together ([`Connection::flush_incrs`]).
+    run_namespace: String,
+    run_ids: Vec<u64>,
 }
 
 impl<'c> Connection<'c> {
@@ -304,6 +330,8 @@ impl<'c> Connection<'c> {
             name: Vec::new(),
             out: Vec::new(),
             keys: Vec::new(),
+            run_namespace: String::new(),
+            run_ids: Vec::new(),
         }
     }
 
@@ -334,6 +362,24 @@ impl<'c> Connection<'c> {
                         }
                         let argv: Vec<&[u8]> =
                             args.iter().map(|range| &command[range.clone()]).collect();
+                        // A run of pipelined INCRs of one namespace becomes one batch.
+                        if self.authenticated
+                            && argv.len() == 2
+                            && argv[0].eq_ignore_ascii_case(b"INCR")
+                            && let Ok((namespace, id)) = self.context.resolve(argv[1])
+                        {
+                            if self.run_namespace != namespace {
+                                self.flush_incrs().await;
+                                self.run_namespace.clear();
+                                self.run_namespace.push_str(namespace);
+                            }
+                            self.run_ids.push(id);
+                            if self.run_ids.len() >= INCR_RUN_MAX {
+                                self.flush_incrs().await;
+                            }
+                            continue;
+                        }
+                        self.flush_incrs().await;
                         if let After::Close = self.command(&argv).await {
                             close = true;
                             break;
@@ -341,12 +387,14 @@ impl<'c> Connection<'c> {
                     }
                     Ok(None) => break,
                     Err(reason) => {
+                        self.flush_incrs().await;
                         codec::error(&mut self.out, &format!("ERR Protocol error: {reason}"));
                         close = true;
                         break;
                     }
                 }
             }
+            self.flush_incrs().await;
             input.drain(..start);
             if !self.out.is_empty() {
                 let written = match idle {
@@ -400,22 +448,67 @@ impl<'c> Connection<'c> {
         }
     }
 
+    /// Answers the run of INCRs gathered from the burst, in order: one NextBatch (a repeated
+    /// id gets increasing values, as one INCR after another would). A batch refused as a whole
+    /// is run again one INCR at a time, so each gets its own reply or error.
+    async fn flush_incrs(&mut self) {
+        if self.run_ids.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.run_ids);
+        let result = match ids.as_slice() {
+            [id] => self
+                .context
+                .seq
+                .next(&self.run_namespace, *id)
+                .await
+                .map(|value| vec![value]),
+            _ => self.context.seq.next_batch(&self.run_namespace, &ids).await,
+        };
+        match result {
+            Ok(values) => {
+                for value in values {
+                    codec::integer(&mut self.out, value);
+                }
+                counters()[0][0].increment(ids.len() as u64);
+            }
+            Err(_) => {
+                for &id in &ids {
+                    match self.context.seq.next(&self.run_namespace, id).await {
+                        Ok(value) => {
+                            codec::integer(&mut self.out, value);
+                            counters()[0][0].increment(1);
+                        }
+                        Err(error) => {
+                            self.node_error(&error);
+                            counters()[0][1].increment(1);
+                        }
+                    }
+                }
+            }
+        }
+        self.run_ids = ids;
+        self.run_ids.clear();
+    }
+
     /// Runs one command; its reply goes to `self.out`.
     async fn command(&mut self, argv: &[&[u8]]) -> After {
-        let name = String::from_utf8_lossy(argv[0]).to_ascii_uppercase();
-        let before = self.out.len();
-        let after = self.dispatch(&name, argv).await;
-        let result = if self.out.get(before) == Some(&b'-') {
-            "error"
-        } else {
-            "ok"
-        };
-        let label = COUNTED
+        // The hot commands are matched without allocating; the rest are uppercased.
+        let counted = COUNTED
             .iter()
-            .find(|counted| **counted == name)
-            .copied()
-            .unwrap_or("other");
-        metrics::counter!(RESP_REQUESTS, "command" => label, "result" => result).increment(1);
+            .position(|name| argv[0].eq_ignore_ascii_case(name.as_bytes()));
+        let other;
+        let name = match counted {
+            Some(index) => COUNTED[index],
+            None => {
+                other = String::from_utf8_lossy(argv[0]).to_ascii_uppercase();
+                other.as_str()
+            }
+        };
+        let before = self.out.len();
+        let after = self.dispatch(name, argv).await;
+        let failed = self.out.get(before) == Some(&b'-');
+        counters()[counted.unwrap_or(COUNTED.len())][usize::from(failed)].increment(1);
         after
     }
 
