@@ -1781,7 +1781,8 @@ fn metric_labeled(server: &Server, name: &str, label: &str) -> f64 {
 /// Bounded (B1): a replica that stalls (SIGSTOP) while its primary takes far more writes than
 /// its change feed holds (`presence.replication_feed_bytes`, 64 KiB here, under `async` so
 /// that the primary never waits for it) is told it fell behind once it runs again, and
-/// resyncs by snapshot; it then holds every session.
+/// resyncs by snapshot; it then holds every session. The lease TTL is 30 s here, so that the
+/// stop never outlasts a lease even on a loaded machine.
 #[test]
 fn a_replica_that_falls_behind_the_bounded_feed_resyncs_by_snapshot() {
     let cluster = TestCluster::start_with(
@@ -1789,7 +1790,10 @@ fn a_replica_that_falls_behind_the_bounded_feed_resyncs_by_snapshot() {
         &[
             ("IMSTATE_PRESENCE__REPLICATION", "async"),
             ("IMSTATE_PRESENCE__REPLICATION_FEED_BYTES", "65536"),
-            ("IMSTATE_CLUSTER__LEASE_TTL_MS", "6000"),
+            // Far longer than the stop: no lease may end meanwhile (a CI run under load once
+            // took longer than 6 s to write the logins, the replica's lease ended, and it came
+            // back as a new replica, resynced from nothing instead of from behind).
+            ("IMSTATE_CLUSTER__LEASE_TTL_MS", "30000"),
         ],
     );
     let rt = runtime();
