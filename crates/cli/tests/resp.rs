@@ -189,15 +189,21 @@ fn kill9_under_redis_client_load_keeps_s1() {
 }
 
 /// Negative control: with values served before their `max_seq` is durable, the same loop
-/// through the RESP port finds S1 violations.
+/// through the RESP port finds S1 violations. Whether a kill lands between a value served and
+/// its ceiling persisted is up to timing (one loop of 12 kills caught it in most runs, missed
+/// it in one CI run), so the control gets up to 6 loops and needs one to catch it.
 #[cfg(feature = "planted-serve-before-durable")]
 #[test]
 fn kill9_under_redis_client_load_catches_the_planted_serve_before_durable() {
-    let violations = kill_loop();
-    assert!(
-        !violations.is_empty(),
-        "the planted bug went unnoticed through the RESP port"
-    );
+    const LOOPS_MAX: usize = 6;
+    for attempt in 1..=LOOPS_MAX {
+        let violations = kill_loop();
+        if !violations.is_empty() {
+            eprintln!("caught in loop {attempt} of at most {LOOPS_MAX}");
+            return;
+        }
+    }
+    panic!("the planted bug went unnoticed through the RESP port in {LOOPS_MAX} kill loops");
 }
 
 /// The kill -9 loop; returns the checker's violations.
