@@ -41,8 +41,6 @@
 
 pub mod codec;
 
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -51,13 +49,13 @@ use std::time::{Duration, Instant};
 use imstate_node::NodeError;
 use imstate_node::sequences::Sequences;
 use imstate_seq::RANGE_COUNT_MAX;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::grpc::edge::Tokens;
-use crate::wire::WireLimits;
+use crate::wire::{SourceCounts, WireLimits};
 
 /// Most RESP connections open at once (B1).
 pub const RESP_CONNECTIONS_MAX: usize = 10_000;
@@ -88,7 +86,7 @@ pub struct RespContext {
     limits: WireLimits,
     default_namespace: String,
     connections: AtomicUsize,
-    per_source: Mutex<HashMap<IpAddr, usize>>,
+    per_source: SourceCounts,
     /// Namespace names, to tell a `namespace:` prefix from part of a default-namespace key,
     /// and when they were loaded.
     names: RwLock<(Vec<String>, Option<Instant>)>,
@@ -109,7 +107,7 @@ impl RespContext {
             limits,
             default_namespace,
             connections: AtomicUsize::new(0),
-            per_source: Mutex::new(HashMap::new()),
+            per_source: SourceCounts::default(),
             names: RwLock::new((Vec::new(), None)),
             next_client_id: AtomicU64::new(1),
         })
@@ -159,26 +157,6 @@ impl RespContext {
             )),
         }
     }
-
-    fn admit_source(&self, source: IpAddr) -> Result<(), usize> {
-        let mut per_source = self.per_source.lock();
-        let open = per_source.entry(source).or_insert(0);
-        if *open >= self.limits.connections_per_source_max {
-            return Err(*open);
-        }
-        *open += 1;
-        Ok(())
-    }
-
-    fn release_source(&self, source: IpAddr) {
-        let mut per_source = self.per_source.lock();
-        if let Some(open) = per_source.get_mut(&source) {
-            *open -= 1;
-            if *open == 0 {
-                per_source.remove(&source);
-            }
-        }
-    }
 }
 
 /// Accepts connections until `stop` turns true; each connection stops at its next read then.
@@ -213,10 +191,13 @@ pub async fn serve(listener: TcpListener, context: Arc<RespContext>, stop: watch
                 )
                 .await
             } else {
-                match context.admit_source(peer.ip()) {
+                match context
+                    .per_source
+                    .admit(peer.ip(), context.limits.connections_per_source_max)
+                {
                     Ok(()) => {
                         let result = Connection::new(&context).run(stream, stop).await;
-                        context.release_source(peer.ip());
+                        context.per_source.release(peer.ip());
                         result
                     }
                     Err(open) => {

@@ -100,6 +100,37 @@ pub struct WireLimits {
     pub input_budget_bytes: usize,
 }
 
+/// Open connections by source address, for a per-source limit (shared by the wire and RESP
+/// listeners). A mutex, not atomics per address: it is taken once per connect and once per
+/// close, never per request.
+#[derive(Default)]
+pub(crate) struct SourceCounts(Mutex<HashMap<IpAddr, usize>>);
+
+impl SourceCounts {
+    /// Counts a connection from `source`, or returns how many are open from it if `max` is
+    /// reached (and counts nothing).
+    pub(crate) fn admit(&self, source: IpAddr, max: usize) -> Result<(), usize> {
+        let mut per_source = self.0.lock();
+        let open = per_source.entry(source).or_insert(0);
+        if *open >= max {
+            return Err(*open);
+        }
+        *open += 1;
+        Ok(())
+    }
+
+    /// Counts off a connection [`SourceCounts::admit`] counted.
+    pub(crate) fn release(&self, source: IpAddr) {
+        let mut per_source = self.0.lock();
+        if let Some(open) = per_source.get_mut(&source) {
+            *open -= 1;
+            if *open == 0 {
+                per_source.remove(&source);
+            }
+        }
+    }
+}
+
 /// What every connection shares.
 pub struct WireContext {
     seq: Sequences,
@@ -109,9 +140,7 @@ pub struct WireContext {
     /// TLS (and mTLS) of the listener; `None` for plain TCP.
     tls: Option<TlsAcceptor>,
     connections: AtomicUsize,
-    /// Open connections by source address. A mutex, not atomics per address: it is taken once
-    /// per connect and once per close, never per request.
-    per_source: Mutex<HashMap<IpAddr, usize>>,
+    per_source: SourceCounts,
     /// Bytes of `input_budget_bytes` held by connections buffering a large frame.
     budget_used: AtomicUsize,
 }
@@ -132,31 +161,9 @@ impl WireContext {
             limits,
             tls,
             connections: AtomicUsize::new(0),
-            per_source: Mutex::new(HashMap::new()),
+            per_source: SourceCounts::default(),
             budget_used: AtomicUsize::new(0),
         })
-    }
-
-    /// Counts a connection from `source`, or returns how many are open from it if the limit
-    /// is reached (and counts nothing).
-    fn admit_source(&self, source: IpAddr) -> Result<(), usize> {
-        let mut per_source = self.per_source.lock();
-        let open = per_source.entry(source).or_insert(0);
-        if *open >= self.limits.connections_per_source_max {
-            return Err(*open);
-        }
-        *open += 1;
-        Ok(())
-    }
-
-    fn release_source(&self, source: IpAddr) {
-        let mut per_source = self.per_source.lock();
-        if let Some(open) = per_source.get_mut(&source) {
-            *open -= 1;
-            if *open == 0 {
-                per_source.remove(&source);
-            }
-        }
     }
 
     /// Takes `bytes` of the input budget, or returns false if that would go over it.
@@ -259,10 +266,13 @@ pub async fn serve(listener: TcpListener, context: Arc<WireContext>, stop: watch
                     )
                     .await
             } else {
-                match context.admit_source(peer.ip()) {
+                match context
+                    .per_source
+                    .admit(peer.ip(), context.limits.connections_per_source_max)
+                {
                     Ok(()) => {
                         let result = context.serve_connection(stream, deadline, stop).await;
-                        context.release_source(peer.ip());
+                        context.per_source.release(peer.ip());
                         result
                     }
                     Err(open) => {
