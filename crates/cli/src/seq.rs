@@ -113,9 +113,12 @@ pub enum SeqCommand {
         /// Seqs to reserve per id, 1 to 1000000 (RANGE_COUNT_MAX).
         #[arg(long)]
         count: Option<u64>,
-        /// Ids, in order; a repeated id gets increasing values.
+        /// The IDS are string keys (1 to 128 bytes) of a keyed namespace.
+        #[arg(long)]
+        keys: bool,
+        /// Ids (or keys with --keys), in order; a repeated id gets increasing values.
         #[arg(required = true)]
-        ids: Vec<u64>,
+        ids: Vec<String>,
     },
     /// Prints the current seq of each ID (one CurrentBatch call); 0 = never allocated.
     Current {
@@ -124,9 +127,12 @@ pub enum SeqCommand {
         /// Namespace.
         #[arg(long, default_value = "default")]
         ns: String,
-        /// Ids, in order.
+        /// The IDS are string keys (1 to 128 bytes) of a keyed namespace.
+        #[arg(long)]
+        keys: bool,
+        /// Ids (or keys with --keys), in order.
         #[arg(required = true)]
-        ids: Vec<u64>,
+        ids: Vec<String>,
     },
     /// Lists namespaces: name, id range, section size, step.
     Namespaces {
@@ -155,6 +161,37 @@ pub struct CreateNamespace {
     /// How far max_seq is raised at a time (1 to 2^32, STEP_MAX).
     #[arg(long, default_value_t = 10_000)]
     step: u64,
+    /// `numeric`: ids are numbers in [id-lo, id-hi). `string`: ids are keys of 1 to 128 bytes,
+    /// hashed (FNV-1a) onto [id-lo, id-hi) to find their section.
+    #[arg(long, default_value = "numeric", value_parser = ["numeric", "string"])]
+    keys: String,
+}
+
+/// The ids of a `seq` command: numbers, or with `--keys` the arguments' bytes.
+enum IdArgs {
+    Numeric(Vec<u64>),
+    Keys(Vec<Vec<u8>>),
+}
+
+impl IdArgs {
+    fn parse(args: Vec<String>, keys: bool) -> anyhow::Result<Self> {
+        if keys {
+            return Ok(IdArgs::Keys(
+                args.into_iter().map(String::into_bytes).collect(),
+            ));
+        }
+        args.iter()
+            .map(|arg| {
+                arg.parse::<u64>().map_err(|_| {
+                    anyhow::anyhow!(
+                        "id `{arg}` is not a number (the ids of a keyed namespace are strings: \
+                         pass --keys)"
+                    )
+                })
+            })
+            .collect::<anyhow::Result<_>>()
+            .map(IdArgs::Numeric)
+    }
 }
 
 pub async fn run(command: SeqCommand) -> anyhow::Result<()> {
@@ -162,35 +199,41 @@ pub async fn run(command: SeqCommand) -> anyhow::Result<()> {
         SeqCommand::Next {
             target,
             ns,
-            count: None,
+            count,
+            keys,
             ids,
         } => {
-            let seqs = target.connect_cluster().await?.next_batch(&ns, ids).await?;
-            print_lines(seqs);
+            let ids = IdArgs::parse(ids, keys)?;
+            let client = target.connect_cluster().await?;
+            let ranges = match ids {
+                IdArgs::Numeric(ids) => {
+                    client
+                        .next_range_batch(&ns, ids, count.unwrap_or(1))
+                        .await?
+                }
+                IdArgs::Keys(keys) => client.next_keys(&ns, keys, count.unwrap_or(1)).await?,
+            };
+            if count.is_none() {
+                print_lines(ranges.into_iter().map(|range| range.last).collect());
+            } else {
+                let mut out = String::new();
+                for range in ranges {
+                    out.push_str(&format!("{}\t{}\n", range.first, range.last));
+                }
+                print!("{out}");
+            }
         }
-        SeqCommand::Next {
+        SeqCommand::Current {
             target,
             ns,
-            count: Some(count),
+            keys,
             ids,
         } => {
-            let ranges = target
-                .connect_cluster()
-                .await?
-                .next_range_batch(&ns, ids, count)
-                .await?;
-            let mut out = String::new();
-            for range in ranges {
-                out.push_str(&format!("{}\t{}\n", range.first, range.last));
-            }
-            print!("{out}");
-        }
-        SeqCommand::Current { target, ns, ids } => {
-            let seqs = target
-                .connect_cluster()
-                .await?
-                .current_batch(&ns, ids)
-                .await?;
+            let client = target.connect_cluster().await?;
+            let seqs = match IdArgs::parse(ids, keys)? {
+                IdArgs::Numeric(ids) => client.current_batch(&ns, ids).await?,
+                IdArgs::Keys(keys) => client.current_keys(&ns, keys).await?,
+            };
             print_lines(seqs);
         }
         SeqCommand::Namespaces { target } => {
@@ -205,6 +248,7 @@ pub async fn run(command: SeqCommand) -> anyhow::Result<()> {
                 id_hi: args.id_hi,
                 section_size: args.section_size,
                 step: args.step,
+                keys: args.keys,
             };
             let client = args.target.connect().await?;
             print_namespace(&client.create_namespace(namespace).await?);
@@ -223,8 +267,13 @@ fn print_lines(values: Vec<u64>) {
 }
 
 pub fn print_namespace(namespace: &Namespace) {
+    let keys = if namespace.keys == "string" {
+        "\tkeys=string"
+    } else {
+        ""
+    };
     println!(
-        "{}\tids=[{}, {})\tsection_size={}\tstep={}",
+        "{}\tids=[{}, {})\tsection_size={}\tstep={}{keys}",
         namespace.name, namespace.id_lo, namespace.id_hi, namespace.section_size, namespace.step
     );
 }

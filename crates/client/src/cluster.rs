@@ -79,6 +79,13 @@ pub trait SeqTransport: Clone + Send + Sync + Sized + 'static {
         ids: Vec<u64>,
         what: SeqCall,
     ) -> impl Future<Output = Result<Vec<u64>, ClientError>> + Send;
+    /// [`SeqTransport::call`] for the string keys of a keyed namespace.
+    fn call_keys(
+        &self,
+        namespace: &str,
+        keys: Vec<Vec<u8>>,
+        what: SeqCall,
+    ) -> impl Future<Output = Result<Vec<u64>, ClientError>> + Send;
     /// The newest route version the node's replies carried.
     fn route_version(&self) -> u64;
     /// The address of a route's owner in this protocol.
@@ -144,6 +151,23 @@ impl SeqTransport for Client {
                 .map(|range| range.last)
                 .collect()),
             SeqCall::Current => self.current_batch(namespace, ids).await,
+        }
+    }
+
+    async fn call_keys(
+        &self,
+        namespace: &str,
+        keys: Vec<Vec<u8>>,
+        what: SeqCall,
+    ) -> Result<Vec<u64>, ClientError> {
+        match what {
+            SeqCall::Next { count } => Ok(self
+                .next_keys(namespace, keys, count)
+                .await?
+                .into_iter()
+                .map(|range| range.last)
+                .collect()),
+            SeqCall::Current => self.current_keys(namespace, keys).await,
         }
     }
 
@@ -216,6 +240,20 @@ impl SeqTransport for WireClient {
             (SeqCall::Next { count: 1 }, _) => self.next_batch(namespace, &ids).await,
             (SeqCall::Next { count }, _) => self.next_range_lasts(namespace, &ids, count).await,
         }
+    }
+
+    async fn call_keys(
+        &self,
+        _namespace: &str,
+        _keys: Vec<Vec<u8>>,
+        _what: SeqCall,
+    ) -> Result<Vec<u64>, ClientError> {
+        Err(ClientError::Status {
+            code: tonic::Code::Unimplemented,
+            message: "the wire protocol carries numeric ids only; string keys go over gRPC or \
+                      RESP"
+                .into(),
+        })
     }
 
     fn route_version(&self) -> u64 {
@@ -367,7 +405,15 @@ impl<T: SeqTransport> SmartClient<T> {
 
     /// The address serving each id's section (the seed for an embedded node or when the
     /// table does not know the section yet).
-    async fn owners(&self, namespace: &str, ids: &[u64]) -> Result<Vec<String>, ClientError> {
+    ///
+    /// With `hashed`, each "id" is the [`imstate_seq::key_hash`] of a keyed namespace's key,
+    /// mapped onto the namespace's id range first (the node does the same).
+    async fn owners(
+        &self,
+        namespace: &str,
+        ids: &[u64],
+        hashed: bool,
+    ) -> Result<Vec<String>, ClientError> {
         let name = default_namespace(namespace);
         let mut state = self.state.lock().await;
         if !state.namespaces.contains_key(name) {
@@ -384,8 +430,17 @@ impl<T: SeqTransport> SmartClient<T> {
                 let owner = (!embedded)
                     .then_some(())
                     .and(layout.as_ref())
-                    .filter(|layout| layout.section_size > 0 && id >= layout.id_lo)
-                    .and_then(|layout| {
+                    .filter(|layout| layout.section_size > 0 && layout.id_hi > layout.id_lo)
+                    .map(|layout| {
+                        let id = if hashed {
+                            layout.id_lo + id % (layout.id_hi - layout.id_lo)
+                        } else {
+                            id
+                        };
+                        (layout, id)
+                    })
+                    .filter(|(layout, id)| *id >= layout.id_lo)
+                    .and_then(|(layout, id)| {
                         let section = (id - layout.id_lo) / layout.section_size;
                         state.table.routes.iter().find(|route| {
                             route.namespace == name
@@ -482,6 +537,48 @@ impl<T: SeqTransport> SmartClient<T> {
         .await
     }
 
+    /// [`Self::routed`] for the string keys of a keyed namespace: each key goes to the owner
+    /// of its section (by its FNV-1a hash, as the node computes it).
+    async fn routed_keys(
+        &self,
+        namespace: &str,
+        keys: Vec<Vec<u8>>,
+        what: SeqCall,
+    ) -> Result<Vec<u64>, ClientError> {
+        self.routed_with(
+            keys,
+            Routing::KeyedSection(namespace),
+            |key| imstate_seq::key_hash(key),
+            |client, group| async move { client.call_keys(namespace, group, what).await },
+        )
+        .await
+    }
+
+    /// Reserves `count` consecutive seqs for each string key of a keyed namespace, in
+    /// request order (`count = 1`: one seq per key); a repeated key gets the range after its
+    /// previous one.
+    pub async fn next_keys(
+        &self,
+        namespace: &str,
+        keys: Vec<Vec<u8>>,
+        count: u64,
+    ) -> Result<Vec<SeqRange>, ClientError> {
+        self.routed_keys(namespace, keys, SeqCall::Next { count })
+            .await?
+            .into_iter()
+            .map(|last| SeqRange::ending_at(last, count))
+            .collect()
+    }
+
+    /// Reads the current seq of each string key of a keyed namespace (gRPC only).
+    pub async fn current_keys(
+        &self,
+        namespace: &str,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<u64>, ClientError> {
+        self.routed_keys(namespace, keys, SeqCall::Current).await
+    }
+
     /// The address of each uid's presence slot primary (the seed for an embedded node or when
     /// the table has no slots yet).
     pub(crate) async fn slot_owners(&self, uids: &[u64]) -> Vec<String> {
@@ -527,7 +624,12 @@ impl<T: SeqTransport> SmartClient<T> {
             }
             let pending_keys: Vec<u64> = pending.iter().map(|&i| key(&items[i])).collect();
             let owners = match routing {
-                Routing::Section(namespace) => self.owners(namespace, &pending_keys).await?,
+                Routing::Section(namespace) => {
+                    self.owners(namespace, &pending_keys, false).await?
+                }
+                Routing::KeyedSection(namespace) => {
+                    self.owners(namespace, &pending_keys, true).await?
+                }
                 Routing::Slot => self.slot_owners(&pending_keys).await,
             };
             let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -691,6 +793,8 @@ impl<T: SeqTransport> SmartClient<T> {
 enum Routing<'a> {
     /// The section of an id in this namespace.
     Section(&'a str),
+    /// The section of a string key (routed by its hash) in this keyed namespace.
+    KeyedSection(&'a str),
     /// The presence slot of a uid.
     Slot,
 }

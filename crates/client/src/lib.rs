@@ -139,6 +139,9 @@ pub struct Namespace {
     pub section_size: u64,
     /// Raise step (0 in a create request: the default).
     pub step: u64,
+    /// `numeric` (ids are numbers) or `string` (ids are keys of 1 to 128 bytes); empty in a
+    /// create request means numeric.
+    pub keys: String,
 }
 
 /// One route table entry: which node serves sections of a namespace.
@@ -781,6 +784,7 @@ impl Client {
             namespace: namespace.to_string(),
             ids,
             route_version: self.routes.version(),
+            keys: Vec::new(),
         };
         let reply = self
             .sequence
@@ -810,12 +814,34 @@ impl Client {
         ids: Vec<u64>,
         count: u64,
     ) -> Result<Vec<SeqRange>, ClientError> {
-        let len = ids.len();
+        self.next_ranges(namespace, ids, Vec::new(), count).await
+    }
+
+    /// Reserves `count` consecutive seqs for each string key of a keyed namespace, in order
+    /// (keys are 1 to 128 bytes; `count = 1` is one seq per key).
+    pub async fn next_keys(
+        &self,
+        namespace: &str,
+        keys: Vec<Vec<u8>>,
+        count: u64,
+    ) -> Result<Vec<SeqRange>, ClientError> {
+        self.next_ranges(namespace, Vec::new(), keys, count).await
+    }
+
+    async fn next_ranges(
+        &self,
+        namespace: &str,
+        ids: Vec<u64>,
+        keys: Vec<Vec<u8>>,
+        count: u64,
+    ) -> Result<Vec<SeqRange>, ClientError> {
+        let len = ids.len() + keys.len();
         let request = pb::NextRangeRequest {
             namespace: namespace.to_string(),
             ids,
             count,
             route_version: self.routes.version(),
+            keys,
         };
         let reply = self
             .sequence
@@ -856,10 +882,29 @@ impl Client {
         namespace: &str,
         ids: Vec<u64>,
     ) -> Result<Vec<u64>, ClientError> {
+        self.currents(namespace, ids, Vec::new()).await
+    }
+
+    /// Reads the current seq of each string key of a keyed namespace in one call.
+    pub async fn current_keys(
+        &self,
+        namespace: &str,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<u64>, ClientError> {
+        self.currents(namespace, Vec::new(), keys).await
+    }
+
+    async fn currents(
+        &self,
+        namespace: &str,
+        ids: Vec<u64>,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<u64>, ClientError> {
         let request = pb::CurrentBatchRequest {
             namespace: namespace.to_string(),
             ids,
             route_version: self.routes.version(),
+            keys,
         };
         let reply = self
             .sequence
@@ -916,6 +961,7 @@ fn namespace_to_pb(namespace: Namespace) -> pb::Namespace {
         id_hi: namespace.id_hi,
         section_size: namespace.section_size,
         step: namespace.step,
+        keys: namespace.keys,
     }
 }
 
@@ -926,6 +972,7 @@ pub(crate) fn namespace_from_pb(namespace: pb::Namespace) -> Namespace {
         id_hi: namespace.id_hi,
         section_size: namespace.section_size,
         step: namespace.step,
+        keys: namespace.keys,
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use imstate_cluster::{Access, RaiseOp, RaiseOutcome};
 use imstate_coord::maxseq::{Ceiling, MaxSeqStore, PersistOutcome, SectionRaise};
-use imstate_seq::{Allocator, AllocatorOptions, NamespaceDef, SeqError};
+use imstate_seq::{Allocator, AllocatorOptions, Ids, NamespaceDef, SeqError};
 use serde::{Deserialize, Serialize};
 
 use crate::NodeError;
@@ -33,6 +33,10 @@ struct StoredNamespace {
     section_size: u64,
     step: u64,
     sections: u64,
+    /// `string` for a keyed namespace; left out for a numeric one, so definitions stored
+    /// before keyed namespaces existed read (and compare) unchanged.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    keys: String,
 }
 
 impl StoredNamespace {
@@ -44,6 +48,11 @@ impl StoredNamespace {
             section_size: def.section_size,
             step: def.step,
             sections: def.section_count(),
+            keys: if def.is_keyed() {
+                def.keys.as_str().to_owned()
+            } else {
+                String::new()
+            },
         }
     }
 
@@ -54,6 +63,9 @@ impl StoredNamespace {
             id_hi: self.id_hi,
             section_size: self.section_size,
             step: self.step,
+            // An unknown kind (from a newer node) reads as numeric; its keyed requests are
+            // then refused with WrongIdKind rather than misrouted.
+            keys: self.keys.parse().unwrap_or_default(),
         }
     }
 }
@@ -232,16 +244,20 @@ impl ClusterSeq {
     }
 
     /// Allocates one seq per id, in order; a repeated id gets increasing values.
-    pub async fn next_batch(&self, namespace: &str, ids: &[u64]) -> Result<Vec<u64>, NodeError> {
+    pub async fn next_batch<'a>(
+        &self,
+        namespace: &str,
+        ids: impl Into<Ids<'a>>,
+    ) -> Result<Vec<u64>, NodeError> {
         self.know(namespace).await?;
         self.engine.next_batch(namespace, ids).await
     }
 
     /// Reserves `count` consecutive seqs per id; returns the last of each range.
-    pub async fn next_range_batch(
+    pub async fn next_range_batch<'a>(
         &self,
         namespace: &str,
-        ids: &[u64],
+        ids: impl Into<Ids<'a>>,
         count: u64,
     ) -> Result<Vec<u64>, NodeError> {
         self.know(namespace).await?;
@@ -249,10 +265,10 @@ impl ClusterSeq {
     }
 
     /// Reads the current seq of each id (the section's ceiling for ids never served here).
-    pub async fn current_batch(
+    pub async fn current_batch<'a>(
         &self,
         namespace: &str,
-        ids: &[u64],
+        ids: impl Into<Ids<'a>>,
     ) -> Result<Vec<u64>, NodeError> {
         self.know(namespace).await?;
         self.engine.current_batch(namespace, ids).await

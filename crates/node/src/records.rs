@@ -121,18 +121,30 @@ impl SeqSnapshot {
     }
 }
 
+/// Bit 7 of a namespace record's name-length byte: the namespace is keyed. Names are at most 64
+/// bytes, so logs and checkpoints written before keyed namespaces existed never set it.
+const KEYED_FLAG: u8 = 0x80;
+
 fn encode_namespace(def: &NamespaceDef, out: &mut Vec<u8>) {
     // Names are validated to at most 64 bytes before they reach the log.
     let name = def.name.as_bytes();
-    out.push(name.len().min(255) as u8);
-    out.extend_from_slice(&name[..name.len().min(255)]);
+    let len = name.len().min(usize::from(!KEYED_FLAG));
+    let flag = if def.is_keyed() { KEYED_FLAG } else { 0 };
+    out.push(len as u8 | flag);
+    out.extend_from_slice(&name[..len]);
     for value in [def.id_lo, def.id_hi, def.section_size, def.step] {
         out.extend_from_slice(&value.to_le_bytes());
     }
 }
 
 fn decode_namespace(reader: &mut Reader<'_>) -> Result<NamespaceDef, DecodeError> {
-    let len = reader.u8()? as usize;
+    let head = reader.u8()?;
+    let len = usize::from(head & !KEYED_FLAG);
+    let keys = if head & KEYED_FLAG != 0 {
+        imstate_seq::KeyKind::String
+    } else {
+        imstate_seq::KeyKind::Numeric
+    };
     let name = std::str::from_utf8(reader.take(len)?)
         .map_err(|_| DecodeError("namespace name is not UTF-8".into()))?
         .to_string();
@@ -142,6 +154,7 @@ fn decode_namespace(reader: &mut Reader<'_>) -> Result<NamespaceDef, DecodeError
         id_hi: reader.u64()?,
         section_size: reader.u64()?,
         step: reader.u64()?,
+        keys,
     })
 }
 
@@ -191,6 +204,11 @@ mod tests {
     fn records_round_trip() {
         let records = [
             SeqRecord::NamespaceCreated(NamespaceDef::default_namespace()),
+            SeqRecord::NamespaceCreated(NamespaceDef {
+                name: "c".repeat(64),
+                keys: imstate_seq::KeyKind::String,
+                ..NamespaceDef::default_namespace()
+            }),
             SeqRecord::Raise(Raise {
                 ns: 3,
                 section: 42,
@@ -200,6 +218,13 @@ mod tests {
         for record in records {
             assert_eq!(SeqRecord::decode(&record.encode()).unwrap(), record);
         }
+    }
+
+    #[test]
+    fn a_numeric_namespace_encodes_as_before_keyed_namespaces_existed() {
+        // Name-length byte 7 ("default"), no flag: logs written by older nodes read the same.
+        let bytes = SeqRecord::NamespaceCreated(NamespaceDef::default_namespace()).encode();
+        assert!(bytes.windows(8).any(|window| window == b"\x07default"));
     }
 
     #[test]

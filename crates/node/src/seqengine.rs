@@ -30,7 +30,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use imstate_coord::maxseq::{Ceiling, MaxSeqStore, PersistOutcome, SectionRaise};
-use imstate_seq::{Alloc, Allocator, NamespaceDef, NsId, Raise};
+use imstate_seq::{Alloc, Allocator, Ids, NamespaceDef, NsId, Raise};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
@@ -128,7 +128,7 @@ impl<B: Backend> SeqEngine<B> {
     async fn prepare(
         &self,
         namespace: &str,
-        ids: &[u64],
+        ids: Ids<'_>,
     ) -> Result<(NsId, Vec<(u64, u64)>), NodeError> {
         if B::PERMANENT {
             return Ok((0, Vec::new()));
@@ -136,7 +136,9 @@ impl<B: Backend> SeqEngine<B> {
         let (ns, def) = self.namespace(namespace)?;
         // Validates the batch size and every id, without side effects.
         self.inner.lock().allocator.current_batch(namespace, ids)?;
-        let sections: BTreeSet<u64> = ids.iter().map(|&id| def.section_of(id)).collect();
+        let sections: BTreeSet<u64> = (0..ids.len())
+            .map(|index| ids.section_at(&def, index))
+            .collect();
         let mut owned = Vec::with_capacity(sections.len());
         for section in sections {
             let tenure = self.backend.tenure(namespace, section)?;
@@ -194,22 +196,23 @@ impl<B: Backend> SeqEngine<B> {
     }
 
     /// Allocates one seq per id, in order; a repeated id gets increasing values.
-    pub async fn next_batch(
+    pub async fn next_batch<'a>(
         self: &Arc<Self>,
         namespace: &str,
-        ids: &[u64],
+        ids: impl Into<Ids<'a>>,
     ) -> Result<Vec<u64>, NodeError> {
         self.next_range_batch(namespace, ids, 1).await
     }
 
     /// Reserves `count` consecutive seqs per id, in order, and returns the last of each range
     /// (see [`Allocator::next_range_batch`]); `count = 1` is [`SeqEngine::next_batch`].
-    pub async fn next_range_batch(
+    pub async fn next_range_batch<'a>(
         self: &Arc<Self>,
         namespace: &str,
-        ids: &[u64],
+        ids: impl Into<Ids<'a>>,
         count: u64,
     ) -> Result<Vec<u64>, NodeError> {
+        let ids = ids.into();
         let deadline = tokio::time::Instant::now() + self.options.raise_wait_timeout;
         let mut waited = false;
         loop {
@@ -221,7 +224,7 @@ impl<B: Backend> SeqEngine<B> {
                     continue;
                 }
                 let outcome = match ids {
-                    [id] if count == 1 => inner.allocator.next(namespace, *id)?,
+                    Ids::Numeric([id]) if count == 1 => inner.allocator.next(namespace, *id)?,
                     _ => inner.allocator.next_range_batch(namespace, ids, count)?,
                 };
                 // Subscribing under the mutex: a persist that resolves after this point bumps
@@ -261,11 +264,12 @@ impl<B: Backend> SeqEngine<B> {
 
     /// Reads the current seq of each id (after a restart or a move, the section's ceiling for
     /// ids not served since).
-    pub async fn current_batch(
+    pub async fn current_batch<'a>(
         &self,
         namespace: &str,
-        ids: &[u64],
+        ids: impl Into<Ids<'a>>,
     ) -> Result<Vec<u64>, NodeError> {
+        let ids = ids.into();
         loop {
             let (ns, sections) = self.prepare(namespace, ids).await?;
             let inner = self.inner.lock();

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use imstate_coord::maxseq::{Ceiling, MaxSeqStore, PersistOutcome, SectionRaise};
 use imstate_log::{CheckpointStats, FsyncPolicy, Log, LogOptions, RecoveryStats, Replay, Storage};
-use imstate_seq::{Allocator, AllocatorOptions, NamespaceDef, Raise, SeqError};
+use imstate_seq::{Allocator, AllocatorOptions, Ids, NamespaceDef, Raise, SeqError};
 use tokio::sync::watch;
 
 use crate::NodeError;
@@ -223,15 +223,19 @@ impl SeqStore {
     }
 
     /// Allocates one seq per id, in order; a repeated id gets increasing values.
-    pub async fn next_batch(&self, namespace: &str, ids: &[u64]) -> Result<Vec<u64>, NodeError> {
+    pub async fn next_batch<'a>(
+        &self,
+        namespace: &str,
+        ids: impl Into<Ids<'a>>,
+    ) -> Result<Vec<u64>, NodeError> {
         self.engine.next_batch(namespace, ids).await
     }
 
     /// Reserves `count` consecutive seqs per id; returns the last of each range.
-    pub async fn next_range_batch(
+    pub async fn next_range_batch<'a>(
         &self,
         namespace: &str,
-        ids: &[u64],
+        ids: impl Into<Ids<'a>>,
         count: u64,
     ) -> Result<Vec<u64>, NodeError> {
         self.engine.next_range_batch(namespace, ids, count).await
@@ -246,7 +250,11 @@ impl SeqStore {
     }
 
     /// Reads the current seq of each id, in order.
-    pub fn current_batch(&self, namespace: &str, ids: &[u64]) -> Result<Vec<u64>, NodeError> {
+    pub fn current_batch<'a>(
+        &self,
+        namespace: &str,
+        ids: impl Into<Ids<'a>>,
+    ) -> Result<Vec<u64>, NodeError> {
         Ok(self
             .engine
             .with_allocator(|allocator| allocator.current_batch(namespace, ids))?)

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use imstate_proto::v1 as pb;
-use imstate_seq::NamespaceDef;
+use imstate_seq::{Ids, NamespaceDef};
 
 use crate::NodeError;
 use crate::clusterseq::ClusterSeq;
@@ -25,6 +25,7 @@ pub fn namespace_to_pb(def: NamespaceDef) -> pb::Namespace {
         id_hi: def.id_hi,
         section_size: def.section_size,
         step: def.step,
+        keys: def.keys.as_str().to_owned(),
     }
 }
 
@@ -54,7 +55,11 @@ impl Sequences {
     }
 
     /// Allocates one seq per id, in order.
-    pub async fn next_batch(&self, namespace: &str, ids: &[u64]) -> Result<Vec<u64>, NodeError> {
+    pub async fn next_batch<'a>(
+        &self,
+        namespace: &str,
+        ids: impl Into<Ids<'a>>,
+    ) -> Result<Vec<u64>, NodeError> {
         match self {
             Sequences::Embedded { store, .. } => store.next_batch(namespace, ids).await,
             Sequences::Cluster(store) => store.next_batch(namespace, ids).await,
@@ -63,10 +68,10 @@ impl Sequences {
 
     /// Reserves `count` consecutive seqs per id, in order; returns the last of each range
     /// (its first is `last - count + 1`).
-    pub async fn next_range_batch(
+    pub async fn next_range_batch<'a>(
         &self,
         namespace: &str,
-        ids: &[u64],
+        ids: impl Into<Ids<'a>>,
         count: u64,
     ) -> Result<Vec<u64>, NodeError> {
         match self {
@@ -78,10 +83,10 @@ impl Sequences {
     }
 
     /// Reads the current seq of each id.
-    pub async fn current_batch(
+    pub async fn current_batch<'a>(
         &self,
         namespace: &str,
-        ids: &[u64],
+        ids: impl Into<Ids<'a>>,
     ) -> Result<Vec<u64>, NodeError> {
         match self {
             Sequences::Embedded { store, .. } => store.current_batch(namespace, ids),

@@ -123,6 +123,7 @@ fn run(seed: u64) -> (Vec<SeqCall>, u64) {
                 id_hi: IDS,
                 section_size: SECTION,
                 step: STEP,
+                keys: imstate_seq::KeyKind::Numeric,
             })
             .unwrap();
         let engine = SeqEngine::new(

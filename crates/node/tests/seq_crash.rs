@@ -49,6 +49,7 @@ fn namespace() -> NamespaceDef {
         id_hi: 64,
         section_size: 4,
         step: 3,
+        keys: imstate_seq::KeyKind::Numeric,
     }
 }
 

@@ -14,9 +14,13 @@
 //! # State per section
 //!
 //! - `cur`: dense `cur_seq` array, allocated (zeroed, so untouched pages cost no RSS) on the
-//!   first allocation that can be served in the section.
+//!   first allocation that can be served in the section; in a keyed namespace `keyed` holds
+//!   the `cur_seq` of each key seen instead ([`KeyTable`]).
 //! - `floor`: the durable `max_seq` at the last load; the effective `cur_seq` of an id is
-//!   `max(cur[id], floor)`, so loading a section is O(1) yet skips every id to `max_seq`.
+//!   `max(cur[id], floor)`, so loading a section is O(1) yet skips every id to `max_seq`. The
+//!   same rule covers keys: recovery learns no keys (only ceilings are persisted), and every
+//!   key of a loaded section, known before the crash or never seen, is at least `floor`, so
+//!   its next value is above every value the section could have served.
 //! - `durable_max`: the persisted ceiling; `high`: the largest value handed out;
 //!   `pending_max`: the highest requested, not yet durable ceiling (0 = no raise pending).
 //!
@@ -30,7 +34,10 @@
 
 use rustc_hash::FxHashMap;
 
-use crate::{NAMESPACES_MAX, NamespaceDef, NsId, SeqError};
+use crate::keys::KeyTable;
+use crate::{
+    Ids, KEY_BYTES_MAX, KEYS_PER_SECTION_MAX, NAMESPACES_MAX, NamespaceDef, NsId, SeqError,
+};
 
 /// Default limit on the number of ids in one batch call.
 pub const BATCH_IDS_MAX_DEFAULT: usize = 10_000;
@@ -112,6 +119,8 @@ struct Section {
     index: u64,
     /// Dense `cur_seq` per id; empty until the first served allocation in the section.
     cur: Vec<u64>,
+    /// `cur_seq` per key (keyed namespaces only); created by the first request for a key.
+    keyed: Option<Box<KeyTable>>,
     /// Durable ceiling at the last load: the effective `cur_seq` of every id is at least this.
     floor: u64,
     /// The persisted ceiling: nothing above it is handed out (S2).
@@ -129,6 +138,7 @@ impl Section {
         Self {
             index,
             cur: Vec::new(),
+            keyed: None,
             floor: 0,
             durable_max: 0,
             high: 0,
@@ -143,6 +153,24 @@ impl Section {
         self.cur
             .get(offset)
             .map_or(self.floor, |&value| value.max(self.floor))
+    }
+
+    /// Returns the effective `cur_seq` of the key entry at `entry` (keyed sections).
+    #[inline]
+    fn current_key(&self, entry: usize) -> u64 {
+        self.keyed
+            .as_ref()
+            .map_or(self.floor, |table| table.value(entry).max(self.floor))
+    }
+
+    /// Undoes a tentative write of a batch: puts `previous` back at `position` (an offset of
+    /// `cur`, or a key entry in a keyed section).
+    fn restore(&mut self, position: usize, previous: u64) {
+        if let Some(table) = self.keyed.as_mut() {
+            table.set(position, previous);
+        } else if let Some(value) = self.cur.get_mut(position) {
+            *value = previous;
+        }
     }
 
     /// Returns the ceiling allocations are served from: the durable one.
@@ -253,10 +281,10 @@ impl Namespace {
     }
 
     /// Sections that serving `ids` would create (each counted once).
-    fn new_sections(&self, ids: &[u64]) -> usize {
+    fn new_sections(&self, ids: Ids<'_>) -> usize {
         let mut new = rustc_hash::FxHashSet::default();
-        for &id in ids {
-            let section = self.def.section_of(id);
+        for index in 0..ids.len() {
+            let section = ids.section_at(&self.def, index);
             if !self.slots.contains_key(&section) {
                 new.insert(section);
             }
@@ -280,11 +308,49 @@ impl Namespace {
         self.sections.get_mut(slot)
     }
 
-    fn check_ids(&self, ids: &[u64]) -> Result<(), SeqError> {
-        match ids.iter().find(|&&id| !self.def.contains(id)) {
-            None => Ok(()),
-            Some(&id) => Err(self.out_of_range(id)),
+    /// Checks that `ids` are of the namespace's kind and each is valid: numbers in range,
+    /// keys of 1 to [`KEY_BYTES_MAX`] bytes.
+    fn check_ids(&self, ids: Ids<'_>) -> Result<(), SeqError> {
+        match ids {
+            Ids::Numeric(ids) => {
+                self.check_kind(false)?;
+                match ids.iter().find(|&&id| !self.def.contains(id)) {
+                    None => Ok(()),
+                    Some(&id) => Err(self.out_of_range(id)),
+                }
+            }
+            Ids::Keys(keys) => {
+                self.check_kind(true)?;
+                match keys
+                    .iter()
+                    .find(|key| key.is_empty() || key.len() > KEY_BYTES_MAX)
+                {
+                    None => Ok(()),
+                    Some(key) => Err(SeqError::InvalidKey {
+                        ns: self.def.name.clone(),
+                        len: key.len(),
+                        max: KEY_BYTES_MAX,
+                    }),
+                }
+            }
         }
+    }
+
+    /// Checks that a request of keys (`keyed`) or numbers fits the namespace's kind.
+    fn check_kind(&self, keyed: bool) -> Result<(), SeqError> {
+        if keyed == self.def.is_keyed() {
+            return Ok(());
+        }
+        let [expected, got] = if keyed {
+            ["numeric ids", "string keys"]
+        } else {
+            ["string keys", "numeric ids"]
+        };
+        Err(SeqError::WrongIdKind {
+            ns: self.def.name.clone(),
+            expected,
+            got,
+        })
     }
 
     fn out_of_range(&self, id: u64) -> SeqError {
@@ -296,7 +362,7 @@ impl Namespace {
         }
     }
 
-    fn exhausted(&self, id: u64) -> SeqError {
+    fn exhausted(&self, id: String) -> SeqError {
         SeqError::SequenceExhausted {
             ns: self.def.name.clone(),
             id,
@@ -427,9 +493,7 @@ impl Allocator {
         let Some(namespace) = self.namespaces.get_mut(ns_id as usize) else {
             return Err(SeqError::UnknownNamespace(ns.to_owned()));
         };
-        if !namespace.def.contains(id) {
-            return Err(namespace.out_of_range(id));
-        }
+        namespace.check_ids(Ids::Numeric(&[id]))?;
         let section = namespace.def.section_of(id);
         let offset = namespace.def.offset_of(id);
         let section_len = namespace.def.section_len(section);
@@ -444,7 +508,7 @@ impl Allocator {
         }
         let slot = namespace.slot(section);
         let Some(value) = namespace.sections[slot].current(offset).checked_add(1) else {
-            return Err(namespace.exhausted(id));
+            return Err(namespace.exhausted(id.to_string()));
         };
         let state = &mut namespace.sections[slot];
         if value > state.serve_ceiling() {
@@ -467,7 +531,11 @@ impl Allocator {
     /// Allocates one value per id, in order; a repeated id gets increasing values. Serves all
     /// ids or none: if any section's durable ceiling is too low, nothing is allocated and the
     /// call returns `Wait` with the raises it needs.
-    pub fn next_batch(&mut self, ns: &str, ids: &[u64]) -> Result<Alloc, SeqError> {
+    pub fn next_batch<'a>(
+        &mut self,
+        ns: &str,
+        ids: impl Into<Ids<'a>>,
+    ) -> Result<Alloc, SeqError> {
         self.next_range_batch(ns, ids, 1)
     }
 
@@ -476,12 +544,13 @@ impl Allocator {
     /// is `last - count + 1`; a repeated id gets the next range after its previous one. The same
     /// all-or-nothing rule as [`Allocator::next_batch`] (which is this with `count = 1`).
     /// `count` is 1 to [`RANGE_COUNT_MAX`]; anything else is [`SeqError::InvalidCount`].
-    pub fn next_range_batch(
+    pub fn next_range_batch<'a>(
         &mut self,
         ns: &str,
-        ids: &[u64],
+        ids: impl Into<Ids<'a>>,
         count: u64,
     ) -> Result<Alloc, SeqError> {
+        let ids = ids.into();
         if count == 0 || count > RANGE_COUNT_MAX {
             return Err(SeqError::InvalidCount {
                 count,
@@ -512,17 +581,18 @@ impl Allocator {
         let sections_before = namespace.sections.len();
         let mut seqs = Vec::with_capacity(ids.len());
         // Pass 1 writes tentatively (with an undo log) so repeated ids see their own values.
-        let assigned = assign_batch(namespace, ids, count, batch, &mut seqs);
+        let assigned = match ids {
+            Ids::Numeric(ids) => assign_batch(namespace, ids, count, batch, &mut seqs),
+            Ids::Keys(keys) => assign_keys(namespace, keys, count, batch, &mut seqs),
+        };
         *sections_total += namespace.sections.len() - sections_before;
         let fits = batch.touched.iter().all(|&slot| {
             let state = &namespace.sections[slot];
             state.batch_need <= state.serve_ceiling()
         });
         if assigned.is_err() || !fits {
-            for &(slot, offset, previous) in batch.undo.iter().rev() {
-                if let Some(value) = namespace.sections[slot].cur.get_mut(offset) {
-                    *value = previous;
-                }
+            for &(slot, position, previous) in batch.undo.iter().rev() {
+                namespace.sections[slot].restore(position, previous);
             }
         }
         let step = namespace.def.step;
@@ -557,18 +627,40 @@ impl Allocator {
     /// Returns the current value of an id (0 if never allocated) without allocating.
     pub fn current(&self, ns: &str, id: u64) -> Result<u64, SeqError> {
         let namespace = &self.namespaces[self.lookup(ns)? as usize];
-        if !namespace.def.contains(id) {
-            return Err(namespace.out_of_range(id));
-        }
+        namespace.check_ids(Ids::Numeric(&[id]))?;
         Ok(current_of(namespace, id))
     }
 
-    /// Returns the current value of each id, in order; same batch limits as `next_batch`.
-    pub fn current_batch(&self, ns: &str, ids: &[u64]) -> Result<Vec<u64>, SeqError> {
+    /// Returns the current value of each id (or key), in order; same batch limits as
+    /// `next_batch`. A key never seen is at its section's `floor` (0 if never loaded).
+    pub fn current_batch<'a>(
+        &self,
+        ns: &str,
+        ids: impl Into<Ids<'a>>,
+    ) -> Result<Vec<u64>, SeqError> {
+        let ids = ids.into();
         self.check_batch_len(ids.len())?;
         let namespace = &self.namespaces[self.lookup(ns)? as usize];
         namespace.check_ids(ids)?;
-        Ok(ids.iter().map(|&id| current_of(namespace, id)).collect())
+        Ok(match ids {
+            Ids::Numeric(ids) => ids.iter().map(|&id| current_of(namespace, id)).collect(),
+            Ids::Keys(keys) => keys
+                .iter()
+                .map(|key| current_of_key(namespace, key))
+                .collect(),
+        })
+    }
+
+    /// Returns the number of string keys held in memory over all keyed namespaces, and the
+    /// bytes their tables hold.
+    pub fn keys_loaded(&self) -> (usize, usize) {
+        self.namespaces
+            .iter()
+            .flat_map(|namespace| &namespace.sections)
+            .filter_map(|state| state.keyed.as_deref())
+            .fold((0, 0), |(keys, bytes), table| {
+                (keys + table.len(), bytes + table.bytes())
+            })
     }
 
     /// Reports that `raise.max_seq` is durable: the section serves up to it from now on, and a
@@ -725,7 +817,7 @@ fn assign_batch(
             state.current(offset)
         };
         let Some(value) = previous.checked_add(count) else {
-            return Err(namespace.exhausted(id));
+            return Err(namespace.exhausted(id.to_string()));
         };
         if unallocated {
             batch.unallocated_last.insert(id, value);
@@ -752,6 +844,53 @@ fn prefetch(address: *const u64) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = address;
+}
+
+/// Pass 1 of `next_range_batch` for a keyed namespace: like [`assign_batch`], with each key's
+/// `cur_seq` in its section's [`KeyTable`] (a key seen for the first time is inserted at 0,
+/// which reads as the section's `floor`, so an undone insert is as if it never happened).
+fn assign_keys(
+    namespace: &mut Namespace,
+    keys: &[Vec<u8>],
+    count: u64,
+    batch: &mut BatchScratch,
+    seqs: &mut Vec<u64>,
+) -> Result<(), SeqError> {
+    for key in keys {
+        let hash = crate::key_hash(key);
+        let section = namespace.def.section_of(namespace.def.slot_of_hash(hash));
+        let slot = namespace.slot(section);
+        let state = &mut namespace.sections[slot];
+        if state.batch_need == 0 {
+            batch.touched.push(slot);
+        }
+        let table = state.keyed.get_or_insert_with(Box::default);
+        let Some(entry) = table.find_or_insert(key, hash) else {
+            return Err(SeqError::SectionKeysExhausted {
+                ns: namespace.def.name.clone(),
+                section,
+                max: KEYS_PER_SECTION_MAX,
+            });
+        };
+        let raw = table.value(entry);
+        let Some(value) = raw.max(state.floor).checked_add(count) else {
+            return Err(namespace.exhausted(crate::describe_key(key)));
+        };
+        table.set(entry, value);
+        batch.undo.push((slot, entry, raw));
+        state.batch_need = state.batch_need.max(value);
+        seqs.push(value);
+    }
+    Ok(())
+}
+
+fn current_of_key(namespace: &Namespace, key: &[u8]) -> u64 {
+    let hash = crate::key_hash(key);
+    let section = namespace.def.section_of(namespace.def.slot_of_hash(hash));
+    namespace.find(section).map_or(0, |state| {
+        let entry = state.keyed.as_ref().and_then(|table| table.find(key, hash));
+        entry.map_or(state.floor, |entry| state.current_key(entry))
+    })
 }
 
 fn current_of(namespace: &Namespace, id: u64) -> u64 {
@@ -797,13 +936,23 @@ fn check_section(def: &NamespaceDef, state: &Section) -> Result<(), String> {
             def.section_len(state.index)
         ));
     }
-    if let Some(value) = state.cur.iter().find(|&&value| value > state.high) {
+    let keyed = state.keyed.iter().flat_map(|table| table.values());
+    if let Some(value) = state
+        .cur
+        .iter()
+        .copied()
+        .chain(keyed)
+        .find(|&value| value > state.high)
+    {
         return Err(format!(
             "{}: cur_seq {} above the highest value handed out {}",
             at(),
             value,
             state.high
         ));
+    }
+    if state.keyed.is_some() && (!def.is_keyed() || !state.cur.is_empty()) {
+        return Err(format!("{}: key table in a numeric section", at()));
     }
     Ok(())
 }

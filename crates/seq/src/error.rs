@@ -23,6 +23,43 @@ pub enum SeqError {
         /// End of the namespace's id range (exclusive).
         hi: u64,
     },
+    /// A numeric id was sent to a keyed namespace, or a string key to a numeric one.
+    #[error(
+        "namespace `{ns}` takes {expected}; this request sent {got} (a namespace's kind is set \
+         when it is created: `imstate seq create-namespace NAME --keys string|numeric`)"
+    )]
+    WrongIdKind {
+        /// Name of the namespace.
+        ns: String,
+        /// What the namespace takes: `numeric ids` or `string keys`.
+        expected: &'static str,
+        /// What the request sent.
+        got: &'static str,
+    },
+    /// A string key is empty or longer than [`crate::KEY_BYTES_MAX`].
+    #[error("a key of {len} bytes in namespace `{ns}`; keys are 1 to {max} bytes (KEY_BYTES_MAX)")]
+    InvalidKey {
+        /// Name of the namespace.
+        ns: String,
+        /// Length of the offending key.
+        len: usize,
+        /// The limit, [`crate::KEY_BYTES_MAX`].
+        max: usize,
+    },
+    /// A section of a keyed namespace already holds [`crate::KEYS_PER_SECTION_MAX`] keys;
+    /// nothing was allocated.
+    #[error(
+        "section {section} of namespace `{ns}` holds {max} keys (KEYS_PER_SECTION_MAX); a new key \
+         there is refused: spread the namespace over more sections"
+    )]
+    SectionKeysExhausted {
+        /// Name of the namespace.
+        ns: String,
+        /// The full section.
+        section: u64,
+        /// The limit.
+        max: usize,
+    },
     /// A batch call was made with no ids.
     #[error("empty batch: at least one id is required")]
     EmptyBatch,
@@ -63,7 +100,7 @@ pub enum SeqError {
     SequenceExhausted {
         /// Name of the namespace.
         ns: String,
-        /// The id whose sequence is exhausted.
-        id: u64,
+        /// The id (or quoted key) whose sequence is exhausted.
+        id: String,
     },
 }

@@ -14,7 +14,10 @@
 //!
 //! - [`NamespaceDef`] describes an independent sequence space: an id range cut into sections of
 //!   `section_size` ids that share one persisted `max_seq`, raised `step` at a time.
-//! - [`Allocator`] keeps `cur_seq` per id (a dense array per touched section) and the durable
+//! - A namespace's ids are numbers or, for a keyed namespace ([`KeyKind::String`]), byte
+//!   strings hashed onto the id range ([`key_hash`]); a request names them with [`Ids`].
+//! - [`Allocator`] keeps `cur_seq` per id (a dense array per touched section, or a compact key
+//!   table in a keyed namespace) and the durable
 //!   `max_seq` per section. It never touches storage: it returns [`Raise`] commands that the
 //!   caller persists before reporting them back.
 //!
@@ -39,6 +42,7 @@ compile_error!(
 
 mod allocator;
 mod error;
+mod keys;
 mod namespace;
 
 pub use allocator::{
@@ -46,7 +50,8 @@ pub use allocator::{
     SECTIONS_MAX_DEFAULT, headroom_min,
 };
 pub use error::SeqError;
+pub use keys::{Ids, KEYS_PER_SECTION_MAX, describe_key};
 pub use namespace::{
-    NAME_BYTES_MAX, NAMESPACES_MAX, NamespaceDef, NsId, SECTION_SIZE_DEFAULT, SECTION_SIZE_MAX,
-    STEP_DEFAULT, STEP_MAX,
+    KEY_BYTES_MAX, KeyKind, NAME_BYTES_MAX, NAMESPACES_MAX, NamespaceDef, NsId,
+    SECTION_SIZE_DEFAULT, SECTION_SIZE_MAX, STEP_DEFAULT, STEP_MAX, key_hash,
 };

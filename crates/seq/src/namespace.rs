@@ -9,6 +9,15 @@
 //! - `1 <= step <= STEP_MAX` (so the values of an id outlast any number of restarts).
 //!
 //! The section of an id is `(id - id_lo) / section_size`; the last section may be partial.
+//!
+//! # Keyed namespaces
+//!
+//! A namespace created with [`KeyKind::String`] names its ids with byte strings of 1 to
+//! [`KEY_BYTES_MAX`] bytes (`si_1001_1002`, `sg_42`) instead of numbers. A key maps to the
+//! *hash slot* `id_lo + fnv1a64(key) % (id_hi - id_lo)` ([`key_hash`], FNV-1a 64-bit over the
+//! key's bytes, no length prefix), and the slot to its section exactly as a numeric id does, so
+//! sections, ceilings, placement and routing are the same for both kinds. The hash is part of
+//! the protocol: every client and node computes it the same way.
 
 use crate::SeqError;
 
@@ -47,6 +56,56 @@ pub(crate) fn prefix(text: &str, max: usize) -> &str {
 /// Most namespaces one allocator holds.
 pub const NAMESPACES_MAX: usize = 4_096;
 
+/// Longest string key of a keyed namespace, in bytes (keys are 1 to 128 bytes).
+pub const KEY_BYTES_MAX: usize = 128;
+
+/// How the ids of a namespace are named.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KeyKind {
+    /// Ids are numbers in `[id_lo, id_hi)`; `cur_seq` is a dense array per section.
+    #[default]
+    Numeric,
+    /// Ids are byte strings of 1 to [`KEY_BYTES_MAX`] bytes, hashed onto `[id_lo, id_hi)`;
+    /// `cur_seq` is a compact hash table per section.
+    String,
+}
+
+impl KeyKind {
+    /// The name used in configuration, the CLI and the APIs: `numeric` or `string`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::Numeric => "numeric",
+            KeyKind::String => "string",
+        }
+    }
+}
+
+impl std::str::FromStr for KeyKind {
+    type Err = SeqError;
+
+    fn from_str(text: &str) -> Result<Self, SeqError> {
+        match text {
+            "numeric" | "" => Ok(KeyKind::Numeric),
+            "string" => Ok(KeyKind::String),
+            other => Err(SeqError::InvalidNamespace(format!(
+                "keys `{}` must be `numeric` or `string`",
+                prefix(other, 16)
+            ))),
+        }
+    }
+}
+
+/// The stable hash of a string key: 64-bit FNV-1a over its bytes (offset basis
+/// `0xcbf29ce484222325`, prime `0x100000001b3`, no length prefix). Part of the protocol.
+pub fn key_hash(key: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in key {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
 /// Definition of one namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct NamespaceDef {
@@ -60,6 +119,8 @@ pub struct NamespaceDef {
     pub section_size: u64,
     /// How far a section's `max_seq` is raised at a time.
     pub step: u64,
+    /// Numeric ids or string keys (see the module documentation).
+    pub keys: KeyKind,
 }
 
 impl NamespaceDef {
@@ -72,7 +133,24 @@ impl NamespaceDef {
             id_hi: 1 << 32,
             section_size: SECTION_SIZE_DEFAULT,
             step: STEP_DEFAULT,
+            keys: KeyKind::Numeric,
         }
+    }
+
+    /// Returns whether ids are string keys.
+    pub fn is_keyed(&self) -> bool {
+        self.keys == KeyKind::String
+    }
+
+    /// Returns the hash slot (a numeric id in `[id_lo, id_hi)`) of a string key whose
+    /// [`key_hash`] is `hash`; the caller has a valid definition.
+    pub fn slot_of_hash(&self, hash: u64) -> u64 {
+        self.id_lo + hash % (self.id_hi - self.id_lo).max(1)
+    }
+
+    /// Returns the section a string key belongs to.
+    pub fn section_of_key(&self, key: &[u8]) -> u64 {
+        self.section_of(self.slot_of_hash(key_hash(key)))
     }
 
     /// Checks the definition; the error says which rule is broken.
@@ -210,6 +288,35 @@ mod tests {
     }
 
     #[test]
+    fn key_hash_is_fnv1a_64_and_maps_keys_onto_the_id_range() {
+        // Test vectors of the FNV reference (http://www.isthe.com/chongo/tech/comp/fnv/).
+        assert_eq!(key_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(key_hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(key_hash(b"foobar"), 0x8594_4171_f739_67e8);
+        let def = NamespaceDef {
+            name: "conv".into(),
+            id_lo: 10,
+            id_hi: 20,
+            section_size: 5,
+            step: 1,
+            keys: KeyKind::String,
+        };
+        assert!(def.is_keyed());
+        assert_eq!(
+            def.slot_of_hash(0xaf63_dc4c_8601_ec8c),
+            10 + 0xaf63_dc4c_8601_ec8c % 10
+        );
+        for key in [&b"si_1_2"[..], b"sg_42", &[0xff; 128]] {
+            let slot = def.slot_of_hash(key_hash(key));
+            assert!(def.contains(slot));
+            assert_eq!(def.section_of_key(key), def.section_of(slot));
+        }
+        assert_eq!("string".parse::<KeyKind>(), Ok(KeyKind::String));
+        assert_eq!("numeric".parse::<KeyKind>(), Ok(KeyKind::Numeric));
+        assert!("strings".parse::<KeyKind>().is_err());
+    }
+
+    #[test]
     fn section_count_rounds_up_partial_last_section() {
         let def = NamespaceDef {
             name: "n".into(),
@@ -217,6 +324,7 @@ mod tests {
             id_hi: 21,
             section_size: 5,
             step: 1,
+            keys: KeyKind::Numeric,
         };
         assert_eq!(def.section_count(), 3);
         assert_eq!(def.section_len(2), 1);

@@ -12,13 +12,17 @@
 //! - S2: every value returned is `<=` the persisted `max_seq` of its section at that moment.
 //! - current: `current(id) >=` the last value returned for it; a `Wait` changes no `current`.
 //! - `check_invariants()` holds after every operation.
+//!
+//! The third namespace is keyed (string keys): the same checkers hold for keys, and a restart
+//! loads only ceilings (never keys), so it also proves the recovery rule for keys: every key of
+//! a loaded section, seen before or not, continues above the section's ceiling.
 
 use std::collections::HashMap;
 
-use imstate_seq::{Alloc, Allocator, AllocatorOptions, NamespaceDef, NsId, Raise};
+use imstate_seq::{Alloc, Allocator, AllocatorOptions, KeyKind, NamespaceDef, NsId, Raise};
 use proptest::prelude::*;
 
-/// Two small namespaces so sections fill, raises and restarts happen often.
+/// Three small namespaces (the third keyed) so sections fill, raises and restarts happen often.
 fn defs() -> Vec<NamespaceDef> {
     vec![
         NamespaceDef {
@@ -27,6 +31,7 @@ fn defs() -> Vec<NamespaceDef> {
             id_hi: 30,
             section_size: 4,
             step: 5,
+            keys: KeyKind::Numeric,
         },
         NamespaceDef {
             name: "conv".into(),
@@ -34,8 +39,31 @@ fn defs() -> Vec<NamespaceDef> {
             id_hi: 9,
             section_size: 3,
             step: 1,
+            keys: KeyKind::Numeric,
+        },
+        NamespaceDef {
+            name: "chat".into(),
+            id_lo: 0,
+            id_hi: 6,
+            section_size: 2,
+            step: 4,
+            keys: KeyKind::String,
         },
     ]
+}
+
+/// Number of namespaces in [`defs`].
+const NAMESPACES: usize = 3;
+
+/// The string key a generated id stands for in the keyed namespace: varied lengths, up to the
+/// 128-byte limit.
+fn key_of(id: u64) -> Vec<u8> {
+    match id % 4 {
+        0 => vec![b'k' + (id % 7) as u8; 128],
+        1 => format!("si_{id}_{}", id * 7).into_bytes(),
+        2 => format!("sg_{id}").into_bytes(),
+        _ => vec![id as u8],
+    }
 }
 
 /// One operation of a run. Indexes are reduced modulo what they index.
@@ -67,7 +95,7 @@ pub enum Op {
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
-    let ns = 0..2usize;
+    let ns = 0..NAMESPACES;
     let id = 0..20u64;
     prop_oneof![
         3 => (ns.clone(), id.clone()).prop_map(|(ns, id)| Op::Next { ns, id }),
@@ -122,39 +150,71 @@ impl Harness {
     /// `apply`, to exercise the errors).
     fn id_in(&self, ns: usize, id: u64) -> u64 {
         let def = &self.defs[ns];
+        if def.is_keyed() {
+            return id % 20;
+        }
         def.id_lo + id % (def.id_hi - def.id_lo)
     }
 
     fn section(&self, ns: NsId, id: u64) -> u64 {
         let def = &self.defs[ns as usize];
+        if def.is_keyed() {
+            return def.section_of_key(&key_of(id));
+        }
         (id - def.id_lo) / def.section_size
+    }
+
+    /// Allocates through the allocator's API for the namespace's kind (the single-id fast
+    /// path for a numeric `next`).
+    fn allocate(
+        &mut self,
+        ns: usize,
+        ids: &[u64],
+        count: u64,
+    ) -> Result<Alloc, imstate_seq::SeqError> {
+        let name = &self.defs[ns].name;
+        if self.defs[ns].is_keyed() {
+            let keys: Vec<Vec<u8>> = ids.iter().map(|&id| key_of(id)).collect();
+            return self.allocator.next_range_batch(name, &keys, count);
+        }
+        match ids {
+            [id] if count == 1 => self.allocator.next(name, *id),
+            _ => self.allocator.next_range_batch(name, ids, count),
+        }
+    }
+
+    /// Current values through the API for the namespace's kind.
+    fn currents(&self, ns: usize, ids: &[u64]) -> Result<Vec<u64>, String> {
+        let name = &self.defs[ns].name;
+        let result = if self.defs[ns].is_keyed() {
+            let keys: Vec<Vec<u8>> = ids.iter().map(|&id| key_of(id)).collect();
+            self.allocator.current_batch(name, &keys)
+        } else {
+            self.allocator.current_batch(name, ids)
+        };
+        result.map_err(|error| error.to_string())
     }
 
     fn apply(&mut self, op: &Op) -> Result<(), String> {
         match op {
             Op::Next { ns, id } => {
                 let id = self.id_in(*ns, *id);
-                let alloc = self.allocator.next(&self.defs[*ns].name, id);
+                let alloc = self.allocate(*ns, &[id], 1);
                 self.check_alloc(*ns, &[id], 1, alloc)?;
             }
             Op::Batch { ns, ids } => {
                 let ids: Vec<u64> = ids.iter().map(|&id| self.id_in(*ns, id)).collect();
-                let alloc = self.allocator.next_batch(&self.defs[*ns].name, &ids);
+                let alloc = self.allocate(*ns, &ids, 1);
                 self.check_alloc(*ns, &ids, 1, alloc)?;
             }
             Op::Range { ns, ids, count } => {
                 let ids: Vec<u64> = ids.iter().map(|&id| self.id_in(*ns, id)).collect();
-                let alloc = self
-                    .allocator
-                    .next_range_batch(&self.defs[*ns].name, &ids, *count);
+                let alloc = self.allocate(*ns, &ids, *count);
                 self.check_alloc(*ns, &ids, *count, alloc)?;
             }
             Op::Current { ns, id } => {
                 let id = self.id_in(*ns, *id);
-                let current = self
-                    .allocator
-                    .current(&self.defs[*ns].name, id)
-                    .map_err(|error| error.to_string())?;
+                let current = self.currents(*ns, &[id])?[0];
                 self.check_current(*ns as NsId, id, current)?;
             }
             Op::Complete { index } => {
@@ -213,11 +273,7 @@ impl Harness {
         }
         let last: Vec<((NsId, u64), u64)> = self.last.iter().map(|(&k, &v)| (k, v)).collect();
         for ((ns, id), _) in last {
-            let name = &self.defs[ns as usize].name;
-            let current = self
-                .allocator
-                .current(name, id)
-                .map_err(|e| e.to_string())?;
+            let current = self.currents(ns as usize, &[id])?[0];
             self.check_current(ns, id, current)?;
         }
         Ok(())
@@ -240,8 +296,8 @@ impl Harness {
         count: u64,
         alloc: Result<Alloc, imstate_seq::SeqError>,
     ) -> Result<(), String> {
+        let ns_index = ns;
         let ns = ns as NsId;
-        let name = self.defs[ns as usize].name.clone();
         match alloc.map_err(|error| error.to_string())? {
             Alloc::Served { seqs, raises } => {
                 if seqs.len() != ids.len() {
@@ -262,11 +318,8 @@ impl Harness {
         }
         // After either outcome, `current` is at least the last value returned; after a Wait
         // nothing changed, so it equals what the model saw last unless a load skipped ahead.
-        for &id in ids {
-            let current = self
-                .allocator
-                .current(&name, id)
-                .map_err(|e| e.to_string())?;
+        let currents = self.currents(ns_index, ids)?;
+        for (&id, current) in ids.iter().zip(currents) {
             self.check_current(ns, id, current)?;
         }
         Ok(())
@@ -320,12 +373,7 @@ fn run_checking_wait_is_atomic(ops: &[Op]) -> Result<(), String> {
             }
             _ => None,
         };
-        let before = watched.as_ref().map(|(ns, ids)| {
-            harness
-                .allocator
-                .current_batch(&harness.defs[*ns].name, ids)
-                .map_err(|e| e.to_string())
-        });
+        let before = watched.as_ref().map(|(ns, ids)| harness.currents(*ns, ids));
         let served_before = harness.last.clone();
         harness
             .apply(op)
@@ -334,10 +382,7 @@ fn run_checking_wait_is_atomic(ops: &[Op]) -> Result<(), String> {
             let waited = ids.iter().all(|&id| {
                 harness.last.get(&(ns as NsId, id)) == served_before.get(&(ns as NsId, id))
             });
-            let after = harness
-                .allocator
-                .current_batch(&harness.defs[ns].name, &ids)
-                .map_err(|e| e.to_string());
+            let after = harness.currents(ns, &ids);
             if waited && before? != after? {
                 return Err(format!(
                     "step {step} ({op:?}): a Wait changed current values"
@@ -373,6 +418,12 @@ fn scripted_run_serves_across_restarts() {
         ops.push(Op::Complete { index: 0 });
         ops.push(Op::Next { ns: 1, id: round });
         ops.push(Op::Complete { index: 0 });
+        ops.push(Op::Range {
+            ns: 2,
+            ids: vec![round % 5, 1, 1],
+            count: 2,
+        });
+        ops.push(Op::Complete { index: 0 });
         if round % 7 == 6 {
             ops.push(Op::Restart {
                 from_ceilings: round % 2 == 0,
@@ -386,6 +437,13 @@ fn scripted_run_serves_across_restarts() {
         "{:?}",
         harness.last
     );
+    let keyed_max = harness
+        .last
+        .iter()
+        .filter(|((ns, _), _)| *ns == 2)
+        .map(|(_, &value)| value)
+        .max();
+    assert!(keyed_max > Some(20), "{:?}", harness.last);
 }
 
 /// Negative control: a targeted scenario where the planted bug serves from a pending raise;
@@ -396,6 +454,16 @@ fn planted_serve_before_durable_is_caught_by_the_s2_checker() {
     let ops = [Op::Next { ns: 0, id: 0 }, Op::Next { ns: 0, id: 0 }];
     let error = run(&ops).err().expect("the S2 checker must fail");
     assert!(error.contains("above persisted max_seq"), "{error}");
+}
+
+/// Negative control through a keyed namespace: the same planted bug, the same checker.
+#[cfg(feature = "planted-serve-before-durable")]
+#[test]
+fn planted_serve_before_durable_is_caught_through_a_keyed_namespace() {
+    let ops = [Op::Next { ns: 2, id: 1 }, Op::Next { ns: 2, id: 1 }];
+    let error = run(&ops).err().expect("the S2 checker must fail");
+    assert!(error.contains("above persisted max_seq"), "{error}");
+    assert!(error.contains("(2, 1)"), "{error}");
 }
 
 /// Negative control: the random property test, run as is, goes red under the planted bug.

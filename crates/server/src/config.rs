@@ -558,6 +558,10 @@ pub struct NamespaceConfig {
     /// How far max_seq is raised at a time.
     #[serde(default = "step_default")]
     pub step: u64,
+    /// `numeric` (the default: ids are numbers) or `string` (ids are keys of 1 to 128 bytes,
+    /// hashed onto `[id_lo, id_hi)`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub keys: String,
 }
 
 fn section_size_default() -> u64 {
@@ -570,14 +574,17 @@ fn step_default() -> u64 {
 
 impl NamespaceConfig {
     /// The namespace definition this entry declares.
-    pub fn to_def(&self) -> NamespaceDef {
-        NamespaceDef {
+    pub fn to_def(&self) -> Result<NamespaceDef, imstate_seq::SeqError> {
+        let def = NamespaceDef {
             name: self.name.clone(),
             id_lo: self.id_lo,
             id_hi: self.id_hi,
             section_size: self.section_size,
             step: self.step,
-        }
+            keys: self.keys.parse()?,
+        };
+        def.validate()?;
+        Ok(def)
     }
 }
 
@@ -735,7 +742,7 @@ impl NodeConfig {
             ));
         }
         for namespace in &self.seq.namespaces {
-            namespace.to_def().validate().map_err(|error| {
+            namespace.to_def().map_err(|error| {
                 NodeError::Config(format!("seq.namespaces `{}`: {error}", namespace.name))
             })?;
         }
@@ -850,12 +857,24 @@ mod tests {
             "[[seq.namespaces]]\nname = \"conv\"\nid_lo = 0\nid_hi = 1000\nstep = 5\n",
         )
         .unwrap();
-        let def = config.seq.namespaces[0].to_def();
+        let def = config.seq.namespaces[0].to_def().unwrap();
         assert_eq!((def.section_size, def.step), (100_000, 5));
+        assert!(!def.is_keyed());
         let error = NodeConfig::parse("[[seq.namespaces]]\nname = \"x\"\nid_lo = 5\nid_hi = 5\n")
             .unwrap_err()
             .to_string();
         assert!(error.contains("seq.namespaces `x`"), "{error}");
+        let keyed = NodeConfig::parse(
+            "[[seq.namespaces]]\nname = \"conv\"\nid_lo = 0\nid_hi = 1024\nkeys = \"string\"\n",
+        )
+        .unwrap();
+        assert!(keyed.seq.namespaces[0].to_def().unwrap().is_keyed());
+        let error = NodeConfig::parse(
+            "[[seq.namespaces]]\nname = \"conv\"\nid_lo = 0\nid_hi = 1024\nkeys = \"text\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("must be `numeric` or `string`"), "{error}");
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

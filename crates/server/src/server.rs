@@ -185,7 +185,16 @@ impl Node {
             checkpoint_log_bytes: config.seq.checkpoint_log_bytes,
             sections_max: config.seq.sections_max,
         };
-        let declared: Vec<_> = config.seq.namespaces.iter().map(|n| n.to_def()).collect();
+        let declared = config
+            .seq
+            .namespaces
+            .iter()
+            .map(|namespace| {
+                namespace.to_def().map_err(|error| {
+                    NodeError::Config(format!("seq.namespaces `{}`: {error}", namespace.name))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let seq = if config.cluster.enabled() {
             let cluster = join_cluster(&config).await?;
             Sequences::Cluster(ClusterSeq::open(cluster, options, &declared).await?)

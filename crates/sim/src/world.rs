@@ -417,6 +417,7 @@ fn namespace_def(config: &SimConfig) -> NamespaceDef {
         id_hi: config.sections * config.section_size,
         section_size: config.section_size,
         step: config.step,
+        keys: imstate_seq::KeyKind::Numeric,
     }
 }
 

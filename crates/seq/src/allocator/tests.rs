@@ -2,6 +2,7 @@
 //! raises, errors) and on `check_invariants` after every step.
 
 use super::*;
+use crate::KeyKind;
 
 const NS: &str = "inbox";
 
@@ -13,6 +14,7 @@ fn small_def() -> NamespaceDef {
         id_hi: 200,
         section_size: 10,
         step: 10,
+        keys: KeyKind::Numeric,
     }
 }
 
@@ -396,7 +398,7 @@ fn exhausted_sequence_is_an_error_not_a_wrap() {
         error,
         SeqError::SequenceExhausted {
             ns: NS.into(),
-            id: 100
+            id: "100".into()
         }
     );
     assert!(allocator.next_batch(NS, &[100]).is_err());
@@ -551,5 +553,132 @@ fn a_range_of_zero_or_over_the_limit_is_refused_and_changes_nothing() {
         );
     }
     assert_eq!(allocator.current(NS, 150).unwrap(), 1);
+    allocator.check_invariants().unwrap();
+}
+
+/// Namespace `conv`: string keys hashed onto [0, 4), sections of 2 slots, step 10.
+fn keyed_allocator() -> (Allocator, NsId) {
+    let mut allocator = Allocator::new(AllocatorOptions::default());
+    let ns = allocator
+        .add_namespace(NamespaceDef {
+            name: "conv".into(),
+            id_lo: 0,
+            id_hi: 4,
+            section_size: 2,
+            step: 10,
+            keys: KeyKind::String,
+        })
+        .unwrap();
+    (allocator, ns)
+}
+
+/// Runs `next_range_batch` on keys until served, completing raises; returns the values.
+fn keys_settled(allocator: &mut Allocator, keys: &[&str], count: u64) -> Vec<u64> {
+    let keys: Vec<Vec<u8>> = keys.iter().map(|key| key.as_bytes().to_vec()).collect();
+    for _ in 0..8 {
+        match allocator.next_range_batch("conv", &keys, count).unwrap() {
+            Alloc::Served { seqs, raises } => {
+                raises.into_iter().for_each(|r| allocator.raise_durable(r));
+                allocator.check_invariants().unwrap();
+                return seqs;
+            }
+            Alloc::Wait { raises } => raises.into_iter().for_each(|r| allocator.raise_durable(r)),
+        }
+    }
+    panic!("keys {keys:?} never served");
+}
+
+fn key_current(allocator: &Allocator, key: &str) -> u64 {
+    allocator
+        .current_batch("conv", &vec![key.as_bytes().to_vec()])
+        .unwrap()[0]
+}
+
+#[test]
+fn keys_get_their_own_sequences_inside_shared_sections() {
+    let (mut allocator, _) = keyed_allocator();
+    assert_eq!(
+        keys_settled(&mut allocator, &["si_1_2", "sg_7", "si_1_2"], 1),
+        [1, 1, 2]
+    );
+    assert_eq!(keys_settled(&mut allocator, &["si_1_2"], 5), [7]);
+    assert_eq!(key_current(&allocator, "si_1_2"), 7);
+    assert_eq!(key_current(&allocator, "sg_7"), 1);
+    assert_eq!(key_current(&allocator, "never"), 0);
+    let (keys, bytes) = allocator.keys_loaded();
+    assert_eq!(keys, 2);
+    assert!(bytes > 0);
+}
+
+#[test]
+fn a_loaded_keyed_section_starts_every_key_above_its_ceiling_known_or_not() {
+    let (mut allocator, ns) = keyed_allocator();
+    keys_settled(&mut allocator, &["a", "b", "c", "d", "e", "f"], 3);
+    // A restart: a new allocator learns only the ceilings, never the keys.
+    let ceilings = allocator.ceilings();
+    let (mut restarted, _) = keyed_allocator();
+    for &(ns_id, section, max_seq) in &ceilings {
+        assert_eq!(ns_id, ns);
+        restarted.load_section(ns_id, section, max_seq);
+    }
+    let def = restarted.namespace_by_id(ns).unwrap().clone();
+    for key in ["a", "b", "never-seen", "zz"] {
+        let section = def.section_of_key(key.as_bytes());
+        let ceiling = ceilings.iter().find(|c| c.1 == section).map_or(0, |c| c.2);
+        let value = keys_settled(&mut restarted, &[key], 1)[0];
+        assert!(
+            value > ceiling,
+            "{key}: {value} not above the ceiling {ceiling}"
+        );
+    }
+}
+
+#[test]
+fn keys_are_refused_when_empty_too_long_or_of_the_wrong_kind_and_nothing_changes() {
+    let (mut allocator, _) = keyed_allocator();
+    keys_settled(&mut allocator, &["ok"], 1);
+    let long = vec![b'x'; KEY_BYTES_MAX + 1];
+    for keys in [vec![b"ok".to_vec(), Vec::new()], vec![b"ok".to_vec(), long]] {
+        let error = allocator.next_batch("conv", &keys).unwrap_err();
+        assert!(
+            matches!(error, SeqError::InvalidKey { max: 128, .. }),
+            "{error}"
+        );
+        assert!(allocator.current_batch("conv", &keys).is_err());
+    }
+    let edge = vec![vec![b'y'; KEY_BYTES_MAX]];
+    assert!(allocator.next_batch("conv", &edge).is_ok());
+    let error = allocator.next("conv", 1).unwrap_err();
+    assert!(error.to_string().contains("takes string keys"), "{error}");
+    assert!(allocator.next_batch("conv", &[1]).is_err());
+    assert!(allocator.current("conv", 1).is_err());
+    let (mut numeric, _) = allocator_with_default();
+    let error = numeric
+        .next_batch("default", &vec![b"k".to_vec()])
+        .unwrap_err();
+    assert!(error.to_string().contains("takes numeric ids"), "{error}");
+    assert_eq!(key_current(&allocator, "ok"), 1);
+    allocator.check_invariants().unwrap();
+}
+
+fn allocator_with_default() -> (Allocator, NsId) {
+    let mut allocator = Allocator::new(AllocatorOptions::default());
+    let ns = allocator
+        .add_namespace(NamespaceDef::default_namespace())
+        .unwrap();
+    (allocator, ns)
+}
+
+#[cfg(not(feature = "planted-serve-before-durable"))]
+#[test]
+fn a_keyed_batch_that_must_wait_changes_no_key() {
+    let (mut allocator, _) = keyed_allocator();
+    keys_settled(&mut allocator, &["a"], 1);
+    let keys: Vec<Vec<u8>> = vec![b"a".to_vec(), b"new".to_vec()];
+    // A range far past the ceiling: the batch waits and allocates nothing.
+    let alloc = allocator.next_range_batch("conv", &keys, 1_000).unwrap();
+    assert!(matches!(alloc, Alloc::Wait { .. }), "{alloc:?}");
+    assert_eq!(key_current(&allocator, "a"), 1);
+    assert_eq!(key_current(&allocator, "new"), 0);
     allocator.check_invariants().unwrap();
 }

@@ -81,13 +81,7 @@ impl Admin for AdminService {
             .seq
             .namespaces()
             .into_iter()
-            .map(|def| pb::Namespace {
-                name: def.name,
-                id_lo: def.id_lo,
-                id_hi: def.id_hi,
-                section_size: def.section_size,
-                step: def.step,
-            })
+            .map(imstate_node::sequences::namespace_to_pb)
             .collect();
         let mut logs = Vec::new();
         if let Some(seq) = self.seq.embedded() {

@@ -98,11 +98,13 @@ pub fn error_code(error: &NodeError) -> tonic::Code {
         NodeError::Seq(error) => match error {
             SeqError::UnknownNamespace(_) => Code::NotFound,
             SeqError::NamespaceExists(_) => Code::AlreadyExists,
-            SeqError::BatchTooLarge { .. } | SeqError::SectionsExhausted { .. } => {
-                Code::ResourceExhausted
-            }
+            SeqError::BatchTooLarge { .. }
+            | SeqError::SectionsExhausted { .. }
+            | SeqError::SectionKeysExhausted { .. } => Code::ResourceExhausted,
             SeqError::SequenceExhausted { .. } => Code::OutOfRange,
             SeqError::IdOutOfRange { .. }
+            | SeqError::WrongIdKind { .. }
+            | SeqError::InvalidKey { .. }
             | SeqError::EmptyBatch
             | SeqError::InvalidCount { .. }
             | SeqError::InvalidNamespace(_) => Code::InvalidArgument,

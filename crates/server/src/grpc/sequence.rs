@@ -2,7 +2,7 @@
 
 use imstate_proto::v1 as pb;
 use imstate_proto::v1::sequence_server::Sequence;
-use imstate_seq::NamespaceDef;
+use imstate_seq::{Ids, NamespaceDef};
 use tonic::{Request, Response, Status};
 
 use super::status_from;
@@ -26,9 +26,24 @@ impl SequenceService {
     }
 }
 
-fn namespace_from_pb(namespace: pb::Namespace) -> NamespaceDef {
+/// The ids of a request: its `keys` when it has any (a keyed namespace), else its `ids`.
+fn ids_of<'a>(ids: &'a [u64], keys: &'a [Vec<u8>]) -> Result<Ids<'a>, Status> {
+    match (ids.is_empty(), keys.is_empty()) {
+        (false, false) => Err(Status::invalid_argument(
+            "a request has either `ids` (a numeric namespace) or `keys` (a keyed one), not both",
+        )),
+        (true, false) => Ok(Ids::Keys(keys)),
+        _ => Ok(Ids::Numeric(ids)),
+    }
+}
+
+fn namespace_from_pb(namespace: pb::Namespace) -> Result<NamespaceDef, Status> {
     let defaults = NamespaceDef::default_namespace();
-    NamespaceDef {
+    let keys = namespace
+        .keys
+        .parse()
+        .map_err(|error: imstate_seq::SeqError| Status::invalid_argument(error.to_string()))?;
+    Ok(NamespaceDef {
         name: namespace.name,
         id_lo: namespace.id_lo,
         id_hi: namespace.id_hi,
@@ -42,7 +57,8 @@ fn namespace_from_pb(namespace: pb::Namespace) -> NamespaceDef {
         } else {
             namespace.step
         },
-    }
+        keys,
+    })
 }
 
 #[tonic::async_trait]
@@ -70,7 +86,10 @@ impl Sequence for SequenceService {
         let request = request.into_inner();
         let seqs = self
             .store
-            .next_batch(namespace_name(&request.namespace), &request.ids)
+            .next_batch(
+                namespace_name(&request.namespace),
+                ids_of(&request.ids, &request.keys)?,
+            )
             .await
             .map_err(status_from)?;
         Ok(Response::new(pb::SeqBatchReply {
@@ -88,7 +107,7 @@ impl Sequence for SequenceService {
             .store
             .next_range_batch(
                 namespace_name(&request.namespace),
-                &request.ids,
+                ids_of(&request.ids, &request.keys)?,
                 request.count,
             )
             .await
@@ -128,7 +147,10 @@ impl Sequence for SequenceService {
         let request = request.into_inner();
         let seqs = self
             .store
-            .current_batch(namespace_name(&request.namespace), &request.ids)
+            .current_batch(
+                namespace_name(&request.namespace),
+                ids_of(&request.ids, &request.keys)?,
+            )
             .await
             .map_err(status_from)?;
         Ok(Response::new(pb::SeqBatchReply {
@@ -146,7 +168,7 @@ impl Sequence for SequenceService {
         };
         let def = self
             .store
-            .create_namespace(namespace_from_pb(namespace))
+            .create_namespace(namespace_from_pb(namespace)?)
             .await
             .map_err(status_from)?;
         Ok(Response::new(pb::CreateNamespaceReply {
