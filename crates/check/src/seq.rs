@@ -81,6 +81,18 @@ pub enum Violation {
     },
 }
 
+impl Violation {
+    /// The id the violation is about (`None` for a malformed call).
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            Violation::Duplicate { id, .. }
+            | Violation::BatchNotIncreasing { id, .. }
+            | Violation::RealTime { id, .. } => Some(*id),
+            Violation::Malformed { .. } => None,
+        }
+    }
+}
+
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

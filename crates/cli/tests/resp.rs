@@ -55,29 +55,55 @@ fn redis_cli(resp: &str, args: &[&str], stdin: &str) -> String {
 fn redis_cli_allocates_ranges_reads_values_and_gets_clear_errors_on_one_connection() {
     let dir = tempfile::tempdir().unwrap();
     let (server, resp) = start(dir.path(), None, &[]);
-    // A namespace for `conv:` keys; other keys go to `default`.
+    // A numeric namespace for `conv:` keys; `default:` keys go to the numeric `default`, and
+    // every other key whole to `redis`, the keyed namespace the node created for RESP.
     let output = server.cli(&["seq", "create-namespace", "conv", "--id-hi", "1000000"]);
     assert!(output.status.success());
+    let listed = String::from_utf8_lossy(&server.cli(&["seq", "namespaces"]).stdout).into_owned();
+    assert!(
+        listed.contains("redis\tids=[0, 65536)\tsection_size=64\tstep=10000\tkeys=string"),
+        "{listed}"
+    );
     assert_eq!(redis_cli(&resp, &["PING"], ""), "PONG\n");
     assert_eq!(redis_cli(&resp, &["INCR", "conv:7"], ""), "1\n");
     // INCRBY reserves a range and answers its last value, as Redis answers.
     assert_eq!(redis_cli(&resp, &["INCRBY", "conv:7", "10"], ""), "11\n");
     assert_eq!(redis_cli(&resp, &["INCR", "42"], ""), "1\n");
+    assert_eq!(redis_cli(&resp, &["INCR", "default:42"], ""), "1\n");
     assert_eq!(redis_cli(&resp, &["INCR", "default:42"], ""), "2\n");
+    // String keys, as OpenIM names conversations: each its own sequence.
+    assert_eq!(redis_cli(&resp, &["INCR", "si_1001_1002"], ""), "1\n");
+    assert_eq!(
+        redis_cli(&resp, &["INCRBY", "si_1001_1002", "5"], ""),
+        "6\n"
+    );
+    assert_eq!(redis_cli(&resp, &["INCR", "sg_42"], ""), "1\n");
+    let output = server.cli(&["seq", "current", "--ns", "redis", "--keys", "si_1001_1002"]);
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "6\n");
+    let long = "k".repeat(129);
+    let reply = redis_cli(&resp, &["INCR", &long], "");
+    assert!(
+        reply.contains("keys are 1 to 128 bytes (KEY_BYTES_MAX)"),
+        "{reply}"
+    );
     // The same sequences as gRPC.
     let output = server.cli(&["seq", "next", "--ns", "conv", "7"]);
     assert_eq!(String::from_utf8_lossy(&output.stdout), "12\n");
     assert_eq!(redis_cli(&resp, &["GET", "conv:7"], ""), "12\n");
     assert_eq!(
-        redis_cli(&resp, &["MGET", "conv:7", "42", "conv:8"], ""),
-        "12\n2\n\n",
+        redis_cli(
+            &resp,
+            &["MGET", "conv:7", "42", "conv:8", "si_1001_1002", "nope"],
+            ""
+        ),
+        "12\n1\n\n6\n\n",
         "an id never allocated is nil"
     );
 
     // Errors, each on the same connection, which stays usable.
     let script = "INCR conv:7\nDECR conv:7\nSET conv:7 1\nDEL conv:7\nINCRBY conv:7 -5\n\
                   INCRBY conv:7 0\nINCRBY conv:7 1000001\nINCRBY conv:7 x\nINCR conv:abc\n\
-                  INCR nope\nFLUSHDB\nINCR\nINCR conv:7\n";
+                  INCR default:nope\nFLUSHDB\nINCR\nINCR conv:7\n";
     // redis-cli prints a blank line after each error.
     let lines: Vec<String> = redis_cli(&resp, &[], script)
         .lines()
@@ -130,33 +156,33 @@ fn a_redis_client_library_pipelines_incr_and_incrby() {
         let mut connection = client.get_multiplexed_async_connection().await.unwrap();
         let (a, b, c, d): (u64, u64, u64, Option<u64>) = redis::pipe()
             .cmd("INCR")
-            .arg("5")
+            .arg("si_5_6")
             .cmd("INCRBY")
-            .arg("5")
+            .arg("si_5_6")
             .arg(100)
             .cmd("INCR")
-            .arg("5")
+            .arg("si_5_6")
             .cmd("GET")
-            .arg("6")
+            .arg("sg_6")
             .query_async(&mut connection)
             .await
             .unwrap();
         assert_eq!((a, b, c, d), (1, 101, 102, None));
         let values: Vec<Option<u64>> = redis::cmd("MGET")
-            .arg("5")
-            .arg("6")
+            .arg("si_5_6")
+            .arg("sg_6")
             .query_async(&mut connection)
             .await
             .unwrap();
         assert_eq!(values, vec![Some(102), None]);
         let error = redis::cmd("DECR")
-            .arg("5")
+            .arg("si_5_6")
             .query_async::<u64>(&mut connection)
             .await
             .unwrap_err();
         assert!(error.to_string().contains("only move forward"), "{error}");
         let value: u64 = redis::cmd("INCR")
-            .arg("5")
+            .arg("si_5_6")
             .query_async(&mut connection)
             .await
             .unwrap();
@@ -172,7 +198,25 @@ id_lo = 0
 id_hi = 1000
 section_size = 8
 step = 5
+
+[[seq.namespaces]]
+name = "k"
+id_lo = 0
+id_hi = 6
+section_size = 2
+step = 5
+keys = "string"
 "#;
+
+/// The RESP key of a kill-loop id: even ids are numeric ids of `t`, odd ids string keys of the
+/// keyed `k` (3 sections of 2 hash slots), so S1 is checked through both kinds.
+fn kill_key(id: u64) -> String {
+    if id % 2 == 0 {
+        format!("t:{id}")
+    } else {
+        format!("k:si_{id}_{}", id * 31)
+    }
+}
 
 /// kill -9 of the node while workers INCR and INCRBY through the `redis` crate (pipelines of
 /// up to 4 commands): no value of an id is ever handed out twice or behind a value already
@@ -191,19 +235,32 @@ fn kill9_under_redis_client_load_keeps_s1() {
 /// Negative control: with values served before their `max_seq` is durable, the same loop
 /// through the RESP port finds S1 violations. Whether a kill lands between a value served and
 /// its ceiling persisted is up to timing (one loop of 12 kills caught it in most runs, missed
-/// it in one CI run), so the control gets up to 6 loops and needs one to catch it.
+/// it in one CI run), so the control gets up to 6 loops. It must be caught through both kinds
+/// of keys: numeric ids of `t` and string keys of the keyed `k`.
 #[cfg(feature = "planted-serve-before-durable")]
 #[test]
 fn kill9_under_redis_client_load_catches_the_planted_serve_before_durable() {
     const LOOPS_MAX: usize = 6;
+    let (mut numeric, mut keyed) = (false, false);
     for attempt in 1..=LOOPS_MAX {
-        let violations = kill_loop();
-        if !violations.is_empty() {
-            eprintln!("caught in loop {attempt} of at most {LOOPS_MAX}");
+        for violation in kill_loop() {
+            match violation.id() {
+                Some(id) if id % 2 == 1 => keyed = true,
+                Some(_) => numeric = true,
+                None => {}
+            }
+        }
+        if numeric && keyed {
+            eprintln!(
+                "caught through both kinds of keys by loop {attempt} of at most {LOOPS_MAX}"
+            );
             return;
         }
     }
-    panic!("the planted bug went unnoticed through the RESP port in {LOOPS_MAX} kill loops");
+    panic!(
+        "the planted bug went unnoticed through the RESP port in {LOOPS_MAX} kill loops \
+         (numeric ids: {numeric}, string keys: {keyed})"
+    );
 }
 
 /// The kill -9 loop; returns the checker's violations.
@@ -254,9 +311,9 @@ fn kill_loop() -> Vec<imstate_check::seq::Violation> {
                     let mut pipe = redis::pipe();
                     for (id, count) in &calls {
                         if *count == 1 {
-                            pipe.cmd("INCR").arg(format!("t:{id}"));
+                            pipe.cmd("INCR").arg(kill_key(*id));
                         } else {
-                            pipe.cmd("INCRBY").arg(format!("t:{id}")).arg(*count);
+                            pipe.cmd("INCRBY").arg(kill_key(*id)).arg(*count);
                         }
                     }
                     let start_ns = monotonic_ns(origin);
@@ -312,9 +369,13 @@ fn kill_loop() -> Vec<imstate_check::seq::Violation> {
         .filter(|call| matches!(call.outcome, Outcome::Ranges { .. }))
         .count();
     let violations = check(&history);
+    let keyed = violations
+        .iter()
+        .filter(|violation| violation.id().is_some_and(|id| id % 2 == 1))
+        .count();
     eprintln!(
         "resp kill9: {kills} kills, {} calls ({ok} answered, {ranges} of them INCRBY ranges), \
-         {} violations",
+         {} violations ({keyed} of string keys)",
         history.len(),
         violations.len()
     );
@@ -367,7 +428,10 @@ fn bad_frames_and_too_many_connections_get_a_clear_error_and_others_are_served()
     );
     // A pipelined run of INCRs is answered as one batch; one bad id in it still gets its own
     // error and the others their values, in order.
-    let reply = exchange(&resp, b"INCR 8\r\nINCR 99999999999\r\nINCR 8\r\nQUIT\r\n");
+    let reply = exchange(
+        &resp,
+        b"INCR default:8\r\nINCR default:99999999999\r\nINCR default:8\r\nQUIT\r\n",
+    );
     assert_eq!(
         reply,
         ":1\r\n-ERR id 99999999999 is out of range [0, 4294967296) of namespace `default`\r\n\

@@ -245,14 +245,18 @@ impl WireConfig {
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RespConfig {
-    /// The namespace of a key whose part before the first `:` is not a namespace name.
+    /// The namespace of a key whose part before the first `:` is not a namespace name. The
+    /// node creates it as a keyed namespace when RESP is on and it does not exist.
     pub default_namespace: String,
 }
+
+/// The default of `resp.default_namespace`: a keyed namespace for Redis keys.
+pub const RESP_DEFAULT_NAMESPACE: &str = "redis";
 
 impl Default for RespConfig {
     fn default() -> Self {
         Self {
-            default_namespace: imstate_node::seqstore::DEFAULT_NAMESPACE.to_owned(),
+            default_namespace: RESP_DEFAULT_NAMESPACE.to_owned(),
         }
     }
 }

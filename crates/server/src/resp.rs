@@ -18,9 +18,10 @@
 //! every such error; only a protocol error (bad framing) closes it, as Redis does.
 //!
 //! Keys are `namespace:id`: a key whose part before the first `:` names a namespace goes to
-//! it, any other key goes whole to `resp.default_namespace`. Namespaces have numeric ids (a
-//! u64 after the prefix, leading zeros allowed: `redis-benchmark -r` keys work); a key whose id
-//! is not a number gets an error naming the namespace.
+//! it, any other key goes whole to `resp.default_namespace` (`redis`, a keyed namespace the
+//! node creates when RESP is on). In a keyed namespace the rest of the key is the string key
+//! (1 to 128 bytes, any bytes); in a numeric one it must be a u64 (leading zeros allowed), and a
+//! key whose id is not a number gets an error naming the namespace.
 //!
 //! A run of pipelined `INCR`s of one namespace is answered by one batch allocation (as many
 //! INCRs one after another would be: a repeated key gets increasing values).
@@ -48,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use imstate_node::NodeError;
 use imstate_node::sequences::Sequences;
-use imstate_seq::RANGE_COUNT_MAX;
+use imstate_seq::{KeyKind, NamespaceDef, RANGE_COUNT_MAX};
 use parking_lot::RwLock;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -79,6 +80,42 @@ pub const RESP_REQUESTS: &str = "imstate_resp_requests_total";
 /// Metric: open RESP connections.
 pub const RESP_CONNECTIONS: &str = "imstate_resp_connections";
 
+/// Hash slots of the keyed namespace the node creates for RESP keys without a namespace
+/// prefix (`resp.default_namespace`): keys hash onto `[0, 65536)`, 64 slots per section, so
+/// the namespace has 1,024 sections (its unit of persistence and, in a cluster, of placement).
+pub const RESP_NAMESPACE_SLOTS: u64 = 1 << 16;
+/// Hash slots per section of the RESP default namespace.
+pub const RESP_NAMESPACE_SECTION_SIZE: u64 = 64;
+
+/// The definition the node gives `resp.default_namespace` when it does not exist yet: keyed,
+/// [`RESP_NAMESPACE_SLOTS`] slots in sections of [`RESP_NAMESPACE_SECTION_SIZE`], the default
+/// step.
+pub fn default_namespace_def(name: &str) -> NamespaceDef {
+    NamespaceDef {
+        name: name.to_owned(),
+        id_lo: 0,
+        id_hi: RESP_NAMESPACE_SLOTS,
+        section_size: RESP_NAMESPACE_SECTION_SIZE,
+        step: imstate_seq::STEP_DEFAULT,
+        keys: KeyKind::String,
+    }
+}
+
+/// Creates `resp.default_namespace` as a keyed namespace ([`default_namespace_def`]) unless a
+/// namespace of that name exists (of either kind: an existing one is used as it is).
+pub async fn ensure_default_namespace(seq: &Sequences, name: &str) -> Result<(), NodeError> {
+    if seq.namespaces().iter().any(|def| def.name == name) {
+        return Ok(());
+    }
+    match seq.create_namespace(default_namespace_def(name)).await {
+        Ok(_) | Err(NodeError::Seq(imstate_seq::SeqError::NamespaceExists(_))) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+/// Namespace names with whether each is keyed, and when they were loaded.
+type KnownNamespaces = (Vec<(String, bool)>, Option<Instant>);
+
 /// What every RESP connection shares.
 pub struct RespContext {
     seq: Sequences,
@@ -87,9 +124,9 @@ pub struct RespContext {
     default_namespace: String,
     connections: AtomicUsize,
     per_source: SourceCounts,
-    /// Namespace names, to tell a `namespace:` prefix from part of a default-namespace key,
-    /// and when they were loaded.
-    names: RwLock<(Vec<String>, Option<Instant>)>,
+    /// Namespace names and whether each is keyed, to tell a `namespace:` prefix from part of
+    /// a default-namespace key, and when they were loaded.
+    names: RwLock<KnownNamespaces>,
     next_client_id: AtomicU64,
 }
 
@@ -113,50 +150,87 @@ impl RespContext {
         })
     }
 
-    /// Whether `prefix` names a namespace; reloads the names (at most once per
-    /// [`NAMESPACES_RELOAD_MIN`]) when it is not among the loaded ones.
-    fn is_namespace(&self, prefix: &str) -> bool {
-        if self.names.read().0.iter().any(|name| name == prefix) {
-            return true;
+    /// Whether `name` is a namespace, and if so whether it is keyed; reloads the names (at
+    /// most once per [`NAMESPACES_RELOAD_MIN`]) when it is not among the loaded ones.
+    fn kind_of(&self, name: &str) -> Option<bool> {
+        let find = |names: &[(String, bool)]| {
+            names
+                .iter()
+                .find(|(known, _)| known == name)
+                .map(|&(_, keyed)| keyed)
+        };
+        if let Some(keyed) = find(&self.names.read().0) {
+            return Some(keyed);
         }
         let mut names = self.names.write();
-        if names.0.iter().any(|name| name == prefix) {
-            return true;
+        if let Some(keyed) = find(&names.0) {
+            return Some(keyed);
         }
         if names
             .1
             .is_some_and(|loaded| loaded.elapsed() < NAMESPACES_RELOAD_MIN)
         {
-            return false;
+            return None;
         }
         names.0 = self
             .seq
             .namespaces()
             .into_iter()
-            .map(|def| def.name)
+            .map(|def| {
+                let keyed = def.is_keyed();
+                (def.name, keyed)
+            })
             .collect();
         names.1 = Some(Instant::now());
-        names.0.iter().any(|name| name == prefix)
+        find(&names.0)
     }
 
-    /// The namespace and id of a key (see the module documentation).
-    fn resolve<'a>(&'a self, key: &'a [u8]) -> Result<(&'a str, u64), String> {
-        let text = std::str::from_utf8(key)
-            .map_err(|_| "ERR a key must be UTF-8 text: `namespace:id` or an id".to_owned())?;
-        let (namespace, id) = match text.split_once(':') {
-            Some((prefix, id)) if self.is_namespace(prefix) => (prefix, id),
-            _ => (self.default_namespace.as_str(), text),
+    /// The namespace and id (or string key) of a key (see the module documentation).
+    fn resolve<'a>(&'a self, key: &'a [u8]) -> Result<(&'a str, KeyId<'a>), String> {
+        let prefixed = key.iter().position(|&byte| byte == b':').and_then(|colon| {
+            let prefix = std::str::from_utf8(&key[..colon]).ok()?;
+            let keyed = self.kind_of(prefix)?;
+            Some((prefix, &key[colon + 1..], keyed))
+        });
+        let (namespace, rest, keyed) = match prefixed {
+            Some(found) => found,
+            None => {
+                let namespace = self.default_namespace.as_str();
+                let Some(keyed) = self.kind_of(namespace) else {
+                    return Err(format!(
+                        "ERR key '{}' has no namespace prefix and resp.default_namespace \
+                         `{namespace}` does not exist",
+                        printable(key)
+                    ));
+                };
+                (namespace, key, keyed)
+            }
         };
-        match id.parse::<u64>() {
-            Ok(id) => Ok((namespace, id)),
-            Err(_) => Err(format!(
+        if keyed {
+            return Ok((namespace, KeyId::Key(rest)));
+        }
+        match std::str::from_utf8(rest)
+            .ok()
+            .and_then(|id| id.parse::<u64>().ok())
+        {
+            Some(id) => Ok((namespace, KeyId::Id(id))),
+            None => Err(format!(
                 "ERR key '{}': namespace `{namespace}` has numeric ids (a u64 after \
-                 `{namespace}:`); string keys need a keyed namespace, which this node does \
-                 not have",
-                text.escape_debug()
+                 `{namespace}:`); string keys go to a keyed namespace (`seq create-namespace \
+                 NAME --keys string`)",
+                printable(key)
             )),
         }
     }
+}
+
+/// The id of a resolved key, by its namespace's kind.
+#[derive(Clone, Copy)]
+enum KeyId<'a> {
+    /// A numeric namespace's id.
+    Id(u64),
+    /// A keyed namespace's string key.
+    Key(&'a [u8]),
 }
 
 /// Accepts connections until `stop` turns true; each connection stops at its next read then.
@@ -295,11 +369,13 @@ struct Connection<'c> {
     id: u64,
     name: Vec<u8>,
     out: Vec<u8>,
-    /// Scratch of MGET: the keys resolved, then the values.
-    keys: Vec<(String, u64)>,
-    /// A run of INCRs of one namespace, answered together ([`Connection::flush_incrs`]).
+    /// Scratch of MGET: the keys resolved (namespace, id or key).
+    keys: Vec<(String, Result<u64, Vec<u8>>)>,
+    /// A run of INCRs of one namespace, answered together ([`Connection::flush_incrs`]):
+    /// numeric ids, or the keys of a keyed namespace (never both).
     run_namespace: String,
     run_ids: Vec<u64>,
+    run_keys: Vec<Vec<u8>>,
 }
 
 impl<'c> Connection<'c> {
@@ -313,6 +389,7 @@ impl<'c> Connection<'c> {
             keys: Vec::new(),
             run_namespace: String::new(),
             run_ids: Vec::new(),
+            run_keys: Vec::new(),
         }
     }
 
@@ -354,8 +431,11 @@ impl<'c> Connection<'c> {
                                 self.run_namespace.clear();
                                 self.run_namespace.push_str(namespace);
                             }
-                            self.run_ids.push(id);
-                            if self.run_ids.len() >= INCR_RUN_MAX {
+                            match id {
+                                KeyId::Id(id) => self.run_ids.push(id),
+                                KeyId::Key(key) => self.run_keys.push(key.to_vec()),
+                            }
+                            if self.run_ids.len() + self.run_keys.len() >= INCR_RUN_MAX {
                                 self.flush_incrs().await;
                             }
                             continue;
@@ -433,29 +513,36 @@ impl<'c> Connection<'c> {
     /// id gets increasing values, as one INCR after another would). A batch refused as a whole
     /// is run again one INCR at a time, so each gets its own reply or error.
     async fn flush_incrs(&mut self) {
-        if self.run_ids.is_empty() {
+        if self.run_ids.is_empty() && self.run_keys.is_empty() {
             return;
         }
         let ids = std::mem::take(&mut self.run_ids);
+        let keys = std::mem::take(&mut self.run_keys);
+        let seq = &self.context.seq;
+        let run_namespace = std::mem::take(&mut self.run_namespace);
+        let namespace = run_namespace.as_str();
         let result = match ids.as_slice() {
-            [id] => self
-                .context
-                .seq
-                .next(&self.run_namespace, *id)
-                .await
-                .map(|value| vec![value]),
-            _ => self.context.seq.next_batch(&self.run_namespace, &ids).await,
+            _ if !keys.is_empty() => seq.next_batch(namespace, &keys).await,
+            [id] => seq.next(namespace, *id).await.map(|value| vec![value]),
+            _ => seq.next_batch(namespace, &ids).await,
         };
         match result {
             Ok(values) => {
                 for value in values {
                     codec::integer(&mut self.out, value);
                 }
-                counters()[0][0].increment(ids.len() as u64);
+                counters()[0][0].increment((ids.len() + keys.len()) as u64);
             }
             Err(_) => {
-                for &id in &ids {
-                    match self.context.seq.next(&self.run_namespace, id).await {
+                for index in 0..ids.len() + keys.len() {
+                    let one = if keys.is_empty() {
+                        seq.next(namespace, ids[index]).await
+                    } else {
+                        seq.next_batch(namespace, &keys[index..=index])
+                            .await
+                            .map(|values| values[0])
+                    };
+                    match one {
                         Ok(value) => {
                             codec::integer(&mut self.out, value);
                             counters()[0][0].increment(1);
@@ -468,8 +555,11 @@ impl<'c> Connection<'c> {
                 }
             }
         }
+        self.run_namespace = run_namespace;
         self.run_ids = ids;
         self.run_ids.clear();
+        self.run_keys = keys;
+        self.run_keys.clear();
     }
 
     /// Runs one command; its reply goes to `self.out`.
@@ -598,14 +688,17 @@ impl<'c> Connection<'c> {
             Ok(resolved) => resolved,
             Err(message) => return codec::error(&mut self.out, &message),
         };
-        let result = if count == 1 {
-            self.context.seq.next(namespace, id).await
-        } else {
-            self.context
-                .seq
+        let seq = &self.context.seq;
+        let result = match id {
+            KeyId::Id(id) if count == 1 => seq.next(namespace, id).await,
+            KeyId::Id(id) => seq
                 .next_range_batch(namespace, &[id], count)
                 .await
-                .map(|lasts| lasts[0])
+                .map(|lasts| lasts[0]),
+            KeyId::Key(key) => seq
+                .next_range_batch(namespace, std::slice::from_ref(&key.to_vec()), count)
+                .await
+                .map(|lasts| lasts[0]),
         };
         match result {
             Ok(value) => codec::integer(&mut self.out, value),
@@ -618,7 +711,10 @@ impl<'c> Connection<'c> {
         self.keys.clear();
         for key in keys {
             match self.context.resolve(key) {
-                Ok((namespace, id)) => self.keys.push((namespace.to_owned(), id)),
+                Ok((namespace, KeyId::Id(id))) => self.keys.push((namespace.to_owned(), Ok(id))),
+                Ok((namespace, KeyId::Key(key))) => {
+                    self.keys.push((namespace.to_owned(), Err(key.to_vec())));
+                }
                 Err(message) => return codec::error(&mut self.out, &message),
             }
         }
@@ -628,14 +724,24 @@ impl<'c> Connection<'c> {
         namespaces.sort_unstable();
         namespaces.dedup();
         for namespace in namespaces {
-            let (positions, ids): (Vec<usize>, Vec<u64>) = self
-                .keys
+            let positions: Vec<usize> = (0..self.keys.len())
+                .filter(|&position| self.keys[position].0 == namespace)
+                .collect();
+            // One namespace is of one kind: its ids are all numbers or all keys.
+            let ids: Vec<u64> = positions
                 .iter()
-                .enumerate()
-                .filter(|(_, (ns, _))| ns == namespace)
-                .map(|(position, (_, id))| (position, *id))
-                .unzip();
-            match self.context.seq.current_batch(namespace, &ids).await {
+                .filter_map(|&position| self.keys[position].1.as_ref().ok().copied())
+                .collect();
+            let keys: Vec<Vec<u8>> = positions
+                .iter()
+                .filter_map(|&position| self.keys[position].1.as_ref().err().cloned())
+                .collect();
+            let current = if keys.is_empty() {
+                self.context.seq.current_batch(namespace, &ids).await
+            } else {
+                self.context.seq.current_batch(namespace, &keys).await
+            };
+            match current {
                 Ok(current) => {
                     for (position, value) in positions.into_iter().zip(current) {
                         values[position] = value;

@@ -314,7 +314,15 @@ impl Node {
         warn_if_exposed(&self.config, address);
         warn_if_exposed(&self.config, wire_address);
         let resp_listener = match self.config.resp_address()? {
-            Some(address) => Some(bind(address, "resp_listen").await?),
+            Some(address) => {
+                let bound = bind(address, "resp_listen").await?;
+                crate::resp::ensure_default_namespace(
+                    &self.seq,
+                    &self.config.resp.default_namespace,
+                )
+                .await?;
+                Some(bound)
+            }
             None => None,
         };
         let incoming = TcpListenerStream::new(listener).map(|stream| {
