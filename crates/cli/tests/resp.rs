@@ -211,7 +211,7 @@ keys = "string"
 /// The RESP key of a kill-loop id: even ids are numeric ids of `t`, odd ids string keys of the
 /// keyed `k` (3 sections of 2 hash slots), so S1 is checked through both kinds.
 fn kill_key(id: u64) -> String {
-    if id % 2 == 0 {
+    if id.is_multiple_of(2) {
         format!("t:{id}")
     } else {
         format!("k:si_{id}_{}", id * 31)
