@@ -296,6 +296,11 @@ impl ClusterSeq {
         self.engine.sections_loaded()
     }
 
+    /// String keys in memory and the bytes their tables hold.
+    pub fn keys_loaded(&self) -> (usize, usize) {
+        self.engine.keys_loaded()
+    }
+
     /// The cluster membership.
     pub fn cluster(&self) -> &Arc<Cluster> {
         &self.cluster

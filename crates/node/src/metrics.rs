@@ -42,6 +42,10 @@ pub const SEQ_RAISE_TIMEOUTS: &str = "imstate_seq_raise_timeouts_total";
 pub const SEQ_SECTIONS_LOADED: &str = "imstate_seq_sections_loaded";
 /// Namespaces.
 pub const SEQ_NAMESPACES: &str = "imstate_seq_namespaces";
+/// Gauge: string keys of keyed namespaces in memory.
+pub const SEQ_KEYS: &str = "imstate_seq_keys";
+/// Gauge: bytes the key tables of keyed namespaces hold.
+pub const SEQ_KEY_BYTES: &str = "imstate_seq_key_table_bytes";
 /// Sessions online.
 pub const PRESENCE_SESSIONS: &str = "imstate_presence_sessions_online";
 /// Logins (a login replacing a session counts once).
@@ -171,6 +175,11 @@ fn describe() {
     describe_counter!(SEQ_RAISE_WAITS, "Requests that waited for a raise.");
     describe_counter!(SEQ_RAISE_TIMEOUTS, "Requests failed by a raise timeout.");
     describe_gauge!(SEQ_SECTIONS_LOADED, "Sections with a max_seq in memory.");
+    describe_gauge!(SEQ_KEYS, "String keys of keyed namespaces in memory.");
+    describe_gauge!(
+        SEQ_KEY_BYTES,
+        "Bytes held by the key tables of keyed namespaces (arena and index capacity)."
+    );
     describe_gauge!(PRESENCE_SESSIONS, "Sessions online.");
     describe_counter!(PRESENCE_LOGINS, "Logins.");
     describe_counter!(PRESENCE_LOGOUTS, "Logouts.");
@@ -246,6 +255,9 @@ pub fn report_checkpoint(
 pub fn refresh(seq: &crate::sequences::Sequences, presence: &PresenceStore) {
     gauge!(SEQ_SECTIONS_LOADED).set(seq.sections_loaded() as f64);
     gauge!(SEQ_NAMESPACES).set(seq.namespaces().len() as f64);
+    let (keys, key_bytes) = seq.keys_loaded();
+    gauge!(SEQ_KEYS).set(keys as f64);
+    gauge!(SEQ_KEY_BYTES).set(key_bytes as f64);
     gauge!(PRESENCE_SESSIONS).set(presence.online_count_now() as f64);
     gauge!(PRESENCE_GATEWAYS).set(presence.registry().gateways().len() as f64);
     gauge!(PRESENCE_GATEWAY_LEASES).set(presence.registry().gateway_leases().len() as f64);

@@ -434,6 +434,11 @@ impl<B: Backend> SeqEngine<B> {
             .collect()
     }
 
+    /// String keys in memory and the bytes their tables hold (keyed namespaces).
+    pub fn keys_loaded(&self) -> (usize, usize) {
+        self.inner.lock().allocator.keys_loaded()
+    }
+
     /// Sections with a ceiling in memory (cluster mode: loaded under a tenure).
     pub fn sections_loaded(&self) -> usize {
         let inner = self.inner.lock();

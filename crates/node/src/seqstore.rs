@@ -297,6 +297,11 @@ impl SeqStore {
         self.engine.sections_loaded()
     }
 
+    /// String keys in memory and the bytes their tables hold.
+    pub fn keys_loaded(&self) -> (usize, usize) {
+        self.engine.keys_loaded()
+    }
+
     /// Writes a checkpoint now and drops the log segments it covers.
     pub fn checkpoint(&self) -> Result<CheckpointStats, NodeError> {
         let log = &self.engine.backend().log;

@@ -118,6 +118,14 @@ impl Sequences {
         }
     }
 
+    /// String keys in memory (keyed namespaces) and the bytes their tables hold.
+    pub fn keys_loaded(&self) -> (usize, usize) {
+        match self {
+            Sequences::Embedded { store, .. } => store.keys_loaded(),
+            Sequences::Cluster(store) => store.keys_loaded(),
+        }
+    }
+
     /// The embedded store, when this node runs one.
     pub fn embedded(&self) -> Option<&Arc<SeqStore>> {
         match self {

@@ -381,6 +381,16 @@ pub struct Allocator {
     batch: BatchScratch,
     /// Sections in memory over all namespaces (kept, so a request need not add them up).
     sections_total: usize,
+    /// String keys in memory and the bytes their tables hold, over all keyed namespaces
+    /// (kept up to date, so a metrics scrape need not walk the sections).
+    keys: KeyTotals,
+}
+
+/// Keys in memory and the bytes their tables hold.
+#[derive(Debug, Default, Clone, Copy)]
+struct KeyTotals {
+    count: usize,
+    bytes: usize,
 }
 
 /// Scratch state of one `next_batch` call; empty between calls.
@@ -406,6 +416,7 @@ impl Allocator {
             ids_by_name: FxHashMap::default(),
             batch: BatchScratch::default(),
             sections_total: 0,
+            keys: KeyTotals::default(),
         }
     }
 
@@ -564,6 +575,7 @@ impl Allocator {
             batch,
             sections_total,
             options,
+            keys: key_totals,
             ..
         } = self;
         let Some(namespace) = namespaces.get_mut(ns_id as usize) else {
@@ -583,7 +595,7 @@ impl Allocator {
         // Pass 1 writes tentatively (with an undo log) so repeated ids see their own values.
         let assigned = match ids {
             Ids::Numeric(ids) => assign_batch(namespace, ids, count, batch, &mut seqs),
-            Ids::Keys(keys) => assign_keys(namespace, keys, count, batch, &mut seqs),
+            Ids::Keys(keys) => assign_keys(namespace, keys, count, batch, &mut seqs, key_totals),
         };
         *sections_total += namespace.sections.len() - sections_before;
         let fits = batch.touched.iter().all(|&slot| {
@@ -652,15 +664,9 @@ impl Allocator {
     }
 
     /// Returns the number of string keys held in memory over all keyed namespaces, and the
-    /// bytes their tables hold.
+    /// bytes their tables hold (O(1): kept up to date).
     pub fn keys_loaded(&self) -> (usize, usize) {
-        self.namespaces
-            .iter()
-            .flat_map(|namespace| &namespace.sections)
-            .filter_map(|state| state.keyed.as_deref())
-            .fold((0, 0), |(keys, bytes), table| {
-                (keys + table.len(), bytes + table.bytes())
-            })
+        (self.keys.count, self.keys.bytes)
     }
 
     /// Reports that `raise.max_seq` is durable: the section serves up to it from now on, and a
@@ -710,7 +716,11 @@ impl Allocator {
         let Some(slot) = namespace.slots.remove(&section) else {
             return false;
         };
-        namespace.sections.swap_remove(slot);
+        let removed = namespace.sections.swap_remove(slot);
+        if let Some(table) = removed.keyed {
+            self.keys.count -= table.len();
+            self.keys.bytes -= table.bytes();
+        }
         if let Some(moved) = namespace.sections.get(slot) {
             namespace.slots.insert(moved.index, slot);
         }
@@ -855,6 +865,7 @@ fn assign_keys(
     count: u64,
     batch: &mut BatchScratch,
     seqs: &mut Vec<u64>,
+    totals: &mut KeyTotals,
 ) -> Result<(), SeqError> {
     for key in keys {
         let hash = crate::key_hash(key);
@@ -865,7 +876,11 @@ fn assign_keys(
             batch.touched.push(slot);
         }
         let table = state.keyed.get_or_insert_with(Box::default);
-        let Some(entry) = table.find_or_insert(key, hash) else {
+        let (len, bytes) = (table.len(), table.bytes());
+        let found = table.find_or_insert(key, hash);
+        totals.count += table.len() - len;
+        totals.bytes = totals.bytes + table.bytes() - bytes;
+        let Some(entry) = found else {
             return Err(SeqError::SectionKeysExhausted {
                 ns: namespace.def.name.clone(),
                 section,

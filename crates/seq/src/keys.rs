@@ -27,6 +27,9 @@ use crate::{KEY_BYTES_MAX, NamespaceDef};
 /// id range or smaller `section_size`) to hold more.
 pub const KEYS_PER_SECTION_MAX: usize = 1 << 24;
 
+/// An arena grows by `len / ARENA_GROWTH_DIVISOR` bytes (a quarter) when full.
+const ARENA_GROWTH_DIVISOR: usize = 4;
+
 /// The ids of one request: numbers of a numeric namespace or keys of a keyed one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ids<'a> {
@@ -158,6 +161,13 @@ impl KeyTable {
         }
         // KEYS_PER_SECTION_MAX entries of at most 137 bytes stay below 4 GiB.
         let entry = u32::try_from(self.arena.len()).ok()?;
+        let needed = 1 + key.len() + 8;
+        if self.arena.capacity() - self.arena.len() < needed {
+            // Grow by a quarter, not the doubling `Vec` would do: the arena is most of a key's
+            // cost, and a doubled arena is on average a third empty. Amortized O(1) still.
+            self.arena
+                .reserve_exact(needed.max(self.arena.len() / ARENA_GROWTH_DIVISOR + 64));
+        }
         self.arena.push(key.len().min(KEY_BYTES_MAX) as u8);
         self.arena
             .extend_from_slice(&key[..key.len().min(KEY_BYTES_MAX)]);

@@ -608,6 +608,25 @@ fn keys_get_their_own_sequences_inside_shared_sections() {
     let (keys, bytes) = allocator.keys_loaded();
     assert_eq!(keys, 2);
     assert!(bytes > 0);
+    // The totals follow an unload (a section that moved away) exactly.
+    let ns = allocator.namespace("conv").unwrap().0;
+    let section = allocator
+        .namespace_by_id(ns)
+        .unwrap()
+        .section_of_key(b"sg_7");
+    allocator.unload_section(ns, section);
+    let (left, left_bytes) = allocator.keys_loaded();
+    assert!(
+        left < 2 && left_bytes < bytes,
+        "{left} keys, {left_bytes} bytes"
+    );
+    let walked: usize = allocator.namespaces[0]
+        .sections
+        .iter()
+        .filter_map(|state| state.keyed.as_ref())
+        .map(|table| table.len())
+        .sum();
+    assert_eq!(left, walked);
 }
 
 #[test]
