@@ -134,6 +134,36 @@ pub enum SeqCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Sets the min_seq of each id (the floor below which its history is hidden; 0 clears
+    /// it), all or none, in one SetMinSeq call; durable when it returns. Each argument is
+    /// ID=MIN_SEQ; a min_seq above the id's current seq is refused. Embedded nodes only.
+    SetMinSeq {
+        #[command(flatten)]
+        target: Target,
+        /// Namespace.
+        #[arg(long, default_value = "default")]
+        ns: String,
+        /// The IDs are string keys (1 to 128 bytes) of a keyed namespace.
+        #[arg(long)]
+        keys: bool,
+        /// ID=MIN_SEQ pairs, in order (a key may contain `=`: the last one splits).
+        #[arg(required = true, value_name = "ID=MIN_SEQ")]
+        pairs: Vec<String>,
+    },
+    /// Prints the min_seq of each ID (one GetMinSeq call); 0 = none set.
+    MinSeq {
+        #[command(flatten)]
+        target: Target,
+        /// Namespace.
+        #[arg(long, default_value = "default")]
+        ns: String,
+        /// The IDS are string keys (1 to 128 bytes) of a keyed namespace.
+        #[arg(long)]
+        keys: bool,
+        /// Ids (or keys with --keys), in order.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
     /// Lists namespaces: name, id range, section size, step.
     Namespaces {
         #[command(flatten)]
@@ -235,6 +265,44 @@ pub async fn run(command: SeqCommand) -> anyhow::Result<()> {
                 IdArgs::Keys(keys) => client.current_keys(&ns, keys).await?,
             };
             print_lines(seqs);
+        }
+        SeqCommand::SetMinSeq {
+            target,
+            ns,
+            keys,
+            pairs,
+        } => {
+            let mut ids = Vec::with_capacity(pairs.len());
+            let mut values = Vec::with_capacity(pairs.len());
+            for pair in pairs {
+                let Some((id, value)) = pair.rsplit_once('=') else {
+                    anyhow::bail!("`{pair}` is not ID=MIN_SEQ");
+                };
+                let value: u64 = value
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("min_seq `{value}` of `{id}` is not a number"))?;
+                ids.push(id.to_owned());
+                values.push(value);
+            }
+            let client = target.connect().await?;
+            match IdArgs::parse(ids, keys)? {
+                IdArgs::Numeric(ids) => client.set_min_seqs(&ns, ids, Vec::new(), values),
+                IdArgs::Keys(keys) => client.set_min_seqs(&ns, Vec::new(), keys, values),
+            }
+            .await?;
+        }
+        SeqCommand::MinSeq {
+            target,
+            ns,
+            keys,
+            ids,
+        } => {
+            let client = target.connect().await?;
+            let values = match IdArgs::parse(ids, keys)? {
+                IdArgs::Numeric(ids) => client.min_seqs(&ns, ids, Vec::new()).await?,
+                IdArgs::Keys(keys) => client.min_seqs(&ns, Vec::new(), keys).await?,
+            };
+            print_lines(values);
         }
         SeqCommand::Namespaces { target } => {
             for namespace in target.connect().await?.list_namespaces().await? {

@@ -159,6 +159,77 @@ fn keyed_namespaces_take_string_keys_that_survive_kill9() {
     );
 }
 
+/// min_seq through the binary: set (batch, all or none, never above the current seq, 0
+/// clears), read, and durable across kill -9, a checkpoint and a restart; for numeric ids and
+/// string keys.
+#[test]
+fn min_seq_is_bounded_by_the_current_seq_and_survives_kill9_and_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), None);
+    let ok = |server: &Server, args: &[&str]| {
+        let output = server.cli(args);
+        assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+        stdout(&output)
+    };
+    ok(&server, &["seq", "next", "5", "5", "5", "6"]);
+    ok(&server, &["seq", "set-min-seq", "5=2", "6=1"]);
+    assert_eq!(ok(&server, &["seq", "min-seq", "5", "6", "7"]), "2\n1\n0\n");
+    // Above the current seq: refused, and nothing of the batch is set.
+    let output = server.cli(&["seq", "set-min-seq", "5=3", "6=2"]);
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(
+        message.contains("min_seq 2 of id 6") && message.contains("above its current seq 1"),
+        "{message}"
+    );
+    assert!(message.contains("FailedPrecondition"), "{message}");
+    assert_eq!(ok(&server, &["seq", "min-seq", "5", "6"]), "2\n1\n");
+    let output = server.cli(&["seq", "set-min-seq", "5"]);
+    assert!(
+        stderr(&output).contains("is not ID=MIN_SEQ"),
+        "{}",
+        stderr(&output)
+    );
+    // A keyed namespace.
+    ok(
+        &server,
+        &[
+            "seq",
+            "create-namespace",
+            "conv",
+            "--id-hi",
+            "64",
+            "--keys",
+            "string",
+        ],
+    );
+    ok(
+        &server,
+        &[
+            "seq", "next", "--ns", "conv", "--keys", "--count", "9", "si_1_2",
+        ],
+    );
+    ok(
+        &server,
+        &["seq", "set-min-seq", "--ns", "conv", "--keys", "si_1_2=9"],
+    );
+
+    server.kill9();
+    server.restart();
+    assert_eq!(ok(&server, &["seq", "min-seq", "5", "6"]), "2\n1\n");
+    let keyed = [
+        "seq", "min-seq", "--ns", "conv", "--keys", "si_1_2", "absent",
+    ];
+    assert_eq!(ok(&server, &keyed), "9\n0\n");
+    // Into a checkpoint, then a set after it, 0 clearing one: both survive kill -9.
+    ok(&server, &["ctl", "checkpoint"]);
+    ok(&server, &["seq", "set-min-seq", "5=3", "6=0"]);
+    server.kill9();
+    server.restart();
+    assert_eq!(ok(&server, &["seq", "min-seq", "5", "6"]), "3\n0\n");
+    assert_eq!(ok(&server, &keyed), "9\n0\n");
+}
+
 #[test]
 fn bad_input_gets_a_one_line_error_and_nonzero_exit() {
     let dir = tempfile::tempdir().unwrap();

@@ -885,6 +885,56 @@ impl Client {
         self.currents(namespace, ids, Vec::new()).await
     }
 
+    /// Sets the `min_seq` (the floor below which history is hidden; 0 clears it) of each id,
+    /// one value per id, all or none; durable when this returns. Give `ids` for a numeric
+    /// namespace or `keys` for a keyed one.
+    pub async fn set_min_seqs(
+        &self,
+        namespace: &str,
+        ids: Vec<u64>,
+        keys: Vec<Vec<u8>>,
+        min_seqs: Vec<u64>,
+    ) -> Result<(), ClientError> {
+        let request = pb::SetMinSeqRequest {
+            namespace: namespace.to_string(),
+            ids,
+            keys,
+            min_seqs,
+            route_version: self.routes.version(),
+        };
+        let reply = self
+            .sequence
+            .clone()
+            .set_min_seq(request)
+            .await?
+            .into_inner();
+        self.routes.learn(reply.route);
+        Ok(())
+    }
+
+    /// Reads the `min_seq` of each id (`ids`) or key (`keys`); 0 where none was set.
+    pub async fn min_seqs(
+        &self,
+        namespace: &str,
+        ids: Vec<u64>,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<u64>, ClientError> {
+        let request = pb::GetMinSeqRequest {
+            namespace: namespace.to_string(),
+            ids,
+            keys,
+            route_version: self.routes.version(),
+        };
+        let reply = self
+            .sequence
+            .clone()
+            .get_min_seq(request)
+            .await?
+            .into_inner();
+        self.routes.learn(reply.route);
+        Ok(reply.seqs)
+    }
+
     /// Reads the current seq of each string key of a keyed namespace in one call.
     pub async fn current_keys(
         &self,

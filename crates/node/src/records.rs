@@ -9,14 +9,24 @@
 //! record    = tag:u8 body
 //!   tag 1   NamespaceCreated: name_len:u8 name lo:u64 hi:u64 section_size:u64 step:u64
 //!   tag 2   Raise:            ns:u32 section:u64 max_seq:u64
+//!   tag 3   MinSeqs:          ns:u32 count:u32 (id min_seq:u64)*
+//!             id = 0:u8 id:u64 | 1:u8 key_len:u8 key
 //! checkpoint = "SEQ1" ns_count:u32 namespace* ceiling_count:u64 (ns:u32 section:u64 max:u64)*
+//!              [min_count:u64 (ns:u32 id min_seq:u64)*]
 //! ```
+//!
+//! A namespace's name-length byte has bit 7 set when the namespace is keyed. The `min_seq`
+//! part of a checkpoint is left out by nodes older than it (and when empty): it reads as none.
+//! A MinSeqs record is a set (last one wins), replayed in log order.
 //! Integers are little-endian.
 
-use imstate_seq::{NamespaceDef, NsId, Raise};
+use imstate_seq::{MinSeqEntries, NamespaceDef, NsId, OwnedId, Raise};
 
 const TAG_NAMESPACE: u8 = 1;
 const TAG_RAISE: u8 = 2;
+const TAG_MIN_SEQS: u8 = 3;
+const ID_NUMERIC: u8 = 0;
+const ID_KEY: u8 = 1;
 const CHECKPOINT_MAGIC: &[u8; 4] = b"SEQ1";
 
 /// A change of the sequence service's durable state.
@@ -26,6 +36,13 @@ pub enum SeqRecord {
     NamespaceCreated(NamespaceDef),
     /// A section's max_seq was raised.
     Raise(Raise),
+    /// `min_seq` was set for ids of a namespace (0 clears it).
+    MinSeqs {
+        /// The namespace.
+        ns: NsId,
+        /// `(id, min_seq)` in request order.
+        entries: MinSeqEntries,
+    },
 }
 
 /// The durable state of the sequence service, as written in a checkpoint.
@@ -35,6 +52,8 @@ pub struct SeqSnapshot {
     pub namespaces: Vec<NamespaceDef>,
     /// Every known section ceiling: (namespace id, section, max_seq).
     pub ceilings: Vec<(NsId, u64, u64)>,
+    /// Every `min_seq`: (namespace id, id, min_seq).
+    pub min_seqs: Vec<(NsId, OwnedId, u64)>,
 }
 
 /// A payload that is not a valid record or checkpoint.
@@ -57,6 +76,16 @@ impl SeqRecord {
                 out.extend_from_slice(&raise.section.to_le_bytes());
                 out.extend_from_slice(&raise.max_seq.to_le_bytes());
             }
+            SeqRecord::MinSeqs { ns, entries } => {
+                out.push(TAG_MIN_SEQS);
+                out.extend_from_slice(&ns.to_le_bytes());
+                // Entries are bounded by the batch limit, far below u32::MAX.
+                out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+                for (id, value) in entries {
+                    encode_id(id, &mut out);
+                    out.extend_from_slice(&value.to_le_bytes());
+                }
+            }
         }
         out
     }
@@ -71,6 +100,16 @@ impl SeqRecord {
                 section: reader.u64()?,
                 max_seq: reader.u64()?,
             }),
+            TAG_MIN_SEQS => {
+                let ns = reader.u32()?;
+                let count = reader.u32()? as usize;
+                // Each entry is at least 10 bytes: bound the allocation by what is there.
+                let mut entries = Vec::with_capacity(count.min(reader.0.len() / 10));
+                for _ in 0..count {
+                    entries.push((decode_id(&mut reader)?, reader.u64()?));
+                }
+                SeqRecord::MinSeqs { ns, entries }
+            }
             tag => return Err(DecodeError(format!("unknown tag {tag}"))),
         };
         reader.finish()?;
@@ -93,6 +132,14 @@ impl SeqSnapshot {
             out.extend_from_slice(&section.to_le_bytes());
             out.extend_from_slice(&max_seq.to_le_bytes());
         }
+        if !self.min_seqs.is_empty() {
+            out.extend_from_slice(&(self.min_seqs.len() as u64).to_le_bytes());
+            for (ns, id, value) in &self.min_seqs {
+                out.extend_from_slice(&ns.to_le_bytes());
+                encode_id(id, &mut out);
+                out.extend_from_slice(&value.to_le_bytes());
+            }
+        }
         out
     }
 
@@ -113,10 +160,19 @@ impl SeqSnapshot {
         for _ in 0..ceiling_count {
             ceilings.push((reader.u32()?, reader.u64()?, reader.u64()?));
         }
+        let mut min_seqs = Vec::new();
+        if !reader.0.is_empty() {
+            let count = reader.u64()?;
+            min_seqs.reserve((count as usize).min(reader.0.len() / 14));
+            for _ in 0..count {
+                min_seqs.push((reader.u32()?, decode_id(&mut reader)?, reader.u64()?));
+            }
+        }
         reader.finish()?;
         Ok(Self {
             namespaces,
             ceilings,
+            min_seqs,
         })
     }
 }
@@ -156,6 +212,33 @@ fn decode_namespace(reader: &mut Reader<'_>) -> Result<NamespaceDef, DecodeError
         step: reader.u64()?,
         keys,
     })
+}
+
+fn encode_id(id: &OwnedId, out: &mut Vec<u8>) {
+    match id {
+        OwnedId::Id(id) => {
+            out.push(ID_NUMERIC);
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        OwnedId::Key(key) => {
+            // Keys are validated to at most 128 bytes before they reach the log.
+            let len = key.len().min(usize::from(u8::MAX));
+            out.push(ID_KEY);
+            out.push(len as u8);
+            out.extend_from_slice(&key[..len]);
+        }
+    }
+}
+
+fn decode_id(reader: &mut Reader<'_>) -> Result<OwnedId, DecodeError> {
+    match reader.u8()? {
+        ID_NUMERIC => Ok(OwnedId::Id(reader.u64()?)),
+        ID_KEY => {
+            let len = reader.u8()? as usize;
+            Ok(OwnedId::Key(reader.take(len)?.to_vec().into_boxed_slice()))
+        }
+        kind => Err(DecodeError(format!("unknown id kind {kind}"))),
+    }
 }
 
 /// A cursor over a byte slice that fails instead of panicking when bytes run out.
@@ -214,6 +297,13 @@ mod tests {
                 section: 42,
                 max_seq: 70_000,
             }),
+            SeqRecord::MinSeqs {
+                ns: 2,
+                entries: vec![
+                    (OwnedId::Id(9), 5),
+                    (OwnedId::Key(vec![b'k'; 128].into_boxed_slice()), 0),
+                ],
+            },
         ];
         for record in records {
             assert_eq!(SeqRecord::decode(&record.encode()).unwrap(), record);
@@ -232,8 +322,20 @@ mod tests {
         let snapshot = SeqSnapshot {
             namespaces: vec![NamespaceDef::default_namespace()],
             ceilings: vec![(0, 1, 10_000), (0, 7, 20_000)],
+            min_seqs: Vec::new(),
         };
         assert_eq!(SeqSnapshot::decode(&snapshot.encode()).unwrap(), snapshot);
+        let with_min_seqs = SeqSnapshot {
+            min_seqs: vec![
+                (0, OwnedId::Id(3), 7),
+                (1, OwnedId::Key(b"sg_1".to_vec().into()), 2),
+            ],
+            ..snapshot.clone()
+        };
+        let bytes = with_min_seqs.encode();
+        assert_eq!(SeqSnapshot::decode(&bytes).unwrap(), with_min_seqs);
+        // A checkpoint without min_seqs is the format older nodes wrote, byte for byte.
+        assert!(bytes.starts_with(&snapshot.encode()));
     }
 
     proptest! {

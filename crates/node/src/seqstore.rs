@@ -287,6 +287,55 @@ impl SeqStore {
         Ok(def)
     }
 
+    /// Sets the `min_seq` of each id (one value per id; 0 clears it), all or none; returns
+    /// once the set is durable. A value above the id's current seq is refused
+    /// ([`SeqError::MinSeqAboveCurrent`]) and nothing is set.
+    pub async fn set_min_seqs<'a>(
+        &self,
+        namespace: &str,
+        ids: impl Into<Ids<'a>>,
+        values: &[u64],
+    ) -> Result<(), NodeError> {
+        let backend = self.engine.backend();
+        if let Some(reason) = backend.fatal() {
+            return Err(NodeError::Unavailable(reason));
+        }
+        let ids = ids.into();
+        // Validated, appended and staged under the allocator's mutex: LSN order is the order
+        // sets become visible, and a checkpoint copied meanwhile carries the staged set.
+        let lsn = self.engine.with_allocator(|allocator| {
+            let (ns, entries) = allocator.prepare_min_seqs(namespace, ids, values)?;
+            let record = SeqRecord::MinSeqs {
+                ns,
+                entries: entries.clone(),
+            };
+            let lsn = backend.log.append(record.encode())?;
+            allocator.min_seqs_mut().stage(lsn, ns, entries);
+            Ok::<_, NodeError>(lsn)
+        })?;
+        if let Err(error) = backend.log.durable(lsn).await {
+            backend.set_fatal(&error.to_string());
+            self.engine
+                .with_allocator(|allocator| allocator.min_seqs_mut().abandon());
+            return Err(error.into());
+        }
+        self.engine
+            .with_allocator(|allocator| allocator.min_seqs_mut().commit(lsn));
+        Ok(())
+    }
+
+    /// Reads the `min_seq` of each id (0 where none was set); only durable sets are seen.
+    pub fn min_seqs<'a>(
+        &self,
+        namespace: &str,
+        ids: impl Into<Ids<'a>>,
+    ) -> Result<Vec<u64>, NodeError> {
+        let ids = ids.into();
+        Ok(self
+            .engine
+            .with_allocator(|allocator| allocator.min_seq_batch(namespace, ids))?)
+    }
+
     /// Every namespace, in creation order.
     pub fn namespaces(&self) -> Vec<NamespaceDef> {
         self.engine.namespaces()
@@ -311,6 +360,7 @@ impl SeqStore {
             .with_allocator(|allocator| SeqSnapshot {
                 namespaces: allocator.namespaces().map(|(_, def)| def.clone()).collect(),
                 ceilings: allocator.ceilings(),
+                min_seqs: allocator.min_seqs().snapshot(),
             })
             .encode();
         Ok(log.checkpoint(covered_lsn, |out| out.write_all(&data))?)
@@ -357,10 +407,14 @@ fn replay_one(allocator: &mut Allocator, replay: Replay<'_>) -> Result<(), Decod
             for (ns, section, max_seq) in snapshot.ceilings {
                 load(allocator, ns, section, max_seq)?;
             }
+            for (ns, id, value) in snapshot.min_seqs {
+                load_min_seqs(allocator, ns, vec![(id, value)])?;
+            }
         }
         Replay::Record { payload, .. } => match SeqRecord::decode(payload)? {
             SeqRecord::NamespaceCreated(def) => add_or_match(allocator, def)?,
             SeqRecord::Raise(raise) => load(allocator, raise.ns, raise.section, raise.max_seq)?,
+            SeqRecord::MinSeqs { ns, entries } => load_min_seqs(allocator, ns, entries)?,
         },
     }
     Ok(())
@@ -379,6 +433,21 @@ fn add_or_match(allocator: &mut Allocator, def: NamespaceDef) -> Result<(), Deco
             .map(|_| ())
             .map_err(|e| DecodeError(e.to_string())),
     }
+}
+
+/// Applies a recovered `min_seq` set (validated when it was made; its namespace must exist).
+fn load_min_seqs(
+    allocator: &mut Allocator,
+    ns: u32,
+    entries: imstate_seq::MinSeqEntries,
+) -> Result<(), DecodeError> {
+    if allocator.namespace_by_id(ns).is_none() {
+        return Err(DecodeError(format!(
+            "min_seq for unknown namespace id {ns}"
+        )));
+    }
+    allocator.min_seqs_mut().apply(ns, entries);
+    Ok(())
 }
 
 fn load(

@@ -94,6 +94,31 @@ impl Sequences {
         }
     }
 
+    /// Sets the `min_seq` of each id (0 clears it); durable when this returns.
+    pub async fn set_min_seqs<'a>(
+        &self,
+        namespace: &str,
+        ids: impl Into<Ids<'a>>,
+        values: &[u64],
+    ) -> Result<(), NodeError> {
+        match self {
+            Sequences::Embedded { store, .. } => store.set_min_seqs(namespace, ids, values).await,
+            Sequences::Cluster(_) => Err(min_seq_unsupported()),
+        }
+    }
+
+    /// Reads the `min_seq` of each id (0 where none was set).
+    pub fn min_seqs<'a>(
+        &self,
+        namespace: &str,
+        ids: impl Into<Ids<'a>>,
+    ) -> Result<Vec<u64>, NodeError> {
+        match self {
+            Sequences::Embedded { store, .. } => store.min_seqs(namespace, ids),
+            Sequences::Cluster(_) => Err(min_seq_unsupported()),
+        }
+    }
+
     /// Creates a namespace.
     pub async fn create_namespace(&self, def: NamespaceDef) -> Result<NamespaceDef, NodeError> {
         match self {
@@ -270,4 +295,12 @@ impl Sequences {
             }
         }
     }
+}
+
+/// Cluster mode keeps no per-id state in etcd yet, so it cannot make a `min_seq` durable.
+fn min_seq_unsupported() -> NodeError {
+    NodeError::Unsupported(
+        "min_seq is kept by embedded nodes only: cluster mode has no per-id durable state yet"
+            .into(),
+    )
 }

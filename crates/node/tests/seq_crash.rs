@@ -7,6 +7,9 @@
 //! - S1: the whole history passes the history checker (per id strictly increasing, no duplicate);
 //! - S2: after every restart, each id's recovered `current` is at least every value ever handed
 //!   out for it: nothing was served above a ceiling that was not durable.
+//! - min_seq durable: after every restart, each id's `min_seq` is its last acknowledged set, or
+//!   a set made after it whose outcome the client never learned (it failed with the crash).
+//!   Checkpoints are taken at random points, so both recovery paths (checkpoint, log) carry it.
 //!
 //! With a planted bug (`--features planted-serve-before-durable` or `planted-ack-before-fsync`)
 //! the same scenarios must produce violations; `planted_bug_is_caught` asserts that they do.
@@ -26,6 +29,10 @@ enum Op {
     Next(u64),
     Batch(Vec<u64>),
     Current(u64),
+    /// Sets the id's min_seq to its current seq (all of its history hidden).
+    SetMin(u64),
+    /// Writes a checkpoint.
+    Checkpoint,
     /// The process dies `after_ops` storage operations from now.
     FailFrom(u64),
     /// Restart from a crash image; `Some(seed)` tears unsynced tails.
@@ -37,6 +44,8 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (0..IDS).prop_map(Op::Next),
         4 => proptest::collection::vec(0..IDS, 1..8).prop_map(Op::Batch),
         1 => (0..IDS).prop_map(Op::Current),
+        2 => (0..IDS).prop_map(Op::SetMin),
+        1 => Just(Op::Checkpoint),
         1 => (0u64..6).prop_map(Op::FailFrom),
         2 => proptest::option::of(any::<u64>()).prop_map(Op::Restart),
     ]
@@ -72,6 +81,9 @@ fn run(ops: &[Op]) -> Vec<String> {
         let mut history = Vec::new();
         let mut max_returned: HashMap<u64, u64> = HashMap::new();
         let mut violations = Vec::new();
+        // Per id: the min_seq values recovery may show (the last acknowledged set, then any
+        // set whose outcome is unknown).
+        let mut min_possible: HashMap<u64, Vec<u64>> = HashMap::new();
         for (index, op) in ops.iter().enumerate() {
             let (ids, result) = match op {
                 Op::Next(id) => (vec![*id], store.next("t", *id).await.map(|v| vec![v])),
@@ -85,6 +97,21 @@ fn run(ops: &[Op]) -> Vec<String> {
                             ));
                         }
                     }
+                    continue;
+                }
+                Op::SetMin(id) => {
+                    let Ok(current) = store.current("t", *id) else {
+                        continue;
+                    };
+                    let possible = min_possible.entry(*id).or_insert_with(|| vec![0]);
+                    match store.set_min_seqs("t", &[*id], &[current]).await {
+                        Ok(()) => *possible = vec![current],
+                        Err(_) => possible.push(current),
+                    }
+                    continue;
+                }
+                Op::Checkpoint => {
+                    let _ = store.checkpoint();
                     continue;
                 }
                 Op::FailFrom(after_ops) => {
@@ -107,6 +134,17 @@ fn run(ops: &[Op]) -> Vec<String> {
                                  ceiling after restart is {recovered}"
                             ));
                         }
+                    }
+                    for (id, possible) in &mut min_possible {
+                        let recovered = store.min_seqs("t", &[*id]).expect("min_seq")[0];
+                        if !possible.contains(&recovered) {
+                            violations.push(format!(
+                                "min_seq op {index}: id {id} recovered min_seq {recovered}, \
+                                 acknowledged or in flight: {possible:?}"
+                            ));
+                        }
+                        // What recovery shows is now the acknowledged state.
+                        *possible = vec![recovered];
                     }
                     continue;
                 }
@@ -168,6 +206,33 @@ fn a_crash_right_after_serving_keeps_every_value() {
         feature = "planted-ack-before-fsync"
     ))]
     assert!(!violations.is_empty(), "the planted bug went unnoticed");
+}
+
+/// A min_seq acknowledged, then a crash that keeps only what was fsynced: the set survives.
+/// With the log acknowledging before its fsync, the min_seq checker reports the loss.
+#[test]
+fn an_acknowledged_min_seq_survives_a_crash() {
+    let ops = [
+        Op::Next(1),
+        Op::Next(1),
+        Op::Checkpoint,
+        Op::SetMin(1),
+        Op::Restart(None),
+        Op::Next(1),
+        Op::SetMin(1),
+        Op::Restart(Some(7)),
+    ];
+    let violations = run(&ops);
+    #[cfg(not(any(
+        feature = "planted-serve-before-durable",
+        feature = "planted-ack-before-fsync"
+    )))]
+    assert!(violations.is_empty(), "{violations:#?}");
+    #[cfg(feature = "planted-ack-before-fsync")]
+    assert!(
+        violations.iter().any(|v| v.starts_with("min_seq")),
+        "the planted bug lost no acknowledged min_seq: {violations:#?}"
+    );
 }
 
 /// Negative control: with a planted bug, random scenarios must find violations.

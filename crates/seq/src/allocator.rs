@@ -35,6 +35,7 @@
 use rustc_hash::FxHashMap;
 
 use crate::keys::KeyTable;
+use crate::minseq::{MinSeqEntries, MinSeqs, OwnedId};
 use crate::{
     Ids, KEY_BYTES_MAX, KEYS_PER_SECTION_MAX, NAMESPACES_MAX, NamespaceDef, NsId, SeqError,
 };
@@ -384,6 +385,8 @@ pub struct Allocator {
     /// String keys in memory and the bytes their tables hold, over all keyed namespaces
     /// (kept up to date, so a metrics scrape need not walk the sections).
     keys: KeyTotals,
+    /// The durable per-id `min_seq` floors.
+    min_seqs: MinSeqs,
 }
 
 /// Keys in memory and the bytes their tables hold.
@@ -417,6 +420,7 @@ impl Allocator {
             batch: BatchScratch::default(),
             sections_total: 0,
             keys: KeyTotals::default(),
+            min_seqs: MinSeqs::default(),
         }
     }
 
@@ -663,6 +667,69 @@ impl Allocator {
         })
     }
 
+    /// Validates a SetMinSeq of `values` (one per id): the ids as for `current_batch`, and
+    /// each value at most the id's current seq. Changes nothing; the caller logs the returned
+    /// entries, then stages and commits them in [`Allocator::min_seqs_mut`].
+    pub fn prepare_min_seqs<'a>(
+        &self,
+        ns: &str,
+        ids: impl Into<Ids<'a>>,
+        values: &[u64],
+    ) -> Result<(NsId, MinSeqEntries), SeqError> {
+        let ids = ids.into();
+        if ids.len() != values.len() {
+            return Err(SeqError::MinSeqCount {
+                ids: ids.len(),
+                values: values.len(),
+            });
+        }
+        let current = self.current_batch(ns, ids)?;
+        let ns_id = self.lookup(ns)?;
+        if let Some(index) = (0..values.len()).find(|&i| values[i] > current[i]) {
+            return Err(SeqError::MinSeqAboveCurrent {
+                ns: ns.to_owned(),
+                id: ids.describe(index),
+                min_seq: values[index],
+                current: current[index],
+            });
+        }
+        if !self.min_seqs.has_room(values.len()) {
+            return Err(SeqError::MinSeqsExhausted {
+                max: crate::MIN_SEQS_MAX,
+            });
+        }
+        let entries = (0..values.len())
+            .map(|index| (owned_id(ids, index), values[index]))
+            .collect();
+        Ok((ns_id, entries))
+    }
+
+    /// Returns the visible `min_seq` of each id (0 where none was set); same limits as
+    /// `current_batch`.
+    pub fn min_seq_batch<'a>(
+        &self,
+        ns: &str,
+        ids: impl Into<Ids<'a>>,
+    ) -> Result<Vec<u64>, SeqError> {
+        let ids = ids.into();
+        self.check_batch_len(ids.len())?;
+        let ns_id = self.lookup(ns)?;
+        self.namespaces[ns_id as usize].check_ids(ids)?;
+        Ok((0..ids.len())
+            .map(|index| self.min_seqs.get(ns_id, &owned_id(ids, index)))
+            .collect())
+    }
+
+    /// The `min_seq` state, read-only.
+    pub fn min_seqs(&self) -> &MinSeqs {
+        &self.min_seqs
+    }
+
+    /// The `min_seq` state, to stage, commit or recover sets.
+    pub fn min_seqs_mut(&mut self) -> &mut MinSeqs {
+        &mut self.min_seqs
+    }
+
     /// Returns the number of string keys held in memory over all keyed namespaces, and the
     /// bytes their tables hold (O(1): kept up to date).
     pub fn keys_loaded(&self) -> (usize, usize) {
@@ -906,6 +973,14 @@ fn current_of_key(namespace: &Namespace, key: &[u8]) -> u64 {
         let entry = state.keyed.as_ref().and_then(|table| table.find(key, hash));
         entry.map_or(state.floor, |entry| state.current_key(entry))
     })
+}
+
+/// The id at `index` as an owned `min_seq` key.
+fn owned_id(ids: Ids<'_>, index: usize) -> OwnedId {
+    match ids {
+        Ids::Numeric(ids) => OwnedId::Id(ids[index]),
+        Ids::Keys(keys) => OwnedId::Key(keys[index].clone().into_boxed_slice()),
+    }
 }
 
 fn current_of(namespace: &Namespace, id: u64) -> u64 {

@@ -60,6 +60,36 @@ pub enum SeqError {
         /// The limit.
         max: usize,
     },
+    /// A `min_seq` above the id's current seq: history that was never written cannot be
+    /// hidden. Nothing was set.
+    #[error(
+        "min_seq {min_seq} of id {id} in namespace `{ns}` is above its current seq {current}; \
+         a min_seq is at most the current seq"
+    )]
+    MinSeqAboveCurrent {
+        /// Name of the namespace.
+        ns: String,
+        /// The id (or quoted key).
+        id: String,
+        /// The requested `min_seq`.
+        min_seq: u64,
+        /// The id's current seq.
+        current: u64,
+    },
+    /// A SetMinSeq call whose ids and values differ in number.
+    #[error("{ids} ids and {values} min_seq values; a SetMinSeq call has one value per id")]
+    MinSeqCount {
+        /// Number of ids.
+        ids: usize,
+        /// Number of values.
+        values: usize,
+    },
+    /// The node already holds [`crate::MIN_SEQS_MAX`] ids with a `min_seq`; nothing was set.
+    #[error("{max} ids have a min_seq (MIN_SEQS_MAX); this set would hold more")]
+    MinSeqsExhausted {
+        /// The limit.
+        max: usize,
+    },
     /// A batch call was made with no ids.
     #[error("empty batch: at least one id is required")]
     EmptyBatch,

@@ -16,6 +16,8 @@
 //!   `section_size` ids that share one persisted `max_seq`, raised `step` at a time.
 //! - A namespace's ids are numbers or, for a keyed namespace ([`KeyKind::String`]), byte
 //!   strings hashed onto the id range ([`key_hash`]); a request names them with [`Ids`].
+//! - [`MinSeqs`] keeps the durable per-id `min_seq` (the floor that hides history) that the
+//!   caller's log makes durable; [`Allocator::prepare_min_seqs`] validates a set.
 //! - [`Allocator`] keeps `cur_seq` per id (a dense array per touched section, or a compact key
 //!   table in a keyed namespace) and the durable
 //!   `max_seq` per section. It never touches storage: it returns [`Raise`] commands that the
@@ -43,6 +45,7 @@ compile_error!(
 mod allocator;
 mod error;
 mod keys;
+mod minseq;
 mod namespace;
 
 pub use allocator::{
@@ -51,6 +54,7 @@ pub use allocator::{
 };
 pub use error::SeqError;
 pub use keys::{Ids, KEYS_PER_SECTION_MAX, describe_key};
+pub use minseq::{MIN_SEQS_MAX, MinSeqEntries, MinSeqs, OwnedId};
 pub use namespace::{
     KEY_BYTES_MAX, KeyKind, NAME_BYTES_MAX, NAMESPACES_MAX, NamespaceDef, NsId,
     SECTION_SIZE_DEFAULT, SECTION_SIZE_MAX, STEP_DEFAULT, STEP_MAX, key_hash,

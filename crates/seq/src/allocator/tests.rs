@@ -701,3 +701,53 @@ fn a_keyed_batch_that_must_wait_changes_no_key() {
     assert_eq!(key_current(&allocator, "new"), 0);
     allocator.check_invariants().unwrap();
 }
+
+#[test]
+fn a_min_seq_is_at_most_the_current_seq_and_a_refused_set_changes_nothing() {
+    let (mut allocator, _) = allocator();
+    next_settled(&mut allocator, 100);
+    next_settled(&mut allocator, 100);
+    let (ns, entries) = allocator
+        .prepare_min_seqs(NS, &[100, 100], &[1, 2])
+        .unwrap();
+    allocator.min_seqs_mut().stage(1, ns, entries);
+    assert_eq!(
+        allocator.min_seq_batch(NS, &[100]).unwrap(),
+        [0],
+        "staged, not durable"
+    );
+    allocator.min_seqs_mut().commit(1);
+    assert_eq!(allocator.min_seq_batch(NS, &[100, 101]).unwrap(), [2, 0]);
+    let error = allocator
+        .prepare_min_seqs(NS, &[100, 101], &[2, 1])
+        .unwrap_err();
+    assert_eq!(
+        error,
+        SeqError::MinSeqAboveCurrent {
+            ns: NS.into(),
+            id: "101".into(),
+            min_seq: 1,
+            current: 0
+        }
+    );
+    assert!(
+        error.to_string().contains("at most the current seq"),
+        "{error}"
+    );
+    let error = allocator.prepare_min_seqs(NS, &[100], &[1, 2]).unwrap_err();
+    assert_eq!(error, SeqError::MinSeqCount { ids: 1, values: 2 });
+    assert!(matches!(
+        allocator.prepare_min_seqs(NS, &[5], &[0]),
+        Err(SeqError::IdOutOfRange { .. })
+    ));
+    assert_eq!(allocator.min_seq_batch(NS, &[100]).unwrap(), [2]);
+    // Keys: the same rule through a keyed namespace.
+    let (mut keyed, _) = keyed_allocator();
+    keys_settled(&mut keyed, &["sg_1"], 5);
+    let keys = vec![b"sg_1".to_vec()];
+    assert!(keyed.prepare_min_seqs("conv", &keys, &[5]).is_ok());
+    assert!(matches!(
+        keyed.prepare_min_seqs("conv", &keys, &[6]),
+        Err(SeqError::MinSeqAboveCurrent { current: 5, .. })
+    ));
+}

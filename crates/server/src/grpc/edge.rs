@@ -42,6 +42,8 @@ const METHODS: &[(&str, &[&str])] = &[
             "NextRange",
             "Current",
             "CurrentBatch",
+            "SetMinSeq",
+            "GetMinSeq",
             "CreateNamespace",
             "ListNamespaces",
         ],

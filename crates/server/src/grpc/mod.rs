@@ -100,13 +100,16 @@ pub fn error_code(error: &NodeError) -> tonic::Code {
             SeqError::NamespaceExists(_) => Code::AlreadyExists,
             SeqError::BatchTooLarge { .. }
             | SeqError::SectionsExhausted { .. }
-            | SeqError::SectionKeysExhausted { .. } => Code::ResourceExhausted,
+            | SeqError::SectionKeysExhausted { .. }
+            | SeqError::MinSeqsExhausted { .. } => Code::ResourceExhausted,
+            SeqError::MinSeqAboveCurrent { .. } => Code::FailedPrecondition,
             SeqError::SequenceExhausted { .. } => Code::OutOfRange,
             SeqError::IdOutOfRange { .. }
             | SeqError::WrongIdKind { .. }
             | SeqError::InvalidKey { .. }
             | SeqError::EmptyBatch
             | SeqError::InvalidCount { .. }
+            | SeqError::MinSeqCount { .. }
             | SeqError::InvalidNamespace(_) => Code::InvalidArgument,
         },
         NodeError::Presence(error) => match error {
@@ -126,6 +129,7 @@ pub fn error_code(error: &NodeError) -> tonic::Code {
             PresenceError::ShardOutOfRange { .. } => Code::Internal,
         },
         NodeError::Limit(_) => Code::ResourceExhausted,
+        NodeError::Unsupported(_) => Code::Unimplemented,
         NodeError::Moved { .. } => Code::FailedPrecondition,
         NodeError::RaiseTimeout(_) | NodeError::Unavailable(_) | NodeError::Log(_) => {
             Code::Unavailable

@@ -159,6 +159,42 @@ impl Sequence for SequenceService {
         }))
     }
 
+    async fn set_min_seq(
+        &self,
+        request: Request<pb::SetMinSeqRequest>,
+    ) -> Result<Response<pb::SetMinSeqReply>, Status> {
+        let request = request.into_inner();
+        self.store
+            .set_min_seqs(
+                namespace_name(&request.namespace),
+                ids_of(&request.ids, &request.keys)?,
+                &request.min_seqs,
+            )
+            .await
+            .map_err(status_from)?;
+        Ok(Response::new(pb::SetMinSeqReply {
+            route: self.route(request.route_version),
+        }))
+    }
+
+    async fn get_min_seq(
+        &self,
+        request: Request<pb::GetMinSeqRequest>,
+    ) -> Result<Response<pb::SeqBatchReply>, Status> {
+        let request = request.into_inner();
+        let seqs = self
+            .store
+            .min_seqs(
+                namespace_name(&request.namespace),
+                ids_of(&request.ids, &request.keys)?,
+            )
+            .map_err(status_from)?;
+        Ok(Response::new(pb::SeqBatchReply {
+            seqs,
+            route: self.route(request.route_version),
+        }))
+    }
+
     async fn create_namespace(
         &self,
         request: Request<pb::CreateNamespaceRequest>,
