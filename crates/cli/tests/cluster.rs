@@ -327,13 +327,94 @@ fn cluster_serves_routes_drains_and_refuses_a_duplicate_node_id() {
         assert!(error.to_string().contains("not `other`"), "{error}");
     });
 
-    // Drain n2: it ends with no section, and values keep increasing across the move.
+    // A keyed namespace: string keys route by their FNV-1a hash to their sections' owners,
+    // through any node, and a plain client sent to a non-owner is redirected.
+    let created = cluster.nodes[0].cli(&[
+        "seq",
+        "create-namespace",
+        "conv",
+        "--id-hi",
+        "4096",
+        "--section-size",
+        "16",
+        "--keys",
+        "string",
+    ]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let keys: Vec<Vec<u8>> = (0..40)
+        .map(|i| format!("si_{}_{}", 1000 + i, 2000 + i).into_bytes())
+        .collect();
+    runtime().block_on(async {
+        let mut last = vec![0u64; keys.len()];
+        for address in cluster.addresses() {
+            let client =
+                ClusterClient::connect(&address, &ClientOptions::default(), Some(CLUSTER))
+                    .await
+                    .unwrap();
+            let ranges = client.next_keys("conv", keys.clone(), 1).await.unwrap();
+            for ((key, before), range) in keys.iter().zip(&mut last).zip(&ranges) {
+                assert!(
+                    range.last > *before,
+                    "{key:?}: {} after {before}",
+                    range.last
+                );
+                *before = range.last;
+            }
+            assert_eq!(
+                client.current_keys("conv", keys.clone()).await.unwrap(),
+                last
+            );
+        }
+        // The keys' sections are spread over more than one owner.
+        let client =
+            ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
+                .await
+                .unwrap();
+        let table = client.table().await;
+        let owner_of = |key: &[u8]| {
+            let section = (imstate_seq::key_hash(key) % 4096) / 16;
+            table
+                .routes
+                .iter()
+                .find(|route| {
+                    route.namespace == "conv"
+                        && (route.section_lo..route.section_hi).contains(&section)
+                })
+                .map(|route| route.node_id.clone())
+                .expect("every section of conv is routed")
+        };
+        let owners: std::collections::BTreeSet<String> =
+            keys.iter().map(|key| owner_of(key)).collect();
+        assert!(owners.len() > 1, "keys on {owners:?}");
+        let key = keys[0].clone();
+        let owner = owner_of(&key);
+        let other = (0..cluster.nodes.len())
+            .find(|&index| index != node_index(&owner))
+            .unwrap();
+        let plain = imstate_client::Client::connect(&cluster.nodes[other].addr)
+            .await
+            .unwrap();
+        match plain.next_keys("conv", vec![key], 1).await {
+            Err(ClientError::Moved { owner: node, .. }) => assert_eq!(node, owner),
+            other => panic!("expected a redirect, got {other:?}"),
+        }
+    });
+
+    // Drain n2: it ends with no section, and values keep increasing across the move, for
+    // numeric ids and string keys alike.
     let before = runtime().block_on(async {
         let client =
             ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
                 .await
                 .unwrap();
-        client.next_batch("", ids.clone()).await.unwrap()
+        let mut values = client.next_batch("", ids.clone()).await.unwrap();
+        let ranges = client.next_keys("conv", keys.clone(), 1).await.unwrap();
+        values.extend(ranges.iter().map(|range| range.last));
+        values
     });
     let drained = cluster.nodes[0].cli(&["ctl", "drain", "n2", "--timeout", "60"]);
     assert!(
@@ -356,9 +437,20 @@ fn cluster_serves_routes_drains_and_refuses_a_duplicate_node_id() {
             ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)
                 .await
                 .unwrap();
-        client.next_batch("", ids.clone()).await.unwrap()
+        let mut values = client.next_batch("", ids.clone()).await.unwrap();
+        let ranges = client.next_keys("conv", keys.clone(), 1).await.unwrap();
+        values.extend(ranges.iter().map(|range| range.last));
+        values
     });
-    for ((id, before), after) in ids.iter().zip(&before).zip(&after) {
+    let names: Vec<String> = ids
+        .iter()
+        .map(u64::to_string)
+        .chain(
+            keys.iter()
+                .map(|key| String::from_utf8_lossy(key).into_owned()),
+        )
+        .collect();
+    for ((id, before), after) in names.iter().zip(&before).zip(&after) {
         assert!(
             after > before,
             "id {id}: {after} after the drain, {before} before"
