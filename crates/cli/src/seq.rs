@@ -136,7 +136,8 @@ pub enum SeqCommand {
     },
     /// Sets the min_seq of each id (the floor below which its history is hidden; 0 clears
     /// it), all or none, in one SetMinSeq call; durable when it returns. Each argument is
-    /// ID=MIN_SEQ; a min_seq above the id's current seq is refused. Embedded nodes only.
+    /// ID=MIN_SEQ; a min_seq above the id's current seq is refused. In a cluster each part goes
+    /// to its section's owner (all or none per owner, at most 128 ids per owner).
     SetMinSeq {
         #[command(flatten)]
         target: Target,
@@ -284,7 +285,7 @@ pub async fn run(command: SeqCommand) -> anyhow::Result<()> {
                 ids.push(id.to_owned());
                 values.push(value);
             }
-            let client = target.connect().await?;
+            let client = target.connect_cluster().await?;
             match IdArgs::parse(ids, keys)? {
                 IdArgs::Numeric(ids) => client.set_min_seqs(&ns, ids, Vec::new(), values),
                 IdArgs::Keys(keys) => client.set_min_seqs(&ns, Vec::new(), keys, values),
@@ -297,7 +298,7 @@ pub async fn run(command: SeqCommand) -> anyhow::Result<()> {
             keys,
             ids,
         } => {
-            let client = target.connect().await?;
+            let client = target.connect_cluster().await?;
             let values = match IdArgs::parse(ids, keys)? {
                 IdArgs::Numeric(ids) => client.min_seqs(&ns, ids, Vec::new()).await?,
                 IdArgs::Keys(keys) => client.min_seqs(&ns, Vec::new(), keys).await?,

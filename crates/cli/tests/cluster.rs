@@ -402,6 +402,51 @@ fn cluster_serves_routes_drains_and_refuses_a_duplicate_node_id() {
             Err(ClientError::Moved { owner: node, .. }) => assert_eq!(node, owner),
             other => panic!("expected a redirect, got {other:?}"),
         }
+        // min_seq in the cluster: set at each section's owner (fenced in etcd), read from any
+        // node, never above the current seq.
+        let current = client.current_batch("", ids.clone()).await.unwrap();
+        let key_current = client.current_keys("conv", keys.clone()).await.unwrap();
+        client
+            .set_min_seqs("", ids.clone(), Vec::new(), current.clone())
+            .await
+            .unwrap();
+        let halves: Vec<u64> = key_current.iter().map(|value| value / 2).collect();
+        client
+            .set_min_seqs("conv", Vec::new(), keys.clone(), halves.clone())
+            .await
+            .unwrap();
+        for address in cluster.addresses() {
+            let other = ClusterClient::connect(&address, &ClientOptions::default(), None)
+                .await
+                .unwrap();
+            assert_eq!(
+                other.min_seqs("", ids.clone(), Vec::new()).await.unwrap(),
+                current
+            );
+            assert_eq!(
+                other
+                    .min_seqs("conv", Vec::new(), keys.clone())
+                    .await
+                    .unwrap(),
+                halves
+            );
+        }
+        let above: Vec<u64> = key_current.iter().map(|value| value + 1).collect();
+        let error = client
+            .set_min_seqs("conv", Vec::new(), keys[..1].to_vec(), above[..1].to_vec())
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("above its current seq"),
+            "{error}"
+        );
+        assert_eq!(
+            client
+                .min_seqs("conv", Vec::new(), keys.clone())
+                .await
+                .unwrap(),
+            halves
+        );
     });
 
     // Drain n2: it ends with no section, and values keep increasing across the move, for
@@ -456,6 +501,14 @@ fn cluster_serves_routes_drains_and_refuses_a_duplicate_node_id() {
             "id {id}: {after} after the drain, {before} before"
         );
     }
+    // The min_seqs set before the drain are where the new owners read them.
+    let min_seqs =
+        cluster.nodes[0].cli(&["seq", "min-seq", "--ns", "conv", "--keys", "si_1000_2000"]);
+    let value: u64 = String::from_utf8_lossy(&min_seqs.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(value > 0, "{}", String::from_utf8_lossy(&min_seqs.stderr));
     let undone = cluster.nodes[0].cli(&["ctl", "drain", "n2", "--undo"]);
     assert!(undone.status.success());
 

@@ -800,6 +800,88 @@ enum Routing<'a> {
 }
 
 impl SmartClient<Client> {
+    /// Sets the `min_seq` of each id (`ids` of a numeric namespace, or `keys` of a keyed one;
+    /// one value per id, 0 clears), each part at its section's owner: all or none per owner
+    /// (a batch over several owners is split; in cluster mode at most 128 ids per owner).
+    pub async fn set_min_seqs(
+        &self,
+        namespace: &str,
+        ids: Vec<u64>,
+        keys: Vec<Vec<u8>>,
+        values: Vec<u64>,
+    ) -> Result<(), ClientError> {
+        if ids.len() + keys.len() != values.len() {
+            return Err(ClientError::Status {
+                code: tonic::Code::InvalidArgument,
+                message: format!(
+                    "{} ids and {} min_seq values; one value per id",
+                    ids.len() + keys.len(),
+                    values.len()
+                ),
+            });
+        }
+        if keys.is_empty() {
+            let items: Vec<(u64, u64)> = ids.into_iter().zip(values).collect();
+            self.routed_with(
+                items,
+                Routing::Section(namespace),
+                |(id, _)| *id,
+                |client, group| async move {
+                    let len = group.len();
+                    let (ids, values) = group.into_iter().unzip();
+                    client
+                        .set_min_seqs(namespace, ids, Vec::new(), values)
+                        .await?;
+                    Ok(vec![(); len])
+                },
+            )
+            .await?;
+        } else {
+            let items: Vec<(Vec<u8>, u64)> = keys.into_iter().zip(values).collect();
+            self.routed_with(
+                items,
+                Routing::KeyedSection(namespace),
+                |(key, _)| imstate_seq::key_hash(key),
+                |client, group| async move {
+                    let len = group.len();
+                    let (keys, values) = group.into_iter().unzip();
+                    client
+                        .set_min_seqs(namespace, Vec::new(), keys, values)
+                        .await?;
+                    Ok(vec![(); len])
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the `min_seq` of each id (`ids`) or key (`keys`), routed like
+    /// [`Self::set_min_seqs`]; 0 where none was set.
+    pub async fn min_seqs(
+        &self,
+        namespace: &str,
+        ids: Vec<u64>,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<u64>, ClientError> {
+        if keys.is_empty() {
+            self.routed_with(
+                ids,
+                Routing::Section(namespace),
+                |id| *id,
+                |client, group| async move { client.min_seqs(namespace, group, Vec::new()).await },
+            )
+            .await
+        } else {
+            self.routed_with(
+                keys,
+                Routing::KeyedSection(namespace),
+                |key| imstate_seq::key_hash(key),
+                |client, group| async move { client.min_seqs(namespace, Vec::new(), group).await },
+            )
+            .await
+        }
+    }
     /// The gRPC address of the live replica of each uid's slot (`None`: no replica, or no
     /// slots placed).
     async fn slot_replicas(&self, uids: &[u64]) -> Vec<Option<String>> {

@@ -10,6 +10,7 @@
 //! | `insync/<node>` | the presence slots the node is an in-sync replica of ([`crate::InSyncRange`] list, JSON), bound to its lease | the node |
 //! | `counted/<node>` | the replicas this primary counts in sync for its slots ([`crate::CountedRange`] list, JSON), bound to its lease; rewritten before the primary acknowledges a write without a replica it cut off | the node |
 //! | `maxseq/<namespace>/<section>` | the section's `max_seq` ([`imstate_coord::encode_u64`]) | the owner, fenced |
+//! | `minseq/<namespace>/<section>/<id>` | an id's `min_seq` ([`imstate_coord::encode_u64`]; absent = 0); `<id>` is `n<decimal>` or `k<hex of the key>` | the section's owner, fenced |
 
 /// Builds the keys of one cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +94,11 @@ impl Keys {
     /// A section's `max_seq` key (the section in 16 hex digits, so keys sort by section).
     pub fn max_seq(&self, namespace: &str, section: u64) -> String {
         format!("{}maxseq/{namespace}/{section:016x}", self.prefix)
+    }
+
+    /// An id's `min_seq` key; `id` is `n<decimal>` for a number, `k<hex>` for a string key.
+    pub fn min_seq(&self, namespace: &str, section: u64, id: &str) -> String {
+        format!("{}minseq/{namespace}/{section:016x}/{id}", self.prefix)
     }
 
     /// The last path element of `key` (a node or namespace name).

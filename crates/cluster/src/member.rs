@@ -698,6 +698,20 @@ impl Member {
         })
     }
 
+    /// A txn that runs `success` only if this node still owns what `fence` says (its member key
+    /// is the one it registered, the route table has not changed since it read it): the write
+    /// of a section's owner, as for raises, without a per-key revision.
+    pub fn fenced_txn(&self, fence: Fence, success: Vec<Op>) -> Txn {
+        Txn {
+            compare: vec![
+                Compare::created(self.keys.member(&self.node), fence.member_revision),
+                Compare::modified(self.keys.route(), fence.route_revision),
+            ],
+            success,
+            failure: Vec::new(),
+        }
+    }
+
     /// The txn that persists `raises` if this node still owns what `fence` says (its member
     /// key is the one it registered, the route table has not changed since it read it) and
     /// every section's key is still at the revision this node last saw. The last compare is

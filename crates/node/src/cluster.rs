@@ -450,6 +450,32 @@ impl Cluster {
         outcome
     }
 
+    /// The coordinator keys of this cluster.
+    pub fn keys(&self) -> imstate_cluster::Keys {
+        self.state.lock().member.keys().clone()
+    }
+
+    /// Runs `ops` in one txn fenced by this node's ownership ([`Member::fenced_txn`]): they
+    /// land only while its registration and the route table it holds are current.
+    pub async fn fenced_write(&self, ops: Vec<Op>) -> Result<(), NodeError> {
+        let txn = {
+            let state = self.state.lock();
+            let Some(fence) = state.member.fence() else {
+                return Err(NodeError::Unavailable(
+                    "this node holds no ownership to write under (not registered or no route)"
+                        .into(),
+                ));
+            };
+            state.member.fenced_txn(fence, ops)
+        };
+        match self.txn(txn).await? {
+            response if response.succeeded => Ok(()),
+            _ => Err(NodeError::Unavailable(
+                "the route table changed during the write; nothing was written, retry".into(),
+            )),
+        }
+    }
+
     /// Reads a section's `max_seq` and its key's revision.
     pub async fn load(&self, namespace: &str, section: u64) -> Result<(u64, i64), NodeError> {
         let txn = self.state.lock().member.load_txn(namespace, section);

@@ -14,6 +14,7 @@
 use std::sync::Arc;
 
 use imstate_cluster::{Access, RaiseOp, RaiseOutcome};
+use imstate_coord::Op;
 use imstate_coord::maxseq::{Ceiling, MaxSeqStore, PersistOutcome, SectionRaise};
 use imstate_seq::{Allocator, AllocatorOptions, Ids, NamespaceDef, SeqError};
 use serde::{Deserialize, Serialize};
@@ -274,6 +275,99 @@ impl ClusterSeq {
         self.engine.current_batch(namespace, ids).await
     }
 
+    /// Sets the `min_seq` of each id (0 clears it) in the coordinator, in one txn fenced by
+    /// this node's ownership of their sections; at most [`CLUSTER_MIN_SEQ_BATCH_MAX`] ids.
+    /// Each value is checked against the id's current seq here, at its section's owner.
+    pub async fn set_min_seqs<'a>(
+        &self,
+        namespace: &str,
+        ids: impl Into<Ids<'a>>,
+        values: &[u64],
+    ) -> Result<(), NodeError> {
+        let ids = ids.into();
+        self.know(namespace).await?;
+        if ids.len() > CLUSTER_MIN_SEQ_BATCH_MAX {
+            return Err(NodeError::Limit(format!(
+                "a SetMinSeq of {} ids; in cluster mode a call sets at most \
+                 {CLUSTER_MIN_SEQ_BATCH_MAX} (CLUSTER_MIN_SEQ_BATCH_MAX, etcd's operations per txn)",
+                ids.len()
+            )));
+        }
+        // Owned, loaded under the current tenure: the allocator's current values are the
+        // section's (at least its ceiling), which the check below compares against.
+        self.engine.current_batch(namespace, ids).await?;
+        let (entries, def) = self.engine.with_allocator(|allocator| {
+            let (ns, entries) = allocator.prepare_min_seqs(namespace, ids, values)?;
+            let def = allocator.namespace_by_id(ns).cloned();
+            Ok::<_, NodeError>((entries, def))
+        })?;
+        let def = def.ok_or_else(|| SeqError::UnknownNamespace(namespace.to_owned()))?;
+        let keys = self.cluster.keys();
+        let ops = entries
+            .into_iter()
+            .enumerate()
+            .map(|(index, (id, value))| {
+                let key = keys.min_seq(namespace, ids.section_at(&def, index), &min_seq_leaf(&id));
+                if value == 0 {
+                    Op::Delete { key }
+                } else {
+                    Op::put(key, imstate_coord::encode_u64(value))
+                }
+            })
+            .collect();
+        self.cluster.fenced_write(ops).await
+    }
+
+    /// Reads the `min_seq` of each id from the coordinator (0 where none was set).
+    pub async fn min_seqs<'a>(
+        &self,
+        namespace: &str,
+        ids: impl Into<Ids<'a>>,
+    ) -> Result<Vec<u64>, NodeError> {
+        let ids = ids.into();
+        self.know(namespace).await?;
+        let (owned, def) = self.engine.with_allocator(|allocator| {
+            // Validates the batch and every id, without side effects.
+            allocator.min_seq_batch(namespace, ids)?;
+            let (_, def) = allocator
+                .namespace(namespace)
+                .ok_or_else(|| SeqError::UnknownNamespace(namespace.to_owned()))?;
+            let owned: Vec<imstate_seq::OwnedId> =
+                (0..ids.len()).map(|index| ids.owned(index)).collect();
+            Ok::<_, NodeError>((owned, def.clone()))
+        })?;
+        let keys = self.cluster.keys();
+        let mut values = Vec::with_capacity(owned.len());
+        let mut index = 0;
+        for chunk in owned.chunks(CLUSTER_MIN_SEQ_BATCH_MAX) {
+            let gets = chunk
+                .iter()
+                .enumerate()
+                .map(|(offset, id)| {
+                    let section = ids.section_at(&def, index + offset);
+                    Op::get(keys.min_seq(namespace, section, &min_seq_leaf(id)))
+                })
+                .collect();
+            let response = self
+                .cluster
+                .txn(imstate_coord::Txn {
+                    compare: Vec::new(),
+                    success: gets,
+                    failure: Vec::new(),
+                })
+                .await?;
+            for offset in 0..chunk.len() {
+                let value = response
+                    .got(offset)
+                    .and_then(|kv| imstate_coord::decode_u64(&kv.value))
+                    .unwrap_or(0);
+                values.push(value);
+            }
+            index += chunk.len();
+        }
+        Ok(values)
+    }
+
     /// Creates a namespace in the coordinator; every node learns it on first use.
     pub async fn create_namespace(&self, def: NamespaceDef) -> Result<NamespaceDef, NodeError> {
         def.validate()?;
@@ -304,5 +398,24 @@ impl ClusterSeq {
     /// The cluster membership.
     pub fn cluster(&self) -> &Arc<Cluster> {
         &self.cluster
+    }
+}
+
+/// Most ids one SetMinSeq sets in cluster mode, and ids read per coordinator txn by GetMinSeq:
+/// etcd's default `--max-txn-ops` (128 operations per txn).
+pub const CLUSTER_MIN_SEQ_BATCH_MAX: usize = 128;
+
+/// The last element of an id's `min_seq` key: `n<decimal>` or `k<hex of the key>`.
+fn min_seq_leaf(id: &imstate_seq::OwnedId) -> String {
+    match id {
+        imstate_seq::OwnedId::Id(id) => format!("n{id}"),
+        imstate_seq::OwnedId::Key(key) => {
+            let mut leaf = String::with_capacity(1 + key.len() * 2);
+            leaf.push('k');
+            for byte in key.iter() {
+                leaf.push_str(&format!("{byte:02x}"));
+            }
+            leaf
+        }
     }
 }

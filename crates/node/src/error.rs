@@ -51,9 +51,6 @@ pub enum NodeError {
     /// The node is stopping or has stopped after a fatal error.
     #[error("node unavailable: {0}")]
     Unavailable(String),
-    /// This mode of the node does not offer the operation; the message says which does.
-    #[error("{0}")]
-    Unsupported(String),
     /// Cluster mode: another node owns the section (or is the primary of the presence slot);
     /// the client should go there.
     #[error("{what} is owned by node {owner} (gRPC {grpc}, wire {wire}; route version {version})")]

@@ -103,19 +103,19 @@ impl Sequences {
     ) -> Result<(), NodeError> {
         match self {
             Sequences::Embedded { store, .. } => store.set_min_seqs(namespace, ids, values).await,
-            Sequences::Cluster(_) => Err(min_seq_unsupported()),
+            Sequences::Cluster(store) => store.set_min_seqs(namespace, ids, values).await,
         }
     }
 
     /// Reads the `min_seq` of each id (0 where none was set).
-    pub fn min_seqs<'a>(
+    pub async fn min_seqs<'a>(
         &self,
         namespace: &str,
         ids: impl Into<Ids<'a>>,
     ) -> Result<Vec<u64>, NodeError> {
         match self {
             Sequences::Embedded { store, .. } => store.min_seqs(namespace, ids),
-            Sequences::Cluster(_) => Err(min_seq_unsupported()),
+            Sequences::Cluster(store) => store.min_seqs(namespace, ids).await,
         }
     }
 
@@ -295,12 +295,4 @@ impl Sequences {
             }
         }
     }
-}
-
-/// Cluster mode keeps no per-id state in etcd yet, so it cannot make a `min_seq` durable.
-fn min_seq_unsupported() -> NodeError {
-    NodeError::Unsupported(
-        "min_seq is kept by embedded nodes only: cluster mode has no per-id durable state yet"
-            .into(),
-    )
 }

@@ -35,7 +35,7 @@
 use rustc_hash::FxHashMap;
 
 use crate::keys::KeyTable;
-use crate::minseq::{MinSeqEntries, MinSeqs, OwnedId};
+use crate::minseq::{MinSeqEntries, MinSeqs};
 use crate::{
     Ids, KEY_BYTES_MAX, KEYS_PER_SECTION_MAX, NAMESPACES_MAX, NamespaceDef, NsId, SeqError,
 };
@@ -699,7 +699,7 @@ impl Allocator {
             });
         }
         let entries = (0..values.len())
-            .map(|index| (owned_id(ids, index), values[index]))
+            .map(|index| (ids.owned(index), values[index]))
             .collect();
         Ok((ns_id, entries))
     }
@@ -716,7 +716,7 @@ impl Allocator {
         let ns_id = self.lookup(ns)?;
         self.namespaces[ns_id as usize].check_ids(ids)?;
         Ok((0..ids.len())
-            .map(|index| self.min_seqs.get(ns_id, &owned_id(ids, index)))
+            .map(|index| self.min_seqs.get(ns_id, &ids.owned(index)))
             .collect())
     }
 
@@ -973,14 +973,6 @@ fn current_of_key(namespace: &Namespace, key: &[u8]) -> u64 {
         let entry = state.keyed.as_ref().and_then(|table| table.find(key, hash));
         entry.map_or(state.floor, |entry| state.current_key(entry))
     })
-}
-
-/// The id at `index` as an owned `min_seq` key.
-fn owned_id(ids: Ids<'_>, index: usize) -> OwnedId {
-    match ids {
-        Ids::Numeric(ids) => OwnedId::Id(ids[index]),
-        Ids::Keys(keys) => OwnedId::Key(keys[index].clone().into_boxed_slice()),
-    }
 }
 
 fn current_of(namespace: &Namespace, id: u64) -> u64 {

@@ -62,6 +62,14 @@ impl<'a> Ids<'a> {
         }
     }
 
+    /// Returns the id at `index` as an owned value.
+    pub fn owned(&self, index: usize) -> crate::OwnedId {
+        match self {
+            Ids::Numeric(ids) => crate::OwnedId::Id(ids[index]),
+            Ids::Keys(keys) => crate::OwnedId::Key(keys[index].clone().into_boxed_slice()),
+        }
+    }
+
     /// Describes the id at `index` for a message: the number, or the key (lossy UTF-8, at
     /// most 128 bytes, so a message stays bounded).
     pub fn describe(&self, index: usize) -> String {

@@ -129,7 +129,6 @@ pub fn error_code(error: &NodeError) -> tonic::Code {
             PresenceError::ShardOutOfRange { .. } => Code::Internal,
         },
         NodeError::Limit(_) => Code::ResourceExhausted,
-        NodeError::Unsupported(_) => Code::Unimplemented,
         NodeError::Moved { .. } => Code::FailedPrecondition,
         NodeError::RaiseTimeout(_) | NodeError::Unavailable(_) | NodeError::Log(_) => {
             Code::Unavailable

@@ -188,6 +188,7 @@ impl Sequence for SequenceService {
                 namespace_name(&request.namespace),
                 ids_of(&request.ids, &request.keys)?,
             )
+            .await
             .map_err(status_from)?;
         Ok(Response::new(pb::SeqBatchReply {
             seqs,
