@@ -369,6 +369,21 @@ fn cluster_serves_routes_drains_and_refuses_a_duplicate_node_id() {
                 last
             );
         }
+        // The wire smart client routes keys the same way (op NextKeys).
+        for node in &cluster.nodes {
+            let wire = WireClusterClient::connect(
+                &node.wire_addr,
+                &ClientOptions::default(),
+                Some(CLUSTER),
+            )
+            .await
+            .unwrap();
+            let ranges = wire.next_keys("conv", keys.clone(), 2).await.unwrap();
+            for ((key, before), range) in keys.iter().zip(&mut last).zip(&ranges) {
+                assert_eq!(range.first, *before + 1, "{key:?}");
+                *before = range.last;
+            }
+        }
         // The keys' sections are spread over more than one owner.
         let client =
             ClusterClient::connect(&cluster.nodes[0].addr, &ClientOptions::default(), None)

@@ -77,6 +77,40 @@ fn every_operation_works_over_the_wire_and_errors_carry_grpc_codes() {
         // Nothing was allocated by the refused ranges, and the connection is still usable.
         assert_eq!(client.next("", 7).await.unwrap(), range.last + 1);
 
+        // String keys of a keyed namespace (NextKeys), shared with gRPC.
+        grpc.create_namespace(imstate_client::Namespace {
+            name: "conv".into(),
+            id_lo: 0,
+            id_hi: 1024,
+            section_size: 64,
+            step: 100,
+            keys: "string".into(),
+        })
+        .await
+        .unwrap();
+        let keys = vec![b"si_1_2".to_vec(), b"sg_9".to_vec(), b"si_1_2".to_vec()];
+        let ranges = client.next_keys("conv", &keys, 1).await.unwrap();
+        let lasts: Vec<u64> = ranges.iter().map(|range| range.last).collect();
+        assert_eq!(lasts, [1, 1, 2]);
+        let ranges = client.next_keys("conv", &keys[..1], 5).await.unwrap();
+        assert_eq!((ranges[0].first, ranges[0].last), (3, 7));
+        let grpc_ranges = grpc.next_keys("conv", keys[..1].to_vec(), 1).await.unwrap();
+        assert_eq!(grpc_ranges[0].last, 8);
+        // Bad keys and the wrong kind: clear errors, nothing allocated.
+        for bad in [vec![Vec::new()], vec![vec![b'k'; 129]]] {
+            let error = client.next_keys("conv", &bad, 1).await.unwrap_err();
+            assert_eq!(code(&error), Some(tonic::Code::InvalidArgument), "{error}");
+            assert!(error.to_string().contains("KEY_BYTES_MAX"), "{error}");
+        }
+        let error = client.next_keys("", &keys, 1).await.unwrap_err();
+        assert!(error.to_string().contains("takes numeric ids"), "{error}");
+        let error = client.next("conv", 1).await.unwrap_err();
+        assert!(error.to_string().contains("takes string keys"), "{error}");
+        assert_eq!(
+            grpc.current_keys("conv", keys.clone()).await.unwrap(),
+            [8, 1, 8]
+        );
+
         // Sequence errors.
         let error = client.next("nope", 1).await.unwrap_err();
         assert_eq!(code(&error), Some(tonic::Code::NotFound), "{error}");

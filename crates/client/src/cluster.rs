@@ -244,16 +244,17 @@ impl SeqTransport for WireClient {
 
     async fn call_keys(
         &self,
-        _namespace: &str,
-        _keys: Vec<Vec<u8>>,
-        _what: SeqCall,
+        namespace: &str,
+        keys: Vec<Vec<u8>>,
+        what: SeqCall,
     ) -> Result<Vec<u64>, ClientError> {
-        Err(ClientError::Status {
-            code: tonic::Code::Unimplemented,
-            message: "the wire protocol carries numeric ids only; string keys go over gRPC or \
-                      RESP"
-                .into(),
-        })
+        match what {
+            SeqCall::Current => Err(ClientError::Status {
+                code: tonic::Code::Unimplemented,
+                message: "the wire protocol reads no current values; use gRPC".into(),
+            }),
+            SeqCall::Next { count } => self.next_keys_lasts(namespace, &keys, count).await,
+        }
     }
 
     fn route_version(&self) -> u64 {

@@ -258,6 +258,45 @@ impl WireClient {
         Ok(lasts)
     }
 
+    /// Reserves `count` consecutive seqs for each string key of a keyed namespace, in order
+    /// (`count = 1`: one seq per key); answers the last of each key's range.
+    pub async fn next_keys_lasts(
+        &self,
+        namespace: &str,
+        keys: &[Vec<u8>],
+        count: u64,
+    ) -> Result<Vec<u64>, ClientError> {
+        let body = self
+            .call(Op::NextKeys, |out| {
+                codec::next_keys(out, namespace, count, keys)
+            })
+            .await?;
+        let (lasts, version) = codec::decode_next_range(&body).map_err(protocol)?;
+        self.learn(version);
+        if lasts.len() != keys.len() {
+            return Err(broken_reply(format!(
+                "{} ranges answered for {} keys",
+                lasts.len(),
+                keys.len()
+            )));
+        }
+        Ok(lasts)
+    }
+
+    /// Reserves `count` consecutive seqs for each string key, as [`SeqRange`]s.
+    pub async fn next_keys(
+        &self,
+        namespace: &str,
+        keys: &[Vec<u8>],
+        count: u64,
+    ) -> Result<Vec<SeqRange>, ClientError> {
+        self.next_keys_lasts(namespace, keys, count)
+            .await?
+            .into_iter()
+            .map(|last| SeqRange::ending_at(last, count))
+            .collect()
+    }
+
     /// Reserves `count` consecutive seqs for each id, in order (1 to 1,000,000 per id).
     pub async fn next_range_batch(
         &self,

@@ -727,6 +727,26 @@ impl<'c> Connection<'c> {
                     Err(error) => return self.failed(op, &error),
                 }
             }
+            Request::NextKeys {
+                namespace,
+                count,
+                keys,
+            } => {
+                let keys: Vec<Vec<u8>> = keys.iter().map(<[u8]>::to_vec).collect();
+                match self
+                    .context
+                    .seq
+                    .next_range_batch(namespace_name(namespace), &keys, count)
+                    .await
+                {
+                    Ok(lasts) => codec::reply_next_keys(
+                        &mut self.out,
+                        &lasts,
+                        self.context.seq.route_version(),
+                    ),
+                    Err(error) => return self.failed(op, &error),
+                }
+            }
             Request::Login(fields) => {
                 let request = LoginRequest {
                     uid: fields.uid,

@@ -7,6 +7,8 @@
 //!  NextBatch      ns:s8 n:u32 id:u64*n              route_version:u64 n:u32 seq:u64*n
 //!  NextRange      ns:s8 count:u64 n:u32 id:u64*n    route_version:u64 n:u32 last:u64*n
 //!                 (count consecutive seqs per id; the first of a range is last - count + 1)
+//!  NextKeys       ns:s8 count:u64 n:u32 key:k8*n    route_version:u64 n:u32 last:u64*n
+//!                 (NextRange for the string keys of a keyed namespace)
 //!  Route          (empty)                           route:b32 namespaces:b32 (protobuf
 //!                                                   imstate.v1 RouteReply, ListNamespacesReply)
 //!  Login          uid conn ttl_ms:u32 device:s8     session  replaced:opt(session)
@@ -19,7 +21,7 @@
 //!
 //!  session = uid:u64 conn:u64 login_ms:u64 last_heartbeat_ms:u64 ttl_ms:u32
 //!            device:s8 gateway:s8 meta:opt(b16)
-//!  s8 = len:u8 utf8   b16 = len:u16 bytes   opt(x) = 0 | 1 x
+//!  s8 = len:u8 utf8   k8 = len:u8 bytes   b16 = len:u16 bytes   opt(x) = 0 | 1 x
 //! ```
 //!
 //! Requests decode borrowed from the read buffer ([`Request`]): a batch of ids is a
@@ -43,6 +45,8 @@ pub enum Op {
     Route = 0x12,
     /// `count` consecutive seqs per id (range allocation).
     NextRange = 0x13,
+    /// `count` consecutive seqs per string key of a keyed namespace.
+    NextKeys = 0x14,
     /// Registers a session.
     Login = 0x20,
     /// Removes a session.
@@ -59,12 +63,13 @@ pub enum Op {
 
 impl Op {
     /// Every op, for metrics and tests.
-    pub const ALL: [Op; 11] = [
+    pub const ALL: [Op; 12] = [
         Op::Hello,
         Op::Next,
         Op::NextBatch,
         Op::Route,
         Op::NextRange,
+        Op::NextKeys,
         Op::Login,
         Op::Logout,
         Op::Heartbeat,
@@ -86,6 +91,7 @@ impl Op {
             Op::NextBatch => "NextBatch",
             Op::Route => "Route",
             Op::NextRange => "NextRange",
+            Op::NextKeys => "NextKeys",
             Op::Login => "Login",
             Op::Logout => "Logout",
             Op::Heartbeat => "Heartbeat",
@@ -333,6 +339,22 @@ impl<'a> Cursor<'a> {
         self.take(len, what)
     }
 
+    /// A `u32` count of `u8`-length byte strings, checked whole and kept as one slice.
+    fn keys8(&mut self, what: &'static str) -> Result<Keys8<'a>, DecodeError> {
+        let count = self.u32(what)? as usize;
+        let whole = self.bytes;
+        let mut used = 0;
+        for _ in 0..count {
+            let len = usize::from(self.u8(what)?);
+            self.take(len, what)?;
+            used += 1 + len;
+        }
+        Ok(Keys8 {
+            bytes: &whole[..used],
+            count,
+        })
+    }
+
     /// Whatever is left.
     pub fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.bytes)
@@ -374,6 +396,37 @@ impl<'a> U64s<'a> {
     pub fn read_into(&self, out: &mut Vec<u64>) {
         out.clear();
         out.extend(self.iter());
+    }
+}
+
+/// A list of `u8`-length byte strings (keys) as it sits in the frame, checked when decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keys8<'a> {
+    bytes: &'a [u8],
+    count: usize,
+}
+
+impl<'a> Keys8<'a> {
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The keys, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let mut rest = self.bytes;
+        (0..self.count).map(move |_| {
+            // Checked whole by the decoder: every length fits what follows it.
+            let len = usize::from(rest[0]);
+            let key = &rest[1..1 + len];
+            rest = &rest[1 + len..];
+            key
+        })
     }
 }
 
@@ -515,6 +568,15 @@ pub enum Request<'a> {
         /// The ids.
         ids: U64s<'a>,
     },
+    /// `count` consecutive seqs per string key.
+    NextKeys {
+        /// The namespace (empty = default).
+        namespace: &'a str,
+        /// Seqs per key.
+        count: u64,
+        /// The keys.
+        keys: Keys8<'a>,
+    },
     /// A login.
     Login(LoginFields<'a>),
     /// A logout.
@@ -580,6 +642,11 @@ impl<'a> Request<'a> {
                 count: c.u64("count")?,
                 ids: U64s(c.items(8, "ids")?),
             },
+            Op::NextKeys => Request::NextKeys {
+                namespace: c.str8("namespace")?,
+                count: c.u64("count")?,
+                keys: c.keys8("keys")?,
+            },
             Op::Login => Request::Login(LoginFields {
                 uid: c.u64("uid")?,
                 conn: c.u64("conn")?,
@@ -617,6 +684,7 @@ impl<'a> Request<'a> {
             Request::Next { .. } => Op::Next,
             Request::NextBatch { .. } => Op::NextBatch,
             Request::NextRange { .. } => Op::NextRange,
+            Request::NextKeys { .. } => Op::NextKeys,
             Request::Login(_) => Op::Login,
             Request::Logout { .. } => Op::Logout,
             Request::Heartbeat { .. } => Op::Heartbeat,
@@ -738,6 +806,29 @@ pub fn next_range(
     put_count(out, "ids", ids.len())?;
     for id in ids {
         out.extend_from_slice(&id.to_le_bytes());
+    }
+    finish(out, start)
+}
+
+/// Appends a `NextKeys`: `count` consecutive seqs for each string key (each at most 255
+/// bytes here; the node takes 1 to 128).
+pub fn next_keys(
+    out: &mut Vec<u8>,
+    namespace: &str,
+    count: u64,
+    keys: &[Vec<u8>],
+) -> Result<(), DecodeError> {
+    check_len("namespace", namespace.len(), u8::MAX as usize)?;
+    for key in keys {
+        check_len("key", key.len(), u8::MAX as usize)?;
+    }
+    let start = begin(out, Op::NextKeys as u8);
+    put_str8(out, namespace);
+    out.extend_from_slice(&count.to_le_bytes());
+    put_count(out, "keys", keys.len())?;
+    for key in keys {
+        out.push(key.len() as u8);
+        out.extend_from_slice(key);
     }
     finish(out, start)
 }
@@ -893,6 +984,11 @@ pub fn reply_next_batch(out: &mut Vec<u8>, seqs: &[u64], route_version: u64) {
 /// Appends the reply of `NextRange`: the last seq of each id's range.
 pub fn reply_next_range(out: &mut Vec<u8>, lasts: &[u64], route_version: u64) {
     reply_seqs(out, Op::NextRange, lasts, route_version);
+}
+
+/// Appends the reply of `NextKeys`: the last seq of each key's range (as `NextRange`'s).
+pub fn reply_next_keys(out: &mut Vec<u8>, lasts: &[u64], route_version: u64) {
+    reply_seqs(out, Op::NextKeys, lasts, route_version);
 }
 
 fn reply_seqs(out: &mut Vec<u8>, op: Op, seqs: &[u64], route_version: u64) {

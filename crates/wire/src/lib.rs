@@ -11,8 +11,8 @@
 //!
 //! ```text
 //!  frame   = len:u32le  op:u8  body          len = 1 + body length, at most FRAME_BYTES_MAX
-//!  request ops: 0x01 Hello  0x10 Next  0x11 NextBatch  0x12 Route  0x13 NextRange  0x20 Login
-//!               0x21 Logout  0x22 Heartbeat  0x23 HeartbeatBatch  0x24 LookupBatch  0x25 OnlineCount
+//!  request ops: 0x01 Hello  0x10 Next  0x11 NextBatch  0x12 Route  0x13 NextRange  0x14 NextKeys
+//!               0x20 Login  0x21 Logout  0x22 Heartbeat  0x23 HeartbeatBatch  0x24 LookupBatch  0x25 OnlineCount
 //!  reply op  = 0x80 | request op on success, 0xFF (ERROR) on failure:
 //!              ERROR body = code:u8 (the gRPC status code number)  message:utf8
 //! ```

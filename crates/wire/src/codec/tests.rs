@@ -69,6 +69,11 @@ proptest! {
         lookup_batch(&mut out, &ids).unwrap();
         online_count(&mut out);
         next_range(&mut out, &namespace, session.conn, &ids).unwrap();
+        let keys: Vec<Vec<u8>> = ids
+            .iter()
+            .map(|id| id.to_le_bytes()[..(*id % 9) as usize].to_vec())
+            .collect();
+        next_keys(&mut out, &namespace, session.uid, &keys).unwrap();
 
         let mut requests = Vec::new();
         let mut at = 0;
@@ -77,7 +82,16 @@ proptest! {
             at += used;
         }
         prop_assert_eq!(at, out.len());
-        prop_assert_eq!(requests.len(), 10);
+        prop_assert_eq!(requests.len(), 11);
+        match requests[10] {
+            Request::NextKeys { namespace: ns, count, keys: got } => {
+                prop_assert_eq!(ns, namespace.as_str());
+                prop_assert_eq!(count, session.uid);
+                prop_assert_eq!(got.len(), keys.len());
+                prop_assert_eq!(got.iter().map(<[u8]>::to_vec).collect::<Vec<_>>(), keys.clone());
+            }
+            other => prop_assert!(false, "{other:?}"),
+        }
         match requests[9] {
             Request::NextRange { namespace: ns, count, ids: got } => {
                 prop_assert_eq!(ns, namespace.as_str());
@@ -134,6 +148,11 @@ proptest! {
         reply_next_range(&mut out, &seqs, 4);
         let body = one_frame(&out).reply_body(Op::NextRange).unwrap().unwrap();
         prop_assert_eq!(decode_next_range(body).unwrap(), (seqs.clone(), 4));
+
+        out.clear();
+        reply_next_keys(&mut out, &seqs, 5);
+        let body = one_frame(&out).reply_body(Op::NextKeys).unwrap().unwrap();
+        prop_assert_eq!(decode_next_range(body).unwrap(), (seqs.clone(), 5));
 
         out.clear();
         reply_next(&mut out, seqs.first().copied().unwrap_or(1), 3);
@@ -209,6 +228,29 @@ fn every_truncation_of_a_request_waits_or_fails_cleanly() {
             "keep {keep}: {parsed:?}"
         );
     }
+}
+
+#[test]
+fn a_next_keys_cut_anywhere_inside_its_keys_is_a_decode_error() {
+    let mut out = Vec::new();
+    let keys = vec![b"si_1_2".to_vec(), Vec::new(), vec![0xff; 200]];
+    next_keys(&mut out, "conv", 3, &keys).unwrap();
+    let body = out[5..].to_vec();
+    for keep in 0..body.len() {
+        let mut frame = Vec::new();
+        let start = begin(&mut frame, Op::NextKeys as u8);
+        frame.extend_from_slice(&body[..keep]);
+        end(&mut frame, start);
+        let parsed = Request::decode(one_frame(&frame));
+        assert!(
+            matches!(parsed, Err(DecodeError::Truncated(_))),
+            "keep {keep}: {parsed:?}"
+        );
+    }
+    // A key over 255 bytes cannot be framed: refused before anything is written.
+    let mut refused = Vec::new();
+    assert!(next_keys(&mut refused, "conv", 1, &[vec![0; 256]]).is_err());
+    assert!(refused.is_empty());
 }
 
 #[test]
