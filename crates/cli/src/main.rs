@@ -30,7 +30,7 @@ enum Command {
     /// Runs a node on a data directory: embedded by default (no etcd, no Redis), or as a
     /// member of a cluster with --cluster, --etcd and --node-id.
     Serve(serve::ServeArgs),
-    /// Sequence numbers: next, current, namespaces.
+    /// Sequence numbers: next, current, min_seq, namespaces.
     #[command(subcommand)]
     Seq(seq::SeqCommand),
     /// Online sessions: login, lookup, heartbeat, logout, gateways, watch.

@@ -103,7 +103,7 @@ impl Target {
 pub enum SeqCommand {
     /// Allocates the next seq of each ID (one NextBatch call); prints one per line. With
     /// `--count N`, reserves N consecutive seqs per ID (one NextRange call) and prints
-    /// `FIRST<TAB>LAST` per line.
+    /// `FIRST<TAB>LAST` per line. With `--keys`, the IDs are string keys of a keyed namespace.
     Next {
         #[command(flatten)]
         target: Target,
@@ -165,7 +165,7 @@ pub enum SeqCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
-    /// Lists namespaces: name, id range, section size, step.
+    /// Lists namespaces: name, id range, section size, step, and `keys=string` if keyed.
     Namespaces {
         #[command(flatten)]
         target: Target,

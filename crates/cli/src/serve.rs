@@ -39,7 +39,8 @@ pub struct ServeArgs {
     #[arg(long)]
     wire_listen: Option<SocketAddr>,
     /// RESP front door listen address (Redis clients: INCR, INCRBY, GET, MGET on
-    /// `namespace:id` keys); off unless set. No TLS: beyond loopback it needs [auth] tokens.
+    /// `namespace:id` keys; other keys go whole to the keyed namespace `redis`); off unless
+    /// set. No TLS: beyond loopback it needs [auth] tokens.
     /// Env: IMSTATE_RESP_LISTEN. [default: off]
     #[arg(long, value_name = "ADDR")]
     resp_listen: Option<SocketAddr>,

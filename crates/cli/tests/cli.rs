@@ -404,7 +404,14 @@ fn help_lists_the_commands_the_readme_documents() {
         .output()
         .unwrap();
     let help = stdout(&output);
-    for command in ["next", "current", "namespaces", "create-namespace"] {
+    for command in [
+        "next",
+        "current",
+        "set-min-seq",
+        "min-seq",
+        "namespaces",
+        "create-namespace",
+    ] {
         assert!(help.contains(command), "{help}");
     }
 }
