@@ -130,17 +130,6 @@ SECTION=$WORK/section.md
 } >"$SECTION"
 cat "$SECTION"
 if [[ $DOCS == 1 ]]; then
-  DOC=docs/benchmarks.md
-  BEGIN='<!-- bench-keys-memory:begin (written by scripts/bench-keys-memory.sh) -->'
-  END='<!-- bench-keys-memory:end -->'
-  if grep -qF "$BEGIN" "$DOC"; then
-    awk -v begin="$BEGIN" -v end="$END" -v file="$SECTION" '
-      $0 == begin { print; while ((getline line < file) > 0) print line; skip = 1; next }
-      $0 == end { skip = 0 }
-      !skip' "$DOC" >"$WORK/doc.md"
-    cp "$WORK/doc.md" "$DOC"
-  else
-    { echo; echo "$BEGIN"; cat "$SECTION"; echo "$END"; } >>"$DOC"
-  fi
+  write_docs_section bench-keys-memory "$SECTION"
   step "wrote docs/benchmarks.md"
 fi

@@ -14,6 +14,8 @@
 #   DOCS [1] 0 = do not touch docs/benchmarks.md (only print)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=lib/bench-common.sh
+. scripts/lib/bench-common.sh
 ROUNDS=${ROUNDS:-3}
 REQUESTS_P1=${REQUESTS_P1:-200000}
 REQUESTS_P16=${REQUESTS_P16:-2000000}
@@ -152,17 +154,6 @@ SECTION=$WORK/section.md
 } >"$SECTION"
 cat "$SECTION"
 if [[ $DOCS == 1 ]]; then
-  DOC=docs/benchmarks.md
-  BEGIN='<!-- bench-resp:begin (written by scripts/bench-resp.sh) -->'
-  END='<!-- bench-resp:end -->'
-  if grep -qF "$BEGIN" "$DOC"; then
-    awk -v begin="$BEGIN" -v end="$END" -v file="$SECTION" '
-      $0 == begin { print; while ((getline line < file) > 0) print line; skip = 1; next }
-      $0 == end { skip = 0 }
-      !skip' "$DOC" >"$WORK/doc.md"
-    cp "$WORK/doc.md" "$DOC"
-  else
-    { echo; echo "$BEGIN"; cat "$SECTION"; echo "$END"; } >>"$DOC"
-  fi
+  write_docs_section bench-resp "$SECTION"
   step "wrote docs/benchmarks.md"
 fi

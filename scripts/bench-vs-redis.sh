@@ -21,6 +21,8 @@
 # stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=lib/bench-common.sh
+. scripts/lib/bench-common.sh
 ROOT=$(pwd)
 
 DURATION=${DURATION:-5}
@@ -275,17 +277,6 @@ SECTION=$WORK/section.md
 cat "$SECTION"
 if [[ $DOCS == 1 ]]; then
   cp "$OUT/bench-vs-redis.png" docs/bench-vs-redis.png
-  DOC=docs/benchmarks.md
-  BEGIN='<!-- bench-vs-redis:begin (written by scripts/bench-vs-redis.sh) -->'
-  END='<!-- bench-vs-redis:end -->'
-  if grep -qF "$BEGIN" "$DOC"; then
-    awk -v begin="$BEGIN" -v end="$END" -v file="$SECTION" '
-      $0 == begin { print; while ((getline line < file) > 0) print line; skip = 1; next }
-      $0 == end { skip = 0 }
-      !skip' "$DOC" >"$WORK/doc.md"
-    cp "$WORK/doc.md" "$DOC"
-  else
-    { echo; echo "$BEGIN"; cat "$SECTION"; echo "$END"; } >>"$DOC"
-  fi
+  write_docs_section bench-vs-redis "$SECTION"
   step "wrote docs/benchmarks.md and docs/bench-vs-redis.png (raw results in $OUT)"
 fi

@@ -1,6 +1,6 @@
 # Shared by the bench scripts (sourced, not run): error exit, a work directory and the
 # processes started, removed and stopped on exit, free loopback ports, the bench's JSON, and
-# a throwaway etcd.
+# a throwaway etcd, and writing a section of docs/benchmarks.md (write_docs_section).
 #
 #   bench_setup NAME   makes $WORK (/tmp/imstate-NAME.XXXXXX) and the exit trap; processes
 #                      appended to PIDS are stopped on exit (only those).
@@ -40,4 +40,21 @@ start_etcd() {
   PIDS+=("$!")
   for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/${ETCD%:*}/${ETCD#*:}") 2>/dev/null && return 0; sleep 0.1; done
   die "etcd did not start (see $WORK/etcd.log)"
+}
+
+# write_docs_section NAME SECTION_FILE [DOC]: puts SECTION_FILE between the markers
+# `<!-- NAME:begin (written by scripts/NAME.sh) -->` and `<!-- NAME:end -->` of DOC
+# (docs/benchmarks.md), replacing what was there, or appends it with the markers.
+write_docs_section() {
+  local name=$1 section=$2 doc=${3:-docs/benchmarks.md}
+  local begin="<!-- $name:begin (written by scripts/$name.sh) -->" end="<!-- $name:end -->"
+  if grep -qF "$begin" "$doc"; then
+    awk -v begin="$begin" -v end="$end" -v file="$section" '
+      $0 == begin { print; while ((getline line < file) > 0) print line; skip = 1; next }
+      $0 == end { skip = 0 }
+      !skip' "$doc" >"$doc.new"
+    mv "$doc.new" "$doc"
+  else
+    { echo; echo "$begin"; cat "$section"; echo "$end"; } >>"$doc"
+  fi
 }
