@@ -489,6 +489,16 @@ impl Allocator {
             .ok_or_else(|| SeqError::UnknownNamespace(name.to_owned()))
     }
 
+    /// Checks a read of `ids` in namespace `ns` (batch size, kind, each id); returns the
+    /// namespace.
+    fn checked(&self, ns: &str, ids: Ids<'_>) -> Result<(NsId, &Namespace), SeqError> {
+        self.check_batch_len(ids.len())?;
+        let ns_id = self.lookup(ns)?;
+        let namespace = &self.namespaces[ns_id as usize];
+        namespace.check_ids(ids)?;
+        Ok((ns_id, namespace))
+    }
+
     fn check_batch_len(&self, len: usize) -> Result<(), SeqError> {
         if len == 0 {
             return Err(SeqError::EmptyBatch);
@@ -655,9 +665,7 @@ impl Allocator {
         ids: impl Into<Ids<'a>>,
     ) -> Result<Vec<u64>, SeqError> {
         let ids = ids.into();
-        self.check_batch_len(ids.len())?;
-        let namespace = &self.namespaces[self.lookup(ns)? as usize];
-        namespace.check_ids(ids)?;
+        let (_, namespace) = self.checked(ns, ids)?;
         Ok(match ids {
             Ids::Numeric(ids) => ids.iter().map(|&id| current_of(namespace, id)).collect(),
             Ids::Keys(keys) => keys
@@ -712,9 +720,7 @@ impl Allocator {
         ids: impl Into<Ids<'a>>,
     ) -> Result<Vec<u64>, SeqError> {
         let ids = ids.into();
-        self.check_batch_len(ids.len())?;
-        let ns_id = self.lookup(ns)?;
-        self.namespaces[ns_id as usize].check_ids(ids)?;
+        let (ns_id, _) = self.checked(ns, ids)?;
         Ok((0..ids.len())
             .map(|index| self.min_seqs.get(ns_id, &ids.owned(index)))
             .collect())
@@ -936,7 +942,7 @@ fn assign_keys(
 ) -> Result<(), SeqError> {
     for key in keys {
         let hash = crate::key_hash(key);
-        let section = namespace.def.section_of(namespace.def.slot_of_hash(hash));
+        let section = namespace.def.section_of_hash(hash);
         let slot = namespace.slot(section);
         let state = &mut namespace.sections[slot];
         if state.batch_need == 0 {
@@ -968,7 +974,7 @@ fn assign_keys(
 
 fn current_of_key(namespace: &Namespace, key: &[u8]) -> u64 {
     let hash = crate::key_hash(key);
-    let section = namespace.def.section_of(namespace.def.slot_of_hash(hash));
+    let section = namespace.def.section_of_hash(hash);
     namespace.find(section).map_or(0, |state| {
         let entry = state.keyed.as_ref().and_then(|table| table.find(key, hash));
         entry.map_or(state.floor, |entry| state.current_key(entry))

@@ -148,9 +148,14 @@ impl NamespaceDef {
         self.id_lo + hash % (self.id_hi - self.id_lo).max(1)
     }
 
+    /// Returns the section of a string key whose [`key_hash`] is `hash`.
+    pub fn section_of_hash(&self, hash: u64) -> u64 {
+        self.section_of(self.slot_of_hash(hash))
+    }
+
     /// Returns the section a string key belongs to.
     pub fn section_of_key(&self, key: &[u8]) -> u64 {
-        self.section_of(self.slot_of_hash(key_hash(key)))
+        self.section_of_hash(key_hash(key))
     }
 
     /// Checks the definition; the error says which rule is broken.
