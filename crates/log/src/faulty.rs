@@ -32,7 +32,7 @@ use crate::storage::{Storage, StorageFile};
 const SECTOR_BYTES: usize = 512;
 
 /// What a crash does to data that was written but not fsynced.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CrashMode {
     /// Every unsynced byte and directory change is lost.
     DropUnsynced,
@@ -44,6 +44,9 @@ pub enum CrashMode {
         /// Chooses the cut points; the same seed gives the same image.
         seed: u64,
     },
+    /// The process died (kill -9) and the machine did not: everything written survives,
+    /// synced or not, and so does every directory change (the kernel keeps the page cache).
+    ProcessDeath,
 }
 
 #[derive(Default)]
@@ -199,6 +202,7 @@ impl FaultyStorage {
         let mut image = Inner::default();
         let entries = match mode {
             CrashMode::DropUnsynced => inner.durable_entries.clone(),
+            CrashMode::ProcessDeath => inner.entries.clone(),
             CrashMode::Torn { seed } => {
                 // Some unsynced directory changes may have reached the disk, in any
                 // combination: keep each with probability 1/2.
@@ -229,6 +233,7 @@ impl FaultyStorage {
             let data = inner.files.get(id).unwrap_or(&empty);
             let bytes = match mode {
                 CrashMode::DropUnsynced => data.durable.clone(),
+                CrashMode::ProcessDeath => data.current.clone(),
                 CrashMode::Torn { seed } => torn(data, seed, name),
             };
             let id = image.new_file(FileData {

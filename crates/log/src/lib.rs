@@ -7,11 +7,13 @@
 //! # Layout
 //!
 //! ```text
-//!  append(payload) ──► queue (bounded) ──► flusher thread ──► Storage (segment files)
-//!     │ assigns LSN        │ one batch         │ one write per batch, fsync per policy
-//!     ▼                    ▼                   ▼
-//!  returns LSN        backpressure        publishes written / synced / durable LSNs
-//!                                         (Mutex+Condvar for threads, watch for async)
+//!  append(payload) ──► queue (bounded) ──► writer ──► Storage (segment files)
+//!     │ assigns LSN        │ one batch       │ the flusher thread, or under batch/never an
+//!     ▼                    ▼                 │ async waiter writing inline (no hand-off);
+//!  returns LSN        backpressure           │ one write per batch, fsync per policy
+//!                                            ▼ (syncer thread under batch)
+//!                             publishes written / synced / durable LSNs
+//!                             (Mutex+Condvar for threads, watch for async)
 //!
 //!  checkpoint(lsn, write) ─► checkpoint-{lsn}.ckpt.tmp ─► fsync ─► rename ─► fsync dir
 //!                           ─► delete older checkpoints and fully covered segments

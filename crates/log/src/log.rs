@@ -9,8 +9,15 @@
 //!             ──(brief segments lock)──► delete covered segments and older checkpoints
 //! ```
 //!
+//! The writer role: whoever writes (the flusher thread, or under `Batch` and `Never` an async
+//! waiter in [`Log::durable`] writing inline, without a thread hand-off) first claims
+//! `Queue::writer_active` under the queue lock, then locks the [`Writer`] state; it takes every
+//! record queued while it holds the role, or wakes the flusher for what it leaves when it gives
+//! the role back. An inline writer never fsyncs (the syncer thread does) and never rolls a
+//! segment (the flusher does), so a tokio worker only ever does a `write` to the page cache.
+//!
 //! Invariants: LSNs are assigned and queued under one lock, so the queue order is the LSN order
-//! and the flusher writes in that order; `synced <= written <= last_lsn` (checked on every
+//! and the writer (one at a time) writes in that order; `synced <= written <= last_lsn` (checked on every
 //! publish); once poisoned, nothing is written or fsynced again and every waiter and appender
 //! gets [`LogError::Poisoned`]. Only the flusher writes to segments; the checkpoint only
 //! deletes segments that are no longer the active one.
@@ -101,6 +108,9 @@ pub struct LogStats {
     pub spares_used: u64,
     /// Spares that could not be made (the log then grows its segments as it writes).
     pub prealloc_failures: u64,
+    /// Batches written inline by an async waiter ([`Log::durable`]) rather than the flusher
+    /// thread (a subset of `batches`).
+    pub inline_batches: u64,
 }
 
 /// A record waiting for the flusher. The header (with its checksum) is built by the appender
@@ -128,6 +138,9 @@ struct Queue {
     pending: VecDeque<Pending>,
     closing: bool,
     poison: Option<String>,
+    /// Someone (the flusher thread or an inline writer) holds the writer role: it takes every
+    /// record queued before it gives the role back, and wakes the flusher for any left then.
+    writer_active: bool,
 }
 
 /// What waiters observe. Cloned into the watch channel on every change.
@@ -177,6 +190,8 @@ struct Shared {
     queue_has_room: Condvar,
     /// Async admission ([`Log::admit`]) waits here for the flusher to take records.
     room_notify: tokio::sync::Notify,
+    /// [`Log::poisoned`] waits here (woken once, when the log is poisoned).
+    poison_notify: tokio::sync::Notify,
     /// Records queued for the flusher (mirrors `Queue::pending.len()` for lock-free reads).
     queued: AtomicU64,
     progress: Mutex<Progress>,
@@ -206,6 +221,11 @@ struct Shared {
     prealloc_failures: AtomicU64,
     /// Segments started from a spare.
     spares_used: AtomicU64,
+    /// Batches written by async waiters ([`LogStats::inline_batches`]).
+    inline_batches: AtomicU64,
+    /// The active segment and what is written and synced; locked by the holder of the writer
+    /// role only (`Queue::writer_active`). Lock order: `writer`, then `queue`.
+    writer: Mutex<Writer>,
 }
 
 /// The state of the spare segment ([`record::SPARE_NAME`]).
@@ -275,6 +295,7 @@ impl Shared {
                 progress.poison = Some(message);
             }
         });
+        self.poison_notify.notify_waiters();
     }
 
     fn poison_message(&self) -> Option<String> {
@@ -390,10 +411,12 @@ impl Log {
                 pending: VecDeque::new(),
                 closing: false,
                 poison: None,
+                writer_active: false,
             }),
             queue_has_work: Condvar::new(),
             queue_has_room: Condvar::new(),
             room_notify: tokio::sync::Notify::new(),
+            poison_notify: tokio::sync::Notify::new(),
             queued: AtomicU64::new(0),
             progress: Mutex::new(progress),
             progress_changed: Condvar::new(),
@@ -424,6 +447,8 @@ impl Log {
             spare_changed: Condvar::new(),
             prealloc_failures: AtomicU64::new(0),
             spares_used: AtomicU64::new(u64::from(from_spare)),
+            inline_batches: AtomicU64::new(0),
+            writer: Mutex::new(Writer::new(active, last_lsn)),
         });
 
         let preallocator = if preallocate {
@@ -444,12 +469,9 @@ impl Log {
         let handle = std::thread::Builder::new()
             .name("imstate-log-flusher".to_string())
             .spawn(move || {
-                let shared = Arc::clone(&flusher_shared);
-                let outcome = catch_unwind(AssertUnwindSafe(move || {
-                    Flusher::new(flusher_shared, active, last_lsn).run();
-                }));
+                let outcome = catch_unwind(AssertUnwindSafe(|| run_flusher(&flusher_shared)));
                 if outcome.is_err() {
-                    shared.poison("the log flusher thread panicked".to_string());
+                    flusher_shared.poison("the log flusher thread panicked".to_string());
                 }
             })
             .map_err(|source| LogError::io("spawning the log flusher thread", source))?;
@@ -468,7 +490,7 @@ impl Log {
     /// poisoned or closed, or the payload is larger than `record_bytes_max`. LSN assignment
     /// order is on-disk order.
     pub fn append(&self, payload: Vec<u8>) -> Result<Lsn, LogError> {
-        self.push(payload, true)
+        self.push(payload, true, false)
     }
 
     /// [`Log::append`] that never waits: when the queue is full the record is queued beyond
@@ -477,7 +499,18 @@ impl Log {
     /// [`Log::wait_room`] (a thread), so the queue goes over its limit by at most the records
     /// of the writers admitted at once.
     pub fn append_unblocked(&self, payload: Vec<u8>) -> Result<Lsn, LogError> {
-        self.push(payload, false)
+        self.push(payload, false, false)
+    }
+
+    /// [`Log::append_unblocked`] that does not wake the flusher thread (under `Batch` and
+    /// `Never`; under `Always` it is `append_unblocked`): the caller is expected to wait with
+    /// [`Log::durable`], which writes the queued records on its own thread when no one else
+    /// is writing (one thread hand-off and one wake-up fewer per write). A record nobody
+    /// waits for is written by the flusher's next pass, within `DEFERRED_WRITE_TICK` (10 ms)
+    /// or `T` under `Batch(T)` if shorter; [`Log::wait_durable`] wakes the flusher at once.
+    pub fn append_deferred(&self, payload: Vec<u8>) -> Result<Lsn, LogError> {
+        let deferred = !matches!(self.shared.options.fsync, FsyncPolicy::Always);
+        self.push(payload, false, deferred)
     }
 
     /// Resolves once the queue is under `queue_records_max` (at once if it is), or with the
@@ -529,7 +562,12 @@ impl Log {
         None
     }
 
-    fn push(&self, payload: Vec<u8>, wait_for_room: bool) -> Result<Lsn, LogError> {
+    fn push(
+        &self,
+        payload: Vec<u8>,
+        wait_for_room: bool,
+        deferred: bool,
+    ) -> Result<Lsn, LogError> {
         let max = self.shared.options.record_bytes_max;
         if payload.len() > max as usize {
             return Err(LogError::RecordTooLarge {
@@ -561,11 +599,12 @@ impl Log {
             .queued
             .store(queue.pending.len() as u64, Ordering::Release);
         self.shared.last_lsn.store(lsn, Ordering::Release);
-        let was_idle = queue.pending.len() == 1;
+        // The flusher sleeps only on an empty queue, or while someone holds the writer role
+        // (the holder takes this record, or wakes the flusher when it gives the role back).
+        let wake = queue.pending.len() == 1 && !queue.writer_active && !deferred;
         drop(queue);
         self.shared.appends.fetch_add(1, Ordering::Relaxed);
-        if was_idle {
-            // The flusher only sleeps on an empty queue.
+        if wake {
             self.shared.queue_has_work.notify_one();
         }
         Ok(lsn)
@@ -598,6 +637,8 @@ impl Log {
         if self.durable_lsn() >= lsn {
             return Ok(());
         }
+        // The record may be a deferred one that woke nobody.
+        self.shared.queue_has_work.notify_one();
         let mut progress = self.shared.progress.lock();
         loop {
             if let Some(outcome) = progress.outcome(lsn) {
@@ -609,9 +650,20 @@ impl Log {
 
     /// Resolves once `durable_lsn() >= lsn`, or with the poison or closed error. Built on
     /// `tokio::sync::watch`: works on any executor, no runtime inside the log.
+    ///
+    /// Under `Batch` and `Never` (where a record is durable once written), a waiter first
+    /// writes the queued records itself when no one else is writing: a `write` to the page
+    /// cache on the caller's thread, never an fsync or a segment roll (those stay with the
+    /// flusher and the syncer threads).
     pub async fn durable(&self, lsn: Lsn) -> Result<(), LogError> {
         if self.durable_lsn() >= lsn {
             return Ok(());
+        }
+        if !matches!(self.shared.options.fsync, FsyncPolicy::Always) {
+            write_inline(&self.shared);
+            if self.durable_lsn() >= lsn {
+                return Ok(());
+            }
         }
         let mut receiver = self.shared.progress_watch.subscribe();
         match receiver
@@ -626,18 +678,17 @@ impl Log {
     /// Resolves with the reason once the log is poisoned; never while it is healthy. A node
     /// selects on it to stop at once, whichever path (an append, the flusher, the syncer, a
     /// checkpoint) met the failure.
+    ///
+    /// It waits on a notification of its own, not on the progress channel: a node's task
+    /// selecting on it is woken once, by the poison, instead of by every acknowledged write.
     pub async fn poisoned(&self) -> String {
-        let mut receiver = self.shared.progress_watch.subscribe();
-        let reason = match receiver
-            .wait_for(|progress| progress.poison.is_some())
-            .await
-        {
-            Ok(progress) => progress.poison.clone(),
-            Err(_) => None,
-        };
-        match reason {
-            Some(reason) => reason,
-            None => std::future::pending().await,
+        loop {
+            // Registered before the check: a poison between the two still wakes it.
+            let notified = self.shared.poison_notify.notified();
+            if let Some(reason) = self.shared.poison_message() {
+                return reason;
+            }
+            notified.await;
         }
     }
 
@@ -796,6 +847,7 @@ impl Log {
             poisoned: self.is_poisoned(),
             spares_used: self.shared.spares_used.load(Ordering::Relaxed),
             prealloc_failures: self.shared.prealloc_failures.load(Ordering::Relaxed),
+            inline_batches: self.shared.inline_batches.load(Ordering::Relaxed),
         }
     }
 
@@ -977,19 +1029,22 @@ impl SegmentWriter {
     }
 }
 
-/// The group-commit loop; owns the active segment.
-struct Flusher {
-    shared: Arc<Shared>,
+/// The state of whoever writes the log: the active segment, the batch being written, and what
+/// is written and synced. It lives in `Shared::writer`; only the holder of the writer role
+/// (`Queue::writer_active`) locks it, so the lock is never contended for long: the flusher
+/// thread, or an async waiter writing inline ([`Log::durable`]).
+struct Writer {
     segment: SegmentWriter,
     batch: Vec<Pending>,
     buffer: Vec<u8>,
     written: Lsn,
-    /// Highest LSN this thread has fsynced itself (the background syncer publishes its own).
+    /// Highest LSN the writer has fsynced itself (the background syncer publishes its own).
     synced: Lsn,
     /// Highest LSN covered by an fsync done or handed to the background syncer.
     sync_requested: Lsn,
     last_sync: Instant,
-    /// Under `Batch`, the thread that fsyncs while this one keeps writing.
+    /// Under `Batch`, the thread that fsyncs while the writer keeps writing. Started by the
+    /// flusher thread and dropped by it when it ends (the syncer holds the shared state).
     syncer: Option<Syncer>,
     /// Whether a spare was asked for since the active segment started (preallocating logs).
     spare_asked: bool,
@@ -1055,11 +1110,10 @@ impl Drop for Syncer {
     }
 }
 
-impl Flusher {
+impl Writer {
     /// `last` is the LSN recovered at open: everything up to it is on disk and synced.
-    fn new(shared: Arc<Shared>, segment: SegmentWriter, last: Lsn) -> Self {
-        Flusher {
-            shared,
+    fn new(segment: SegmentWriter, last: Lsn) -> Self {
+        Writer {
             segment,
             batch: Vec::new(),
             buffer: Vec::new(),
@@ -1075,7 +1129,7 @@ impl Flusher {
     /// Hands an fsync of everything written so far to the background syncer. Returns false
     /// when it cannot (no syncer, or the file has no sync handle): sync inline then. A sync
     /// still in flight counts as handed over; the next one is asked for when it is done.
-    fn sync_in_background(&mut self) -> bool {
+    fn sync_in_background(&mut self, shared: &Shared) -> bool {
         let Some(syncer) = &self.syncer else {
             return false;
         };
@@ -1093,7 +1147,7 @@ impl Flusher {
             .send((
                 handle,
                 self.written,
-                self.shared.storage.describe(&self.segment.name),
+                shared.storage.describe(&self.segment.name),
             ))
             .is_err()
         {
@@ -1105,157 +1159,90 @@ impl Flusher {
         true
     }
 
-    fn run(mut self) {
-        let policy = self.shared.options.fsync;
-        if matches!(policy, FsyncPolicy::Batch(_)) {
-            self.syncer = Syncer::start(&self.shared);
-        }
-        loop {
-            let closing = match self.next_batch(policy) {
-                Some(closing) => closing,
-                None => return,
-            };
-            // Negative control (test builds only): acknowledge the batch before it is written or
-            // fsynced. The crash-point tests must report the acknowledged records it loses.
-            #[cfg(feature = "planted-ack-before-fsync")]
-            if let Some(last) = self.batch.last() {
-                self.shared.publish(last.lsn(), last.lsn());
-            }
-            let result = self.write_batch().and_then(|()| {
-                let sync_due = closing
-                    || match policy {
-                        FsyncPolicy::Always => true,
-                        FsyncPolicy::Batch(interval) => self.last_sync.elapsed() >= interval,
-                        FsyncPolicy::Never => false,
-                    };
-                if sync_due && !closing && self.sync_in_background() {
-                    return Ok(());
-                }
-                if sync_due && matches!(policy, FsyncPolicy::Batch(_)) {
-                    // Under `Batch` a record is durable once written: acknowledge this batch
-                    // now, so its writers do not wait for an inline fsync.
-                    self.shared.publish(self.written, self.synced);
-                }
-                if sync_due { self.sync() } else { Ok(()) }
-            });
-            if let Err(message) = result {
-                self.shared.poison(message);
-                return;
-            }
-            self.shared.publish(self.written, self.synced);
-            if closing {
-                return;
-            }
-        }
-    }
-
-    /// Waits for work and moves a batch out of the queue. Returns `Some(closing)`, where
-    /// `closing` means the queue is drained for shutdown, or `None` if poisoned.
-    fn next_batch(&mut self, policy: FsyncPolicy) -> Option<bool> {
-        let mut queue = self.shared.queue.lock();
-        loop {
-            if queue.poison.is_some() {
-                return None;
-            }
-            if !queue.pending.is_empty() || queue.closing {
-                break;
-            }
-            match policy {
-                FsyncPolicy::Batch(interval) if self.sync_requested < self.written => {
-                    let deadline = self.last_sync + interval;
-                    if Instant::now() >= deadline {
-                        break;
-                    }
-                    self.shared.queue_has_work.wait_until(&mut queue, deadline);
-                }
-                _ => self.shared.queue_has_work.wait(&mut queue),
-            }
-        }
-        // Woken by the first record of a burst: give the writers that are running a moment to
-        // queue theirs, so that one write and one wake-up serve them all.
-        if !queue.closing && queue.pending.len() < GATHER_BELOW {
-            drop(queue);
-            std::thread::yield_now();
-            queue = self.shared.queue.lock();
-            if queue.poison.is_some() {
-                return None;
-            }
-        }
+    /// Moves records out of the queue into `batch`: at most `BATCH_BYTES_MAX` (at least one
+    /// record), and, when `fit` is set, only those that fit in the active segment (an inline
+    /// writer never rolls). Called with the queue locked, by the holder of the writer role.
+    fn take_batch(&mut self, shared: &Shared, queue: &mut Queue, fit: bool) {
         let mut bytes = 0;
+        let room = shared
+            .options
+            .segment_bytes_max
+            .saturating_sub(self.segment.bytes);
         while let Some(next) = queue.pending.front() {
-            if !self.batch.is_empty() && bytes + next.frame_bytes() > BATCH_BYTES_MAX {
+            let frame = next.frame_bytes();
+            if !self.batch.is_empty() && bytes + frame > BATCH_BYTES_MAX {
                 break;
             }
-            bytes += next.frame_bytes();
+            if fit && self.segment.bytes > 0 && (bytes + frame) as u64 > room {
+                break;
+            }
+            bytes += frame;
             if let Some(next) = queue.pending.pop_front() {
                 self.batch.push(next);
             }
         }
-        let closing = queue.closing && queue.pending.is_empty();
-        self.shared
+        shared
             .queued
             .store(queue.pending.len() as u64, Ordering::Release);
-        drop(queue);
-        if !self.batch.is_empty() {
-            self.shared.queue_has_room.notify_all();
-            self.shared.room_notify.notify_waiters();
-        }
-        Some(closing)
     }
 
     /// Writes the batch with one write per segment touched, rolling segments as needed.
-    fn write_batch(&mut self) -> Result<(), String> {
+    fn write_batch(&mut self, shared: &Shared) -> Result<(), String> {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let segment_bytes_max = self.shared.options.segment_bytes_max;
+        // Negative control (test builds only): acknowledge the batch before it is written or
+        // fsynced. The crash-point tests must report the acknowledged records it loses.
+        #[cfg(feature = "planted-ack-before-fsync")]
+        if let Some(last) = self.batch.last() {
+            shared.publish(last.lsn(), last.lsn());
+        }
+        let segment_bytes_max = shared.options.segment_bytes_max;
         let batch = std::mem::take(&mut self.batch);
         let records = batch.len() as u64;
-        let bytes_before = self.shared.bytes_written.load(Ordering::Relaxed);
+        let bytes_before = shared.bytes_written.load(Ordering::Relaxed);
         let mut buffered_last = self.written;
         for pending in &batch {
             debug_assert!(record::header_matches(&pending.header, &pending.payload));
             debug_assert_eq!(pending.lsn(), buffered_last + 1);
             let frame = pending.frame_bytes() as u64;
             if self.segment.bytes > 0 && self.segment.bytes + frame > segment_bytes_max {
-                self.flush_buffer(buffered_last)?;
-                self.roll()?;
+                self.flush_buffer(shared, buffered_last)?;
+                self.roll(shared)?;
             }
             self.buffer.extend_from_slice(&pending.header);
             self.buffer.extend_from_slice(&pending.payload);
             self.segment.bytes += frame;
             buffered_last = pending.lsn();
         }
-        self.flush_buffer(buffered_last)?;
+        self.flush_buffer(shared, buffered_last)?;
         self.batch = batch;
         self.batch.clear();
-        self.shared.batches.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .last_batch_records
-            .store(records, Ordering::Relaxed);
-        if let Some(observer) = self.shared.observer.get() {
-            // Only the flusher adds to `bytes_written`, so the difference is this batch.
-            let bytes = self.shared.bytes_written.load(Ordering::Relaxed) - bytes_before;
+        shared.batches.fetch_add(1, Ordering::Relaxed);
+        shared.last_batch_records.store(records, Ordering::Relaxed);
+        if let Some(observer) = shared.observer.get() {
+            // Only the writer adds to `bytes_written`, so the difference is this batch.
+            let bytes = shared.bytes_written.load(Ordering::Relaxed) - bytes_before;
             observer.batch(records, bytes);
         }
         Ok(())
     }
 
     /// Writes the buffered records (the last of which is `last_lsn`) to the active segment.
-    fn flush_buffer(&mut self, last_lsn: Lsn) -> Result<(), String> {
+    fn flush_buffer(&mut self, shared: &Shared, last_lsn: Lsn) -> Result<(), String> {
         if self.buffer.is_empty() {
             return Ok(());
         }
         self.segment.file.write_all(&self.buffer).map_err(|error| {
-            let path = self.shared.storage.describe(&self.segment.name);
+            let path = shared.storage.describe(&self.segment.name);
             format!("write to {path} failed: {error}")
         })?;
-        self.shared
+        shared
             .bytes_written
             .fetch_add(self.buffer.len() as u64, Ordering::Relaxed);
         self.buffer.clear();
         self.written = last_lsn;
-        let mut segments = self.shared.segments.lock();
+        let mut segments = shared.segments.lock();
         if let Some(active) = segments.last_mut() {
             debug_assert_eq!(active.name, self.segment.name);
             active.last_lsn = Some(last_lsn);
@@ -1263,29 +1250,29 @@ impl Flusher {
         drop(segments);
         // Half the segment written: ask for the spare the next roll will take, so that a busy
         // log has it in time, while a log that never fills a segment never pays for one.
-        if !self.spare_asked && self.segment.bytes > self.shared.options.segment_bytes_max / 2 {
+        if !self.spare_asked && self.segment.bytes > shared.options.segment_bytes_max / 2 {
             self.spare_asked = true;
-            if self.shared.options.preallocate && self.shared.storage.preallocates() {
-                self.shared.spare.lock().wanted = true;
-                self.shared.spare_changed.notify_all();
+            if shared.options.preallocate && shared.storage.preallocates() {
+                shared.spare.lock().wanted = true;
+                shared.spare_changed.notify_all();
             }
         }
         Ok(())
     }
 
-    fn sync(&mut self) -> Result<(), String> {
+    fn sync(&mut self, shared: &Shared) -> Result<(), String> {
         if self.synced == self.written {
             return Ok(());
         }
         let started = Instant::now();
         self.segment.file.sync().map_err(|error| {
-            let path = self.shared.storage.describe(&self.segment.name);
+            let path = shared.storage.describe(&self.segment.name);
             format!("fsync of {path} failed: {error}")
         })?;
-        if let Some(observer) = self.shared.observer.get() {
+        if let Some(observer) = shared.observer.get() {
             observer.fsync(started.elapsed());
         }
-        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        shared.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.synced = self.written;
         self.sync_requested = self.sync_requested.max(self.written);
         self.last_sync = Instant::now();
@@ -1294,12 +1281,12 @@ impl Flusher {
 
     /// Seals the active segment (fsynced, whatever the policy, so a crash cannot leave a hole
     /// before records of the next segment) and starts the next one.
-    fn roll(&mut self) -> Result<(), String> {
-        self.sync()?;
-        let storage = self.shared.storage.as_ref();
-        let spare_ready = std::mem::take(&mut self.shared.spare.lock().ready);
+    fn roll(&mut self, shared: &Shared) -> Result<(), String> {
+        self.sync(shared)?;
+        let storage = shared.storage.as_ref();
+        let spare_ready = std::mem::take(&mut shared.spare.lock().ready);
         let next = if spare_ready {
-            self.shared.spares_used.fetch_add(1, Ordering::Relaxed);
+            shared.spares_used.fetch_add(1, Ordering::Relaxed);
             SegmentWriter::from_spare(storage, self.written + 1)
         } else {
             SegmentWriter::create(storage, self.written + 1)
@@ -1307,7 +1294,7 @@ impl Flusher {
         .map_err(|error| error.to_string())?;
         // The next spare is asked for when this segment is half written (`flush_buffer`).
         self.spare_asked = false;
-        let mut segments = self.shared.segments.lock();
+        let mut segments = shared.segments.lock();
         debug_assert!(
             segments
                 .last()
@@ -1322,4 +1309,225 @@ impl Flusher {
         self.segment = next;
         Ok(())
     }
+}
+
+/// How long an idle flusher sleeps before it looks at the queue again under `Batch` and
+/// `Never`: records appended with [`Log::append_deferred`] wake nobody, and a record nobody
+/// waits for is written by this pass. (Under `Batch(T)` it sleeps at most `T`.)
+const DEFERRED_WRITE_TICK: Duration = Duration::from_millis(10);
+
+/// An async waiter writes inline at most this many batches before it hands the rest to the
+/// flusher thread (so one request does not write for everyone under a sustained load).
+const INLINE_BATCHES_MAX: usize = 4;
+
+/// The flusher thread: writes whatever no inline writer took, fsyncs per policy (inline under
+/// `Always`, on the syncer thread under `Batch`), rolls segments, and drains the queue at
+/// shutdown.
+fn run_flusher(shared: &Arc<Shared>) {
+    let policy = shared.options.fsync;
+    if matches!(policy, FsyncPolicy::Batch(_)) {
+        shared.writer.lock().syncer = Syncer::start(shared);
+    }
+    while let Some(closing) = claim_for_flusher(shared, policy) {
+        let mut writer = shared.writer.lock();
+        let result = flusher_pass(shared, &mut writer, policy, closing);
+        // Poisoned before the role is given back: a failed write may have lost its batch, and
+        // no one may write the records after it.
+        if let Err(message) = &result {
+            shared.poison(message.clone());
+        }
+        drop(writer);
+        release_writer_role(shared);
+        if result.is_err() {
+            break;
+        }
+        if closing {
+            break;
+        }
+    }
+    // The syncer's thread holds the shared state: end it here, not when the state drops.
+    let syncer = shared.writer.lock().syncer.take();
+    drop(syncer);
+}
+
+/// Waits until the flusher has something to do and takes the writer role for it. Returns
+/// `Some(closing)`, where `closing` means the queue is to be drained for shutdown, or `None`
+/// once the log is poisoned.
+fn claim_for_flusher(shared: &Shared, policy: FsyncPolicy) -> Option<bool> {
+    loop {
+        match try_claim_for_flusher(shared, policy) {
+            Claim::Poisoned => return None,
+            Claim::Claimed { closing } => return Some(closing),
+            // An inline writer took the role while the flusher yielded: wait again.
+            Claim::Taken => continue,
+        }
+    }
+}
+
+/// What one attempt of [`claim_for_flusher`] got.
+enum Claim {
+    Poisoned,
+    Claimed { closing: bool },
+    Taken,
+}
+
+fn try_claim_for_flusher(shared: &Shared, policy: FsyncPolicy) -> Claim {
+    let tick = match policy {
+        FsyncPolicy::Batch(interval) => Some(interval.min(DEFERRED_WRITE_TICK)),
+        FsyncPolicy::Never => Some(DEFERRED_WRITE_TICK),
+        FsyncPolicy::Always => None,
+    };
+    let mut queue = shared.queue.lock();
+    loop {
+        if queue.poison.is_some() {
+            return Claim::Poisoned;
+        }
+        let now = Instant::now();
+        let sync_at = sync_deadline(shared, policy);
+        if !queue.writer_active
+            && (!queue.pending.is_empty()
+                || queue.closing
+                || sync_at.is_some_and(|deadline| now >= deadline))
+        {
+            break;
+        }
+        match tick {
+            Some(tick) => {
+                let wake = sync_at.map_or(now + tick, |deadline| deadline.min(now + tick));
+                shared.queue_has_work.wait_until(&mut queue, wake);
+            }
+            None => shared.queue_has_work.wait(&mut queue),
+        }
+    }
+    // Woken by the first record of a burst: give the writers that are running a moment to
+    // queue theirs, so that one write and one wake-up serve them all.
+    if !queue.closing && queue.pending.len() < GATHER_BELOW {
+        drop(queue);
+        std::thread::yield_now();
+        queue = shared.queue.lock();
+        if queue.poison.is_some() {
+            return Claim::Poisoned;
+        }
+        if queue.writer_active {
+            // An inline writer took the role meanwhile: it writes them.
+            return Claim::Taken;
+        }
+    }
+    queue.writer_active = true;
+    Claim::Claimed {
+        closing: queue.closing && queue.pending.is_empty(),
+    }
+}
+
+/// Under `Batch(T)`, when the written records that no fsync covers yet are due for one (`T`
+/// after the last). Called with the queue locked, so the writer's lock is only tried: an
+/// inline writer holding it answers `None`, and the flusher looks again within a tick.
+fn sync_deadline(shared: &Shared, policy: FsyncPolicy) -> Option<Instant> {
+    let FsyncPolicy::Batch(interval) = policy else {
+        return None;
+    };
+    let writer = shared.writer.try_lock()?;
+    (writer.sync_requested < writer.written).then(|| writer.last_sync + interval)
+}
+
+/// One pass of the flusher with the writer role: writes a batch (rolling as needed), fsyncs
+/// per policy, publishes.
+fn flusher_pass(
+    shared: &Shared,
+    writer: &mut Writer,
+    policy: FsyncPolicy,
+    closing: bool,
+) -> Result<(), String> {
+    {
+        let mut queue = shared.queue.lock();
+        writer.take_batch(shared, &mut queue, false);
+    }
+    if !writer.batch.is_empty() {
+        shared.queue_has_room.notify_all();
+        shared.room_notify.notify_waiters();
+    }
+    writer.write_batch(shared)?;
+    let sync_due = closing
+        || match policy {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Batch(interval) => writer.last_sync.elapsed() >= interval,
+            FsyncPolicy::Never => false,
+        };
+    let handed_over = sync_due && !closing && writer.sync_in_background(shared);
+    if sync_due && !handed_over {
+        if matches!(policy, FsyncPolicy::Batch(_)) {
+            // Under `Batch` a record is durable once written: acknowledge this batch now, so
+            // its writers do not wait for an inline fsync.
+            shared.publish(writer.written, writer.synced);
+        }
+        writer.sync(shared)?;
+    }
+    shared.publish(writer.written, writer.synced);
+    Ok(())
+}
+
+/// Gives the writer role back. Records queued meanwhile (whose appenders saw the role taken
+/// and left them to its holder) go to the flusher thread; so does a shutdown.
+fn release_writer_role(shared: &Shared) {
+    let wake = {
+        let mut queue = shared.queue.lock();
+        queue.writer_active = false;
+        !queue.pending.is_empty() || queue.closing
+    };
+    if wake {
+        shared.queue_has_work.notify_one();
+    }
+}
+
+/// What an async waiter does under `Batch` and `Never` before it sleeps ([`Log::durable`]):
+/// if no one holds the writer role, take it and write the queued records that fit in the
+/// active segment, on this thread, and publish them. No thread hand-off and no wake-up of the
+/// flusher for the common case. Never fsyncs or rolls here: an fsync that is due goes to the
+/// syncer thread, and records that need a roll (or more than `INLINE_BATCHES_MAX` batches)
+/// are left to the flusher.
+fn write_inline(shared: &Shared) {
+    {
+        let mut queue = shared.queue.lock();
+        if queue.writer_active
+            || queue.pending.is_empty()
+            || queue.closing
+            || queue.poison.is_some()
+        {
+            return;
+        }
+        queue.writer_active = true;
+    }
+    {
+        let mut writer = shared.writer.lock();
+        let mut result = Ok(());
+        for _ in 0..INLINE_BATCHES_MAX {
+            {
+                let mut queue = shared.queue.lock();
+                writer.take_batch(shared, &mut queue, true);
+            }
+            if writer.batch.is_empty() {
+                break;
+            }
+            shared.queue_has_room.notify_all();
+            shared.room_notify.notify_waiters();
+            result = writer.write_batch(shared);
+            if result.is_err() {
+                break;
+            }
+            shared.inline_batches.fetch_add(1, Ordering::Relaxed);
+            // A due fsync goes to the syncer thread; without one (not started yet), the
+            // flusher's next tick does it.
+            if let FsyncPolicy::Batch(interval) = shared.options.fsync
+                && writer.last_sync.elapsed() >= interval
+            {
+                writer.sync_in_background(shared);
+            }
+            shared.publish(writer.written, writer.synced);
+        }
+        // Poisoned before the role is given back (see `run_flusher`).
+        if let Err(message) = result {
+            shared.poison(message);
+        }
+    };
+    release_writer_role(shared);
 }

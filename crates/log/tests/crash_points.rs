@@ -32,6 +32,8 @@ struct Outcome {
     acknowledged: BTreeSet<Lsn>,
     /// Segments the run started from a preallocated spare.
     spares_used: u64,
+    /// Batches written by async waiters rather than the flusher thread.
+    inline_batches: u64,
 }
 
 /// A fresh directory: segments grown by appends, or preallocated (written over zeros).
@@ -68,11 +70,37 @@ fn decode_checkpoint(data: &[u8]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Who writes the records and what an acknowledgement promises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Writers {
+    /// Threads: `append` then `wait_durable` under `Always` (the flusher writes and fsyncs).
+    Threads,
+    /// Async tasks on two workers: `append_deferred` then `durable().await` under `Batch`, so
+    /// the waiters write inline and the flusher only rolls, fsyncs and writes what is left.
+    /// An acknowledgement promises survival of a process death (kill -9), not of a power cut.
+    Inline,
+}
+
+impl Writers {
+    fn options(self) -> LogOptions {
+        match self {
+            Writers::Threads => options(),
+            Writers::Inline => LogOptions {
+                fsync: FsyncPolicy::Batch(std::time::Duration::from_millis(1)),
+                ..options()
+            },
+        }
+    }
+}
+
 /// Runs the workload on `storage` until it ends or the storage "dies".
-fn run_workload(storage: &FaultyStorage) -> Outcome {
-    let Ok((log, _)) = Log::open(storage.clone(), options(), |_| Ok(())) else {
+fn run_workload_with(storage: &FaultyStorage, writers: Writers) -> Outcome {
+    let Ok((log, _)) = Log::open(storage.clone(), writers.options(), |_| Ok(())) else {
         return Outcome::default();
     };
+    if writers == Writers::Inline {
+        return run_inline_workload(log);
+    }
     let log = Arc::new(log);
     let outcome = Arc::new(Mutex::new(Outcome::default()));
     let writers: Vec<_> = (0..WRITERS)
@@ -100,10 +128,58 @@ fn run_workload(storage: &FaultyStorage) -> Outcome {
     for writer in writers {
         writer.join().expect("writer thread");
     }
-    let spares_used = log.stats().spares_used;
+    let stats = log.stats();
     drop(log);
     let mut outcome = outcome.lock();
-    outcome.spares_used = spares_used;
+    outcome.spares_used = stats.spares_used;
+    outcome.inline_batches = stats.inline_batches;
+    std::mem::take(&mut *outcome)
+}
+
+/// The `Writers::Inline` workload: the same records from async tasks.
+fn run_inline_workload(log: Log) -> Outcome {
+    let log = Arc::new(log);
+    let outcome = Arc::new(Mutex::new(Outcome::default()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..WRITERS)
+            .map(|writer| {
+                let log = Arc::clone(&log);
+                let outcome = Arc::clone(&outcome);
+                tokio::spawn(async move {
+                    for index in 0..RECORDS_PER_WRITER {
+                        let body = record_body(writer, index);
+                        let Ok(lsn) = log.append_deferred(body.clone()) else {
+                            return;
+                        };
+                        outcome.lock().issued.insert(lsn, body);
+                        if log.durable(lsn).await.is_err() {
+                            return;
+                        }
+                        outcome.lock().acknowledged.insert(lsn);
+                        if writer == 0 && index == CHECKPOINT_AFTER {
+                            let log = Arc::clone(&log);
+                            let outcome = Arc::clone(&outcome);
+                            tokio::task::spawn_blocking(move || checkpoint(&log, &outcome))
+                                .await
+                                .expect("checkpoint task");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("writer task");
+        }
+    });
+    let stats = log.stats();
+    drop(log);
+    let mut outcome = outcome.lock();
+    outcome.spares_used = stats.spares_used;
+    outcome.inline_batches = stats.inline_batches;
     std::mem::take(&mut *outcome)
 }
 
@@ -127,6 +203,17 @@ fn checkpoint(log: &Log, outcome: &Mutex<Outcome>) {
 
 /// Recovers `image` and checks the prefix property; returns the recovered length.
 fn check_image(image: FaultyStorage, outcome: &Outcome, context: &str) -> u64 {
+    check_image_with(image, outcome, context, true)
+}
+
+/// [`check_image`], where `acknowledged_survive` says whether the image must hold every
+/// acknowledged record (not so for a power cut under `Batch`: its window may be lost).
+fn check_image_with(
+    image: FaultyStorage,
+    outcome: &Outcome,
+    context: &str,
+    acknowledged_survive: bool,
+) -> u64 {
     let (log, replayed, stats) =
         open(image.clone(), options()).unwrap_or_else(|e| panic!("{context}: open failed: {e}"));
     let mut recovered = Vec::new();
@@ -148,7 +235,9 @@ fn check_image(image: FaultyStorage, outcome: &Outcome, context: &str) -> u64 {
         );
     }
     let length = recovered.len() as Lsn;
-    if let Some(&acknowledged) = outcome.acknowledged.last() {
+    if let Some(&acknowledged) = outcome.acknowledged.last()
+        && acknowledged_survive
+    {
         assert!(
             acknowledged <= length,
             "{context}: acknowledged lsn {acknowledged} lost (recovered {length})"
@@ -175,7 +264,7 @@ fn check_image(image: FaultyStorage, outcome: &Outcome, context: &str) -> u64 {
 #[cfg(not(feature = "planted-ack-before-fsync"))]
 #[test]
 fn crash_at_every_storage_operation_recovers_a_prefix_with_every_acknowledged_record() {
-    enumerate_crashes(false);
+    enumerate_crashes(false, Writers::Threads);
 }
 
 /// The same over preallocated segments: rolls rename a zero-filled spare and write over its
@@ -184,21 +273,33 @@ fn crash_at_every_storage_operation_recovers_a_prefix_with_every_acknowledged_re
 #[cfg(not(feature = "planted-ack-before-fsync"))]
 #[test]
 fn crash_at_every_storage_operation_with_preallocated_segments() {
-    enumerate_crashes(true);
+    enumerate_crashes(true, Writers::Threads);
+}
+
+/// The same with async waiters writing inline (`append_deferred`, `durable().await`) under
+/// `Batch`: a process death at any storage operation keeps every acknowledged record, and
+/// every image (power cuts, torn writes included) recovers a prefix of the issued records.
+#[cfg(not(feature = "planted-ack-before-fsync"))]
+#[test]
+fn crash_at_every_storage_operation_with_inline_writers() {
+    enumerate_crashes(true, Writers::Inline);
 }
 
 #[cfg(not(feature = "planted-ack-before-fsync"))]
-fn enumerate_crashes(preallocated: bool) {
+fn enumerate_crashes(preallocated: bool, writers: Writers) {
     // Whether a roll finds its spare ready depends on the preallocator thread's timing: the
     // dry run (which sets the number of crash points) is retried until rolls used spares.
     let (dry_run, complete) = (0..20)
         .map(|_| {
             let dry_run = storage(preallocated);
-            let complete = run_workload(&dry_run);
+            let complete = run_workload_with(&dry_run, writers);
             (dry_run, complete)
         })
-        .find(|(_, complete)| !preallocated || complete.spares_used >= 2)
-        .expect("rolls into preallocated spares in some dry run");
+        .find(|(_, complete)| {
+            (!preallocated || complete.spares_used >= 2)
+                && (writers == Writers::Threads || complete.inline_batches >= 5)
+        })
+        .expect("rolls into preallocated spares (and batches written inline) in some dry run");
     assert_eq!(
         complete.acknowledged.len() as u64,
         WRITERS * RECORDS_PER_WRITER
@@ -227,22 +328,32 @@ fn enumerate_crashes(preallocated: bool) {
     for crash_op in 0..total_ops + 10 {
         let storage = storage(preallocated);
         storage.fail_from_op(Some(crash_op));
-        let outcome = run_workload(&storage);
-        let mut modes = vec![CrashMode::DropUnsynced];
+        let outcome = run_workload_with(&storage, writers);
+        let mut modes = vec![CrashMode::DropUnsynced, CrashMode::ProcessDeath];
         modes.extend((0..TORN_SEEDS).map(|seed| CrashMode::Torn {
             seed: seed ^ (crash_op << 8),
         }));
         for mode in modes {
             let context = format!(
-                "crash at op {crash_op} with {mode:?}, preallocated: {preallocated} \
-                 (reproduce: cargo test -p imstate-log --test crash_points)"
+                "crash at op {crash_op} with {mode:?}, preallocated: {preallocated}, \
+                 {writers:?} writers (reproduce: cargo test -p imstate-log --test crash_points)"
             );
-            lengths.insert(check_image(storage.crash_image(mode), &outcome, &context));
+            // Under `Always` every image keeps what was acknowledged; under `Batch` only a
+            // process death must.
+            let acknowledged_survive =
+                writers == Writers::Threads || mode == CrashMode::ProcessDeath;
+            lengths.insert(check_image_with(
+                storage.crash_image(mode),
+                &outcome,
+                &context,
+                acknowledged_survive,
+            ));
         }
     }
     // The enumeration must actually have explored crashes at many points of the workload.
     eprintln!(
-        "preallocated: {preallocated}, crash points: {total_ops}, distinct recovered lengths: {}",
+        "preallocated: {preallocated}, {writers:?} writers, crash points: {total_ops}, \
+         distinct recovered lengths: {}",
         lengths.len()
     );
     assert!(lengths.len() > 20, "too few distinct outcomes: {lengths:?}");
@@ -254,31 +365,41 @@ fn enumerate_crashes(preallocated: bool) {
 #[cfg(feature = "planted-ack-before-fsync")]
 #[test]
 fn planted_ack_before_fsync_is_caught_by_the_recovery_check() {
-    let total_ops = run_workload_ops();
-    let mut lost = 0;
-    for crash_op in 0..total_ops {
-        let storage = storage(crash_op % 2 == 1);
-        storage.fail_from_op(Some(crash_op));
-        let outcome = run_workload(&storage);
-        let image = storage.crash_image(CrashMode::DropUnsynced);
-        let (_log, _replayed, stats) = open(image, options()).expect("recovers");
-        if outcome
-            .acknowledged
-            .last()
-            .is_some_and(|&acked| acked > stats.last_lsn)
-        {
-            lost += 1;
+    // Threads under `Always`, power cuts; inline writers under `Batch`, process deaths.
+    for (writers, mode) in [
+        (Writers::Threads, CrashMode::DropUnsynced),
+        (Writers::Inline, CrashMode::ProcessDeath),
+    ] {
+        let total_ops = run_workload_ops();
+        let mut lost = 0;
+        for crash_op in 0..total_ops {
+            let storage = storage(crash_op % 2 == 1);
+            storage.fail_from_op(Some(crash_op));
+            let outcome = run_workload_with(&storage, writers);
+            let image = storage.crash_image(mode);
+            let (_log, _replayed, stats) = open(image, options()).expect("recovers");
+            if outcome
+                .acknowledged
+                .last()
+                .is_some_and(|&acked| acked > stats.last_lsn)
+            {
+                lost += 1;
+            }
         }
+        eprintln!(
+            "planted ack-before-fsync, {writers:?} writers, {mode:?}: {lost} of {total_ops} \
+             crash points lost acknowledged records"
+        );
+        assert!(
+            lost > 0,
+            "the recovery check never saw the planted bug ({writers:?} writers)"
+        );
     }
-    eprintln!(
-        "planted ack-before-fsync: {lost} of {total_ops} crash points lost acknowledged records"
-    );
-    assert!(lost > 0, "the recovery check never saw the planted bug");
 }
 
 #[cfg(feature = "planted-ack-before-fsync")]
 fn run_workload_ops() -> u64 {
     let dry_run = FaultyStorage::new();
-    run_workload(&dry_run);
+    run_workload_with(&dry_run, Writers::Threads);
     dry_run.ops()
 }

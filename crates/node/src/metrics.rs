@@ -80,6 +80,9 @@ pub const LOG_SEGMENTS: &str = "imstate_log_segments";
 pub const LOG_SPARES_USED: &str = "imstate_log_preallocated_segments_total";
 /// Spare segments that could not be made (a full disk): writes then grow the file, by `log`.
 pub const LOG_PREALLOC_FAILURES: &str = "imstate_log_preallocation_failures_total";
+/// Group-commit batches written, by `log` and `writer` (`flusher`: the flusher thread;
+/// `inline`: an async waiter under `batch` or `never`, without a thread hand-off).
+pub const LOG_BATCHES: &str = "imstate_log_batches_total";
 /// Log bytes since the last checkpoint: what the next start-up replays, by `log`.
 pub const LOG_BYTES_SINCE_CHECKPOINT: &str = "imstate_log_since_checkpoint_bytes";
 /// 1 when the log is poisoned (a write or fsync failed; the node stops), by `log`.
@@ -275,6 +278,9 @@ pub fn refresh(seq: &crate::sequences::Sequences, presence: &PresenceStore) {
         gauge!(LOG_SEGMENTS, "log" => name).set(stats.segments as f64);
         counter!(LOG_SPARES_USED, "log" => name).absolute(stats.spares_used);
         counter!(LOG_PREALLOC_FAILURES, "log" => name).absolute(stats.prealloc_failures);
+        counter!(LOG_BATCHES, "log" => name, "writer" => "inline").absolute(stats.inline_batches);
+        counter!(LOG_BATCHES, "log" => name, "writer" => "flusher")
+            .absolute(stats.batches.saturating_sub(stats.inline_batches));
         gauge!(LOG_BYTES_SINCE_CHECKPOINT, "log" => name).set(log.bytes_since_checkpoint() as f64);
         gauge!(LOG_POISONED, "log" => name).set(if stats.poisoned { 1.0 } else { 0.0 });
         gauge!(CHECKPOINT_LSN, "log" => name).set(stats.last_checkpoint_lsn.unwrap_or(0) as f64);

@@ -297,8 +297,8 @@ impl Journal for NodeJournal {
         // took it, so a full queue only grows by the records of writers already admitted.
         #[cfg(not(feature = "planted-presence-ack-before-log"))]
         let append = || match self.feed.get() {
-            Some(feed) => feed.append(bytes, |bytes| log.append_unblocked(bytes)),
-            None => log.append_unblocked(bytes),
+            Some(feed) => feed.append(bytes, |bytes| log.append_deferred(bytes)),
+            None => log.append_deferred(bytes),
         };
         // An event is appended and published under the Watch hub's lock (LSN order, for
         // resumes); a bare change (heartbeats, gateway leases) needs neither.
