@@ -501,3 +501,125 @@ fn batch_policy_poisons_the_log_when_a_background_fsync_fails() {
     }
     assert!(log.is_poisoned());
 }
+
+/// Under `Batch` and `Never` an async waiter writes the deferred records itself (no flusher
+/// hand-off), across many segments (the flusher rolls them), and everything reopens in order.
+#[test]
+fn async_waiters_write_deferred_records_inline_across_rolls() {
+    for policy in [
+        FsyncPolicy::Batch(Duration::from_millis(5)),
+        FsyncPolicy::Never,
+    ] {
+        let storage = FaultyStorage::new();
+        let options = LogOptions {
+            fsync: policy,
+            ..small_segments()
+        };
+        let (log, _, _) = open(storage.clone(), options.clone()).expect("open");
+        let log = Arc::new(log);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let tasks: Vec<_> = (0..4u64)
+                .map(|task| {
+                    let log = Arc::clone(&log);
+                    tokio::spawn(async move {
+                        for index in 0..50 {
+                            let lsn = log
+                                .append_deferred(payload(task * 1000 + index))
+                                .expect("append");
+                            log.durable(lsn).await.expect("durable");
+                            assert!(log.durable_lsn() >= lsn);
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.expect("task");
+            }
+        });
+        let stats = log.stats();
+        assert_eq!(stats.last_lsn, 200, "{policy:?}");
+        assert!(
+            stats.inline_batches > 0,
+            "{policy:?}: no batch written inline"
+        );
+        assert!(stats.segments > 3, "{policy:?}: rolls expected");
+        drop(log);
+        let (_log, replayed, _) =
+            open(storage.crash_image(CrashMode::ProcessDeath), options).expect("reopen");
+        assert_eq!(replayed.records.len(), 200, "{policy:?}");
+    }
+}
+
+/// A deferred record wakes nobody: if no one waits for it, the flusher's periodic pass writes
+/// it anyway, and a thread's `wait_durable` does not wait for that pass.
+#[test]
+fn a_deferred_record_nobody_waits_for_is_written_by_the_flusher() {
+    let storage = FaultyStorage::new();
+    let options = LogOptions {
+        fsync: FsyncPolicy::Never,
+        ..LogOptions::default()
+    };
+    let (log, _, _) = open(storage.clone(), options).expect("open");
+    let lsn = log
+        .append_deferred(b"nobody waits".to_vec())
+        .expect("append");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while log.durable_lsn() < lsn {
+        assert!(
+            Instant::now() < deadline,
+            "the deferred record was never written"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(log.stats().inline_batches, 0);
+    let lsn = log
+        .append_deferred(b"a thread waits".to_vec())
+        .expect("append");
+    log.wait_durable(lsn).expect("durable");
+    assert_eq!(log.stats().inline_batches, 0);
+}
+
+/// `Log::poisoned` resolves once, with the reason, when a write fails; it is not woken by
+/// acknowledged writes before that (it waits on its own notification).
+#[test]
+fn poisoned_resolves_with_the_reason_of_a_failed_write() {
+    let storage = FaultyStorage::new();
+    let options = LogOptions {
+        fsync: FsyncPolicy::Batch(Duration::from_millis(5)),
+        ..LogOptions::default()
+    };
+    let (log, _, _) = open(storage.clone(), options).expect("open");
+    let log = Arc::new(log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let watcher = tokio::spawn({
+            let log = Arc::clone(&log);
+            async move { log.poisoned().await }
+        });
+        for index in 0..20 {
+            let lsn = log.append_deferred(payload(index)).expect("append");
+            log.durable(lsn).await.expect("durable");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !watcher.is_finished(),
+            "poisoned() resolved on a healthy log"
+        );
+        storage.fail_from_op(Some(storage.ops()));
+        let lsn = log.append_deferred(b"doomed".to_vec()).expect("queued");
+        assert!(matches!(log.durable(lsn).await, Err(LogError::Poisoned(_))));
+        let reason = tokio::time::timeout(Duration::from_secs(10), watcher)
+            .await
+            .expect("poisoned() resolves")
+            .expect("task");
+        assert!(reason.contains("write"), "{reason}");
+    });
+}
