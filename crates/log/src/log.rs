@@ -16,11 +16,13 @@
 //! the role back. An inline writer never fsyncs (the syncer thread does) and never rolls a
 //! segment (the flusher does), so a tokio worker only ever does a `write` to the page cache.
 //!
-//! Invariants: LSNs are assigned and queued under one lock, so the queue order is the LSN order
-//! and the writer (one at a time) writes in that order; `synced <= written <= last_lsn` (checked on every
-//! publish); once poisoned, nothing is written or fsynced again and every waiter and appender
-//! gets [`LogError::Poisoned`]. Only the flusher writes to segments; the checkpoint only
-//! deletes segments that are no longer the active one.
+//! Invariants: LSNs are assigned and queued under one lock, so the queue order is the LSN
+//! order, and the holder of the writer role (one at a time) writes in that order;
+//! `synced <= written <= last_lsn` (checked on every publish); once poisoned, nothing is
+//! written or fsynced again and every waiter and appender gets [`LogError::Poisoned`] (a
+//! writer whose write failed poisons the log before it gives the role back, so no one writes
+//! past a lost batch). Only the holder of the writer role writes to segments; the checkpoint
+//! only deletes segments that are no longer the active one.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -62,12 +64,12 @@ pub struct CheckpointStats {
     pub segments_removed: usize,
 }
 
-/// Receives timings from the flusher thread, for metrics (set with [`Log::set_observer`]).
+/// Receives timings from the writer, for metrics (set with [`Log::set_observer`]).
 ///
-/// Contract: called on the flusher thread (or, for fsyncs under `Batch`, the syncer thread),
-/// after each fsync and each written batch; an
-/// implementation must be cheap and must never block or call back into the log, because the
-/// flusher is the log's bottleneck.
+/// Contract: called by the holder of the writer role (the flusher thread, or an async waiter
+/// writing inline on a runtime worker) or, for fsyncs under `Batch`, the syncer thread, after
+/// each fsync and each written batch; an implementation must be cheap and must never block or
+/// call back into the log, because the writer is the log's bottleneck.
 pub trait LogObserver: Send + Sync {
     /// One successful fsync of a segment file took `elapsed`.
     fn fsync(&self, elapsed: Duration);
@@ -84,7 +86,7 @@ pub struct LogStats {
     pub bytes_written: u64,
     /// Successful fsyncs of segment files.
     pub fsyncs: u64,
-    /// Batches written by the flusher.
+    /// Batches written (by the flusher thread or inline, see `inline_batches`).
     pub batches: u64,
     /// Records in the most recent batch.
     pub last_batch_records: u64,
