@@ -9,8 +9,9 @@
 //!             ──(brief segments lock)──► delete covered segments and older checkpoints
 //! ```
 //!
-//! The writer role: whoever writes (the flusher thread, or under `Batch` and `Never` an async
-//! waiter in [`Log::durable`] writing inline, without a thread hand-off) first claims
+//! The writer role: whoever writes (the flusher thread, or with `LogOptions::inline_writes`
+//! under `Batch` and `Never` an async waiter in [`Log::durable`] writing inline, without a
+//! thread hand-off) first claims
 //! `Queue::writer_active` under the queue lock, then locks the [`Writer`] state; it takes every
 //! record queued while it holds the role, or wakes the flusher for what it leaves when it gives
 //! the role back. An inline writer never fsyncs (the syncer thread does) and never rolls a
@@ -242,6 +243,12 @@ struct Spare {
 }
 
 impl Shared {
+    /// Whether async waiters write inline and deferred appends wake nobody
+    /// ([`LogOptions::inline_writes`]; never under `Always`, whose writes wait for an fsync).
+    fn inline_writes(&self) -> bool {
+        self.options.inline_writes && !matches!(self.options.fsync, FsyncPolicy::Always)
+    }
+
     fn durable_of(&self, written: Lsn, synced: Lsn) -> Lsn {
         match self.options.fsync {
             FsyncPolicy::Always => synced,
@@ -504,15 +511,15 @@ impl Log {
         self.push(payload, false, false)
     }
 
-    /// [`Log::append_unblocked`] that does not wake the flusher thread (under `Batch` and
-    /// `Never`; under `Always` it is `append_unblocked`): the caller is expected to wait with
+    /// [`Log::append_unblocked`] that does not wake the flusher thread, with
+    /// [`LogOptions::inline_writes`] under `Batch` and `Never` (otherwise it is
+    /// `append_unblocked`): the caller is expected to wait with
     /// [`Log::durable`], which writes the queued records on its own thread when no one else
     /// is writing (one thread hand-off and one wake-up fewer per write). A record nobody
     /// waits for is written by the flusher's next pass, within `DEFERRED_WRITE_TICK` (10 ms)
     /// or `T` under `Batch(T)` if shorter; [`Log::wait_durable`] wakes the flusher at once.
     pub fn append_deferred(&self, payload: Vec<u8>) -> Result<Lsn, LogError> {
-        let deferred = !matches!(self.shared.options.fsync, FsyncPolicy::Always);
-        self.push(payload, false, deferred)
+        self.push(payload, false, self.shared.inline_writes())
     }
 
     /// Resolves once the queue is under `queue_records_max` (at once if it is), or with the
@@ -653,15 +660,16 @@ impl Log {
     /// Resolves once `durable_lsn() >= lsn`, or with the poison or closed error. Built on
     /// `tokio::sync::watch`: works on any executor, no runtime inside the log.
     ///
-    /// Under `Batch` and `Never` (where a record is durable once written), a waiter first
-    /// writes the queued records itself when no one else is writing: a `write` to the page
+    /// With [`LogOptions::inline_writes`], under `Batch` and `Never` (where a record is durable
+    /// once written), a waiter first writes the queued records itself when no one else is
+    /// writing: a `write` to the page
     /// cache on the caller's thread, never an fsync or a segment roll (those stay with the
     /// flusher and the syncer threads).
     pub async fn durable(&self, lsn: Lsn) -> Result<(), LogError> {
         if self.durable_lsn() >= lsn {
             return Ok(());
         }
-        if !matches!(self.shared.options.fsync, FsyncPolicy::Always) {
+        if self.shared.inline_writes() {
             write_inline(&self.shared);
             if self.durable_lsn() >= lsn {
                 return Ok(());
@@ -1374,7 +1382,10 @@ enum Claim {
 }
 
 fn try_claim_for_flusher(shared: &Shared, policy: FsyncPolicy) -> Claim {
+    // Deferred records wake nobody: with inline writes on, an idle flusher looks again every
+    // tick. Without them, it sleeps until a record arrives or an fsync is due.
     let tick = match policy {
+        _ if !shared.inline_writes() => None,
         FsyncPolicy::Batch(interval) => Some(interval.min(DEFERRED_WRITE_TICK)),
         FsyncPolicy::Never => Some(DEFERRED_WRITE_TICK),
         FsyncPolicy::Always => None,
@@ -1393,9 +1404,14 @@ fn try_claim_for_flusher(shared: &Shared, policy: FsyncPolicy) -> Claim {
         {
             break;
         }
-        match tick {
-            Some(tick) => {
-                let wake = sync_at.map_or(now + tick, |deadline| deadline.min(now + tick));
+        let wake = match (sync_at, tick) {
+            (Some(deadline), Some(tick)) => Some(deadline.min(now + tick)),
+            (Some(deadline), None) => Some(deadline),
+            (None, Some(tick)) => Some(now + tick),
+            (None, None) => None,
+        };
+        match wake {
+            Some(wake) => {
                 shared.queue_has_work.wait_until(&mut queue, wake);
             }
             None => shared.queue_has_work.wait(&mut queue),

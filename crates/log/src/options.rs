@@ -111,6 +111,13 @@ pub struct LogOptions {
     /// `fdatasync` commits no file-size change. Costs one spare segment of disk per log
     /// (kept across restarts). Default `true`.
     pub preallocate: bool,
+    /// Under `Batch` and `Never`: an async waiter ([`crate::Log::durable`]) writes the queued
+    /// records itself when no one else is writing, and [`crate::Log::append_deferred`] wakes
+    /// nobody, instead of handing every write to the flusher thread. Less CPU and a third of
+    /// the context switches per write under a moderate load; about a tenth less peak
+    /// throughput at one request in flight per connection on two cores (the write sits on the
+    /// request's own round trip). Default `false`.
+    pub inline_writes: bool,
 }
 
 impl Default for LogOptions {
@@ -121,6 +128,7 @@ impl Default for LogOptions {
             record_bytes_max: RECORD_BYTES_MAX_DEFAULT,
             queue_records_max: QUEUE_RECORDS_MAX_DEFAULT,
             preallocate: true,
+            inline_writes: false,
         }
     }
 }

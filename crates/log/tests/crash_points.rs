@@ -87,6 +87,7 @@ impl Writers {
             Writers::Threads => options(),
             Writers::Inline => LogOptions {
                 fsync: FsyncPolicy::Batch(std::time::Duration::from_millis(1)),
+                inline_writes: true,
                 ..options()
             },
         }

@@ -513,6 +513,7 @@ fn async_waiters_write_deferred_records_inline_across_rolls() {
         let storage = FaultyStorage::new();
         let options = LogOptions {
             fsync: policy,
+            inline_writes: true,
             ..small_segments()
         };
         let (log, _, _) = open(storage.clone(), options.clone()).expect("open");
@@ -561,6 +562,7 @@ fn a_deferred_record_nobody_waits_for_is_written_by_the_flusher() {
     let storage = FaultyStorage::new();
     let options = LogOptions {
         fsync: FsyncPolicy::Never,
+        inline_writes: true,
         ..LogOptions::default()
     };
     let (log, _, _) = open(storage.clone(), options).expect("open");
@@ -590,6 +592,7 @@ fn poisoned_resolves_with_the_reason_of_a_failed_write() {
     let storage = FaultyStorage::new();
     let options = LogOptions {
         fsync: FsyncPolicy::Batch(Duration::from_millis(5)),
+        inline_writes: true,
         ..LogOptions::default()
     };
     let (log, _, _) = open(storage.clone(), options).expect("open");
@@ -622,4 +625,27 @@ fn poisoned_resolves_with_the_reason_of_a_failed_write() {
             .expect("task");
         assert!(reason.contains("write"), "{reason}");
     });
+}
+
+/// Without `inline_writes` (the default) the flusher thread writes everything: a deferred
+/// append is a plain one and an async waiter only waits.
+#[test]
+fn without_inline_writes_the_flusher_writes_everything() {
+    let options = LogOptions {
+        fsync: FsyncPolicy::Batch(Duration::from_millis(5)),
+        ..LogOptions::default()
+    };
+    let (log, _, _) = open(FaultyStorage::new(), options).expect("open");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        for index in 0..20 {
+            let lsn = log.append_deferred(payload(index)).expect("append");
+            log.durable(lsn).await.expect("durable");
+        }
+    });
+    let stats = log.stats();
+    assert_eq!(stats.last_lsn, 20);
+    assert_eq!(stats.inline_batches, 0);
 }

@@ -251,6 +251,8 @@ pub struct PresenceStoreOptions {
     pub log_queue_records_max: usize,
     /// Size of a log segment (and of the preallocated spare).
     pub segment_bytes: u64,
+    /// [`LogOptions::inline_writes`] for the presence log.
+    pub inline_writes: bool,
 }
 
 impl Default for PresenceStoreOptions {
@@ -264,6 +266,7 @@ impl Default for PresenceStoreOptions {
             watch: WatchLimits::default(),
             log_queue_records_max: LogOptions::default().queue_records_max,
             segment_bytes: LogOptions::default().segment_bytes_max,
+            inline_writes: false,
         }
     }
 }
@@ -405,6 +408,7 @@ impl PresenceStore {
             fsync: options.fsync,
             queue_records_max: options.log_queue_records_max,
             segment_bytes_max: options.segment_bytes,
+            inline_writes: options.inline_writes,
             ..LogOptions::default()
         };
         // Sessions restored already overdue then wait in the wheel slot of now, so the first
