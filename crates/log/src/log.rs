@@ -646,8 +646,10 @@ impl Log {
         if self.durable_lsn() >= lsn {
             return Ok(());
         }
-        // The record may be a deferred one that woke nobody.
-        self.shared.queue_has_work.notify_one();
+        if self.shared.inline_writes() {
+            // The record may be a deferred one that woke nobody.
+            self.shared.queue_has_work.notify_one();
+        }
         let mut progress = self.shared.progress.lock();
         loop {
             if let Some(outcome) = progress.outcome(lsn) {
@@ -662,9 +664,8 @@ impl Log {
     ///
     /// With [`LogOptions::inline_writes`], under `Batch` and `Never` (where a record is durable
     /// once written), a waiter first writes the queued records itself when no one else is
-    /// writing: a `write` to the page
-    /// cache on the caller's thread, never an fsync or a segment roll (those stay with the
-    /// flusher and the syncer threads).
+    /// writing: a `write` to the page cache on the caller's thread, never an fsync or a segment
+    /// roll (those stay with the flusher and the syncer threads).
     pub async fn durable(&self, lsn: Lsn) -> Result<(), LogError> {
         if self.durable_lsn() >= lsn {
             return Ok(());
@@ -1196,6 +1197,19 @@ impl Writer {
             .store(queue.pending.len() as u64, Ordering::Release);
     }
 
+    /// [`Writer::take_batch`] under the queue lock, then wakes the appenders and admissions
+    /// waiting for room if it took anything.
+    fn take_from_queue(&mut self, shared: &Shared, fit: bool) {
+        {
+            let mut queue = shared.queue.lock();
+            self.take_batch(shared, &mut queue, fit);
+        }
+        if !self.batch.is_empty() {
+            shared.queue_has_room.notify_all();
+            shared.room_notify.notify_waiters();
+        }
+    }
+
     /// Writes the batch with one write per segment touched, rolling segments as needed.
     fn write_batch(&mut self, shared: &Shared) -> Result<(), String> {
         if self.batch.is_empty() {
@@ -1456,14 +1470,7 @@ fn flusher_pass(
     policy: FsyncPolicy,
     closing: bool,
 ) -> Result<(), String> {
-    {
-        let mut queue = shared.queue.lock();
-        writer.take_batch(shared, &mut queue, false);
-    }
-    if !writer.batch.is_empty() {
-        shared.queue_has_room.notify_all();
-        shared.room_notify.notify_waiters();
-    }
+    writer.take_from_queue(shared, false);
     writer.write_batch(shared)?;
     let sync_due = closing
         || match policy {
@@ -1519,15 +1526,10 @@ fn write_inline(shared: &Shared) {
         let mut writer = shared.writer.lock();
         let mut result = Ok(());
         for _ in 0..INLINE_BATCHES_MAX {
-            {
-                let mut queue = shared.queue.lock();
-                writer.take_batch(shared, &mut queue, true);
-            }
+            writer.take_from_queue(shared, true);
             if writer.batch.is_empty() {
                 break;
             }
-            shared.queue_has_room.notify_all();
-            shared.room_notify.notify_waiters();
             result = writer.write_batch(shared);
             if result.is_err() {
                 break;
@@ -1546,6 +1548,6 @@ fn write_inline(shared: &Shared) {
         if let Err(message) = result {
             shared.poison(message);
         }
-    };
+    }
     release_writer_role(shared);
 }
