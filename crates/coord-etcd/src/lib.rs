@@ -8,7 +8,8 @@
 //! endpoints, with the outcome unknown, as the contract says.
 //!
 //! Also here: [`EtcdProcess`], which starts a throwaway etcd on loopback with free ports and
-//! a temporary data directory, for tests and `scripts/cluster.sh`-style demos.
+//! a temporary data directory, for tests and `scripts/cluster.sh`-style demos, and
+//! [`loopback_port`], the free port such tests give their own servers.
 
 #![deny(missing_docs)]
 
@@ -24,7 +25,7 @@ use imstate_coord::{
     BoxFuture, CoordError, Coordinator, KeyValue, Op, Request, Response, Target, Txn, TxnResponse,
 };
 
-pub use process::EtcdProcess;
+pub use process::{EtcdProcess, loopback_port};
 
 /// A coordinator on an etcd cluster.
 #[derive(Clone)]

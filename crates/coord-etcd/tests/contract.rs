@@ -172,11 +172,8 @@ async fn etcd_and_the_model_give_the_same_answers() {
 
 #[tokio::test]
 async fn an_unreachable_etcd_is_a_clear_error_naming_the_endpoint() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Reserved for this process and listened on by nobody.
+    let port = imstate_coord_etcd::loopback_port();
     let endpoint = format!("127.0.0.1:{port}");
     let error =
         EtcdCoordinator::connect(std::slice::from_ref(&endpoint), Duration::from_millis(500))

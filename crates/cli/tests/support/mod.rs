@@ -28,13 +28,11 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_imstate")
 }
 
-/// A free loopback port (bound, then released; the server binds it right after).
+/// A free loopback port, reserved for this test process (see
+/// [`imstate_coord_etcd::loopback_port`]: a port bound and released would race with other
+/// tests' connections).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    imstate_coord_etcd::loopback_port()
 }
 
 /// A server process on a data directory, restartable on the same port.
