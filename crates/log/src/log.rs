@@ -830,6 +830,12 @@ impl Log {
         })
     }
 
+    /// The LSN the newest checkpoint covers (`None` before the first): a later checkpoint
+    /// must cover at least as much.
+    pub fn checkpoint_lsn(&self) -> Option<Lsn> {
+        self.shared.checkpoint_info.lock().last_lsn
+    }
+
     /// Bytes of log written since the last checkpoint started (approximately: records
     /// appended while a checkpoint runs count as after it). Callers use it to decide when to
     /// checkpoint.

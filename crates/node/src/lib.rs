@@ -25,6 +25,7 @@
 //! - [`presencestore`]: the presence registry + its log, expiry and checkpoint threads.
 //! - [`watch`]: the bounded fan-out of presence events to Watch subscribers.
 //! - [`syncacks`]: synchronous replication: writes wait for in-sync replicas' acknowledgements.
+//! - [`parts`]: checkpoint parts of this node's primary slots, built by their replicas.
 //! - [`feed`]: the bounded ring of recent presence change records that replicas follow.
 //! - [`autocheckpoint`]: when a store starts an automatic checkpoint (one at a time).
 //! - [`clock`]: time as an input (wall clock, or a manual one in tests).
@@ -45,6 +46,8 @@ compile_error!("the `planted-load-overwrites-tenure` feature is for test builds 
 compile_error!("the `planted-ack-before-replica` feature is for test builds only");
 #[cfg(all(feature = "planted-deposed-primary-writes", not(debug_assertions)))]
 compile_error!("the `planted-deposed-primary-writes` feature is for test builds only");
+#[cfg(all(feature = "planted-part-covers-ahead", not(debug_assertions)))]
+compile_error!("the `planted-part-covers-ahead` feature is for test builds only");
 #[cfg(all(
     feature = "planted-watch-resume-without-backlog",
     not(debug_assertions)
@@ -61,6 +64,7 @@ pub mod error;
 pub mod feed;
 pub mod history;
 pub mod metrics;
+pub mod parts;
 pub mod presencestore;
 pub mod records;
 pub mod seqengine;

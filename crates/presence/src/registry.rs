@@ -671,6 +671,23 @@ impl ShardedRegistry {
         snapshot::write_all(writer, &bytes)
     }
 
+    /// Writes a snapshot section of the sessions of shard `index` whose slot is in `slots`
+    /// (a replica's checkpoint part of its primary's slots, or a primary's own copy of the
+    /// slots no part covers).
+    pub fn snapshot_shard_slots(
+        &self,
+        index: usize,
+        slots: &SlotSet,
+        writer: &mut impl Write,
+    ) -> Result<(), SnapshotError> {
+        let mut bytes = Vec::new();
+        let keep = |uid: u64| slots.contains(uid);
+        self.shard(index)?
+            .lock()
+            .snapshot_where(Some(&keep), &mut bytes);
+        snapshot::write_all(writer, &bytes)
+    }
+
     /// Writes a snapshot section of the gateway leases.
     pub fn snapshot_gateways(&self, writer: &mut impl Write) -> Result<(), SnapshotError> {
         let mut bytes = Vec::new();

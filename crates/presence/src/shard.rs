@@ -935,6 +935,14 @@ impl Shard {
 
     /// Appends a snapshot section of every session of this shard to `out`.
     pub fn snapshot(&self, out: &mut Vec<u8>) {
+        self.snapshot_where(None, out);
+    }
+
+    /// Appends a snapshot section of the sessions of this shard whose uid `keep` accepts (all
+    /// when `None`) to `out`. The section's name tables may list names no kept session uses;
+    /// restore accepts that.
+    pub fn snapshot_where(&self, keep: Option<&dyn Fn(u64) -> bool>, out: &mut Vec<u8>) {
+        let kept = |rec: &Rec| rec.is_live() && keep.is_none_or(|keep| keep(rec.uid.get()));
         // Dense section-local numbering of the profiles and gateways in use.
         let mut profile_local = vec![NIL; self.profiles.entries.len()];
         let mut profiles = Vec::new();
@@ -956,14 +964,20 @@ impl Shard {
         }
         let base_ms = (0..self.slab.high_water())
             .map(|index| self.slab.get(index))
-            .find(|rec| rec.is_live())
+            .find(|rec| kept(rec))
             .map_or(0, Rec::last_heartbeat_ms);
+        let sessions = match keep {
+            None => self.len,
+            Some(_) => (0..self.slab.high_water())
+                .filter(|&index| kept(self.slab.get(index)))
+                .count(),
+        };
         let mut section = crate::snapshot::ShardSectionWriter::new(
-            out, self.scope, base_ms, &profiles, &gateways, self.len,
+            out, self.scope, base_ms, &profiles, &gateways, sessions,
         );
         for index in 0..self.slab.high_water() {
             let rec = self.slab.get(index);
-            if !rec.is_live() {
+            if !kept(rec) {
                 continue;
             }
             let meta = if rec.has_meta() {

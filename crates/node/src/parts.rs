@@ -1,0 +1,319 @@
+//! Checkpoint parts (seed 004's checkpoint node): snapshots of this node's primary slots that
+//! their replica built from its own copy and sent here, so that this node's checkpoints need
+//! not copy those slots' sessions.
+//!
+//! ```text
+//!  replica: position X (every record of slots S through X applied) ──► snapshot of S
+//!     ──► Replication/PutCheckpointPart ──► CheckpointParts::receive (a file; crc checked)
+//!  this node's checkpoint (PresenceStore::checkpoint):
+//!     covered = min(last LSN, every part's X)
+//!     sections = own copy of the slots no part covers + each part's bytes + gateway leases
+//!     ──► Log::checkpoint(covered) ──► segments through `covered` dropped, parts deleted
+//! ```
+//!
+//! Why that checkpoint is right: a part of slots S at LSN X holds this node's state of S at X
+//! (the replica applied exactly this node's records of S through X over a snapshot of it,
+//! and maybe some later ones). Recovery restores the sections and replays the log from
+//! `covered`, at or before every part's X and before the own copy was taken: the same
+//! overlap a fuzzy checkpoint already has, which replay converges over.
+//!
+//! Contract of a part, checked by the receiving service before [`CheckpointParts::receive`]:
+//! it names this node's log, an LSN this log issued and that no checkpoint has passed, and
+//! slots this node is primary of, sent by their replica. Nothing else trusts it: its bytes
+//! are crc-checked end to end, and restore validates every section like any checkpoint's.
+//!
+//! Parts are not made durable: one lost in a crash only means the next checkpoint copies
+//! those slots itself. They are kept until a checkpoint uses them, a newer part of some of
+//! the same slots replaces them, or the node restarts ([`CheckpointParts::open`] clears the
+//! directory). At most one part per slot exists, so their bytes are bounded by the sessions
+//! of this node's primary slots.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use imstate_presence::SlotSet;
+use parking_lot::Mutex;
+
+/// Why a part was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum PartError {
+    /// Longer than [`PART_BYTES_MAX`].
+    #[error("a checkpoint part is longer than PART_BYTES_MAX ({PART_BYTES_MAX} bytes)")]
+    TooLong,
+    /// Its bytes do not match the crc32c sent with them.
+    #[error(
+        "a checkpoint part of {bytes} bytes fails its crc32c ({computed:#010x}, sent \
+         {sent:#010x}); refused"
+    )]
+    BadCrc {
+        /// Bytes received.
+        bytes: u64,
+        /// The crc of what was received.
+        computed: u32,
+        /// The crc the sender gave.
+        sent: u32,
+    },
+    /// The parts directory failed.
+    #[error("checkpoint parts: {0}")]
+    Io(String),
+}
+
+/// Longest part accepted, in bytes (about 300 M sessions at 14 bytes each).
+pub const PART_BYTES_MAX: u64 = 4 << 30;
+
+/// Metric: checkpoint parts received from replicas, by `outcome` (`stored`, `refused`).
+pub const CHECKPOINT_PARTS: &str = "imstate_presence_checkpoint_parts_total";
+/// Metric: slots whose sessions a checkpoint took from a replica's part, not its own copy.
+pub const CHECKPOINT_PART_SLOTS: &str = "imstate_presence_checkpoint_part_slots_total";
+
+/// What a part holds: `slots`' sessions as this node's log had them at `lsn`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartMeta {
+    /// The replica that built it.
+    pub replica: String,
+    /// The LSN of this node's presence log the part reflects (at least).
+    pub lsn: u64,
+    /// The slots it holds.
+    pub slots: SlotSet,
+}
+
+/// A stored part.
+#[derive(Clone, Debug)]
+pub struct Part {
+    /// What it holds.
+    pub meta: PartMeta,
+    /// Its file: snapshot sections, as a checkpoint holds them.
+    pub path: PathBuf,
+    /// Its length.
+    pub bytes: u64,
+}
+
+/// The parts this node holds, in a directory of their own.
+pub struct CheckpointParts {
+    dir: PathBuf,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    parts: Vec<Part>,
+}
+
+impl CheckpointParts {
+    /// Uses `dir` (made if missing), removing whatever an earlier run left there.
+    pub fn open(dir: &Path) -> Result<Self, PartError> {
+        std::fs::create_dir_all(dir).map_err(|error| {
+            PartError::Io(format!(
+                "checkpoint parts directory {}: {error}",
+                dir.display()
+            ))
+        })?;
+        let entries = std::fs::read_dir(dir).map_err(|error| {
+            PartError::Io(format!(
+                "checkpoint parts directory {}: {error}",
+                dir.display()
+            ))
+        })?;
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// Starts receiving a part; its bytes go to a temporary file until
+    /// [`PartUpload::finish`].
+    pub fn receive(&self, meta: PartMeta) -> Result<PartUpload<'_>, PartError> {
+        let id = {
+            let mut state = self.state.lock();
+            state.next_id += 1;
+            state.next_id
+        };
+        let temp = self.dir.join(format!("part-{id}.tmp"));
+        let file = File::create(&temp)
+            .map_err(|error| PartError::Io(format!("creating {}: {error}", temp.display())))?;
+        Ok(PartUpload {
+            parts: self,
+            meta,
+            id,
+            temp,
+            file: Some(file),
+            bytes: 0,
+            crc: 0,
+        })
+    }
+
+    /// The parts a checkpoint may use now: every part is at or after `checkpoint_lsn` (the
+    /// last checkpoint's) and at or before `last_lsn`; parts are disjoint.
+    pub fn usable(&self, checkpoint_lsn: u64, last_lsn: u64) -> Vec<Part> {
+        self.state
+            .lock()
+            .parts
+            .iter()
+            .filter(|part| part.meta.lsn >= checkpoint_lsn && part.meta.lsn <= last_lsn)
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets `used` (a checkpoint holds them now) and deletes their files; a part that
+    /// replaced one of them meanwhile stays.
+    pub fn remove(&self, used: &[Part]) {
+        let mut state = self.state.lock();
+        state.parts.retain(|part| {
+            let gone = used.iter().any(|used| used.path == part.path);
+            if gone {
+                let _ = std::fs::remove_file(&part.path);
+            }
+            !gone
+        });
+    }
+
+    /// How many parts are held.
+    pub fn len(&self) -> usize {
+        self.state.lock().parts.len()
+    }
+
+    /// Whether no part is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn store(&self, part: Part) {
+        let mut state = self.state.lock();
+        // A newer part of any of the same slots replaces the older one whole.
+        state.parts.retain(|old| {
+            let mut overlap = old.meta.slots.clone();
+            overlap.retain_all(&part.meta.slots);
+            let replaced = !overlap.is_empty();
+            if replaced {
+                let _ = std::fs::remove_file(&old.path);
+            }
+            !replaced
+        });
+        state.parts.push(part);
+    }
+}
+
+/// A part being received.
+pub struct PartUpload<'a> {
+    parts: &'a CheckpointParts,
+    meta: PartMeta,
+    id: u64,
+    temp: PathBuf,
+    file: Option<File>,
+    bytes: u64,
+    crc: u32,
+}
+
+impl PartUpload<'_> {
+    /// Appends bytes of the part.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), PartError> {
+        self.bytes += data.len() as u64;
+        if self.bytes > PART_BYTES_MAX {
+            return Err(PartError::TooLong);
+        }
+        self.crc = crc32c::crc32c_append(self.crc, data);
+        let file = self.file.as_mut().expect("open until finished");
+        file.write_all(data)
+            .map_err(|error| PartError::Io(format!("writing {}: {error}", self.temp.display())))
+    }
+
+    /// Ends the part: stored if its bytes match `crc` (the crc32c of all of them), else
+    /// refused and deleted. Returns the part's length.
+    pub fn finish(mut self, crc: u32) -> Result<u64, PartError> {
+        if crc != self.crc {
+            return Err(PartError::BadCrc {
+                bytes: self.bytes,
+                computed: self.crc,
+                sent: crc,
+            });
+        }
+        drop(self.file.take());
+        let path = self.parts.dir.join(format!("part-{}", self.id));
+        std::fs::rename(&self.temp, &path).map_err(|error| {
+            PartError::Io(format!("renaming {}: {error}", self.temp.display()))
+        })?;
+        let bytes = self.bytes;
+        self.parts.store(Part {
+            meta: self.meta.clone(),
+            path,
+            bytes,
+        });
+        Ok(bytes)
+    }
+}
+
+impl Drop for PartUpload<'_> {
+    fn drop(&mut self) {
+        // Not finished (refused, or the replica went away): nothing of it stays.
+        if self.file.is_some() {
+            drop(self.file.take());
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(lsn: u64, ranges: &[(u32, u32)]) -> PartMeta {
+        PartMeta {
+            replica: "n2".into(),
+            lsn,
+            slots: SlotSet::from_ranges(16, ranges),
+        }
+    }
+
+    fn upload(parts: &CheckpointParts, meta: PartMeta, data: &[u8]) -> Result<u64, PartError> {
+        let mut upload = parts.receive(meta)?;
+        upload.write(data)?;
+        upload.finish(crc32c::crc32c(data))
+    }
+
+    #[test]
+    fn parts_are_kept_until_used_or_replaced_and_a_bad_crc_keeps_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("parts")).unwrap();
+        std::fs::write(dir.path().join("parts/part-9"), b"left by an earlier run").unwrap();
+        let parts = CheckpointParts::open(&dir.path().join("parts")).unwrap();
+        let files = || std::fs::read_dir(dir.path().join("parts")).unwrap().count();
+        assert_eq!(files(), 0, "an earlier run's parts are removed");
+
+        assert_eq!(upload(&parts, meta(10, &[(0, 4)]), b"abc").unwrap(), 3);
+        upload(&parts, meta(12, &[(4, 8)]), b"defg").unwrap();
+        assert_eq!(parts.len(), 2);
+        // A newer part of slot 7 replaces the part of 4..8 whole.
+        upload(&parts, meta(15, &[(7, 9)]), b"hi").unwrap();
+        let usable = parts.usable(0, 100);
+        assert_eq!(usable.len(), 2);
+        assert_eq!(files(), 2);
+        assert_eq!(std::fs::read(&usable[1].path).unwrap(), b"hi");
+        // Only parts between the last checkpoint and the last LSN are usable.
+        assert_eq!(parts.usable(11, 100).len(), 1);
+        assert_eq!(parts.usable(0, 14).len(), 1);
+
+        // A part whose bytes do not match its crc is refused, and leaves no file.
+        let mut bad = parts.receive(meta(20, &[(0, 1)])).unwrap();
+        bad.write(b"xyz").unwrap();
+        let error = bad.finish(crc32c::crc32c(b"xyy")).unwrap_err().to_string();
+        assert!(
+            error.contains("crc32c") && error.contains("refused"),
+            "{error}"
+        );
+        // So is an upload given up half way.
+        let mut half = parts.receive(meta(20, &[(0, 1)])).unwrap();
+        half.write(b"x").unwrap();
+        drop(half);
+        assert_eq!(files(), 2);
+        assert_eq!(parts.len(), 2);
+
+        parts.remove(&usable[..1]);
+        assert_eq!(parts.len(), 1);
+        assert_eq!(files(), 1);
+    }
+}
