@@ -2019,3 +2019,103 @@ fn a_replica_that_falls_behind_the_bounded_feed_resyncs_by_snapshot() {
         wait_held(&cluster, &table, &uids).await;
     });
 }
+
+/// Replica-built checkpoints (seed 004) through the binary: with a small
+/// `presence.checkpoint_log_bytes`, every node's checkpoints take its primary slots' sessions
+/// from the parts its replicas send, and truncate its log; then the whole cluster is killed
+/// (kill -9 of all three at once) and restarted, and every acknowledged login is there: each
+/// node recovered its primary slots from checkpoints made of its replicas' parts.
+#[cfg(not(feature = "planted-part-covers-ahead"))]
+#[test]
+fn checkpoints_built_from_replica_parts_recover_every_login_after_a_whole_cluster_kill9() {
+    let missing = whole_cluster_kill9_after_part_checkpoints();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged logins missing after the restart, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
+/// Negative control: a checkpoint that covers the log past its parts' LSN loses logins of
+/// the parts' slots, and the restart shows it.
+#[cfg(feature = "planted-part-covers-ahead")]
+#[test]
+fn planted_part_covers_ahead_loses_logins_after_a_whole_cluster_kill9() {
+    let missing = whole_cluster_kill9_after_part_checkpoints();
+    assert!(
+        !missing.is_empty(),
+        "the planted bug must lose acknowledged logins"
+    );
+}
+
+/// The run of the two tests above: returns the acknowledged logins missing at the end.
+fn whole_cluster_kill9_after_part_checkpoints() -> Vec<u64> {
+    const LOGINS: u64 = 30_000;
+    let mut cluster = TestCluster::start_with(
+        3,
+        &[
+            ("IMSTATE_PRESENCE__CHECKPOINT_LOG_BYTES", "262144"),
+            ("IMSTATE_PRESENCE__SEGMENT_BYTES", "65536"),
+        ],
+    );
+    wait_slots_placed(&cluster);
+    wait_route_in_sync(&cluster);
+    let rt = runtime();
+    rt.block_on(async {
+        let client = WireClusterClient::connect(
+            &cluster.nodes[0].wire_addr,
+            &ClientOptions::default(),
+            None,
+        )
+        .await
+        .unwrap();
+        let tasks: Vec<_> = (0..8u64)
+            .map(|worker| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    for uid in (worker..LOGINS).step_by(8) {
+                        client.login(phone_login(uid, uid)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+    // Every node took some slots from parts, and every node sent parts as a replica.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for node in &cluster.nodes {
+        while metric(node, "imstate_presence_checkpoint_part_slots_total") < 1.0
+            || metric_labeled(
+                node,
+                "imstate_replica_checkpoint_parts_total",
+                "outcome=\"sent\"",
+            ) < 1.0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint from replica parts on {}",
+                node.addr
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let from_parts: f64 = cluster
+        .nodes
+        .iter()
+        .map(|node| metric(node, "imstate_presence_checkpoint_part_slots_total"))
+        .sum();
+    println!("slots checkpointed from replica parts: {from_parts}");
+    for node in &mut cluster.nodes {
+        node.kill9();
+    }
+    for node in &mut cluster.nodes {
+        node.restart();
+    }
+    let online = online_uids(&cluster, LOGINS);
+    (0..LOGINS)
+        .filter(|uid| online.binary_search(uid).is_err())
+        .collect()
+}

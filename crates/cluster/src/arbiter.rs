@@ -61,6 +61,12 @@ pub struct Arbiter {
     follower_of: Option<i64>,
     /// Presence slots to place in a table that has none ([`Inputs::presence_slots`]).
     presence_slots: u32,
+    /// How long a presence slot range whose primary and replica are both gone waits for one
+    /// of them to return before another node takes it, empty ([`Inputs::awaited`]).
+    orphan_grace_ms: Millis,
+    /// Nodes the presence table names that were not live, with when this leader first saw
+    /// that (cleared when it wins an election: a new leader waits the whole grace again).
+    not_live_since: BTreeMap<NodeId, Millis>,
     /// Tables written by this node while it led (for status and metrics).
     pub writes: u64,
 }
@@ -85,6 +91,8 @@ impl Arbiter {
             campaign_every_ms: period_ms.max(1),
             follower_of: None,
             presence_slots: 0,
+            orphan_grace_ms: 0,
+            not_live_since: BTreeMap::new(),
             writes: 0,
         }
     }
@@ -93,6 +101,14 @@ impl Arbiter {
     /// placed). The count in the table wins once written: it is fixed for the cluster's life.
     pub fn with_presence_slots(mut self, slots: u32) -> Self {
         self.presence_slots = slots;
+        self
+    }
+
+    /// A presence slot range whose primary and replica both stopped being live waits up to
+    /// `grace_ms` (from when this leader first saw each gone) for one of them to come back
+    /// with its copy, instead of going at once to an empty node (0, the default: at once).
+    pub fn with_orphan_grace(mut self, grace_ms: Millis) -> Self {
+        self.orphan_grace_ms = grace_ms;
         self
     }
 
@@ -216,6 +232,7 @@ impl Arbiter {
                     self.phase = Phase::Leader {
                         election: txn.revision,
                     };
+                    self.not_live_since.clear();
                     self.last_round = None;
                 } else if let Some(holder) = txn.got(0) {
                     if Some(holder.lease) == self.lease {
@@ -223,6 +240,7 @@ impl Arbiter {
                         self.phase = Phase::Leader {
                             election: holder.create_revision,
                         };
+                        self.not_live_since.clear();
                         self.last_round = None;
                     } else {
                         self.follower_of = Some(holder.mod_revision);
@@ -332,8 +350,30 @@ impl Arbiter {
         let stable = self.seen.last().is_some_and(|(at, version)| {
             *version == current.version && now >= at + self.cooldown_ms
         });
+        // Holders of presence slots that are gone, and since when; those gone for less than
+        // the grace are awaited.
+        let named: BTreeSet<&str> = current
+            .presence
+            .iter()
+            .flat_map(|presence| &presence.ranges)
+            .flat_map(|range| std::iter::once(&range.primary).chain(&range.replica))
+            .map(String::as_str)
+            .filter(|node| !live.contains(*node))
+            .collect();
+        self.not_live_since
+            .retain(|node, _| named.contains(node.as_str()));
+        for node in named {
+            self.not_live_since.entry(node.to_owned()).or_insert(now);
+        }
+        let awaited = self
+            .not_live_since
+            .iter()
+            .filter(|(_, since)| now < **since + self.orphan_grace_ms)
+            .map(|(node, _)| node.clone())
+            .collect();
         let inputs = Inputs {
             presence_slots: self.presence_slots,
+            awaited,
             stable,
             settled,
             in_sync,

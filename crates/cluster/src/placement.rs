@@ -56,6 +56,10 @@ pub struct Inputs {
     /// Whether the current table has stood unchanged for a lock-delay (the arbiter's cooldown):
     /// presence slots are first placed only then.
     pub stable: bool,
+    /// Nodes gone for less than the orphan grace ([`crate::arbiter::Arbiter::with_orphan_grace`]):
+    /// a presence slot range whose primary and replica are both gone waits while either is
+    /// here, keeping its roles, so that the one that comes back first serves its copy.
+    pub awaited: BTreeSet<NodeId>,
     /// What each replica said it is in sync for (`insync/<node>`): a primary role moves
     /// (drain, balance) only to an in-sync replica.
     pub in_sync: crate::slots::InSync,
@@ -247,6 +251,7 @@ pub fn plan(current: &RouteTable, inputs: &Inputs) -> Option<RouteTable> {
         current.presence.as_ref(),
         slots,
         &inputs.live,
+        &inputs.awaited,
         &targets,
         &inputs.in_sync,
         inputs.moves_max,
@@ -388,6 +393,7 @@ mod tests {
 
     fn inputs(live: &[&str], draining: &[&str], namespaces: &[(&str, u64)]) -> Inputs {
         Inputs {
+            awaited: BTreeSet::new(),
             live: live.iter().map(|node| node.to_string()).collect(),
             draining: draining.iter().map(|node| node.to_string()).collect(),
             namespaces: namespaces

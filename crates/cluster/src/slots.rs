@@ -9,8 +9,11 @@
 //!    writers), and no node is both for one slot;
 //! 2. **promotion**: a range whose primary is not live gets its replica as primary when the
 //!    replica is live (it holds the acknowledged changes), with `handover` so that it takes
-//!    writes only after the lock-delay; with no live replica, the target with the fewest
-//!    primary slots takes it (its sessions are gone; gateways' heartbeats refill them);
+//!    writes only after the lock-delay; with no live replica, the range keeps its roles while
+//!    its primary or its replica is awaited (gone for less than the orphan grace: after a
+//!    whole-cluster restart the first node back must not take, empty, the slots whose copies
+//!    are on nodes still restarting), and after that the target with the fewest primary slots
+//!    takes it (its sessions are gone; gateways' heartbeats refill them);
 //! 3. a joining replica (see 5) that is gone or draining is dropped, and one that said it is
 //!    in sync for its `joining_since` becomes the replica; a replica that is not live is
 //!    replaced by the joining one if any, else dropped; a replica that drains while another
@@ -157,10 +160,12 @@ fn said_in_sync(range: &SlotRange, node: Option<&str>, since: u64, in_sync: &InS
 /// Plans the slot routes of table version `version`. `targets` are the live, not draining
 /// nodes (or every live one when all drain); never empty. Returns the next routes when
 /// anything changed.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn plan_slots(
     current: Option<&PresenceRoute>,
     slots: u32,
     live: &BTreeSet<NodeId>,
+    awaited: &BTreeSet<NodeId>,
     targets: &BTreeSet<&str>,
     in_sync: &InSync,
     moves_max: u64,
@@ -177,6 +182,18 @@ pub(crate) fn plan_slots(
     let mut primaries = primary_load(&next, targets);
     for range in &mut next.ranges {
         if live.contains(&range.primary) {
+            continue;
+        }
+        let copy_live = range
+            .replica
+            .iter()
+            .chain(&range.joining)
+            .any(|node| live.contains(node));
+        let copy_awaited = std::iter::once(&range.primary)
+            .chain(&range.replica)
+            .any(|node| awaited.contains(node));
+        if !copy_live && copy_awaited {
+            // No live copy, and a holder may still come back with one: wait for it.
             continue;
         }
         changed = true;
@@ -217,6 +234,10 @@ pub(crate) fn plan_slots(
         let Some(replica) = &range.replica else {
             continue;
         };
+        if !live.contains(&range.primary) {
+            // Waiting for a holder to come back (rule 2): its roles stay as they are.
+            continue;
+        }
         let replaceable = targets.iter().any(|node| *node != range.primary);
         if !live.contains(replica) {
             // Gone: a joining replica takes its place at once (it goes on syncing).
@@ -233,7 +254,7 @@ pub(crate) fn plan_slots(
         }
     }
     for range in &mut next.ranges {
-        if range.replica.is_some() {
+        if range.replica.is_some() || !live.contains(&range.primary) {
             continue;
         }
         let replica = if targets.iter().any(|node| *node != range.primary) {
@@ -504,7 +525,16 @@ mod tests {
             } else {
                 InSync::new()
             };
-            match plan_slots(route.as_ref(), 64, &live, &targets, &in_sync, 8, *version) {
+            match plan_slots(
+                route.as_ref(),
+                64,
+                &live,
+                &BTreeSet::new(),
+                &targets,
+                &in_sync,
+                8,
+                *version,
+            ) {
                 Some(next) => {
                     let mut table = RouteTable::empty("c");
                     table.version = *version;
@@ -660,6 +690,51 @@ mod tests {
     }
 
     #[test]
+    fn a_range_whose_copies_are_all_gone_waits_while_a_holder_is_awaited() {
+        let mut version = 0;
+        let route = settle(None, &["n0", "n1", "n2"], &[], &mut version);
+        // n1 and n2 both gone (a whole-cluster restart, n0 back first).
+        let live = set(&["n0"]);
+        let targets: BTreeSet<&str> = ["n0"].into_iter().collect();
+        let orphaned =
+            |range: &SlotRange| range.primary != "n0" && range.replica.as_deref() != Some("n0");
+        assert!(route.ranges.iter().any(orphaned), "{route:?}");
+        let plan = |awaited: &[&str]| {
+            plan_slots(
+                Some(&route),
+                64,
+                &live,
+                &set(awaited),
+                &targets,
+                &InSync::new(),
+                8,
+                version + 1,
+            )
+            .expect("n0's replicas are promoted in any case")
+        };
+        // Awaited: the orphaned ranges keep their roles (the first holder back serves its
+        // copy); the ranges n0 holds a copy of are promoted to it.
+        let waiting = plan(&["n1"]);
+        for slot in 0..64 {
+            let (old, new) = (route.range(slot).unwrap(), waiting.range(slot).unwrap());
+            if orphaned(old) {
+                let roles = |range: &SlotRange| {
+                    (range.primary.clone(), range.replica.clone(), range.since)
+                };
+                assert_eq!(roles(new), roles(old), "slot {slot} waits with its roles");
+            } else {
+                assert_eq!(new.primary, "n0", "slot {slot}");
+            }
+        }
+        // Nobody awaited any more (the grace is over): n0 takes them, empty.
+        let taken = plan(&[]);
+        assert!(
+            taken.ranges.iter().all(|range| range.primary == "n0"),
+            "{taken:?}"
+        );
+    }
+
+    #[test]
     fn a_dead_primarys_replica_is_promoted_with_handover_and_gets_a_new_replica() {
         let mut version = 0;
         let route = settle(None, &["a", "b", "c"], &[], &mut version);
@@ -764,6 +839,7 @@ mod tests {
             Some(&joined),
             64,
             &live,
+            &BTreeSet::new(),
             &targets,
             &InSync::new(),
             8,

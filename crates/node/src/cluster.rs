@@ -81,6 +81,9 @@ pub struct ClusterOptions {
     pub moves_max: u64,
     /// Presence slots the arbiter places when the table has none (`presence.slots`).
     pub presence_slots: u32,
+    /// How long slots whose copies are all gone wait for one to come back
+    /// ([`imstate_cluster::Arbiter::with_orphan_grace`]).
+    pub orphan_grace_ms: u64,
 }
 
 /// Presence slots this node follows as replica of one primary.
@@ -178,6 +181,7 @@ impl Cluster {
             )
             .with_cooldown(rules.lock_delay_ms())
             .with_presence_slots(options.presence_slots)
+            .with_orphan_grace(options.orphan_grace_ms)
             // A watch on the leader's key triggers the campaign; polling is only a fallback.
             .with_campaign_every(options.lease_ttl_ms),
         };

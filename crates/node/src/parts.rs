@@ -31,6 +31,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use imstate_presence::SlotSet;
 use parking_lot::Mutex;
@@ -127,7 +128,7 @@ impl CheckpointParts {
 
     /// Starts receiving a part; its bytes go to a temporary file until
     /// [`PartUpload::finish`].
-    pub fn receive(&self, meta: PartMeta) -> Result<PartUpload<'_>, PartError> {
+    pub fn receive(self: &Arc<Self>, meta: PartMeta) -> Result<PartUpload, PartError> {
         let id = {
             let mut state = self.state.lock();
             state.next_id += 1;
@@ -137,7 +138,7 @@ impl CheckpointParts {
         let file = File::create(&temp)
             .map_err(|error| PartError::Io(format!("creating {}: {error}", temp.display())))?;
         Ok(PartUpload {
-            parts: self,
+            parts: Arc::clone(self),
             meta,
             id,
             temp,
@@ -148,10 +149,18 @@ impl CheckpointParts {
     }
 
     /// The parts a checkpoint may use now: every part is at or after `checkpoint_lsn` (the
-    /// last checkpoint's) and at or before `last_lsn`; parts are disjoint.
+    /// last checkpoint's) and at or before `last_lsn`; parts are disjoint. Parts older than
+    /// `checkpoint_lsn` can never be used again and are deleted.
     pub fn usable(&self, checkpoint_lsn: u64, last_lsn: u64) -> Vec<Part> {
-        self.state
-            .lock()
+        let mut state = self.state.lock();
+        state.parts.retain(|part| {
+            let stale = part.meta.lsn < checkpoint_lsn;
+            if stale {
+                let _ = std::fs::remove_file(&part.path);
+            }
+            !stale
+        });
+        state
             .parts
             .iter()
             .filter(|part| part.meta.lsn >= checkpoint_lsn && part.meta.lsn <= last_lsn)
@@ -199,8 +208,8 @@ impl CheckpointParts {
 }
 
 /// A part being received.
-pub struct PartUpload<'a> {
-    parts: &'a CheckpointParts,
+pub struct PartUpload {
+    parts: Arc<CheckpointParts>,
     meta: PartMeta,
     id: u64,
     temp: PathBuf,
@@ -209,7 +218,7 @@ pub struct PartUpload<'a> {
     crc: u32,
 }
 
-impl PartUpload<'_> {
+impl PartUpload {
     /// Appends bytes of the part.
     pub fn write(&mut self, data: &[u8]) -> Result<(), PartError> {
         self.bytes += data.len() as u64;
@@ -247,7 +256,7 @@ impl PartUpload<'_> {
     }
 }
 
-impl Drop for PartUpload<'_> {
+impl Drop for PartUpload {
     fn drop(&mut self) {
         // Not finished (refused, or the replica went away): nothing of it stays.
         if self.file.is_some() {
@@ -269,7 +278,11 @@ mod tests {
         }
     }
 
-    fn upload(parts: &CheckpointParts, meta: PartMeta, data: &[u8]) -> Result<u64, PartError> {
+    fn upload(
+        parts: &Arc<CheckpointParts>,
+        meta: PartMeta,
+        data: &[u8],
+    ) -> Result<u64, PartError> {
         let mut upload = parts.receive(meta)?;
         upload.write(data)?;
         upload.finish(crc32c::crc32c(data))
@@ -280,7 +293,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("parts")).unwrap();
         std::fs::write(dir.path().join("parts/part-9"), b"left by an earlier run").unwrap();
-        let parts = CheckpointParts::open(&dir.path().join("parts")).unwrap();
+        let parts = Arc::new(CheckpointParts::open(&dir.path().join("parts")).unwrap());
         let files = || std::fs::read_dir(dir.path().join("parts")).unwrap().count();
         assert_eq!(files(), 0, "an earlier run's parts are removed");
 
@@ -293,9 +306,13 @@ mod tests {
         assert_eq!(usable.len(), 2);
         assert_eq!(files(), 2);
         assert_eq!(std::fs::read(&usable[1].path).unwrap(), b"hi");
-        // Only parts between the last checkpoint and the last LSN are usable.
-        assert_eq!(parts.usable(11, 100).len(), 1);
+        // Only parts between the last checkpoint and the last LSN are usable; older ones go.
         assert_eq!(parts.usable(0, 14).len(), 1);
+        assert_eq!(parts.usable(11, 100).len(), 1);
+        assert_eq!(parts.len(), 1);
+        assert_eq!(files(), 1);
+        upload(&parts, meta(10, &[(0, 4)]), b"abc").unwrap();
+        let usable = parts.usable(0, 100);
 
         // A part whose bytes do not match its crc is refused, and leaves no file.
         let mut bad = parts.receive(meta(20, &[(0, 1)])).unwrap();

@@ -99,6 +99,10 @@ pub struct ClusterConfig {
     pub lease_ttl_ms: u64,
     /// Most sections the arbiter moves per round when draining or rebalancing.
     pub moves_max: u64,
+    /// How long presence slots whose primary and replica are both gone wait for one of them
+    /// to come back with its copy (a whole-cluster restart) before another node takes them
+    /// empty (gateways' heartbeats then refill them). 0 = at once; at most 3600000.
+    pub orphan_grace_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -111,6 +115,7 @@ impl Default for ClusterConfig {
             advertise_wire: String::new(),
             lease_ttl_ms: 3_000,
             moves_max: 1_024,
+            orphan_grace_ms: 30_000,
         }
     }
 }
@@ -167,6 +172,12 @@ impl ClusterConfig {
         }
         if self.moves_max == 0 {
             return fail("cluster.moves_max must be at least 1".into());
+        }
+        if self.orphan_grace_ms > 3_600_000 {
+            return fail(format!(
+                "cluster.orphan_grace_ms {} must be at most 3600000 (an hour)",
+                self.orphan_grace_ms
+            ));
         }
         for (key, advertised, listening) in [
             ("cluster.advertise", &self.advertise, listen),
@@ -412,6 +423,11 @@ pub struct PresenceConfig {
     /// A replica that falls further behind (stalled, paused, slow) resyncs by snapshot; the
     /// primary's memory never grows with it. 65536 to 4294967296; default 64 MiB.
     pub replication_feed_bytes: u64,
+    /// Cluster mode: a node's checkpoints take the sessions of its primary slots from parts
+    /// their replicas build from their own copies (seed 004's checkpoint node), so the
+    /// primary copies only its replica slots, and its log is kept through the oldest part.
+    /// Off: every node copies all it holds. Single-node mode always copies.
+    pub replica_checkpoints: bool,
 }
 
 impl Default for PresenceConfig {
@@ -439,6 +455,7 @@ impl Default for PresenceConfig {
             replica_ack_timeout_ms: 1_000,
             require_replica: false,
             replication_feed_bytes: 64 * 1024 * 1024,
+            replica_checkpoints: true,
         }
     }
 }
@@ -956,12 +973,13 @@ mod tests {
             watch_history_events = 23\n\
             slots = 21\nreplication = \"async\"\nreplica_ack_timeout_ms = 22\n\
             require_replica = true\nreplication_feed_bytes = 70000\n\
+            replica_checkpoints = false\n\
             [wire]\nhello_timeout_ms = 18\nidle_timeout_ms = 19\n\
             connections_per_source_max = 20\ninput_budget_bytes = 9000000\n\
             [resp]\ndefault_namespace = \"conv\"\n\
             [cluster]\nname = \"c1\"\netcd = \"127.0.0.1:2379\"\nnode_id = \"n1\"\n\
             advertise = \"10.0.0.1:7700\"\nadvertise_wire = \"10.0.0.1:7702\"\n\
-            lease_ttl_ms = 2000\nmoves_max = 8\n";
+            lease_ttl_ms = 2000\nmoves_max = 8\norphan_grace_ms = 9000\n";
         let config = NodeConfig::parse(text).unwrap();
         assert_ne!(config, NodeConfig::default());
         assert_eq!(NodeConfig::parse(&config.to_toml()).unwrap(), config);

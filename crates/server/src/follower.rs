@@ -62,6 +62,13 @@ pub const REPLICA_POSITION: &str = "imstate_replica_position_lsn";
 pub const REPLICA_RESUMES: &str = "imstate_replica_resumes_total";
 /// Metric: replies refused for a crc mismatch or an undecodable record.
 pub const REPLICA_CORRUPT_REPLIES: &str = "imstate_replica_corrupt_replies_total";
+/// Metric: checkpoint parts this node built as a replica and sent to their primary, by
+/// `outcome` (`sent`, `failed`).
+pub const REPLICA_CHECKPOINT_PARTS: &str = "imstate_replica_checkpoint_parts_total";
+/// Bytes of a checkpoint part per chunk sent.
+const PART_CHUNK_BYTES: usize = 1 << 20;
+/// Chunks of a part built ahead of the network.
+const PART_CHUNKS_QUEUED: usize = 4;
 
 /// Starts the manager: it follows what the route table says this node is replica of, until
 /// `stop` turns true. `token`: the bearer token to present to primaries, if they require one.
@@ -244,6 +251,7 @@ async fn follow(
     slots: Arc<parking_lot::RwLock<SlotSet>>,
 ) {
     let mut position: Option<Position> = None;
+    let mut parts = PartSender::default();
     loop {
         let outcome = follow_once(
             &assignment,
@@ -253,6 +261,7 @@ async fn follow(
             &peer,
             &mut position,
             &synced,
+            &mut parts,
         )
         .await;
         // Between streams, writes may be acknowledged without this replica.
@@ -296,6 +305,104 @@ pub fn decode_reply(reply: &pb::FollowReply) -> Result<Vec<Change>, String> {
         .collect()
 }
 
+/// A follow task's checkpoint parts ([`imstate_node::parts`]): the primary's cycle the last
+/// part was sent for, and the part being sent (aborted with the follow task).
+#[derive(Default)]
+struct PartSender {
+    cycle: u64,
+    task: Option<crate::grpc::AbortOnDrop>,
+}
+
+/// Adds the bearer token, if any, to a request to a primary.
+fn authorize<T>(request: &mut tonic::Request<T>, token: Option<&[u8]>) -> Result<(), String> {
+    if let Some(token) = token {
+        let value = format!("Bearer {}", String::from_utf8_lossy(token));
+        let value = value
+            .parse()
+            .map_err(|_| "the peer token is not a valid header".to_owned())?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(())
+}
+
+/// Builds a checkpoint part of `slots` (held here through `lsn` of the primary's log
+/// `log_id`) and sends it to the primary; logs and counts the outcome.
+async fn send_part(
+    mut client: ReplicationClient<tonic::transport::Channel>,
+    token: Option<Vec<u8>>,
+    presence: Arc<PresenceStore>,
+    slots: SlotSet,
+    replica_id: String,
+    log_id: String,
+    lsn: u64,
+) {
+    let started = std::time::Instant::now();
+    let (sender, receiver) =
+        tokio::sync::mpsc::channel::<pb::CheckpointPartChunk>(PART_CHUNKS_QUEUED);
+    let first = pb::CheckpointPartChunk {
+        replica_id,
+        log_id,
+        lsn,
+        slots: slots.count(),
+        spans: slots
+            .ranges()
+            .into_iter()
+            .map(|(lo, hi)| pb::SlotSpan { lo, hi })
+            .collect(),
+        ..pb::CheckpointPartChunk::default()
+    };
+    // Built off the async workers, each shard under its own lock only, a few chunks ahead.
+    let builder = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let mut pending = Some(first);
+        let mut crc = 0;
+        let gone = || imstate_node::NodeError::Unavailable("the part upload ended".into());
+        presence
+            .write_part(&slots, |section| {
+                crc = crc32c::crc32c_append(crc, &section);
+                for piece in section.chunks(PART_CHUNK_BYTES) {
+                    let mut chunk = pending.take().unwrap_or_default();
+                    chunk.data = piece.to_vec();
+                    sender.blocking_send(chunk).map_err(|_| gone())?;
+                }
+                Ok(())
+            })
+            .map_err(|error| error.to_string())?;
+        let mut last = pending.take().unwrap_or_default();
+        last.last = true;
+        last.crc = crc;
+        sender.blocking_send(last).map_err(|_| gone().to_string())
+    });
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(receiver));
+    let outcome = match authorize(&mut request, token.as_deref()) {
+        Ok(()) => client
+            .put_checkpoint_part(request)
+            .await
+            .map(|reply| reply.into_inner().bytes)
+            .map_err(|status| status.to_string()),
+        Err(error) => Err(error),
+    };
+    let built = builder
+        .await
+        .map_err(|error| error.to_string())
+        .and_then(|built| built);
+    match (outcome, built) {
+        (Ok(bytes), Ok(())) => {
+            metrics::counter!(REPLICA_CHECKPOINT_PARTS, "outcome" => "sent").increment(1);
+            tracing::info!(
+                lsn,
+                bytes,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "checkpoint part sent to the primary"
+            );
+        }
+        (Err(error), _) | (_, Err(error)) => {
+            metrics::counter!(REPLICA_CHECKPOINT_PARTS, "outcome" => "failed").increment(1);
+            tracing::warn!(lsn, %error, "checkpoint part not sent; the primary copies those slots itself");
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn follow_once(
     assignment: &ReplicaAssignment,
     replica_id: &str,
@@ -304,6 +411,7 @@ async fn follow_once(
     peer: &Peer,
     position: &mut Option<Position>,
     in_sync: &AtomicBool,
+    parts: &mut PartSender,
 ) -> Result<(), Ended> {
     let scheme = if peer.tls.is_some() { "https" } else { "http" };
     let mut endpoint =
@@ -319,7 +427,7 @@ async fn follow_once(
         .connect()
         .await
         .map_err(|error| error.to_string())?;
-    let mut client = ReplicationClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let client = ReplicationClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (acks, outgoing) = tokio::sync::mpsc::channel::<pb::FollowRequest>(ACKS_QUEUED);
     let first = pb::FollowRequest {
         replica_id: replica_id.to_owned(),
@@ -340,14 +448,8 @@ async fn follow_once(
         .await
         .map_err(|_| "the request stream closed".to_owned())?;
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
-    if let Some(token) = &peer.token {
-        let value = format!("Bearer {}", String::from_utf8_lossy(token));
-        let value = value
-            .parse()
-            .map_err(|_| "the peer token is not a valid header".to_owned())?;
-        request.metadata_mut().insert("authorization", value);
-    }
-    let mut stream = client.follow(request).await?.into_inner();
+    authorize(&mut request, peer.token.as_deref())?;
+    let mut stream = client.clone().follow(request).await?.into_inner();
     let mut started = false;
     let mut synced = false;
     // While a snapshot comes in: the (uid, conn) of every session it holds (the sweep at its
@@ -450,6 +552,28 @@ async fn follow_once(
             };
             // A full queue means the primary is not reading: it will cut this stream off.
             let _ = acks.try_send(ack);
+            // The primary wants checkpoint parts: one per cycle, of the whole assignment
+            // (not while its slots are narrowed to a takeover), from this position.
+            let whole = SlotSet::from_ranges(assignment.slots, &assignment.spans);
+            if reply.parts_wanted != 0
+                && reply.parts_wanted != parts.cycle
+                && parts
+                    .task
+                    .as_ref()
+                    .is_none_or(crate::grpc::AbortOnDrop::is_finished)
+                && *slots.read() == whole
+            {
+                parts.cycle = reply.parts_wanted;
+                parts.task = Some(crate::grpc::AbortOnDrop::new(tokio::spawn(send_part(
+                    client.clone(),
+                    peer.token.clone(),
+                    Arc::clone(presence),
+                    whole,
+                    replica_id.to_owned(),
+                    reply.log_id.clone(),
+                    reply.lsn,
+                ))));
+            }
         }
         if let Some(status) = reply.then {
             return Err(status.into());
@@ -474,6 +598,8 @@ struct Batch {
     /// The last reply ends a snapshot (a batch never goes past one).
     snapshot_done: bool,
     log_id: String,
+    /// The newest reply's wish for checkpoint parts (see `FollowReply.parts_wanted`).
+    parts_wanted: u64,
     /// The stream's error right after these replies, to report once they are applied.
     then: Option<tonic::Status>,
 }
@@ -499,6 +625,7 @@ async fn next_batch(
         resumed: first.resumed,
         snapshot_done: first.snapshot_done,
         log_id: first.log_id,
+        parts_wanted: first.parts_wanted,
         then: None,
     };
     let mut replies = 1;
@@ -510,6 +637,7 @@ async fn next_batch(
                 batch.changes.extend(decode(&reply)?);
                 batch.lsn = reply.lsn;
                 batch.snapshot_done = reply.snapshot_done;
+                batch.parts_wanted = reply.parts_wanted;
                 replies += 1;
             }
             std::task::Poll::Ready(Some(Err(status))) => {

@@ -261,6 +261,12 @@ impl Node {
                 config.presence.replication == "sync",
             ));
             presence.set_require_replica(config.presence.require_replica);
+            if config.presence.replica_checkpoints {
+                let parts =
+                    imstate_node::parts::CheckpointParts::open(&data_dir.presence_parts_dir())
+                        .map_err(|error| NodeError::Io(error.to_string()))?;
+                presence.set_parts(Arc::new(parts));
+            }
             if let Some(acks) = presence.sync_acks() {
                 imstate_node::counted::spawn(
                     Arc::clone(cluster_seq.cluster()),
@@ -594,6 +600,7 @@ async fn join_cluster(config: &NodeConfig) -> Result<Arc<Cluster>, NodeError> {
             lease_ttl_ms: config.cluster.lease_ttl_ms,
             moves_max: config.cluster.moves_max,
             presence_slots: config.presence.slots,
+            orphan_grace_ms: config.cluster.orphan_grace_ms,
         },
         Arc::new(coordinator),
     );

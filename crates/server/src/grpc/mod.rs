@@ -23,6 +23,7 @@ mod sequence;
 
 pub use admin::AdminService;
 pub use presence::PresenceService;
+pub(crate) use replication::AbortOnDrop;
 pub use replication::{ReplicationService, records_crc};
 pub use sequence::SequenceService;
 

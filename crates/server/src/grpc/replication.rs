@@ -99,6 +99,42 @@ fn primary_of(cluster: &Cluster, wanted: &SlotSet) -> bool {
         .is_some_and(|primary| wanted.is_subset_of(&primary))
 }
 
+/// Whether `replica` follows this node for every slot of `slots` now (as their replica, or
+/// as the node joining to replace it), and this node is their primary.
+fn replica_of(cluster: &Cluster, replica: &str, slots: &SlotSet) -> bool {
+    let Some(route) = cluster.presence_route() else {
+        return false;
+    };
+    let me = cluster.status().node;
+    slots.ranges().into_iter().all(|(start, end)| {
+        (start..end).all(|slot| {
+            route.range(slot).is_some_and(|range| {
+                range.primary == me
+                    && (range.replica.as_deref() == Some(replica)
+                        || range.joining.as_deref() == Some(replica))
+            })
+        })
+    })
+}
+
+/// The slot set of a request's spans, or why they are invalid.
+fn spans_to_slots(count: u32, spans: &[pb::SlotSpan]) -> Result<SlotSet, Status> {
+    if spans.is_empty() {
+        return Err(Status::invalid_argument("no slot span"));
+    }
+    let mut slots = SlotSet::empty(count);
+    for span in spans {
+        if span.lo >= span.hi || span.hi > count {
+            return Err(Status::invalid_argument(format!(
+                "slot span [{}, {}) is not within [0, {count})",
+                span.lo, span.hi
+            )));
+        }
+        slots.insert_range(span.lo, span.hi);
+    }
+    Ok(slots)
+}
+
 /// How a replica's stream starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Start {
@@ -170,19 +206,7 @@ impl Replication for ReplicationService {
                 request.slots
             )));
         }
-        if request.spans.is_empty() {
-            return Err(Status::invalid_argument("no slot span to follow"));
-        }
-        let mut wanted = SlotSet::empty(count);
-        for span in &request.spans {
-            if span.lo >= span.hi || span.hi > count {
-                return Err(Status::invalid_argument(format!(
-                    "slot span [{}, {}) is not within [0, {count})",
-                    span.lo, span.hi
-                )));
-            }
-            wanted.insert_range(span.lo, span.hi);
-        }
+        let wanted = spans_to_slots(count, &request.spans)?;
         if !primary_of(&self.cluster, &wanted) {
             return Err(Status::failed_precondition(
                 "this node is not the primary of every slot asked for",
@@ -215,6 +239,129 @@ impl Replication for ReplicationService {
         };
         tokio::spawn(stream.run());
         Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn put_checkpoint_part(
+        &self,
+        request: Request<Streaming<pb::CheckpointPartChunk>>,
+    ) -> Result<Response<pb::CheckpointPartReply>, Status> {
+        let mut incoming = request.into_inner();
+        let first = incoming
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("no checkpoint part"))?;
+        let outcome = self.store_part(first, &mut incoming).await;
+        let label = if outcome.is_ok() { "stored" } else { "refused" };
+        metrics::counter!(imstate_node::parts::CHECKPOINT_PARTS, "outcome" => label).increment(1);
+        match outcome {
+            Ok(bytes) => Ok(Response::new(pb::CheckpointPartReply { bytes })),
+            Err(status) => {
+                tracing::warn!(%status, "checkpoint part refused");
+                Err(status)
+            }
+        }
+    }
+}
+
+impl ReplicationService {
+    /// Checks a part's first chunk against this node's log and route table, then stores the
+    /// part's bytes (written off the async workers); returns how many.
+    async fn store_part(
+        &self,
+        first: pb::CheckpointPartChunk,
+        incoming: &mut Streaming<pb::CheckpointPartChunk>,
+    ) -> Result<u64, Status> {
+        let parts =
+            self.presence.parts().cloned().ok_or_else(|| {
+                Status::failed_precondition("this node takes no checkpoint parts")
+            })?;
+        let count = self
+            .cluster
+            .primary_slots()
+            .map(|slots| slots.count())
+            .ok_or_else(|| Status::failed_precondition("presence slots are not placed yet"))?;
+        if first.slots != count {
+            return Err(Status::invalid_argument(format!(
+                "the part counts {} presence slots, this node {count}",
+                first.slots
+            )));
+        }
+        let slots = spans_to_slots(count, &first.spans)?;
+        if first.log_id != self.log_id {
+            return Err(Status::failed_precondition(format!(
+                "the part is of log {}, this node's log is {}",
+                first.log_id, self.log_id
+            )));
+        }
+        let log = self.presence.log();
+        let last = log.last_lsn();
+        if first.lsn > last {
+            return Err(Status::out_of_range(format!(
+                "the part holds the slots through LSN {} of log {}, which this node never \
+                 issued (its last LSN is {last})",
+                first.lsn, self.log_id
+            )));
+        }
+        let checkpointed = log.checkpoint_lsn().unwrap_or(0);
+        if first.lsn < checkpointed {
+            return Err(Status::out_of_range(format!(
+                "the part holds the slots through LSN {}, and a checkpoint already covers LSN \
+                 {checkpointed}",
+                first.lsn
+            )));
+        }
+        if !replica_of(&self.cluster, &first.replica_id, &slots) {
+            return Err(Status::failed_precondition(format!(
+                "{} is not the replica of every slot of the part, or this node not their \
+                 primary",
+                first.replica_id
+            )));
+        }
+        let meta = imstate_node::parts::PartMeta {
+            replica: first.replica_id.clone(),
+            lsn: first.lsn,
+            slots,
+        };
+        let (replica, lsn) = (first.replica_id.clone(), first.lsn);
+        let mut upload = Some(
+            parts
+                .receive(meta)
+                .map_err(|e| Status::internal(e.to_string()))?,
+        );
+        let mut chunk = first;
+        loop {
+            let data = std::mem::take(&mut chunk.data);
+            let mut writing = upload.take().expect("kept between chunks");
+            let last = chunk.last.then_some(chunk.crc);
+            let written = tokio::task::spawn_blocking(move || {
+                writing.write(&data)?;
+                match last {
+                    Some(crc) => writing.finish(crc).map(Err),
+                    None => Ok(Ok(writing)),
+                }
+            })
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(|error| match error {
+                imstate_node::parts::PartError::Io(_) => Status::internal(error.to_string()),
+                _ => Status::invalid_argument(error.to_string()),
+            })?;
+            match written {
+                Ok(writing) => upload = Some(writing),
+                Err(bytes) => {
+                    tracing::info!(
+                        %replica,
+                        lsn,
+                        bytes,
+                        "checkpoint part stored"
+                    );
+                    return Ok(bytes);
+                }
+            }
+            chunk = incoming.message().await?.ok_or_else(|| {
+                Status::invalid_argument("the checkpoint part ended without its last chunk")
+            })?;
+        }
     }
 }
 
@@ -425,6 +572,7 @@ impl Stream {
             let reply = pb::FollowReply {
                 records,
                 lsn: last,
+                parts_wanted: self.presence.parts_wanted().unwrap_or(0),
                 ..pb::FollowReply::default()
             };
             tokio::select! {
@@ -439,8 +587,23 @@ fn cut_status() -> Status {
     Status::deadline_exceeded("the replica did not acknowledge in time; resync")
 }
 
-/// Aborts the task when dropped (a stream's acknowledgement reader ends with the stream).
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+/// Aborts the task when dropped (a stream's acknowledgement reader ends with the stream; a
+/// replica's part upload with its follow task).
+pub(crate) struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    /// Owns `task`.
+    pub(crate) fn new(task: tokio::task::JoinHandle<()>) -> Self {
+        Self(Some(task))
+    }
+
+    /// Whether the task has ended.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(tokio::task::JoinHandle::is_finished)
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
