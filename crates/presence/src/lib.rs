@@ -104,8 +104,8 @@ mod types;
 pub use codec::{CHANGE_FORMAT_VERSION, DecodeError};
 pub use error::PresenceError;
 pub use gateways::{GATEWAY_IDS_MAX, GATEWAYS_MAX_LIMIT, GatewayId, Gateways};
-pub use registry::RESTORE_THREADS;
 pub use registry::{Entry, Journal, NoJournal, ShardedRegistry};
+pub use registry::{RESTORE_THREADS, SNAPSHOT_SESSIONS_PER_LOCK};
 pub use shard::{
     DEFERRED_EXPIRY_RECHECK_MS, Shard, TickProgress, WHEEL_SLOT_MS, WHEEL_SLOTS,
     check_gateway_name,

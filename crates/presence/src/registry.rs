@@ -38,6 +38,10 @@ use crate::{
 /// shards, and a node restarts on small machines too.
 pub const RESTORE_THREADS: usize = 2;
 
+/// Sessions a checkpoint copies per hold of a shard lock (about half a millisecond of
+/// encoding): a writer of the shard waits for one such step at most.
+pub const SNAPSHOT_SESSIONS_PER_LOCK: usize = 4_096;
+
 /// What a mutation hands to the [`Journal`]: an event (which watchers see and whose
 /// [`Event::change`] is the log record) or a bare change (heartbeats, gateway leases).
 #[derive(Debug, Clone, Copy)]
@@ -666,9 +670,46 @@ impl ShardedRegistry {
         index: usize,
         writer: &mut impl Write,
     ) -> Result<(), SnapshotError> {
+        self.snapshot_shard_in_steps(index, None, writer)
+    }
+
+    /// Snapshot sections of shard `index`, [`SNAPSHOT_SESSIONS_PER_LOCK`] sessions at a time,
+    /// each step under the shard lock alone (see [`Shard::snapshot_range`]), so a writer of
+    /// the shard waits for one step at most, not for the whole shard.
+    fn snapshot_shard_in_steps(
+        &self,
+        index: usize,
+        keep: Option<&dyn Fn(u64) -> bool>,
+        writer: &mut impl Write,
+    ) -> Result<(), SnapshotError> {
+        let mut from = 0;
+        while let Some(next) =
+            self.snapshot_shard_step(index, keep, from, SNAPSHOT_SESSIONS_PER_LOCK, writer)?
+        {
+            from = next;
+        }
+        Ok(())
+    }
+
+    /// One step of a shard's snapshot: a section of at most `sessions_max` sessions that
+    /// `keep` accepts (all when `None`), from record index `from` on, taken under the shard
+    /// lock; returns where the next step goes on from, `None` when the shard is done (see
+    /// [`Shard::snapshot_range`]).
+    pub fn snapshot_shard_step(
+        &self,
+        index: usize,
+        keep: Option<&dyn Fn(u64) -> bool>,
+        from: u32,
+        sessions_max: usize,
+        writer: &mut impl Write,
+    ) -> Result<Option<u32>, SnapshotError> {
         let mut bytes = Vec::new();
-        self.shard(index)?.lock().snapshot(&mut bytes);
-        snapshot::write_all(writer, &bytes)
+        let next = self
+            .shard(index)?
+            .lock()
+            .snapshot_range(keep, from, sessions_max, &mut bytes);
+        snapshot::write_all(writer, &bytes)?;
+        Ok(next)
     }
 
     /// Writes a snapshot section of the sessions of shard `index` whose slot is in `slots`
@@ -680,12 +721,8 @@ impl ShardedRegistry {
         slots: &SlotSet,
         writer: &mut impl Write,
     ) -> Result<(), SnapshotError> {
-        let mut bytes = Vec::new();
         let keep = |uid: u64| slots.contains(uid);
-        self.shard(index)?
-            .lock()
-            .snapshot_where(Some(&keep), &mut bytes);
-        snapshot::write_all(writer, &bytes)
+        self.snapshot_shard_in_steps(index, Some(&keep), writer)
     }
 
     /// Writes a snapshot section of the gateway leases.

@@ -942,7 +942,36 @@ impl Shard {
     /// when `None`) to `out`. The section's name tables may list names no kept session uses;
     /// restore accepts that.
     pub fn snapshot_where(&self, keep: Option<&dyn Fn(u64) -> bool>, out: &mut Vec<u8>) {
+        self.snapshot_range(keep, 0, usize::MAX, out);
+    }
+
+    /// Appends a snapshot section of at most `sessions_max` kept sessions (see
+    /// [`Self::snapshot_where`]) from record index `from` on; returns the index to go on from,
+    /// or `None` when the shard is done. A caller may release the shard lock between calls
+    /// (so that no lock is held for a whole shard): records never move in the slab, so every
+    /// session that stays live from the first call to the last is in exactly one section, and
+    /// the others are changes that a replay from before the first call brings back.
+    pub fn snapshot_range(
+        &self,
+        keep: Option<&dyn Fn(u64) -> bool>,
+        from: u32,
+        sessions_max: usize,
+        out: &mut Vec<u8>,
+    ) -> Option<u32> {
         let kept = |rec: &Rec| rec.is_live() && keep.is_none_or(|keep| keep(rec.uid.get()));
+        // The records of this section: [from, end), holding `sessions` kept sessions.
+        let high_water = self.slab.high_water();
+        let mut end = from;
+        let mut sessions = 0;
+        let mut base_ms = None;
+        while end < high_water && sessions < sessions_max {
+            let rec = self.slab.get(end);
+            if kept(rec) {
+                sessions += 1;
+                base_ms.get_or_insert(rec.last_heartbeat_ms());
+            }
+            end += 1;
+        }
         // Dense section-local numbering of the profiles and gateways in use.
         let mut profile_local = vec![NIL; self.profiles.entries.len()];
         let mut profiles = Vec::new();
@@ -962,20 +991,15 @@ impl Shard {
                 gateways.push(name.clone());
             }
         }
-        let base_ms = (0..self.slab.high_water())
-            .map(|index| self.slab.get(index))
-            .find(|rec| kept(rec))
-            .map_or(0, Rec::last_heartbeat_ms);
-        let sessions = match keep {
-            None => self.len,
-            Some(_) => (0..self.slab.high_water())
-                .filter(|&index| kept(self.slab.get(index)))
-                .count(),
-        };
         let mut section = crate::snapshot::ShardSectionWriter::new(
-            out, self.scope, base_ms, &profiles, &gateways, sessions,
+            out,
+            self.scope,
+            base_ms.unwrap_or(0),
+            &profiles,
+            &gateways,
+            sessions,
         );
-        for index in 0..self.slab.high_water() {
+        for index in from..end {
             let rec = self.slab.get(index);
             if !kept(rec) {
                 continue;
@@ -996,6 +1020,7 @@ impl Shard {
             });
         }
         section.finish();
+        (end < high_water).then_some(end)
     }
 
     /// Restores every session of the snapshot sections in `reader`, as

@@ -20,8 +20,10 @@
 //! per session. Other versions are refused with [`SnapshotError::UnsupportedVersion`].
 //!
 //! A checkpoint is any concatenation of sections: `snapshot_shard` for each shard (taken one
-//! at a time, each under its own shard lock only, so writers of other shards never wait) and
-//! `snapshot_gateways`. Such a checkpoint is fuzzy: shards are captured at different moments.
+//! at a time, in steps of `SNAPSHOT_SESSIONS_PER_LOCK` sessions, a section each, each step
+//! under its own shard lock only, so writers of other shards never wait and a writer of the
+//! shard waits one step at most) and `snapshot_gateways`. Such a checkpoint is fuzzy: shards
+//! and steps are captured at different moments.
 //! Recovery restores it and then replays the change log from a point at or before the moment
 //! the first section was taken; [`crate::Change`] replay rules make that converge.
 //!
