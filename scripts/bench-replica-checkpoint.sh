@@ -14,9 +14,10 @@
 # written in it and the last one's duration.
 #
 # Usage: scripts/bench-replica-checkpoint.sh
-# Environment: SESSIONS [5000000], RATE [5000] logins/s, DURATION [60] s,
+# Environment: SESSIONS [5000000], RATE [5000] logins/s, DURATION [60] s per window,
+# ROUNDS [3] (windows alternate between the setups, all loaded and running at once),
 # CHECKPOINT_BYTES [8388608] (presence.checkpoint_log_bytes), CONNECTIONS [32],
-# SETUPS ["single own parts"].
+# SETUPS ["single own parts"], KEEP (a directory to copy the nodes' logs to).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -26,6 +27,7 @@ DURATION=${DURATION:-60}
 CHECKPOINT_BYTES=${CHECKPOINT_BYTES:-8388608}
 CONNECTIONS=${CONNECTIONS:-32}
 SETUPS=${SETUPS:-single own parts}
+ROUNDS=${ROUNDS:-3}
 # shellcheck source=lib/bench-common.sh
 . scripts/lib/bench-common.sh
 command -v python3 >/dev/null || die "python3 is needed"
@@ -34,7 +36,7 @@ BIN=$ROOT/target/release/imstate
 bench_setup replica-checkpoint
 start_etcd
 
-declare -A GRPC WIRE METRICS PID
+declare -A GRPC WIRE METRICS PID TARGET
 start_node() { # start_node SETUP NODE (SETUP single: embedded)
   local setup=$1 node=$2 parts=true
   GRPC[$setup-$node]=127.0.0.1:$(free_port)
@@ -52,6 +54,7 @@ start_node() { # start_node SETUP NODE (SETUP single: embedded)
 # metric SETUP NODE NAME [MATCH]: the sum of a metric's samples on a node (those whose labels
 # contain MATCH).
 metric() {
+  [[ -n ${METRICS[$1-$2]:-} ]] || { echo 0; return; }
   curl -s "http://${METRICS[$1-$2]}/metrics" |
     awk -v name="$3" -v match_="${4:-}" '($1 == name || index($1, name "{") == 1) &&
       index($1, match_) { sum += $NF } END { print sum + 0 }'
@@ -74,49 +77,64 @@ wait_one_primary() { # wait_one_primary SETUP
   die "setup $1: n1 never became primary of every slot with n2 in sync: $route"
 }
 
-echo "| setup | login p99 | login p99.9 | primary CPU in the window | replica CPU | checkpoints in the window | last checkpoint | slots from parts |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 for setup in $SETUPS; do
   start_node "$setup" n1
   if [[ $setup == single ]]; then
-    target=imstate://${WIRE[$setup-n1]}
+    TARGET[$setup]=imstate://${WIRE[$setup-n1]}
     for _ in $(seq 1 100); do "$BIN" ctl status --addr "${GRPC[$setup-n1]}" >/dev/null 2>&1 && break; sleep 0.1; done
   else
     start_node "$setup" n2
-    target=imstate+wire-cluster://${WIRE[$setup-n1]}
+    TARGET[$setup]=imstate+wire-cluster://${WIRE[$setup-n1]}
     for _ in $(seq 1 100); do "$BIN" ctl status --addr "${GRPC[$setup-n1]}" >/dev/null 2>&1 && break; sleep 0.1; done
     # n2 drains: it gives its primaries to n1 and stays the replica of every slot.
     "$BIN" ctl drain n2 --addr "${GRPC[$setup-n1]}" >/dev/null
     wait_one_primary "$setup"
   fi
   t0=$(date +%s)
-  "$BIN" bench --target "$target" --workload presence-lookup-batch --preload "$SESSIONS" \
+  "$BIN" bench --target "${TARGET[$setup]}" --workload presence-lookup-batch --preload "$SESSIONS" \
     --keys "$SESSIONS" --duration 1 --warmup 0 --connections "$CONNECTIONS" --quiet >/dev/null
   echo "$setup: $SESSIONS sessions loaded in $(( $(date +%s) - t0 )) s" >&2
   [[ $setup == single ]] || wait_one_primary "$setup"
-  checkpoints0=$(metric "$setup" n1 imstate_checkpoints_total 'log="presence"')
-  parts0=$([[ $setup == single ]] && echo 0 || metric "$setup" n1 imstate_presence_checkpoint_part_slots_total)
-  cpu0=$(cpu "${PID[$setup-n1]}")
-  replica_cpu0=$([[ $setup == single ]] && echo 0 || cpu "${PID[$setup-n2]}")
-  "$BIN" bench --target "$target" --workload presence-login --keys "$SESSIONS" \
-    --connections "$CONNECTIONS" --inflight 1 --rate "$RATE" --duration "$DURATION" --warmup 1 \
-    --quiet --json-out "$WORK/run.json" >/dev/null
-  cpu1=$(cpu "${PID[$setup-n1]}")
-  replica_cpu1=$([[ $setup == single ]] && echo 0 || cpu "${PID[$setup-n2]}")
-  [[ $(field "$WORK/run.json" errors) == 0 ]] || die "$setup: the logins reported errors"
-  checkpoints=$(python3 -c "print(int($(metric "$setup" n1 imstate_checkpoints_total 'log="presence"') - $checkpoints0))")
-  parts=$([[ $setup == single ]] && echo 0 || metric "$setup" n1 imstate_presence_checkpoint_part_slots_total)
-  last=$(curl -s "http://${METRICS[$setup-n1]}/metrics" |
-    awk '$1 ~ /^imstate_checkpoint_last_duration_seconds\{log="presence"/ { print $NF }')
-  python3 -c "import sys; a=sys.argv
-p99,p999=float(a[2]),float(a[3])
-cpu=float(a[5])-float(a[4]); rcpu=float(a[7])-float(a[6])
-print(f'| {a[1]} | {p99/1000:.2f} ms | {p999/1000:.2f} ms | {cpu:.1f} s | {rcpu:.1f} s | {a[8]} | {float(a[9]):.2f} s | {int(float(a[11])-float(a[10]))} |')" \
-    "$setup" "$(field "$WORK/run.json" p99_us)" "$(field "$WORK/run.json" p999_us)" \
-    "$cpu0" "$cpu1" "$replica_cpu0" "$replica_cpu1" "$checkpoints" "${last:-0}" "$parts0" "$parts"
-  for node in n1 n2; do
-    [[ -n ${PID[$setup-$node]:-} ]] || continue
-    kill "${PID[$setup-$node]}" 2>/dev/null || true
-    wait "${PID[$setup-$node]}" 2>/dev/null || true
+done
+
+# Windows alternate between the setups (all of them stay up: the machine's noise is shared).
+echo "| round | setup | login p99 | login p99.9 | primary CPU | replica CPU | checkpoints | last checkpoint | slots from parts |"
+echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+declare -A P99 P999 CPU
+for round in $(seq 1 "$ROUNDS"); do
+  for setup in $SETUPS; do
+    checkpoints0=$(metric "$setup" n1 imstate_checkpoints_total 'log="presence"')
+    parts0=$(metric "$setup" n1 imstate_presence_checkpoint_part_slots_total)
+    cpu0=$(cpu "${PID[$setup-n1]}")
+    replica_cpu0=$([[ $setup == single ]] && echo 0 || cpu "${PID[$setup-n2]}")
+    "$BIN" bench --target "${TARGET[$setup]}" --workload presence-login --keys "$SESSIONS" \
+      --connections "$CONNECTIONS" --inflight 1 --rate "$RATE" --duration "$DURATION" --warmup 1 \
+      --quiet --json-out "$WORK/run.json" >/dev/null
+    cpu1=$(cpu "${PID[$setup-n1]}")
+    replica_cpu1=$([[ $setup == single ]] && echo 0 || cpu "${PID[$setup-n2]}")
+    [[ $(field "$WORK/run.json" errors) == 0 ]] || die "$setup: the logins reported errors"
+    checkpoints=$(python3 -c "print(int($(metric "$setup" n1 imstate_checkpoints_total 'log="presence"') - $checkpoints0))")
+    parts=$(metric "$setup" n1 imstate_presence_checkpoint_part_slots_total)
+    last=$(curl -s "http://${METRICS[$setup-n1]}/metrics" |
+      awk '$1 ~ /^imstate_checkpoint_last_duration_seconds\{log="presence"/ { print $NF }')
+    p99=$(field "$WORK/run.json" p99_us); p999=$(field "$WORK/run.json" p999_us)
+    P99[$setup]+="$p99 "; P999[$setup]+="$p999 "
+    CPU[$setup]+="$(python3 -c "print($cpu1 - $cpu0)") "
+    date -u +%H:%M:%S.%N >&2
+    python3 -c "import sys; a=sys.argv
+cpu=float(a[6])-float(a[5]); rcpu=float(a[8])-float(a[7])
+print(f'| {a[1]} | {a[2]} | {float(a[3])/1000:.2f} ms | {float(a[4])/1000:.2f} ms | {cpu:.1f} s | {rcpu:.1f} s | {a[9]} | {float(a[10]):.2f} s | {int(float(a[12])-float(a[11]))} |')" \
+      "$round" "$setup" "$p99" "$p999" "$cpu0" "$cpu1" "$replica_cpu0" "$replica_cpu1" \
+      "$checkpoints" "${last:-0}" "$parts0" "$parts"
   done
 done
+echo
+echo "| setup | login p99 (median of $ROUNDS) | login p99.9 (median) | primary CPU per window (median) |"
+echo "|---|---:|---:|---:|"
+for setup in $SETUPS; do
+  # shellcheck disable=SC2086
+  python3 -c "import sys; print(f'| {sys.argv[1]} | {float(sys.argv[2])/1000:.2f} ms | {float(sys.argv[3])/1000:.2f} ms | {float(sys.argv[4]):.1f} s |')" \
+    "$setup" "$(median ${P99[$setup]})" "$(median ${P999[$setup]})" "$(median ${CPU[$setup]})"
+done
+# KEEP=DIR keeps the nodes' logs (to line slow windows up with checkpoints and parts).
+if [[ -n ${KEEP:-} ]]; then mkdir -p "$KEEP"; cp "$WORK"/*.log "$KEEP"/; fi

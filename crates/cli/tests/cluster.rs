@@ -2056,6 +2056,7 @@ fn whole_cluster_kill9_after_part_checkpoints() -> Vec<u64> {
         3,
         &[
             ("IMSTATE_PRESENCE__CHECKPOINT_LOG_BYTES", "262144"),
+            ("IMSTATE_PRESENCE__REPLICA_CHECKPOINTS", "true"),
             ("IMSTATE_PRESENCE__SEGMENT_BYTES", "65536"),
         ],
     );

@@ -16,8 +16,6 @@ pub const LOCK_FILE: &str = "LOCK";
 pub const SEQ_DIR: &str = "seq";
 /// Subdirectory of the presence registry's log and checkpoints.
 pub const PRESENCE_DIR: &str = "presence";
-/// Subdirectory of the checkpoint parts replicas send (cluster mode).
-pub const PRESENCE_PARTS_DIR: &str = "presence-parts";
 
 /// A locked data directory. Dropping it releases the lock.
 #[derive(Debug)]
@@ -94,12 +92,6 @@ impl DataDir {
     /// Where the presence log and its checkpoints live.
     pub fn presence_dir(&self) -> PathBuf {
         self.root.join(PRESENCE_DIR)
-    }
-
-    /// Cluster mode: where the checkpoint parts replicas send are kept until a checkpoint
-    /// uses them ([`crate::parts`]; cleared at every start).
-    pub fn presence_parts_dir(&self) -> PathBuf {
-        self.root.join(PRESENCE_PARTS_DIR)
     }
 
     /// The identity of the presence log: random, made the first time it is asked for and

@@ -4,11 +4,11 @@
 //!
 //! ```text
 //!  replica: position X (every record of slots S through X applied) ──► snapshot of S
-//!     ──► Replication/PutCheckpointPart ──► CheckpointParts::receive (a file; crc checked)
+//!     ──► Replication/PutCheckpointPart ──► CheckpointParts::receive (memory; crc checked)
 //!  this node's checkpoint (PresenceStore::checkpoint):
 //!     covered = min(last LSN, every part's X)
 //!     sections = own copy of the slots no part covers + each part's bytes + gateway leases
-//!     ──► Log::checkpoint(covered) ──► segments through `covered` dropped, parts deleted
+//!     ──► Log::checkpoint(covered) ──► segments through `covered` dropped, parts dropped
 //! ```
 //!
 //! Why that checkpoint is right: a part of slots S at LSN X holds this node's state of S at X
@@ -22,19 +22,27 @@
 //! slots this node is primary of, sent by their replica. Nothing else trusts it: its bytes
 //! are crc-checked end to end, and restore validates every section like any checkpoint's.
 //!
-//! Parts are not made durable: one lost in a crash only means the next checkpoint copies
-//! those slots itself. They are kept until a checkpoint uses them, a newer part of some of
-//! the same slots replaces them, or the node restarts ([`CheckpointParts::open`] clears the
-//! directory). At most one part per slot exists, so their bytes are bounded by the sessions
-//! of this node's primary slots.
+//! Parts are kept in memory, not on disk: one lost in a crash only means the next checkpoint
+//! copies those slots itself, and a file would write every part's bytes twice (once as the
+//! part, once inside the checkpoint): measured on one machine, the extra writeback stalled the
+//! log's writes. They are kept until a checkpoint uses them, a newer part of some of the same
+//! slots replaces them, or they fall behind a checkpoint. At most one part per slot exists,
+//! so their bytes are bounded by the sessions of this node's primary slots (about 14 bytes
+//! each), and each part by [`PART_BYTES_MAX`].
 
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use imstate_presence::SlotSet;
 use parking_lot::Mutex;
+
+/// Longest part accepted, in bytes (about 70 M sessions at 14 bytes each), held in memory
+/// until a checkpoint uses it.
+pub const PART_BYTES_MAX: u64 = 1 << 30;
+
+/// Metric: checkpoint parts received from replicas, by `outcome` (`stored`, `refused`).
+pub const CHECKPOINT_PARTS: &str = "imstate_presence_checkpoint_parts_total";
+/// Metric: slots whose sessions a checkpoint took from a replica's part, not its own copy.
+pub const CHECKPOINT_PART_SLOTS: &str = "imstate_presence_checkpoint_part_slots_total";
 
 /// Why a part was not stored.
 #[derive(Debug, thiserror::Error)]
@@ -55,18 +63,7 @@ pub enum PartError {
         /// The crc the sender gave.
         sent: u32,
     },
-    /// The parts directory failed.
-    #[error("checkpoint parts: {0}")]
-    Io(String),
 }
-
-/// Longest part accepted, in bytes (about 300 M sessions at 14 bytes each).
-pub const PART_BYTES_MAX: u64 = 4 << 30;
-
-/// Metric: checkpoint parts received from replicas, by `outcome` (`stored`, `refused`).
-pub const CHECKPOINT_PARTS: &str = "imstate_presence_checkpoint_parts_total";
-/// Metric: slots whose sessions a checkpoint took from a replica's part, not its own copy.
-pub const CHECKPOINT_PART_SLOTS: &str = "imstate_presence_checkpoint_part_slots_total";
 
 /// What a part holds: `slots`' sessions as this node's log had them at `lsn`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,15 +81,14 @@ pub struct PartMeta {
 pub struct Part {
     /// What it holds.
     pub meta: PartMeta,
-    /// Its file: snapshot sections, as a checkpoint holds them.
-    pub path: PathBuf,
-    /// Its length.
-    pub bytes: u64,
+    /// Its bytes: snapshot sections, as a checkpoint holds them.
+    pub data: Arc<Vec<u8>>,
+    id: u64,
 }
 
-/// The parts this node holds, in a directory of their own.
+/// The parts this node holds.
+#[derive(Default)]
 pub struct CheckpointParts {
-    dir: PathBuf,
     state: Mutex<State>,
 }
 
@@ -103,82 +99,42 @@ struct State {
 }
 
 impl CheckpointParts {
-    /// Uses `dir` (made if missing), removing whatever an earlier run left there.
-    pub fn open(dir: &Path) -> Result<Self, PartError> {
-        std::fs::create_dir_all(dir).map_err(|error| {
-            PartError::Io(format!(
-                "checkpoint parts directory {}: {error}",
-                dir.display()
-            ))
-        })?;
-        let entries = std::fs::read_dir(dir).map_err(|error| {
-            PartError::Io(format!(
-                "checkpoint parts directory {}: {error}",
-                dir.display()
-            ))
-        })?;
-        for entry in entries.flatten() {
-            let _ = std::fs::remove_file(entry.path());
-        }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            state: Mutex::new(State::default()),
-        })
+    /// No parts yet.
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// Starts receiving a part; its bytes go to a temporary file until
-    /// [`PartUpload::finish`].
-    pub fn receive(self: &Arc<Self>, meta: PartMeta) -> Result<PartUpload, PartError> {
-        let id = {
-            let mut state = self.state.lock();
-            state.next_id += 1;
-            state.next_id
-        };
-        let temp = self.dir.join(format!("part-{id}.tmp"));
-        let file = File::create(&temp)
-            .map_err(|error| PartError::Io(format!("creating {}: {error}", temp.display())))?;
-        Ok(PartUpload {
+    /// Starts receiving a part; its bytes are kept aside until [`PartUpload::finish`].
+    pub fn receive(self: &Arc<Self>, meta: PartMeta) -> PartUpload {
+        PartUpload {
             parts: Arc::clone(self),
             meta,
-            id,
-            temp,
-            file: Some(file),
-            bytes: 0,
+            data: Vec::new(),
             crc: 0,
-        })
+        }
     }
 
     /// The parts a checkpoint may use now: every part is at or after `checkpoint_lsn` (the
     /// last checkpoint's) and at or before `last_lsn`; parts are disjoint. Parts older than
-    /// `checkpoint_lsn` can never be used again and are deleted.
+    /// `checkpoint_lsn` can never be used again and are dropped.
     pub fn usable(&self, checkpoint_lsn: u64, last_lsn: u64) -> Vec<Part> {
         let mut state = self.state.lock();
-        state.parts.retain(|part| {
-            let stale = part.meta.lsn < checkpoint_lsn;
-            if stale {
-                let _ = std::fs::remove_file(&part.path);
-            }
-            !stale
-        });
+        state.parts.retain(|part| part.meta.lsn >= checkpoint_lsn);
         state
             .parts
             .iter()
-            .filter(|part| part.meta.lsn >= checkpoint_lsn && part.meta.lsn <= last_lsn)
+            .filter(|part| part.meta.lsn <= last_lsn)
             .cloned()
             .collect()
     }
 
-    /// Forgets `used` (a checkpoint holds them now) and deletes their files; a part that
-    /// replaced one of them meanwhile stays.
+    /// Forgets `used` (a checkpoint holds them now); a part that replaced one of them
+    /// meanwhile stays.
     pub fn remove(&self, used: &[Part]) {
-        let mut state = self.state.lock();
-        state.parts.retain(|part| {
-            let gone = used.iter().any(|used| used.path == part.path);
-            if gone {
-                let _ = std::fs::remove_file(&part.path);
-            }
-            !gone
-        });
+        self.state
+            .lock()
+            .parts
+            .retain(|part| !used.iter().any(|used| used.id == part.id));
     }
 
     /// How many parts are held.
@@ -191,17 +147,29 @@ impl CheckpointParts {
         self.len() == 0
     }
 
-    fn store(&self, part: Part) {
+    /// Bytes of the parts held.
+    pub fn bytes(&self) -> u64 {
+        self.state
+            .lock()
+            .parts
+            .iter()
+            .map(|part| part.data.len() as u64)
+            .sum()
+    }
+
+    fn store(&self, meta: PartMeta, data: Vec<u8>) {
         let mut state = self.state.lock();
+        state.next_id += 1;
+        let part = Part {
+            meta,
+            data: Arc::new(data),
+            id: state.next_id,
+        };
         // A newer part of any of the same slots replaces the older one whole.
         state.parts.retain(|old| {
             let mut overlap = old.meta.slots.clone();
             overlap.retain_all(&part.meta.slots);
-            let replaced = !overlap.is_empty();
-            if replaced {
-                let _ = std::fs::remove_file(&old.path);
-            }
-            !replaced
+            overlap.is_empty()
         });
         state.parts.push(part);
     }
@@ -211,58 +179,34 @@ impl CheckpointParts {
 pub struct PartUpload {
     parts: Arc<CheckpointParts>,
     meta: PartMeta,
-    id: u64,
-    temp: PathBuf,
-    file: Option<File>,
-    bytes: u64,
+    data: Vec<u8>,
     crc: u32,
 }
 
 impl PartUpload {
     /// Appends bytes of the part.
     pub fn write(&mut self, data: &[u8]) -> Result<(), PartError> {
-        self.bytes += data.len() as u64;
-        if self.bytes > PART_BYTES_MAX {
+        if (self.data.len() + data.len()) as u64 > PART_BYTES_MAX {
             return Err(PartError::TooLong);
         }
         self.crc = crc32c::crc32c_append(self.crc, data);
-        let file = self.file.as_mut().expect("open until finished");
-        file.write_all(data)
-            .map_err(|error| PartError::Io(format!("writing {}: {error}", self.temp.display())))
+        self.data.extend_from_slice(data);
+        Ok(())
     }
 
     /// Ends the part: stored if its bytes match `crc` (the crc32c of all of them), else
-    /// refused and deleted. Returns the part's length.
-    pub fn finish(mut self, crc: u32) -> Result<u64, PartError> {
+    /// refused and dropped. Returns the part's length.
+    pub fn finish(self, crc: u32) -> Result<u64, PartError> {
+        let bytes = self.data.len() as u64;
         if crc != self.crc {
             return Err(PartError::BadCrc {
-                bytes: self.bytes,
+                bytes,
                 computed: self.crc,
                 sent: crc,
             });
         }
-        drop(self.file.take());
-        let path = self.parts.dir.join(format!("part-{}", self.id));
-        std::fs::rename(&self.temp, &path).map_err(|error| {
-            PartError::Io(format!("renaming {}: {error}", self.temp.display()))
-        })?;
-        let bytes = self.bytes;
-        self.parts.store(Part {
-            meta: self.meta.clone(),
-            path,
-            bytes,
-        });
+        self.parts.store(self.meta, self.data);
         Ok(bytes)
-    }
-}
-
-impl Drop for PartUpload {
-    fn drop(&mut self) {
-        // Not finished (refused, or the replica went away): nothing of it stays.
-        if self.file.is_some() {
-            drop(self.file.take());
-            let _ = std::fs::remove_file(&self.temp);
-        }
     }
 }
 
@@ -283,20 +227,14 @@ mod tests {
         meta: PartMeta,
         data: &[u8],
     ) -> Result<u64, PartError> {
-        let mut upload = parts.receive(meta)?;
+        let mut upload = parts.receive(meta);
         upload.write(data)?;
         upload.finish(crc32c::crc32c(data))
     }
 
     #[test]
     fn parts_are_kept_until_used_or_replaced_and_a_bad_crc_keeps_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("parts")).unwrap();
-        std::fs::write(dir.path().join("parts/part-9"), b"left by an earlier run").unwrap();
-        let parts = Arc::new(CheckpointParts::open(&dir.path().join("parts")).unwrap());
-        let files = || std::fs::read_dir(dir.path().join("parts")).unwrap().count();
-        assert_eq!(files(), 0, "an earlier run's parts are removed");
-
+        let parts = Arc::new(CheckpointParts::new());
         assert_eq!(upload(&parts, meta(10, &[(0, 4)]), b"abc").unwrap(), 3);
         upload(&parts, meta(12, &[(4, 8)]), b"defg").unwrap();
         assert_eq!(parts.len(), 2);
@@ -304,18 +242,17 @@ mod tests {
         upload(&parts, meta(15, &[(7, 9)]), b"hi").unwrap();
         let usable = parts.usable(0, 100);
         assert_eq!(usable.len(), 2);
-        assert_eq!(files(), 2);
-        assert_eq!(std::fs::read(&usable[1].path).unwrap(), b"hi");
+        assert_eq!(parts.bytes(), 5);
+        assert_eq!(&usable[1].data[..], b"hi");
         // Only parts between the last checkpoint and the last LSN are usable; older ones go.
         assert_eq!(parts.usable(0, 14).len(), 1);
         assert_eq!(parts.usable(11, 100).len(), 1);
         assert_eq!(parts.len(), 1);
-        assert_eq!(files(), 1);
         upload(&parts, meta(10, &[(0, 4)]), b"abc").unwrap();
         let usable = parts.usable(0, 100);
 
-        // A part whose bytes do not match its crc is refused, and leaves no file.
-        let mut bad = parts.receive(meta(20, &[(0, 1)])).unwrap();
+        // A part whose bytes do not match its crc is refused, and nothing of it is kept.
+        let mut bad = parts.receive(meta(20, &[(0, 1)]));
         bad.write(b"xyz").unwrap();
         let error = bad.finish(crc32c::crc32c(b"xyy")).unwrap_err().to_string();
         assert!(
@@ -323,14 +260,13 @@ mod tests {
             "{error}"
         );
         // So is an upload given up half way.
-        let mut half = parts.receive(meta(20, &[(0, 1)])).unwrap();
+        let mut half = parts.receive(meta(20, &[(0, 1)]));
         half.write(b"x").unwrap();
         drop(half);
-        assert_eq!(files(), 2);
         assert_eq!(parts.len(), 2);
 
         parts.remove(&usable[..1]);
         assert_eq!(parts.len(), 1);
-        assert_eq!(files(), 1);
+        assert_eq!(parts.bytes(), 3);
     }
 }

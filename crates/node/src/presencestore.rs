@@ -19,7 +19,9 @@
 //! - Log order = apply order per shard: the registry calls the journal under the shard lock.
 //! - Checkpoints are fuzzy: the covered LSN is read before any shard is copied; each record up
 //!   to it was appended under its shard's lock while the change was applied, so the copy taken
-//!   later under that lock contains it. Replay of later records is idempotent.
+//!   later under that lock contains it (a shard is copied in steps, each under the lock;
+//!   records never move in a shard's slab, so a session live throughout is in exactly one
+//!   step). Replay of later records is idempotent.
 //! - B1: Watch is bounded ([`crate::watch`]): a subscriber that falls further behind than
 //!   `watch_buffer_events` of its own events is cut off; nothing grows without bound.
 
@@ -586,8 +588,7 @@ impl PresenceStore {
                 .map_err(std::io::Error::other)?;
             }
             for part in &parts {
-                let mut file = std::fs::File::open(&part.path)?;
-                std::io::copy(&mut file, &mut out)?;
+                out.write_all(&part.data)?;
             }
             registry
                 .snapshot_gateways(&mut out)
@@ -1284,10 +1285,7 @@ mod tests {
             let storage = FaultyStorage::new();
             let (primary, _) =
                 PresenceStore::open(storage.clone(), options.clone(), clock.clone()).unwrap();
-            let parts_dir = tempfile::tempdir().unwrap();
-            primary.set_parts(Arc::new(
-                crate::parts::CheckpointParts::open(parts_dir.path()).unwrap(),
-            ));
+            primary.set_parts(Arc::new(crate::parts::CheckpointParts::new()));
             let feed = primary.enable_feed(FeedLimits {
                 bytes_max: 64 << 20,
             });
@@ -1366,13 +1364,11 @@ mod tests {
                 part_lsn = *lsn;
             }
             let parts = primary.parts().unwrap();
-            let mut upload = parts
-                .receive(crate::parts::PartMeta {
-                    replica: "replica".into(),
-                    lsn: part_lsn,
-                    slots: slots.clone(),
-                })
-                .unwrap();
+            let mut upload = parts.receive(crate::parts::PartMeta {
+                replica: "replica".into(),
+                lsn: part_lsn,
+                slots: slots.clone(),
+            });
             let mut crc = 0;
             replica
                 .write_part(&slots, |section| {

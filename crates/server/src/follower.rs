@@ -305,6 +305,27 @@ pub fn decode_reply(reply: &pb::FollowReply) -> Result<Vec<Change>, String> {
         .collect()
 }
 
+/// A connection of its own to the primary at `grpc`.
+async fn connect(
+    grpc: &str,
+    peer: &Peer,
+) -> Result<ReplicationClient<tonic::transport::Channel>, String> {
+    let scheme = if peer.tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{grpc}"))
+        .map_err(|error| error.to_string())?
+        .connect_timeout(CONNECT_TIMEOUT);
+    if let Some(tls) = &peer.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|error| format!("peer TLS: {error}"))?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|error| error.to_string())?;
+    Ok(ReplicationClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+}
+
 /// A follow task's checkpoint parts ([`imstate_node::parts`]): the primary's cycle the last
 /// part was sent for, and the part being sent (aborted with the follow task).
 #[derive(Default)]
@@ -328,8 +349,8 @@ fn authorize<T>(request: &mut tonic::Request<T>, token: Option<&[u8]>) -> Result
 /// Builds a checkpoint part of `slots` (held here through `lsn` of the primary's log
 /// `log_id`) and sends it to the primary; logs and counts the outcome.
 async fn send_part(
-    mut client: ReplicationClient<tonic::transport::Channel>,
-    token: Option<Vec<u8>>,
+    grpc: String,
+    peer: Peer,
     presence: Arc<PresenceStore>,
     slots: SlotSet,
     replica_id: String,
@@ -373,13 +394,18 @@ async fn send_part(
         sender.blocking_send(last).map_err(|_| gone().to_string())
     });
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(receiver));
-    let outcome = match authorize(&mut request, token.as_deref()) {
-        Ok(()) => client
+    // Its own connection: tens of megabytes queued on the follow stream's connection would
+    // hold up the acknowledgements that sync writes wait for.
+    let outcome = match (
+        authorize(&mut request, peer.token.as_deref()),
+        connect(&grpc, &peer).await,
+    ) {
+        (Ok(()), Ok(mut client)) => client
             .put_checkpoint_part(request)
             .await
             .map(|reply| reply.into_inner().bytes)
             .map_err(|status| status.to_string()),
-        Err(error) => Err(error),
+        (Err(error), _) | (_, Err(error)) => Err(error),
     };
     let built = builder
         .await
@@ -413,21 +439,7 @@ async fn follow_once(
     in_sync: &AtomicBool,
     parts: &mut PartSender,
 ) -> Result<(), Ended> {
-    let scheme = if peer.tls.is_some() { "https" } else { "http" };
-    let mut endpoint =
-        tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", assignment.grpc))
-            .map_err(|error| error.to_string())?
-            .connect_timeout(CONNECT_TIMEOUT);
-    if let Some(tls) = &peer.tls {
-        endpoint = endpoint
-            .tls_config(tls.clone())
-            .map_err(|error| format!("peer TLS: {error}"))?;
-    }
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|error| error.to_string())?;
-    let client = ReplicationClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let mut client = connect(&assignment.grpc, peer).await?;
     let (acks, outgoing) = tokio::sync::mpsc::channel::<pb::FollowRequest>(ACKS_QUEUED);
     let first = pb::FollowRequest {
         replica_id: replica_id.to_owned(),
@@ -449,7 +461,7 @@ async fn follow_once(
         .map_err(|_| "the request stream closed".to_owned())?;
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
     authorize(&mut request, peer.token.as_deref())?;
-    let mut stream = client.clone().follow(request).await?.into_inner();
+    let mut stream = client.follow(request).await?.into_inner();
     let mut started = false;
     let mut synced = false;
     // While a snapshot comes in: the (uid, conn) of every session it holds (the sweep at its
@@ -565,8 +577,8 @@ async fn follow_once(
             {
                 parts.cycle = reply.parts_wanted;
                 parts.task = Some(crate::grpc::AbortOnDrop::new(tokio::spawn(send_part(
-                    client.clone(),
-                    peer.token.clone(),
+                    assignment.grpc.clone(),
+                    peer.clone(),
                     Arc::clone(presence),
                     whole,
                     replica_id.to_owned(),

@@ -262,10 +262,7 @@ impl Node {
             ));
             presence.set_require_replica(config.presence.require_replica);
             if config.presence.replica_checkpoints {
-                let parts =
-                    imstate_node::parts::CheckpointParts::open(&data_dir.presence_parts_dir())
-                        .map_err(|error| NodeError::Io(error.to_string()))?;
-                presence.set_parts(Arc::new(parts));
+                presence.set_parts(Arc::new(imstate_node::parts::CheckpointParts::new()));
             }
             if let Some(acks) = presence.sync_acks() {
                 imstate_node::counted::spawn(

@@ -323,40 +323,16 @@ impl ReplicationService {
             slots,
         };
         let (replica, lsn) = (first.replica_id.clone(), first.lsn);
-        let mut upload = Some(
-            parts
-                .receive(meta)
-                .map_err(|e| Status::internal(e.to_string()))?,
-        );
+        let mut upload = parts.receive(meta);
+        let refused =
+            |error: imstate_node::parts::PartError| Status::invalid_argument(error.to_string());
         let mut chunk = first;
         loop {
-            let data = std::mem::take(&mut chunk.data);
-            let mut writing = upload.take().expect("kept between chunks");
-            let last = chunk.last.then_some(chunk.crc);
-            let written = tokio::task::spawn_blocking(move || {
-                writing.write(&data)?;
-                match last {
-                    Some(crc) => writing.finish(crc).map(Err),
-                    None => Ok(Ok(writing)),
-                }
-            })
-            .await
-            .map_err(|error| Status::internal(error.to_string()))?
-            .map_err(|error| match error {
-                imstate_node::parts::PartError::Io(_) => Status::internal(error.to_string()),
-                _ => Status::invalid_argument(error.to_string()),
-            })?;
-            match written {
-                Ok(writing) => upload = Some(writing),
-                Err(bytes) => {
-                    tracing::info!(
-                        %replica,
-                        lsn,
-                        bytes,
-                        "checkpoint part stored"
-                    );
-                    return Ok(bytes);
-                }
+            upload.write(&chunk.data).map_err(refused)?;
+            if chunk.last {
+                let bytes = upload.finish(chunk.crc).map_err(refused)?;
+                tracing::info!(%replica, lsn, bytes, "checkpoint part stored");
+                return Ok(bytes);
             }
             chunk = incoming.message().await?.ok_or_else(|| {
                 Status::invalid_argument("the checkpoint part ended without its last chunk")
