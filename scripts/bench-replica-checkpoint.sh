@@ -120,7 +120,7 @@ for round in $(seq 1 "$ROUNDS"); do
     p99=$(field "$WORK/run.json" p99_us); p999=$(field "$WORK/run.json" p999_us)
     P99[$setup]+="$p99 "; P999[$setup]+="$p999 "
     CPU[$setup]+="$(python3 -c "print($cpu1 - $cpu0)") "
-    date -u +%H:%M:%S.%N >&2
+    date -u +%H:%M:%S.%N >&2 # when the window ended, to line up with the KEEP logs
     python3 -c "import sys; a=sys.argv
 cpu=float(a[6])-float(a[5]); rcpu=float(a[8])-float(a[7])
 print(f'| {a[1]} | {a[2]} | {float(a[3])/1000:.2f} ms | {float(a[4])/1000:.2f} ms | {cpu:.1f} s | {rcpu:.1f} s | {a[9]} | {float(a[10]):.2f} s | {int(float(a[12])-float(a[11]))} |')" \

@@ -935,22 +935,16 @@ impl Shard {
 
     /// Appends a snapshot section of every session of this shard to `out`.
     pub fn snapshot(&self, out: &mut Vec<u8>) {
-        self.snapshot_where(None, out);
+        self.snapshot_range(None, 0, usize::MAX, out);
     }
 
-    /// Appends a snapshot section of the sessions of this shard whose uid `keep` accepts (all
-    /// when `None`) to `out`. The section's name tables may list names no kept session uses;
-    /// restore accepts that.
-    pub fn snapshot_where(&self, keep: Option<&dyn Fn(u64) -> bool>, out: &mut Vec<u8>) {
-        self.snapshot_range(keep, 0, usize::MAX, out);
-    }
-
-    /// Appends a snapshot section of at most `sessions_max` kept sessions (see
-    /// [`Self::snapshot_where`]) from record index `from` on; returns the index to go on from,
+    /// Appends a snapshot section of at most `sessions_max` sessions whose uid `keep` accepts
+    /// (all when `None`) from record index `from` on; returns the index to go on from,
     /// or `None` when the shard is done. A caller may release the shard lock between calls
     /// (so that no lock is held for a whole shard): records never move in the slab, so every
     /// session that stays live from the first call to the last is in exactly one section, and
     /// the others are changes that a replay from before the first call brings back.
+    /// The section's name tables may list names no kept session uses; restore accepts that.
     pub fn snapshot_range(
         &self,
         keep: Option<&dyn Fn(u64) -> bool>,

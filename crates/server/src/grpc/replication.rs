@@ -117,6 +117,21 @@ fn replica_of(cluster: &Cluster, replica: &str, slots: &SlotSet) -> bool {
     })
 }
 
+/// The slots a replica's request names (`slots`: its slot count, `spans`: the ranges), or
+/// why they are not this cluster's: slots not placed yet, another slot count, a bad span.
+fn asked_slots(cluster: &Cluster, slots: u32, spans: &[pb::SlotSpan]) -> Result<SlotSet, Status> {
+    let count = cluster
+        .primary_slots()
+        .map(|slots| slots.count())
+        .ok_or_else(|| Status::failed_precondition("presence slots are not placed yet"))?;
+    if slots != count {
+        return Err(Status::invalid_argument(format!(
+            "the replica counts {slots} presence slots, this node {count}"
+        )));
+    }
+    spans_to_slots(count, spans)
+}
+
 /// The slot set of a request's spans, or why they are invalid.
 fn spans_to_slots(count: u32, spans: &[pb::SlotSpan]) -> Result<SlotSet, Status> {
     if spans.is_empty() {
@@ -195,18 +210,7 @@ impl Replication for ReplicationService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("no follow request"))?;
-        let count = self
-            .cluster
-            .primary_slots()
-            .map(|slots| slots.count())
-            .ok_or_else(|| Status::failed_precondition("presence slots are not placed yet"))?;
-        if request.slots != count {
-            return Err(Status::invalid_argument(format!(
-                "the replica counts {} presence slots, this node {count}",
-                request.slots
-            )));
-        }
-        let wanted = spans_to_slots(count, &request.spans)?;
+        let wanted = asked_slots(&self.cluster, request.slots, &request.spans)?;
         if !primary_of(&self.cluster, &wanted) {
             return Err(Status::failed_precondition(
                 "this node is not the primary of every slot asked for",
@@ -275,18 +279,7 @@ impl ReplicationService {
             self.presence.parts().cloned().ok_or_else(|| {
                 Status::failed_precondition("this node takes no checkpoint parts")
             })?;
-        let count = self
-            .cluster
-            .primary_slots()
-            .map(|slots| slots.count())
-            .ok_or_else(|| Status::failed_precondition("presence slots are not placed yet"))?;
-        if first.slots != count {
-            return Err(Status::invalid_argument(format!(
-                "the part counts {} presence slots, this node {count}",
-                first.slots
-            )));
-        }
-        let slots = spans_to_slots(count, &first.spans)?;
+        let slots = asked_slots(&self.cluster, first.slots, &first.spans)?;
         if first.log_id != self.log_id {
             return Err(Status::failed_precondition(format!(
                 "the part is of log {}, this node's log is {}",
