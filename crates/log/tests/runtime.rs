@@ -555,6 +555,47 @@ fn async_waiters_write_deferred_records_inline_across_rolls() {
     }
 }
 
+/// Requests ready together on one thread share one inline write: a waiter of a small batch
+/// yields once before it writes, so the others queue their records first (one `write` per
+/// pass of the executor, not one per request).
+#[test]
+fn waiters_ready_together_share_one_inline_write() {
+    let options = LogOptions {
+        fsync: FsyncPolicy::Never,
+        inline_writes: true,
+        ..LogOptions::default()
+    };
+    let (log, _, _) = open(FaultyStorage::new(), options).expect("open");
+    let log = Arc::new(log);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let before = log.stats().batches;
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..8u64)
+            .map(|task| {
+                let log = Arc::clone(&log);
+                tokio::spawn(async move {
+                    let lsn = log.append_deferred(payload(task)).expect("append");
+                    log.durable(lsn).await.expect("durable");
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+    });
+    let stats = log.stats();
+    assert_eq!(stats.last_lsn, 8);
+    // One inline write; the flusher's periodic pass may have taken a few first.
+    assert!(
+        stats.batches - before <= 2 && stats.inline_batches >= 1,
+        "8 ready waiters took {} batches ({} inline)",
+        stats.batches - before,
+        stats.inline_batches
+    );
+}
+
 /// A deferred record wakes nobody: if no one waits for it, the flusher's periodic pass writes
 /// it anyway, and a thread's `wait_durable` does not wait for that pass.
 #[test]

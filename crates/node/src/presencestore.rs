@@ -268,7 +268,7 @@ impl Default for PresenceStoreOptions {
             watch: WatchLimits::default(),
             log_queue_records_max: LogOptions::default().queue_records_max,
             segment_bytes: LogOptions::default().segment_bytes_max,
-            inline_writes: false,
+            inline_writes: true,
         }
     }
 }

@@ -388,9 +388,9 @@ pub struct PresenceConfig {
     /// (preallocation); [`SEGMENT_BYTES_MIN`] to [`SEGMENT_BYTES_MAX`].
     pub segment_bytes: u64,
     /// Under `batch:T` and `never`: a request's own task writes the queued log records when no
-    /// other writer is busy, instead of handing them to the flusher thread. Less CPU and
-    /// fewer context switches per write at a moderate load; less peak throughput at one
-    /// request in flight per connection. Off by default.
+    /// other writer is busy (after letting the other ready requests queue theirs), instead of
+    /// handing them to the flusher thread: less CPU, a third of the context switches and more
+    /// peak throughput per login. On by default; off hands every write to the flusher.
     pub inline_writes: bool,
     /// Events meant for a Watch subscriber that it may fall behind by before it is cut off
     /// (B1).
@@ -446,7 +446,7 @@ impl Default for PresenceConfig {
             tick_ms: 250,
             checkpoint_log_bytes: 128 * 1024 * 1024,
             segment_bytes: 64 * 1024 * 1024,
-            inline_writes: false,
+            inline_writes: true,
             watch_buffer_events: 8_192,
             watch_subscribers_max: 1_024,
             watch_uids_max: 10_000,
@@ -969,7 +969,7 @@ mod tests {
             [presence]\nfsync = \"always\"\nttl_ms_default = 6\nttl_ms_max = 7\n\
             sessions_per_uid_max = 8\nlookup_ids_max = 9\nheartbeat_batch_max = 10\n\
             gateways_max = 11\nshards = 12\ntick_ms = 13\ncheckpoint_log_bytes = 14\n\
-            segment_bytes = 131072\ninline_writes = true\n\
+            segment_bytes = 131072\ninline_writes = false\n\
             watch_buffer_events = 15\nwatch_subscribers_max = 16\nwatch_uids_max = 17\n\
             watch_history_events = 23\n\
             slots = 21\nreplication = \"async\"\nreplica_ack_timeout_ms = 22\n\
