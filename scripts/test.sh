@@ -74,6 +74,8 @@ step "negative controls: the presence simulation catches each planted replicatio
 run_tests -p imstate-sim --features planted-ack-before-replica --test simulation presence
 run_tests -p imstate-sim --features planted-deposed-primary-writes --test simulation presence
 run_tests -p imstate-sim --features planted-trust-replica-report --test simulation presence
+step "negative control: a dead primary's replica promoted before it ever synced its tenure"
+run_tests -p imstate-cluster --features planted-promote-unsynced --lib slots::tests
 
 step "negative control: a checkpoint covers the log past its replica parts"
 # (Through the binary too, by hand, a build of its own: cargo nextest run -p imstate

@@ -325,7 +325,8 @@ impl Arbiter {
                 fences.push(Compare::modified(kv.key.clone(), kv.mod_revision));
             }
         }
-        let in_sync = crate::slots::confirmed(&in_sync, &counted);
+        let reported = in_sync;
+        let in_sync = crate::slots::confirmed(&reported, &counted);
         // Settled: the newest version first read at least a cooldown (the lock-delay) ago.
         if self
             .seen
@@ -377,6 +378,7 @@ impl Arbiter {
             stable,
             settled,
             in_sync,
+            reported,
             live,
             draining: names(2),
             namespaces,

@@ -7,7 +7,7 @@
 //! | `route` | the [`crate::RouteTable`] (JSON) | the arbiter only |
 //! | `namespaces/<name>` | the namespace's definition (JSON with at least `sections`) | any node |
 //! | `drain/<node>` | empty: the node should give its sections away | `imstate ctl drain` |
-//! | `insync/<node>` | the presence slots the node is an in-sync replica of ([`crate::InSyncRange`] list, JSON), bound to its lease | the node |
+//! | `insync/<node>` | the presence slots the node is an in-sync replica of, and (`lapsed`) those it synced in their tenure whose stream has ended since ([`crate::InSyncRange`] list, JSON), bound to its lease | the node |
 //! | `counted/<node>` | the replicas this primary counts in sync for its slots ([`crate::CountedRange`] list, JSON), bound to its lease; rewritten before the primary acknowledges a write without a replica it cut off | the node |
 //! | `maxseq/<namespace>/<section>` | the section's `max_seq` ([`imstate_coord::encode_u64`]) | the owner, fenced |
 //! | `minseq/<namespace>/<section>/<id>` | an id's `min_seq` ([`imstate_coord::encode_u64`]; absent = 0); `<id>` is `n<decimal>` or `k<hex of the key>` | the section's owner, fenced |

@@ -30,6 +30,8 @@ compile_error!("the `planted-raise-without-fence` feature is for test builds onl
 compile_error!("the `planted-coalesce-unsettled` feature is for test builds only");
 #[cfg(all(feature = "planted-trust-replica-report", not(debug_assertions)))]
 compile_error!("the `planted-trust-replica-report` feature is for test builds only");
+#[cfg(all(feature = "planted-promote-unsynced", not(debug_assertions)))]
+compile_error!("the `planted-promote-unsynced` feature is for test builds only");
 
 pub mod arbiter;
 pub mod keys;

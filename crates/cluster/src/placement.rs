@@ -60,9 +60,13 @@ pub struct Inputs {
     /// a presence slot range whose primary and replica are both gone waits while either is
     /// here, keeping its roles, so that the one that comes back first serves its copy.
     pub awaited: BTreeSet<NodeId>,
-    /// What each replica said it is in sync for (`insync/<node>`): a primary role moves
-    /// (drain, balance) only to an in-sync replica.
+    /// What each replica said it is in sync for (`insync/<node>`), confirmed by its primary
+    /// ([`crate::slots::confirmed`]): a primary role moves (drain, balance) only to an
+    /// in-sync replica.
     pub in_sync: crate::slots::InSync,
+    /// Every live replica's own report, lapsed entries included: a dead primary's replica
+    /// is promoted at once only if it synced in its tenure.
+    pub reported: crate::slots::InSync,
 }
 
 /// The next table, or `None` when `current` is already right (or no node can own anything).
@@ -254,6 +258,7 @@ pub fn plan(current: &RouteTable, inputs: &Inputs) -> Option<RouteTable> {
         &inputs.awaited,
         &targets,
         &inputs.in_sync,
+        &inputs.reported,
         inputs.moves_max,
         version,
     ) {
@@ -405,6 +410,7 @@ mod tests {
             presence_slots: 0,
             stable: false,
             in_sync: Default::default(),
+            reported: Default::default(),
         }
     }
 

@@ -102,9 +102,10 @@ pub struct ReplicaAssignment {
 }
 
 impl ReplicaAssignment {
-    /// What this node says once it is in sync for the assignment (see
+    /// What this node says once it is in sync for the assignment, or, `lapsed`, once it was
+    /// in sync in this tenure and its stream has ended since (see
     /// [`imstate_cluster::InSyncRange`]).
-    pub fn in_sync_ranges(&self) -> Vec<imstate_cluster::InSyncRange> {
+    pub fn in_sync_ranges(&self, lapsed: bool) -> Vec<imstate_cluster::InSyncRange> {
         self.spans
             .iter()
             .zip(&self.since)
@@ -114,6 +115,7 @@ impl ReplicaAssignment {
                     end,
                     primary: self.primary.clone(),
                     replica_since,
+                    lapsed,
                 },
             )
             .collect()

@@ -137,6 +137,7 @@ pub fn spawn(
                     Following {
                         task,
                         synced,
+                        held: false,
                         slots,
                     },
                 );
@@ -157,14 +158,17 @@ pub fn spawn(
             }
             presence.set_replica_readable(readable);
             // What this node is an in-sync replica of, for the arbiter: on every change, and
-            // again now and then (the key goes with a lapsed lease).
-            let mut report: Vec<InSyncRange> = running
-                .iter()
-                .filter(|(assignment, following)| {
-                    wanted.contains(assignment) && following.synced.load(Ordering::Acquire)
-                })
-                .flat_map(|(assignment, _)| assignment.in_sync_ranges())
-                .collect();
+            // again now and then (the key goes with a lapsed lease). Assignments synced
+            // once and not now (the stream ended: the primary may be gone) are reported
+            // lapsed: the arbiter promotes at once only a replica that synced in its tenure.
+            let mut report: Vec<InSyncRange> = Vec::new();
+            for (assignment, following) in &mut running {
+                let now = following.synced.load(Ordering::Acquire);
+                following.held |= now;
+                if wanted.contains(assignment) && following.held {
+                    report.extend(assignment.in_sync_ranges(!now));
+                }
+            }
             report.sort_by_key(|range| range.start);
             let due = published
                 .as_ref()
@@ -194,11 +198,13 @@ const MANAGER_TICK: Duration = Duration::from_millis(200);
 /// How often the in-sync report is written again even when unchanged.
 const REPORT_REFRESH: Duration = Duration::from_secs(2);
 
-/// One follow task, whether its replica is in sync now, and the slots it applies (narrowed
-/// to the slots being taken over once the assignment is gone).
+/// One follow task, whether its replica is in sync now and whether it was seen in sync since
+/// the task began (this tenure), and the slots it applies (narrowed to the slots being taken
+/// over once the assignment is gone).
 struct Following {
     task: JoinHandle<()>,
     synced: Arc<AtomicBool>,
+    held: bool,
     slots: Arc<parking_lot::RwLock<SlotSet>>,
 }
 

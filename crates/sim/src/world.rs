@@ -776,6 +776,7 @@ impl World {
                         end: range.end,
                         primary: range.primary.clone(),
                         replica_since: since,
+                        lapsed: false,
                     });
                 }
                 // As primary it counts every replica in sync too.

@@ -93,6 +93,22 @@ impl Server {
         }
     }
 
+    /// Where the node's log goes: the test's stderr, or with `IMSTATE_TEST_LOGDIR=DIR`
+    /// appended to `DIR/<data dir name>.log` (one file per node across restarts, kept after
+    /// the test; with `IMSTATE_TEST_LOG=info` for more than warnings), to tell the nodes of
+    /// a failing cluster run apart.
+    fn log_sink(&self) -> Stdio {
+        let Ok(dir) = std::env::var("IMSTATE_TEST_LOGDIR") else {
+            return Stdio::inherit();
+        };
+        let name = self.data_dir.file_name().unwrap().to_string_lossy();
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(format!("{dir}/{name}.log"))
+            .map_or_else(|_| Stdio::inherit(), Stdio::from)
+    }
+
     /// Spawns the process without waiting for it; returns its stdout.
     pub fn spawn(&mut self) -> std::process::ChildStdout {
         assert!(self.child.is_none(), "server still running");
@@ -109,9 +125,12 @@ impl Server {
             .arg(&self.wire_addr)
             .args(&self.args)
             .envs(self.envs.iter().map(|(key, value)| (key, value)))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("IMSTATE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(self.log_sink());
         if let Some(config) = &self.config {
             command.arg("--config").arg(config);
         }

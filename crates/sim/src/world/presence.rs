@@ -536,6 +536,7 @@ impl World {
                         end,
                         primary: format!("n{}", f.primary),
                         replica_since,
+                        lapsed: false,
                     },
                 )
             })
