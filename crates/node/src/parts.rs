@@ -81,9 +81,22 @@ pub struct PartMeta {
 pub struct Part {
     /// What it holds.
     pub meta: PartMeta,
-    /// Its bytes: snapshot sections, as a checkpoint holds them.
-    pub data: Arc<Vec<u8>>,
+    /// Its bytes, in the chunks they came in: snapshot sections, as a checkpoint holds them
+    /// (kept as received, never copied into one buffer: a part of 5M sessions is 75 MB).
+    pub data: Arc<Vec<Vec<u8>>>,
     id: u64,
+}
+
+impl Part {
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.data.iter().map(|chunk| chunk.len() as u64).sum()
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The parts this node holds.
@@ -110,6 +123,7 @@ impl CheckpointParts {
             parts: Arc::clone(self),
             meta,
             data: Vec::new(),
+            bytes: 0,
             crc: 0,
         }
     }
@@ -149,15 +163,10 @@ impl CheckpointParts {
 
     /// Bytes of the parts held.
     pub fn bytes(&self) -> u64 {
-        self.state
-            .lock()
-            .parts
-            .iter()
-            .map(|part| part.data.len() as u64)
-            .sum()
+        self.state.lock().parts.iter().map(Part::len).sum()
     }
 
-    fn store(&self, meta: PartMeta, data: Vec<u8>) {
+    fn store(&self, meta: PartMeta, data: Vec<Vec<u8>>) {
         let mut state = self.state.lock();
         state.next_id += 1;
         let part = Part {
@@ -179,25 +188,29 @@ impl CheckpointParts {
 pub struct PartUpload {
     parts: Arc<CheckpointParts>,
     meta: PartMeta,
-    data: Vec<u8>,
+    data: Vec<Vec<u8>>,
+    bytes: u64,
     crc: u32,
 }
 
 impl PartUpload {
-    /// Appends bytes of the part.
-    pub fn write(&mut self, data: &[u8]) -> Result<(), PartError> {
-        if (self.data.len() + data.len()) as u64 > PART_BYTES_MAX {
+    /// Appends a chunk of the part (kept as it is, not copied).
+    pub fn write(&mut self, data: Vec<u8>) -> Result<(), PartError> {
+        if self.bytes + data.len() as u64 > PART_BYTES_MAX {
             return Err(PartError::TooLong);
         }
-        self.crc = crc32c::crc32c_append(self.crc, data);
-        self.data.extend_from_slice(data);
+        self.crc = crc32c::crc32c_append(self.crc, &data);
+        self.bytes += data.len() as u64;
+        if !data.is_empty() {
+            self.data.push(data);
+        }
         Ok(())
     }
 
     /// Ends the part: stored if its bytes match `crc` (the crc32c of all of them), else
     /// refused and dropped. Returns the part's length.
     pub fn finish(self, crc: u32) -> Result<u64, PartError> {
-        let bytes = self.data.len() as u64;
+        let bytes = self.bytes;
         if crc != self.crc {
             return Err(PartError::BadCrc {
                 bytes,
@@ -228,7 +241,7 @@ mod tests {
         data: &[u8],
     ) -> Result<u64, PartError> {
         let mut upload = parts.receive(meta);
-        upload.write(data)?;
+        upload.write(data.to_vec())?;
         upload.finish(crc32c::crc32c(data))
     }
 
@@ -243,7 +256,7 @@ mod tests {
         let usable = parts.usable(0, 100);
         assert_eq!(usable.len(), 2);
         assert_eq!(parts.bytes(), 5);
-        assert_eq!(&usable[1].data[..], b"hi");
+        assert_eq!(usable[1].data.concat(), b"hi");
         // Only parts between the last checkpoint and the last LSN are usable; older ones go.
         assert_eq!(parts.usable(0, 14).len(), 1);
         assert_eq!(parts.usable(11, 100).len(), 1);
@@ -253,7 +266,7 @@ mod tests {
 
         // A part whose bytes do not match its crc is refused, and nothing of it is kept.
         let mut bad = parts.receive(meta(20, &[(0, 1)]));
-        bad.write(b"xyz").unwrap();
+        bad.write(b"xyz".to_vec()).unwrap();
         let error = bad.finish(crc32c::crc32c(b"xyy")).unwrap_err().to_string();
         assert!(
             error.contains("crc32c") && error.contains("refused"),
@@ -261,7 +274,7 @@ mod tests {
         );
         // So is an upload given up half way.
         let mut half = parts.receive(meta(20, &[(0, 1)]));
-        half.write(b"x").unwrap();
+        half.write(b"x".to_vec()).unwrap();
         drop(half);
         assert_eq!(parts.len(), 2);
 

@@ -587,8 +587,8 @@ impl PresenceStore {
                 }
                 .map_err(std::io::Error::other)?;
             }
-            for part in &parts {
-                out.write_all(&part.data)?;
+            for chunk in parts.iter().flat_map(|part| part.data.iter()) {
+                out.write_all(chunk)?;
             }
             registry
                 .snapshot_gateways(&mut out)
@@ -1374,7 +1374,7 @@ mod tests {
                 .write_part(&slots, |section| {
                     crc = crc32c::crc32c_append(crc, &section);
                     upload
-                        .write(&section)
+                        .write(section)
                         .map_err(|e| NodeError::Io(e.to_string()))
                 })
                 .unwrap();

@@ -321,7 +321,9 @@ impl ReplicationService {
             |error: imstate_node::parts::PartError| Status::invalid_argument(error.to_string());
         let mut chunk = first;
         loop {
-            upload.write(&chunk.data).map_err(refused)?;
+            upload
+                .write(std::mem::take(&mut chunk.data))
+                .map_err(refused)?;
             if chunk.last {
                 let bytes = upload.finish(chunk.crc).map_err(refused)?;
                 tracing::info!(%replica, lsn, bytes, "checkpoint part stored");
