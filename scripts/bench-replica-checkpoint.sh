@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# What a checkpoint of N presence sessions costs the node that takes the writes, in three
+# What a checkpoint of N presence sessions costs the node that takes the writes, in up to four
 # setups run one after the other on this machine:
 #   single  one embedded node (its own checkpoints: today's single-node mode);
 #   own     a 2-node cluster with presence.replica_checkpoints = false: n2 drained, so n1 is
 #           primary of every slot and n2 replica of every slot; n1 copies its sessions itself;
-#   parts   the same cluster with presence.replica_checkpoints = true (the default): n2
-#           builds the parts of n1's slots from its copy and sends them; n1's checkpoints
-#           take them instead of copying its sessions (seed 004's checkpoint node).
+#   parts   the same cluster with presence.replica_checkpoints = true: n2 builds the parts
+#           of n1's slots from its copy and sends them; n1's checkpoints take them instead of
+#           copying its sessions (seed 004's checkpoint node);
+#   quiet   the same cluster with no checkpoint at all (presence.checkpoint_log_bytes = 0):
+#           what the logins cost with no checkpoint anywhere, the baseline for "the primary
+#           does not notice".
 # Each setup is loaded with N sessions, then takes paced logins (re-logins of those uids) for
 # DURATION seconds with presence.checkpoint_log_bytes small enough that automatic
 # checkpoints of all N sessions happen inside the window. Reported: login p99 and p99.9 over
@@ -17,7 +20,8 @@
 # Environment: SESSIONS [5000000], RATE [5000] logins/s, DURATION [60] s per window,
 # ROUNDS [3] (windows alternate between the setups, all loaded and running at once),
 # CHECKPOINT_BYTES [8388608] (presence.checkpoint_log_bytes), CONNECTIONS [32],
-# SETUPS ["single own parts"], KEEP (a directory to copy the nodes' logs to).
+# SETUPS ["single own parts"; "quiet" is the fourth], KEEP (a directory to copy the nodes'
+# logs to).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -38,15 +42,16 @@ start_etcd
 
 declare -A GRPC WIRE METRICS PID TARGET
 start_node() { # start_node SETUP NODE (SETUP single: embedded)
-  local setup=$1 node=$2 parts=true
+  local setup=$1 node=$2 parts=true checkpoint_bytes=$CHECKPOINT_BYTES
   GRPC[$setup-$node]=127.0.0.1:$(free_port)
   WIRE[$setup-$node]=127.0.0.1:$(free_port)
   METRICS[$setup-$node]=127.0.0.1:$(free_port)
   local args=(serve --data-dir "$WORK/$setup-$node" --listen "${GRPC[$setup-$node]}"
     --wire-listen "${WIRE[$setup-$node]}" --metrics-listen "${METRICS[$setup-$node]}")
   [[ $setup != single ]] && args+=(--cluster "$setup" --etcd "$ETCD" --node-id "$node")
-  [[ $setup == own ]] && parts=false
-  IMSTATE_PRESENCE__CHECKPOINT_LOG_BYTES=$CHECKPOINT_BYTES IMSTATE_CLUSTER__LEASE_TTL_MS=2000 \
+  [[ $setup == own || $setup == quiet ]] && parts=false
+  [[ $setup == quiet ]] && checkpoint_bytes=0
+  IMSTATE_PRESENCE__CHECKPOINT_LOG_BYTES=$checkpoint_bytes IMSTATE_CLUSTER__LEASE_TTL_MS=2000 \
     IMSTATE_PRESENCE__REPLICA_CHECKPOINTS=$parts \
     "$BIN" "${args[@]}" >"$WORK/$setup-$node.out" 2>>"$WORK/$setup-$node.log" &
   PIDS+=("$!"); PID[$setup-$node]=$!
