@@ -675,7 +675,9 @@ impl Log {
             return Ok(());
         }
         if self.shared.inline_writes() {
-            if self.shared.queue.lock().pending.len() < GATHER_BELOW {
+            // Records not yet written (under `Batch` and `Never`, durable = written): two
+            // atomic loads, no queue lock on the request path.
+            if self.last_lsn().saturating_sub(self.durable_lsn()) < GATHER_BELOW as u64 {
                 YieldOnce(false).await;
                 if self.durable_lsn() >= lsn {
                     return Ok(());
