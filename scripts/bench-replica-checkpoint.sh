@@ -21,7 +21,11 @@
 # ROUNDS [3] (windows alternate between the setups, all loaded and running at once),
 # CHECKPOINT_BYTES [8388608] (presence.checkpoint_log_bytes), CONNECTIONS [32],
 # SETUPS ["single own parts"; "quiet" is the fourth], KEEP (a directory to copy the nodes'
-# logs to).
+# logs to), PIN (1: the node taking the writes, n1 of every setup, runs on CPU 0 alone and
+# everything else (the replica n2, etcd, the load generator) on CPU 1, a stand-in on this
+# 2-core machine for the design's premise of a node per machine), REPLICATION [sync]
+# (presence.replication of the cluster setups: async takes the replica's acknowledgements off
+# the login path, to tell what the primary notices itself from what its logins wait for).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -31,12 +35,19 @@ DURATION=${DURATION:-60}
 CHECKPOINT_BYTES=${CHECKPOINT_BYTES:-8388608}
 CONNECTIONS=${CONNECTIONS:-32}
 SETUPS=${SETUPS:-single own parts}
+REPLICATION=${REPLICATION:-sync}
 ROUNDS=${ROUNDS:-3}
 # shellcheck source=lib/bench-common.sh
 . scripts/lib/bench-common.sh
 command -v python3 >/dev/null || die "python3 is needed"
 cargo build --release -p imstate >&2
 BIN=$ROOT/target/release/imstate
+PIN=${PIN:-0}
+if [[ $PIN == 1 ]]; then
+  command -v taskset >/dev/null || die "PIN=1 needs taskset (util-linux)"
+  (( $(nproc --all) >= 2 )) || die "PIN=1 needs 2 CPUs"
+  taskset -p -c 1 $$ >/dev/null # this shell and every process it starts: CPU 1
+fi
 bench_setup replica-checkpoint
 start_etcd
 
@@ -51,9 +62,11 @@ start_node() { # start_node SETUP NODE (SETUP single: embedded)
   [[ $setup != single ]] && args+=(--cluster "$setup" --etcd "$ETCD" --node-id "$node")
   [[ $setup == own || $setup == quiet ]] && parts=false
   [[ $setup == quiet ]] && checkpoint_bytes=0
+  local pin=()
+  [[ $PIN == 1 && $node == n1 ]] && pin=(taskset -c 0)
   IMSTATE_PRESENCE__CHECKPOINT_LOG_BYTES=$checkpoint_bytes IMSTATE_CLUSTER__LEASE_TTL_MS=2000 \
-    IMSTATE_PRESENCE__REPLICA_CHECKPOINTS=$parts \
-    "$BIN" "${args[@]}" >"$WORK/$setup-$node.out" 2>>"$WORK/$setup-$node.log" &
+    IMSTATE_PRESENCE__REPLICA_CHECKPOINTS=$parts IMSTATE_PRESENCE__REPLICATION=$REPLICATION \
+    "${pin[@]}" "$BIN" "${args[@]}" >"$WORK/$setup-$node.out" 2>>"$WORK/$setup-$node.log" &
   PIDS+=("$!"); PID[$setup-$node]=$!
 }
 # metric SETUP NODE NAME [MATCH]: the sum of a metric's samples on a node (those whose labels
