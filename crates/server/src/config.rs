@@ -426,8 +426,8 @@ pub struct PresenceConfig {
     /// Cluster mode: a node's checkpoints take the sessions of its primary slots from parts
     /// their replicas build from their own copies (seed 004's checkpoint node), so the
     /// primary copies only its replica slots, and its log is kept through the oldest part.
-    /// Off (the default, until it stops costing login latency: see docs/benchmarks.md):
-    /// every node copies all it holds. Single-node mode always copies.
+    /// On by default. Off: every node copies all it holds (what it costs either way:
+    /// docs/benchmarks.md). Single-node mode always copies.
     pub replica_checkpoints: bool,
 }
 
@@ -456,7 +456,7 @@ impl Default for PresenceConfig {
             replica_ack_timeout_ms: 1_000,
             require_replica: false,
             replication_feed_bytes: 64 * 1024 * 1024,
-            replica_checkpoints: false,
+            replica_checkpoints: true,
         }
     }
 }
@@ -974,7 +974,7 @@ mod tests {
             watch_history_events = 23\n\
             slots = 21\nreplication = \"async\"\nreplica_ack_timeout_ms = 22\n\
             require_replica = true\nreplication_feed_bytes = 70000\n\
-            replica_checkpoints = true\n\
+            replica_checkpoints = false\n\
             [wire]\nhello_timeout_ms = 18\nidle_timeout_ms = 19\n\
             connections_per_source_max = 20\ninput_budget_bytes = 9000000\n\
             [resp]\ndefault_namespace = \"conv\"\n\
