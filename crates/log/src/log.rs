@@ -1490,12 +1490,18 @@ fn flusher_pass(
 ) -> Result<(), String> {
     writer.take_from_queue(shared, false);
     writer.write_batch(shared)?;
+    // Negative control (test builds only): besides acknowledging before the write
+    // (`write_batch`), the flusher leaves its batches unsynced until a roll or the close, like a
+    // disk that acknowledges from its cache. A crash right after an acknowledgement then loses
+    // it every time, not only when the test's thread outruns this one to the crash image.
+    let planted_no_fsync = cfg!(feature = "planted-ack-before-fsync");
     let sync_due = closing
-        || match policy {
-            FsyncPolicy::Always => true,
-            FsyncPolicy::Batch(interval) => writer.last_sync.elapsed() >= interval,
-            FsyncPolicy::Never => false,
-        };
+        || !planted_no_fsync
+            && match policy {
+                FsyncPolicy::Always => true,
+                FsyncPolicy::Batch(interval) => writer.last_sync.elapsed() >= interval,
+                FsyncPolicy::Never => false,
+            };
     let handed_over = sync_due && !closing && writer.sync_in_background(shared);
     if sync_due && !handed_over {
         if matches!(policy, FsyncPolicy::Batch(_)) {
