@@ -1008,6 +1008,11 @@ fn presence_is_routed_by_slot_and_a_dead_primarys_replica_takes_its_writes() {
     // resynced from their primaries (a later promotion back to it must not resurrect a
     // session logged out elsewhere meanwhile).
     cluster.nodes[victim].restart();
+    // The arbiter gives the returned node replica roles, then primaries, once it is in sync;
+    // a write fanned out while a replica leaves its range is answered "not acknowledged,
+    // retry" (a retried gateway drop would no longer count every session once), so the table
+    // settles first.
+    wait_settled(&cluster);
     rt.block_on(async {
         let client =
             ClusterClient::connect(&cluster.nodes[victim].addr, &ClientOptions::default(), None)
